@@ -1,0 +1,371 @@
+//! The HTTP/1.x request-line parser the kernel decides on (RFC 9112 §3).
+//!
+//! It reads `method SP request-target` and stops as soon as the path is known: at the first
+//! SP/HTAB, `?`, `#`, CR or LF after it. The version is not needed for the decision, so a
+//! request line the backend might read leniently (HTTP/0.9 style, extra spaces, leading empty
+//! lines) is still decided. Absolute-form targets (`http://host/p`) are reduced to their path.
+//!
+//! The parser is a byte-at-a-time state machine ([`LineParser::step`]) so that the same code
+//! can later follow a request line across segments, and so that the kernel can drive it with
+//! `bpf_loop` (one verified callback instead of a 1 KiB unrolled walk). [`parse_request_line`]
+//! drives it over one buffer on the host; both end in [`LineParser::finish`].
+
+use crate::method::{is_tchar, Method, METHOD_MAX};
+use crate::{Reason, LINE_WINDOW, PATH_MAX};
+
+const PATH_MASK: usize = PATH_MAX - 1;
+
+/// Blank lines a request may start with (RFC 9112 §2.2 says a server SHOULD skip at least one)
+/// before the parser calls the payload "not HTTP".
+const MAX_LEADING_EOL: u16 = 4;
+
+/// Parser phases (a `u8`, not an enum: the state lives in map memory, where any byte
+/// pattern must be a valid state).
+mod phase {
+    pub const METHOD: u8 = 0;
+    pub const TARGET_START: u8 = 1;
+    pub const SCHEME: u8 = 2;
+    pub const SLASH1: u8 = 3;
+    pub const SLASH2: u8 = 4;
+    pub const AUTHORITY: u8 = 5;
+    pub const PATH: u8 = 6;
+}
+
+/// Parser state. Small, `Copy`, `repr(C)` and free of pointers so that it can live in a map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LineParser {
+    w0: u64,
+    w1: u64,
+    path_len: u16,
+    method_len: u16,
+    leading_eol: u16,
+    phase: u8,
+    _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
+
+/// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
+pub const OUTCOME_PENDING: u32 = u32::MAX;
+pub const OUTCOME_DECIDED: u32 = u32::MAX - 1;
+
+/// What one more byte did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Need more bytes.
+    More,
+    /// The path is complete: [`LineParser::method`] and [`LineParser::path_len`] are final.
+    Decided,
+    /// The bytes are not a request line the filter decides on; the reason says why.
+    Fail(Reason),
+}
+
+/// A request line the filter can decide on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLine {
+    pub method: Method,
+    /// Bytes of the path written to the path buffer.
+    pub path_len: usize,
+}
+
+impl Default for LineParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LineParser {
+    pub const fn new() -> LineParser {
+        LineParser {
+            w0: 0,
+            w1: 0,
+            path_len: 0,
+            method_len: 0,
+            leading_eol: 0,
+            phase: phase::METHOD,
+            _pad: 0,
+        }
+    }
+
+    pub fn method(&self) -> Method {
+        if self.method_len as usize > METHOD_MAX {
+            Method::Other
+        } else {
+            Method::from_words(self.method_len as usize, self.w0, self.w1)
+        }
+    }
+
+    pub fn path_len(&self) -> usize {
+        self.path_len as usize
+    }
+
+    #[inline(always)]
+    fn push_path(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Step {
+        if self.path_len as usize >= PATH_MAX {
+            return Step::Fail(Reason::PathTooLong);
+        }
+        path[self.path_len as usize & PATH_MASK] = b;
+        self.path_len += 1;
+        Step::More
+    }
+
+    /// Feed one byte; path bytes are written to `path`.
+    #[inline(always)]
+    pub fn step(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Step {
+        let blank = b == b' ' || b == b'\t';
+        let eol = b == b'\r' || b == b'\n';
+        match self.phase {
+            phase::METHOD => {
+                if is_tchar(b) {
+                    let n = self.method_len as usize;
+                    if n < 8 {
+                        self.w0 |= (b as u64) << (8 * n);
+                    } else if n < 16 {
+                        self.w1 |= (b as u64) << (8 * (n - 8));
+                    }
+                    if self.method_len < u16::MAX {
+                        self.method_len += 1;
+                    }
+                    Step::More
+                } else if blank && self.method_len > 0 {
+                    self.phase = phase::TARGET_START;
+                    Step::More
+                } else if eol && self.method_len == 0 && self.leading_eol < MAX_LEADING_EOL {
+                    self.leading_eol += 1;
+                    Step::More
+                } else {
+                    Step::Fail(Reason::NotHttp)
+                }
+            }
+            phase::TARGET_START => {
+                if blank {
+                    Step::More
+                } else if b == b'/' {
+                    self.phase = phase::PATH;
+                    self.push_path(b, path)
+                } else if b.is_ascii_alphabetic() {
+                    self.phase = phase::SCHEME;
+                    Step::More
+                } else if eol {
+                    Step::Fail(Reason::NotHttp)
+                } else {
+                    // `*` (asterisk-form) and anything else that is not a path.
+                    Step::Fail(Reason::TargetForm)
+                }
+            }
+            phase::SCHEME => {
+                if b == b':' {
+                    self.phase = phase::SLASH1;
+                    Step::More
+                } else if b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.' {
+                    Step::More
+                } else {
+                    Step::Fail(Reason::TargetForm)
+                }
+            }
+            phase::SLASH1 | phase::SLASH2 => {
+                if b != b'/' {
+                    // Authority-form (`CONNECT host:port`) or a scheme without `//`.
+                    return Step::Fail(Reason::TargetForm);
+                }
+                self.phase = if self.phase == phase::SLASH1 {
+                    phase::SLASH2
+                } else {
+                    phase::AUTHORITY
+                };
+                Step::More
+            }
+            phase::AUTHORITY => {
+                if b == b'/' {
+                    self.phase = phase::PATH;
+                    self.push_path(b, path)
+                } else if blank || eol || b == b'?' || b == b'#' {
+                    // An absolute-form target with an empty path means "/".
+                    self.push_path(b'/', path);
+                    Step::Decided
+                } else {
+                    Step::More
+                }
+            }
+            _ => {
+                // phase::PATH (and, defensively, any other value).
+                if blank || eol || b == b'?' || b == b'#' {
+                    Step::Decided
+                } else {
+                    self.push_path(b, path)
+                }
+            }
+        }
+    }
+}
+
+impl LineParser {
+    /// The parse's result, given the last step's outcome (`OUTCOME_PENDING` if the bytes ran
+    /// out, `OUTCOME_DECIDED`, or a [`Reason`] code) and how many bytes were available.
+    #[inline(always)]
+    pub fn finish(&self, outcome: u32, len: usize) -> Result<RequestLine, Reason> {
+        if outcome == OUTCOME_DECIDED {
+            Ok(RequestLine {
+                method: self.method(),
+                path_len: self.path_len(),
+            })
+        } else if outcome != OUTCOME_PENDING {
+            Err(Reason::from_u32(outcome))
+        } else if len >= LINE_WINDOW {
+            Err(Reason::PathTooLong)
+        } else {
+            Err(Reason::LineIncomplete)
+        }
+    }
+}
+
+impl Step {
+    /// This step as a [`LineParser::finish`] outcome code.
+    #[inline(always)]
+    pub fn outcome(self) -> u32 {
+        match self {
+            Step::More => OUTCOME_PENDING,
+            Step::Decided => OUTCOME_DECIDED,
+            Step::Fail(r) => r as u32,
+        }
+    }
+}
+
+/// Parse the request line at the start of `buf[..len]`, writing its path to `path`.
+///
+/// `Err` carries the reason the filter does not decide on these bytes: [`Reason::NotHttp`],
+/// [`Reason::TargetForm`], [`Reason::PathTooLong`], or [`Reason::LineIncomplete`] when the
+/// bytes end before the path does.
+#[inline(always)]
+pub fn parse_request_line(
+    buf: &[u8; LINE_WINDOW],
+    len: usize,
+    path: &mut [u8; PATH_MAX],
+) -> Result<RequestLine, Reason> {
+    let mut p = LineParser::new();
+    let mut outcome = OUTCOME_PENDING;
+    let mut i = 0;
+    while i < LINE_WINDOW && i < len {
+        outcome = p.step(buf[i], path).outcome();
+        if outcome != OUTCOME_PENDING {
+            break;
+        }
+        i += 1;
+    }
+    p.finish(outcome, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::String;
+    use std::vec::Vec;
+
+    fn parse(input: &[u8]) -> Result<(Method, String), Reason> {
+        let mut buf = [0u8; LINE_WINDOW];
+        let n = input.len().min(LINE_WINDOW);
+        buf[..n].copy_from_slice(&input[..n]);
+        let mut path = [0u8; PATH_MAX];
+        parse_request_line(&buf, input.len(), &mut path).map(|r| {
+            (
+                r.method,
+                String::from_utf8_lossy(&path[..r.path_len]).into_owned(),
+            )
+        })
+    }
+
+    #[test]
+    fn request_lines_table() {
+        use Method::*;
+        let ok: &[(&[u8], Method, &str)] = &[
+            (b"GET / HTTP/1.1\r\n", Get, "/"),
+            (
+                b"DELETE /api/items HTTP/1.1\r\nHost: x\r\n\r\n",
+                Delete,
+                "/api/items",
+            ),
+            (
+                b"POST /api/items?x=1&y=/admin HTTP/1.1\r\n",
+                Post,
+                "/api/items",
+            ),
+            (b"PUT /a#frag HTTP/1.0\r\n", Put, "/a"),
+            (b"PROPPATCH /dav HTTP/1.1\r\n", Proppatch, "/dav"),
+            (b"get /a HTTP/1.1\r\n", Other, "/a"),
+            (b"BREW /pot HTTP/1.1\r\n", Other, "/pot"),
+            (b"VERYLONGMETHODNAMEXYZ /a HTTP/1.1\r\n", Other, "/a"),
+            // HTTP/0.9 style and lenient separators are decided, not passed.
+            (b"DELETE /admin\r\n", Delete, "/admin"),
+            (b"DELETE /admin\n", Delete, "/admin"),
+            (b"DELETE  /admin HTTP/1.1\r\n", Delete, "/admin"),
+            (b"DELETE\t/admin\tHTTP/1.1\r\n", Delete, "/admin"),
+            (b"\r\n\r\nDELETE /admin HTTP/1.1\r\n", Delete, "/admin"),
+            // Absolute form reduces to the path.
+            (
+                b"DELETE http://example.com/admin?q HTTP/1.1\r\n",
+                Delete,
+                "/admin",
+            ),
+            (
+                b"DELETE HTTPS://example.com:8443/a/b HTTP/1.1\r\n",
+                Delete,
+                "/a/b",
+            ),
+            (b"DELETE http://example.com HTTP/1.1\r\n", Delete, "/"),
+            (b"DELETE http://example.com?x HTTP/1.1\r\n", Delete, "/"),
+            // The version need not be in the segment: the path is complete.
+            (b"DELETE /admin ", Delete, "/admin"),
+        ];
+        for (input, m, p) in ok {
+            assert_eq!(
+                parse(input),
+                Ok((*m, String::from(*p))),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        let bad: &[(&[u8], Reason)] = &[
+            (b"", Reason::LineIncomplete),
+            (b"GET /adm", Reason::LineIncomplete),
+            (b"GE", Reason::LineIncomplete),
+            (b"\x16\x03\x01\x02\x00", Reason::NotHttp),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Reason::TargetForm),
+            (b"OPTIONS * HTTP/1.1\r\n", Reason::TargetForm),
+            (b"CONNECT example.com:443 HTTP/1.1\r\n", Reason::TargetForm),
+            (b"GET\r\n", Reason::NotHttp),
+            (b" GET / HTTP/1.1\r\n", Reason::NotHttp),
+            (b"\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n", Reason::NotHttp),
+        ];
+        for (input, r) in bad {
+            assert_eq!(parse(input), Err(*r), "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn paths_longer_than_the_bound_are_reported() {
+        let mut line = Vec::from(&b"GET /"[..]);
+        line.extend(core::iter::repeat_n(b'a', LINE_WINDOW));
+        assert_eq!(parse(&line), Err(Reason::PathTooLong));
+        // The longest path that fits the window is decided.
+        let mut line = Vec::from(&b"GET /"[..]);
+        line.extend(core::iter::repeat_n(b'a', LINE_WINDOW - 6));
+        line.push(b' ');
+        assert_eq!(parse(&line).map(|(_, p)| p.len()), Ok(LINE_WINDOW - 5));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // A cheap deterministic sweep; the fuzz target covers the rest.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut buf = [0u8; 64];
+            for b in buf.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = b" /?#\r\nGETPOSTHhttp:/%."[(state % 22) as usize];
+            }
+            let _ = parse(&buf[..(state % 65) as usize]);
+        }
+    }
+}

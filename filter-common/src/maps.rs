@@ -1,0 +1,170 @@
+//! Map names and the layouts of map keys, map values, load-time globals and events.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size assertion, and
+//! holds no `bool`, `Option`, `usize` or reference. Byte order is in the field name.
+
+use crate::{EVENT_LINE_MAX, REASON_COUNT_U32};
+
+/// Policy maps, `u64` path hash → [`RuleValue`]. Two of them, so a whole new rule set is
+/// written into the inactive one and switched in with one write to [`Settings::active_rules`].
+pub const MAP_RULES: [&str; 2] = ["RULES_A", "RULES_B"];
+/// `Array<Settings>` with one entry: run-time switches.
+pub const MAP_SETTINGS: &str = "SETTINGS";
+/// `PerCpuArray<u64>` indexed by [`crate::Reason`].
+pub const MAP_STATS: &str = "STATS";
+/// `RingBuf` of [`RejectEvent`].
+pub const MAP_EVENTS: &str = "EVENTS";
+/// `PerCpuArray<Scratch>` with one entry: the classifier's working memory.
+pub const MAP_SCRATCH: &str = "SCRATCH";
+/// The load-time global of type [`LoadConfig`].
+pub const GLOBAL_CONFIG: &str = "FILTER_CONFIG";
+/// The classifier's program name (its Rust function name).
+pub const PROG_INGRESS: &str = "http_ingress";
+
+/// Capacity of each policy map.
+pub const RULES_MAX: u32 = 131_072;
+/// Ring buffer size in bytes (a power-of-two number of pages).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Value of a policy map entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleValue {
+    /// [`crate::MethodSet`] bits of the methods the path allows.
+    pub allow: u32,
+    /// Reserved for rule flags (match kind, mode); zero today.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+
+/// Run-time switches, entry 0 of `SETTINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Index into [`MAP_RULES`] of the policy map in force.
+    pub active_rules: u32,
+    /// [`crate::MethodSet`] bits allowed on paths no rule names.
+    pub default_allow: u32,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+
+/// Values fixed when the program is loaded (a read-only global, `FILTER_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoadConfig {
+    /// SipHash key for path hashes, drawn at random by the daemon.
+    pub hash_key: [u64; 2],
+    /// Bitmap of inspected TCP destination ports: bit `p % 64` of word `p / 64`.
+    pub ports: [u64; 1024],
+}
+const _: () = assert!(core::mem::size_of::<LoadConfig>() == 16 + 8192);
+
+impl LoadConfig {
+    pub const fn zeroed() -> LoadConfig {
+        LoadConfig {
+            hash_key: [0; 2],
+            ports: [0; 1024],
+        }
+    }
+
+    pub fn add_port(&mut self, port: u16) {
+        self.ports[(port / 64) as usize] |= 1 << (port % 64);
+    }
+
+    #[inline(always)]
+    pub fn has_port(&self, port: u16) -> bool {
+        self.ports[(port >> 6) as usize] & (1 << (port & 63)) != 0
+    }
+}
+
+/// Address family tags in [`RejectEvent::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// What the kernel tells the responder about a rejected request: enough to forge the answer
+/// on the client's connection without any other state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RejectEvent {
+    /// Interface the request arrived on; the answer leaves through it.
+    pub ifindex: u32,
+    /// [`crate::Reason`] of the rejection.
+    pub reason: u32,
+    /// [`crate::MethodSet`] the path allows: the `Allow` header.
+    pub allow: u32,
+    /// Sequence number of the rejected segment (host order).
+    pub seq: u32,
+    /// Its acknowledgement number: the server's next sequence number (host order).
+    pub ack: u32,
+    /// TCP payload bytes of the rejected segment.
+    pub payload_len: u32,
+    pub client_port: u16,
+    pub server_port: u16,
+    /// Valid bytes in `line`.
+    pub line_len: u16,
+    /// Length of the path the kernel decided on.
+    pub path_len: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// [`crate::Method`] of the request.
+    pub method: u8,
+    pub _pad0: [u8; 2],
+    pub client_mac: [u8; 6],
+    pub server_mac: [u8; 6],
+    /// IPv4 addresses use the first 4 bytes; network byte order.
+    pub client_addr_be: [u8; 16],
+    pub server_addr_be: [u8; 16],
+    /// The start of the request line, as received.
+    pub line: [u8; EVENT_LINE_MAX],
+}
+const _: () = assert!(core::mem::size_of::<RejectEvent>() == 80 + EVENT_LINE_MAX);
+const _: () = assert!(core::mem::size_of::<RejectEvent>() % 8 == 0);
+
+/// The classifier's per-CPU working memory: too big for the 512-byte BPF stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    /// The first `LINE_WINDOW` bytes of the TCP payload.
+    pub line: [u8; crate::LINE_WINDOW],
+    /// The path the parser extracted, zero-padded.
+    pub path: [u8; crate::PATH_MAX],
+    pub event: RejectEvent,
+    /// The request-line parser, stepped once per byte by the `bpf_loop` callback.
+    pub parser: crate::http::LineParser,
+    /// Valid bytes in `line`.
+    pub window_len: u32,
+    /// The parser's outcome code (`http::OUTCOME_*` or a `Reason`).
+    pub outcome: u32,
+}
+const _: () = assert!(
+    core::mem::size_of::<Scratch>()
+        == crate::LINE_WINDOW + crate::PATH_MAX + core::mem::size_of::<RejectEvent>() + 24 + 8
+);
+
+/// Slots in `STATS`.
+pub const STATS_SLOTS: u32 = REASON_COUNT_U32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no padding the compiler inserts.
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::LoadConfig {}
+    unsafe impl aya::Pod for super::RejectEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_bitmap() {
+        let mut c = LoadConfig::zeroed();
+        for p in [0u16, 80, 8080, 65535] {
+            assert!(!c.has_port(p));
+            c.add_port(p);
+            assert!(c.has_port(p));
+        }
+        assert!(!c.has_port(81));
+    }
+}

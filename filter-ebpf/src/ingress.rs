@@ -1,0 +1,218 @@
+//! The ingress decision: headers → request line → policy → verdict.
+
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext,
+};
+use core::ffi::c_void;
+use core::ptr::{addr_of, null_mut, read_volatile};
+use filter_common::{
+    hash::path_hash,
+    http::{LineParser, OUTCOME_PENDING},
+    Reason, RejectEvent, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6,
+    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+};
+
+use crate::maps::{EVENTS, FILTER_CONFIG, RULES_A, RULES_B, SCRATCH, SETTINGS, STATS};
+use crate::skb::{load_into, turn_into_reset, Segment};
+
+/// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+pub fn run(ctx: &TcContext) -> i32 {
+    match try_run(ctx) {
+        Ok(r) | Err(r) => finish(r),
+    }
+}
+
+/// Every verdict leaves through here: count it, then map it to a TC action.
+#[inline(always)]
+fn finish(reason: Reason) -> i32 {
+    count(reason);
+    match reason {
+        Reason::ResetFailed => DROP,
+        _ => PASS,
+    }
+}
+
+#[inline(always)]
+fn count(reason: Reason) {
+    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn be16(a: u8, b: u8) -> u16 {
+    u16::from_be_bytes([a, b])
+}
+
+#[inline(always)]
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+#[inline(always)]
+fn port_inspected(port: u16) -> bool {
+    let cfg = addr_of!(FILTER_CONFIG);
+    // Read through a volatile pointer: the loader rewrites this read-only global, so the
+    // compiler must not fold the zeroed initialiser.
+    let word = unsafe {
+        read_volatile(
+            addr_of!((*cfg).ports)
+                .cast::<u64>()
+                .add((port >> 6) as usize),
+        )
+    };
+    word & (1u64 << (port & 63)) != 0
+}
+
+/// `bpf_loop` callback: feed payload byte `i` to the request-line parser in the scratch
+/// buffer. Returns 1 to stop once the parser has decided or failed.
+unsafe extern "C" fn parse_byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let s = unsafe { &mut *s };
+    let i = i as usize;
+    if i >= s.window_len as usize {
+        return 1;
+    }
+    // verifier: mask the index into the window.
+    let b = s.line[i & (LINE_WINDOW - 1)];
+    let outcome = s.parser.step(b, &mut s.path).outcome();
+    if outcome == OUTCOME_PENDING {
+        return 0;
+    }
+    s.outcome = outcome;
+    1
+}
+
+fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
+    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Reason::NotIp)?;
+    let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
+        ETH_P_IPV4 => {
+            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            if ip[9] != IPPROTO_TCP {
+                return Err(Reason::NotTcp);
+            }
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            // More-fragments flag or a fragment offset: TCP is not at l4 for all of them.
+            if ihl < IPV4_HLEN_MIN || be16(ip[6], ip[7]) & 0x3fff != 0 {
+                return Err(Reason::Unsupported);
+            }
+            (
+                FAMILY_V4,
+                ETH_HLEN + ihl,
+                ETH_HLEN + be16(ip[2], ip[3]) as usize,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            if ip[6] != IPPROTO_TCP {
+                return Err(Reason::Unsupported);
+            }
+            (
+                FAMILY_V6,
+                ETH_HLEN + IPV6_HLEN,
+                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
+            )
+        }
+        _ => return Err(Reason::NotIp),
+    };
+    let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
+    if !port_inspected(be16(tcp[2], tcp[3])) {
+        return Err(Reason::OtherPort);
+    }
+    let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
+    if ip_end <= payload {
+        return Err(Reason::NoPayload);
+    }
+    let payload_len = ip_end - payload;
+
+    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotHttp)?;
+    let s = unsafe { &mut *s };
+    let n = if payload_len < LINE_WINDOW {
+        payload_len
+    } else {
+        LINE_WINDOW
+    };
+    if !load_into(ctx, payload, &mut s.line, n) {
+        return Err(Reason::NoPayload);
+    }
+    s.parser = LineParser::new();
+    s.window_len = n as u32;
+    s.outcome = OUTCOME_PENDING;
+    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
+    unsafe { bpf_loop(n as u32, parse_byte as *mut c_void, null_mut(), 0) };
+    let req = s.parser.finish(s.outcome, n)?;
+
+    let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
+    let hash = path_hash(&key, &s.path, req.path_len);
+    let settings = SETTINGS.get(0).ok_or(Reason::NotHttp)?;
+    let rules = if settings.active_rules == 1 {
+        &RULES_B
+    } else {
+        &RULES_A
+    };
+    let (allow, verdict) = match unsafe { rules.get(hash) } {
+        Some(rule) => (rule.allow, Reason::AllowedByRule),
+        None => (settings.default_allow, Reason::AllowedByDefault),
+    };
+    if allow & req.method.bit() != 0 {
+        return Ok(verdict);
+    }
+
+    // Rejected. Tell the responder first (it needs the original sequence numbers), then turn
+    // the segment into a reset so the backend never reads the request.
+    let ev: &mut RejectEvent = &mut s.event;
+    ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    ev.reason = Reason::Rejected as u32;
+    ev.allow = allow;
+    ev.seq = be32(&tcp, 4);
+    ev.ack = be32(&tcp, 8);
+    ev.payload_len = payload_len as u32;
+    ev.client_port = be16(tcp[0], tcp[1]);
+    ev.server_port = be16(tcp[2], tcp[3]);
+    ev.path_len = req.path_len as u16;
+    ev.family = family;
+    ev.method = req.method as u8;
+    ev._pad0 = [0; 2];
+    ev.client_mac.copy_from_slice(&eth[6..12]);
+    ev.server_mac.copy_from_slice(&eth[0..6]);
+    if family == FAMILY_V4 {
+        let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::ResetFailed)?;
+        ev.client_addr_be = [0; 16];
+        ev.server_addr_be = [0; 16];
+        ev.client_addr_be[..4].copy_from_slice(&ip[12..16]);
+        ev.server_addr_be[..4].copy_from_slice(&ip[16..20]);
+    } else {
+        let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::ResetFailed)?;
+        ev.client_addr_be.copy_from_slice(&ip[8..24]);
+        ev.server_addr_be.copy_from_slice(&ip[24..40]);
+    }
+    let line_len = if n < EVENT_LINE_MAX {
+        n
+    } else {
+        EVENT_LINE_MAX
+    };
+    ev.line_len = line_len as u16;
+    if !load_into(ctx, payload, &mut ev.line, line_len) {
+        ev.line_len = 0;
+    }
+    if EVENTS.output::<RejectEvent>(&*ev, 0).is_err() {
+        count(Reason::EventLost);
+    }
+
+    let seg = Segment {
+        family,
+        l4,
+        tcp: &tcp,
+        client: &ev.client_addr_be,
+        server: &ev.server_addr_be,
+    };
+    if !turn_into_reset(ctx, &seg) {
+        return Err(Reason::ResetFailed);
+    }
+    Ok(Reason::Rejected)
+}

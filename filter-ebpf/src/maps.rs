@@ -1,0 +1,45 @@
+//! Every map and load-time global of the classifier. Names, key and value types come from
+//! `filter-common`; the static names here must match `filter_common::MAP_*` (the kernel
+//! fixture tests open each map by those names).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use filter_common::{
+    LoadConfig, RuleValue, Scratch, Settings, EVENTS_BYTES, RULES_MAX, STATS_SLOTS,
+};
+
+/// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
+/// read by the classifier when `SETTINGS.active_rules == 0`. `RULES_MAX` entries: room for
+/// a 100k-rule policy.
+#[map]
+pub static RULES_A: HashMap<u64, RuleValue> = HashMap::with_max_entries(RULES_MAX, 0);
+
+/// Policy B: as `RULES_A`, in force when `SETTINGS.active_rules == 1`. A whole new policy is
+/// written into the inactive map and switched in with one `SETTINGS` write.
+#[map]
+pub static RULES_B: HashMap<u64, RuleValue> = HashMap::with_max_entries(RULES_MAX, 0);
+
+/// One `Settings` entry: active policy map and default for ungoverned paths. Written by the
+/// daemon before it attaches the program, read per candidate request.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Per-CPU `u64` counters indexed by `Reason`. Written by the classifier, summed by the daemon.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// `RejectEvent`s for the responder. 1 MiB holds ~3000 events: bursts far beyond what the
+/// responder drains between wakeups; overflow is counted as `EventLost`.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// One `Scratch` per CPU: payload window, path buffer and event under construction (the BPF
+/// stack is 512 bytes). Only the classifier uses it, within one invocation.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Load-time configuration (hash key, inspected ports), set by the loader.
+#[unsafe(no_mangle)]
+pub static FILTER_CONFIG: LoadConfig = LoadConfig::zeroed();

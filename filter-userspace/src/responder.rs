@@ -1,0 +1,162 @@
+//! The responder: drains rejection events from the kernel and answers each client on its own
+//! connection with a forged `405 Method Not Allowed` + FIN, sent through an `AF_PACKET`
+//! socket on the interface the request arrived on. The kernel has already turned the
+//! rejected segment into a reset to the backend.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use aya::maps::{MapData, RingBuf};
+use filter_common::{Method, MethodSet, RejectEvent, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+
+use crate::{packet, response};
+
+/// What the responder did, for `/v1/stats`.
+#[derive(Debug, Default)]
+pub struct ResponderStats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// An `AF_PACKET` socket that only sends whole Ethernet frames.
+struct PacketSocket(OwnedFd);
+
+impl PacketSocket {
+    fn new() -> io::Result<PacketSocket> {
+        // Protocol 0: this socket receives nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PacketSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn send(&self, ifindex: u32, dst_mac: [u8; 6], ethertype: u16, frame: &[u8]) -> io::Result<()> {
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ethertype.to_be();
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst_mac);
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+pub struct Responder {
+    socket: PacketSocket,
+    stats: Arc<ResponderStats>,
+    ip_id: u16,
+}
+
+impl Responder {
+    pub fn new(stats: Arc<ResponderStats>) -> io::Result<Responder> {
+        Ok(Responder {
+            socket: PacketSocket::new()?,
+            stats,
+            ip_id: std::process::id() as u16,
+        })
+    }
+
+    /// Answer one rejected request.
+    pub fn answer(&mut self, ev: &RejectEvent) {
+        let allow = MethodSet(ev.allow);
+        let method = Method::from_u8(ev.method);
+        let body = response::method_not_allowed(allow, method, SystemTime::now());
+        self.ip_id = self.ip_id.wrapping_add(1);
+        let frame = packet::response_frame(ev, &body, self.ip_id);
+        let ethertype = if ev.family == FAMILY_V4 {
+            ETH_P_IPV4
+        } else {
+            ETH_P_IPV6
+        };
+        let line = request_line(ev);
+        match self
+            .socket
+            .send(ev.ifindex, ev.client_mac, ethertype, &frame)
+        {
+            Ok(()) => {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client = %client(ev), request = %line, "rejected: answered 405");
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %client(ev), request = %line, error = %e, "rejected, but the 405 could not be sent");
+            }
+        }
+    }
+
+    /// Drain the ring until `shutdown` changes.
+    pub async fn run(
+        mut self,
+        ring: RingBuf<MapData>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        // SAFETY: the AsyncFd owns the ring, so its fd stays open for as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        if item.len() < std::mem::size_of::<RejectEvent>() {
+                            continue;
+                        }
+                        // SAFETY: the kernel wrote a whole RejectEvent (checked length); any bit
+                        // pattern is a valid RejectEvent.
+                        let ev: RejectEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        drop(item);
+                        self.answer(&ev);
+                    }
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+}
+
+fn client(ev: &RejectEvent) -> String {
+    if ev.family == FAMILY_V4 {
+        let a = &ev.client_addr_be;
+        format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], ev.client_port)
+    } else {
+        format!(
+            "[{}]:{}",
+            std::net::Ipv6Addr::from(ev.client_addr_be),
+            ev.client_port
+        )
+    }
+}
+
+/// The request line as received, up to its end or the event's bound, for the logs.
+fn request_line(ev: &RejectEvent) -> String {
+    let n = (ev.line_len as usize).min(ev.line.len());
+    let line = &ev.line[..n];
+    let end = line
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(n);
+    String::from_utf8_lossy(&line[..end])
+        .escape_debug()
+        .to_string()
+}
