@@ -109,8 +109,12 @@ fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
         }
         ETH_P_IPV6 => {
             let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
-            if ip[6] != IPPROTO_TCP {
-                return Err(Reason::Unsupported);
+            match ip[6] {
+                IPPROTO_TCP => {}
+                // Hop-by-hop, routing, fragment, destination options, AH, mobility: TCP may
+                // follow, behind headers this program does not walk yet.
+                0 | 43 | 44 | 51 | 60 | 135 => return Err(Reason::Unsupported),
+                _ => return Err(Reason::NotTcp),
             }
             (
                 FAMILY_V6,

@@ -62,6 +62,17 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Debug)]
+pub struct TestRunOutput {
+    /// The TC action (`-1` pass on, `2` drop).
+    pub action: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean run time per repetition, as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
 pub struct Dataplane {
     // Keeps the program loaded and its links attached; dropping it detaches.
     ebpf: Ebpf,
@@ -237,6 +248,40 @@ impl Dataplane {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(MAP_RULES[self.active as usize])(e)),
         }
+    }
+
+    /// Run one frame through the loaded classifier with `BPF_PROG_TEST_RUN` (no attachment
+    /// needed): the kernel fixture tests and the per-packet cost benchmark use this.
+    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutput, DataplaneError> {
+        use aya::programs::TestRun as _;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_INGRESS)
+            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: PROG_INGRESS.into(),
+                source,
+            })?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let r = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                what: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: r.return_value as i32,
+            frame: out,
+            duration: r.duration,
+        })
     }
 
     /// Verdict counters summed over CPUs, by reason.

@@ -1,0 +1,669 @@
+//! Tier 3, end to end: the real `filterd` on the server side of a [`Lab`], the
+//! recording backend behind it on port 80, and real clients (curl and the
+//! strict h11 client) in the client namespace. Every test runs over IPv4 and
+//! IPv6. Needs root and a release `filterd` with the embedded kernel object;
+//! runs only with `FILTER_E2E=1` (`cargo xtask test` sets it), and then a
+//! missing prerequisite fails the test instead of skipping it.
+//!
+//! Run: `FILTER_E2E=1 cargo test -p filter-tests --test e2e -- --test-threads=1`
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use filter_tests::lab::{self, Backend, Daemon, Lab, Recorded};
+use serde_json::{json, Value};
+
+const POLICY: &str = r#"
+[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+"#;
+
+const ITEMS_ALLOW: &str = "GET, HEAD, POST";
+const ADMIN_ALLOW: &str = "GET, HEAD";
+/// After a rejection the server side must have let go of the connection by then.
+const CONNECTION_GONE_WITHIN: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------------------
+// Setup
+
+/// Fields drop in declaration order: the daemon first, the lab last.
+struct Setup {
+    daemon: Daemon,
+    backend: Backend,
+    lab: Lab,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    if !lab::e2e_enabled(test) {
+        return None;
+    }
+    let fail = |what: &str, e: anyhow::Error| -> ! { panic!("{test}: {what}: {e:#}") };
+    lab::check_prerequisites()
+        .unwrap_or_else(|e| fail("FILTER_E2E=1 but a prerequisite is missing", e));
+    lab::install_ctrlc_cleanup().unwrap_or_else(|e| fail("installing Ctrl-C cleanup", e));
+    let binary = lab::filterd_binary();
+    let lab = Lab::new().unwrap_or_else(|e| fail("building the lab", e));
+    let backend = lab
+        .start_backend(80)
+        .unwrap_or_else(|e| fail("starting the backend", e));
+    let daemon = lab
+        .start_filterd(&binary, POLICY, &[])
+        .unwrap_or_else(|e| fail("starting filterd", e));
+    Some(Setup {
+        daemon,
+        backend,
+        lab,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    /// `curl -sS -i` (`-I` for HEAD): lenient, what most users run.
+    Curl,
+    /// `tests/py/h11_client.py`: strict, and sends any method token as is.
+    H11,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+fn url(addr: IpAddr, path: &str) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("http://{a}{path}"),
+        IpAddr::V6(a) => format!("http://[{a}]{path}"),
+    }
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// Splits an HTTP response leniently (CRLF or LF) into status, headers, body.
+fn parse_response(raw: &[u8], what: &str) -> Reply {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .or_else(|| text.split_once("\n\n"))
+        .unwrap_or_else(|| panic!("{what}: no end of header section in {text:?}"));
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+fn request(
+    s: &Setup,
+    client: Client,
+    addr: IpAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Reply {
+    let what = format!("{method} {path} over {} ({client:?})", family(addr));
+    match client {
+        Client::Curl => {
+            let mut cmd = s.lab.client_cmd("curl");
+            cmd.args(["-sS", "-g", "--max-time", "5"]);
+            if method == "HEAD" {
+                cmd.arg("-I");
+            } else {
+                cmd.args(["-i", "-X", method]);
+            }
+            if let Some(b) = body {
+                cmd.args(["--data-binary", b]);
+            }
+            let out = cmd.arg(url(addr, path)).output().expect("running curl");
+            assert!(
+                out.status.success(),
+                "{what}: curl failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            parse_response(&out.stdout, &what)
+        }
+        Client::H11 => {
+            assert!(body.is_none(), "the h11 helper sends no body");
+            let r = s
+                .lab
+                .h11_request(addr, 80, method, path, &[])
+                .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            assert!(r.h11_ok, "{what}: h11 could not parse the response: {r:?}");
+            Reply {
+                status: r.status.expect("h11_ok implies a status"),
+                headers: r.headers,
+                body: r.body,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared assertions
+
+/// The request reached the backend and the client got the backend's answer.
+fn expect_allowed(s: &Setup, addr: IpAddr, method: &str, path: &str, body: Option<&str>) {
+    let what = format!("{method} {path} over {}", family(addr));
+    let mark = backend_mark(s);
+    let r = request(s, Client::Curl, addr, method, path, body);
+    let backend_body = format!("backend saw {method} {path}\n");
+    assert_eq!(
+        r.status, 200,
+        "{what}: expected the backend's 200, got {r:?}"
+    );
+    if method == "HEAD" {
+        assert_eq!(r.body, "", "{what}: HEAD answer has a body");
+        assert_eq!(
+            r.header("content-length"),
+            [backend_body.len().to_string()],
+            "{what}"
+        );
+    } else {
+        assert_eq!(r.body, backend_body, "{what}: body is not the backend's");
+    }
+    let want = Recorded {
+        method: method.into(),
+        path: path.into(),
+        version: "HTTP/1.1".into(),
+    };
+    assert_eq!(
+        backend_since(s, mark),
+        [want],
+        "{what}: the backend should have recorded exactly this request"
+    );
+}
+
+/// The client got a 405 with exactly `allow`, the backend never saw the
+/// request, and the server side holds no connection on port 80 shortly after.
+fn expect_rejected(s: &Setup, client: Client, addr: IpAddr, method: &str, path: &str, allow: &str) {
+    let what = format!("{method} {path} over {} ({client:?})", family(addr));
+    let mark = backend_mark(s);
+    let r = request(s, client, addr, method, path, None);
+    assert_eq!(r.status, 405, "{what}: expected 405, got {r:?}");
+    assert_eq!(r.header("allow"), [allow], "{what}: Allow header");
+    assert!(
+        !allow.split(", ").any(|m| m.eq_ignore_ascii_case(method)),
+        "{what}: the rejected method is listed in Allow: {allow}"
+    );
+    assert_server_let_go(s, &what);
+    let seen = backend_since(s, mark);
+    assert!(seen.is_empty(), "{what}: the backend received {seen:?}");
+}
+
+/// How many requests the backend has recorded so far.
+fn backend_mark(s: &Setup) -> usize {
+    s.backend.requests().expect("reading the backend log").len()
+}
+
+/// The requests the backend recorded after `mark`, oldest first.
+fn backend_since(s: &Setup, mark: usize) -> Vec<Recorded> {
+    let mut all = s.backend.requests().expect("reading the backend log");
+    all.drain(..mark.min(all.len()));
+    all
+}
+
+/// No ESTABLISHED connection on :80 in the server namespace, polled for a bounded time.
+fn assert_server_let_go(s: &Setup, what: &str) {
+    let deadline = Instant::now() + CONNECTION_GONE_WITHIN;
+    loop {
+        let open = s.lab.server_established(80).expect("running ss");
+        if open.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {CONNECTION_GONE_WITHIN:?} after the 405 the server still holds {open:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Strict IMF-fixdate shape (`Sun, 06 Nov 1994 08:49:37 GMT`), a real date,
+/// and close to now.
+fn assert_imf_fixdate(value: &str, what: &str) {
+    let b = value.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let shape = b.len() == 29
+        && ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].contains(&&value[..3])
+        && &value[3..5] == ", "
+        && digits(5..7)
+        && b[7] == b' '
+        && [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ]
+        .contains(&&value[8..11])
+        && b[11] == b' '
+        && digits(12..16)
+        && b[16] == b' '
+        && digits(17..19)
+        && b[19] == b':'
+        && digits(20..22)
+        && b[22] == b':'
+        && digits(23..25)
+        && &value[25..] == " GMT";
+    assert!(
+        value.is_ascii() && shape,
+        "{what}: Date {value:?} is not an IMF-fixdate"
+    );
+    let when =
+        httpdate::parse_http_date(value).unwrap_or_else(|e| panic!("{what}: Date {value:?}: {e}"));
+    let skew = match when.duration_since(SystemTime::now()) {
+        Ok(ahead) => ahead,
+        Err(behind) => behind.duration(),
+    };
+    assert!(
+        skew < Duration::from_secs(60),
+        "{what}: Date {value:?} is {skew:?} off the clock"
+    );
+}
+
+/// Byte-level checks on a 405 that h11 would let slip (bare LF, folding, ...).
+fn assert_strict_405(s: &Setup, addr: IpAddr, method: &str, path: &str, allow: &str) {
+    let what = format!("{method} {path} over {} (raw bytes)", family(addr));
+    let r = s
+        .lab
+        .h11_request(addr, 80, method, path, &[])
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let raw = String::from_utf8_lossy(&r.raw).into_owned();
+    assert!(
+        r.h11_ok,
+        "{what}: h11 rejected the response ({:?}): {raw:?}",
+        r.h11_error
+    );
+    assert_eq!(
+        r.eof, "clean",
+        "{what}: connection did not end with a clean FIN: {raw:?}"
+    );
+    assert_eq!(
+        raw.matches("\r\n\r\n").count(),
+        1,
+        "{what}: want exactly one CRLFCRLF: {raw:?}"
+    );
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let head_bytes = format!("{head}\r\n");
+    for (i, c) in head_bytes.char_indices() {
+        match c {
+            '\n' => assert!(
+                i > 0 && head_bytes.as_bytes()[i - 1] == b'\r',
+                "{what}: bare LF in head: {raw:?}"
+            ),
+            '\r' => assert!(
+                head_bytes.as_bytes().get(i + 1) == Some(&b'\n'),
+                "{what}: bare CR in head: {raw:?}"
+            ),
+            _ => {}
+        }
+    }
+    let mut lines = head.split("\r\n");
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 405 Method Not Allowed"),
+        "{what}: status line"
+    );
+    let mut headers = Vec::new();
+    for line in lines {
+        assert!(
+            !line.starts_with([' ', '\t']),
+            "{what}: folded header line {line:?}"
+        );
+        let (name, value) = line
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{what}: header line without a colon: {line:?}"));
+        assert!(
+            !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'),
+            "{what}: bad header name {name:?}"
+        );
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let one = |name: &str| -> &str {
+        let v: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(
+            v.len(),
+            1,
+            "{what}: want exactly one {name} header, have {v:?} in {raw:?}"
+        );
+        v[0]
+    };
+    assert_eq!(one("allow"), allow, "{what}: Allow");
+    assert!(
+        !allow.split(", ").any(|m| m.eq_ignore_ascii_case(method)),
+        "{what}: Allow lists the rejected method"
+    );
+    assert_eq!(
+        one("content-length"),
+        body.len().to_string(),
+        "{what}: Content-Length vs body {body:?}"
+    );
+    assert!(
+        !one("content-type").is_empty(),
+        "{what}: empty Content-Type"
+    );
+    assert!(
+        one("connection").eq_ignore_ascii_case("close"),
+        "{what}: Connection must be close"
+    );
+    assert_imf_fixdate(one("date"), &what);
+    // h11 read the same thing we did.
+    assert_eq!(r.status, Some(405), "{what}");
+    assert_eq!(
+        r.headers, headers,
+        "{what}: h11's view of the headers differs from the raw bytes"
+    );
+    assert_eq!(r.body, body, "{what}");
+}
+
+fn api(s: &Setup, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    s.daemon
+        .api(method, path, body)
+        .unwrap_or_else(|e| panic!("API {method} {path}: {e:#}"))
+}
+
+fn api_json(s: &Setup, method: &str, path: &str) -> Value {
+    let (status, body) = api(s, method, path, None);
+    assert_eq!(status, 200, "API {method} {path}: {body}");
+    serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("API {method} {path}: not JSON ({e}): {body}"))
+}
+
+/// The rules as `(path, methods)`, sorted by path.
+fn rules(s: &Setup) -> Vec<(String, Vec<String>)> {
+    let v = api_json(s, "GET", "/v1/rules");
+    let list = v["rules"]
+        .as_array()
+        .unwrap_or_else(|| panic!("GET /v1/rules: no `rules` array: {v}"));
+    let mut out: Vec<(String, Vec<String>)> = list
+        .iter()
+        .map(|r| {
+            let path = r["path"]
+                .as_str()
+                .unwrap_or_else(|| panic!("rule without path: {r}"))
+                .to_owned();
+            let methods = r["methods"]
+                .as_array()
+                .unwrap_or_else(|| panic!("rule without methods: {r}"))
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .unwrap_or_else(|| panic!("method is not a string: {r}"))
+                        .to_owned()
+                })
+                .collect();
+            (path, methods)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn rejected_counter(s: &Setup) -> u64 {
+    let v = api_json(s, "GET", "/v1/stats");
+    let n = v
+        .get("counters")
+        .and_then(|c| c.get("rejected"))
+        .or_else(|| v.get("rejected"));
+    n.and_then(Value::as_u64).unwrap_or_else(|| {
+        panic!("GET /v1/stats: no numeric `rejected` under `counters` or at top level: {v}")
+    })
+}
+
+fn assert_2xx(status: u16, body: &str, what: &str) {
+    assert!(
+        (200..300).contains(&status),
+        "{what}: expected 2xx, got {status}: {body}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn allowed_requests_reach_the_backend() {
+    let Some(s) = setup("allowed_requests_reach_the_backend") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        expect_allowed(&s, addr, "GET", "/api/items", None);
+        expect_allowed(&s, addr, "POST", "/api/items", Some("name=widget&size=3"));
+        expect_allowed(&s, addr, "HEAD", "/admin", None);
+        expect_allowed(&s, addr, "DELETE", "/unruled", None);
+    }
+}
+
+#[test]
+fn disallowed_requests_get_405_and_never_reach_the_backend() {
+    let Some(s) = setup("disallowed_requests_get_405_and_never_reach_the_backend") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        for (client, method, path, allow) in [
+            (Client::Curl, "DELETE", "/api/items", ITEMS_ALLOW),
+            (Client::Curl, "PUT", "/admin", ADMIN_ALLOW),
+            (Client::H11, "delete", "/api/items", ITEMS_ALLOW),
+        ] {
+            expect_rejected(&s, client, addr, method, path, allow);
+        }
+        // Control: the backend is up and logging, so "not recorded" above means something.
+        expect_allowed(&s, addr, "GET", "/api/items", None);
+    }
+}
+
+#[test]
+fn the_405_is_byte_exact_and_ends_with_a_clean_close() {
+    let Some(s) = setup("the_405_is_byte_exact_and_ends_with_a_clean_close") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        assert_strict_405(&s, addr, "DELETE", "/api/items", ITEMS_ALLOW);
+        assert_strict_405(&s, addr, "PUT", "/admin", ADMIN_ALLOW);
+        assert_strict_405(&s, addr, "delete", "/api/items", ITEMS_ALLOW);
+    }
+}
+
+#[test]
+fn curl_sees_no_reset_on_a_405() {
+    let Some(s) = setup("curl_sees_no_reset_on_a_405") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        for (method, path) in [("DELETE", "/api/items"), ("PUT", "/admin")] {
+            let what = format!("curl -v -X {method} {path} over {}", family(addr));
+            let out = s
+                .lab
+                .client_cmd("curl")
+                .args(["-v", "-sS", "-g", "--max-time", "5", "-X", method])
+                .arg(url(addr, path))
+                .output()
+                .expect("running curl");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{what}: curl exited {}: {stderr}",
+                out.status
+            );
+            assert!(
+                stderr.contains("< HTTP/1.1 405 Method Not Allowed"),
+                "{what}: {stderr}"
+            );
+            for bad in ["reset", "Recv failure", "transfer closed"] {
+                assert!(
+                    !stderr.contains(bad),
+                    "{what}: curl reports {bad:?}: {stderr}"
+                );
+            }
+            assert!(!out.stdout.is_empty(), "{what}: the 405 has no body");
+        }
+    }
+}
+
+#[test]
+fn api_adds_lists_and_deletes_a_rule() {
+    let Some(s) = setup("api_adds_lists_and_deletes_a_rule") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        let (st, body) = api(
+            &s,
+            "POST",
+            "/v1/rules",
+            Some(r#"{"path":"/new","methods":["GET"]}"#),
+        );
+        assert_2xx(st, &body, "POST /v1/rules /new");
+        expect_rejected(&s, Client::Curl, addr, "DELETE", "/new", "GET, HEAD");
+        let listed = rules(&s);
+        assert!(
+            listed.iter().any(|(p, m)| p == "/new"
+                && m.iter().any(|m| m == "GET")
+                && !m.iter().any(|m| m == "DELETE")),
+            "GET /v1/rules does not list /new with GET: {listed:?}"
+        );
+
+        let (st, body) = api(&s, "DELETE", "/v1/rules?path=/new", None);
+        assert!(
+            st == 200 || st == 204,
+            "DELETE /v1/rules?path=/new: {st} {body}"
+        );
+        assert!(
+            !rules(&s).iter().any(|(p, _)| p == "/new"),
+            "/new still listed after DELETE"
+        );
+        expect_allowed(&s, addr, "DELETE", "/new", None);
+
+        let (st, body) = api(&s, "DELETE", "/v1/rules?path=/nope", None);
+        assert_eq!(st, 404, "DELETE of a rule that does not exist: {body}");
+    }
+}
+
+#[test]
+fn api_put_replaces_the_whole_policy() {
+    let Some(s) = setup("api_put_replaces_the_whole_policy") else {
+        return;
+    };
+    let (st, body) = api(
+        &s,
+        "PUT",
+        "/v1/rules",
+        Some(r#"{"rules":[{"path":"/only","methods":["POST"]}]}"#),
+    );
+    assert_2xx(st, &body, "PUT /v1/rules");
+    assert_eq!(
+        rules(&s),
+        [("/only".to_owned(), vec!["POST".to_owned()])],
+        "rules after PUT"
+    );
+    for addr in s.lab.server_addrs() {
+        expect_allowed(&s, addr, "DELETE", "/api/items", None);
+        expect_allowed(&s, addr, "PUT", "/admin", None);
+        expect_rejected(&s, Client::Curl, addr, "GET", "/only", "POST");
+    }
+}
+
+#[test]
+fn api_rejects_bad_bodies_and_keeps_the_policy() {
+    let Some(s) = setup("api_rejects_bad_bodies_and_keeps_the_policy") else {
+        return;
+    };
+    let before = rules(&s);
+    let one = |r: Value| json!(r).to_string();
+    let all = |r: Value| json!({ "rules": [r] }).to_string();
+    let bad_rules = [
+        (
+            "path without a leading /",
+            json!({"path": "x", "methods": ["GET"]}),
+        ),
+        (
+            "method with a space",
+            json!({"path": "/x", "methods": ["GE T"]}),
+        ),
+        ("empty method list", json!({"path": "/x", "methods": []})),
+    ];
+    let mut cases: Vec<(String, &str, String)> = vec![
+        ("truncated JSON".into(), "POST", "{".into()),
+        ("truncated JSON".into(), "PUT", "{".into()),
+    ];
+    for (why, rule) in bad_rules {
+        cases.push((why.into(), "POST", one(rule.clone())));
+        cases.push((why.into(), "PUT", all(rule)));
+    }
+    for (why, method, body) in &cases {
+        let (st, resp) = api(&s, method, "/v1/rules", Some(body));
+        let what = format!("{method} /v1/rules with {why} ({body})");
+        assert_eq!(st, 400, "{what}: {resp}");
+        let v: Value = serde_json::from_str(&resp)
+            .unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e}): {resp}"));
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: no `error` string in {resp}"
+        );
+    }
+    assert_eq!(rules(&s), before, "a rejected API call changed the rules");
+    for addr in s.lab.server_addrs() {
+        expect_rejected(&s, Client::Curl, addr, "DELETE", "/api/items", ITEMS_ALLOW);
+        expect_allowed(&s, addr, "DELETE", "/x", None);
+    }
+}
+
+#[test]
+fn stats_count_rejections() {
+    let Some(s) = setup("stats_count_rejections") else {
+        return;
+    };
+    for addr in s.lab.server_addrs() {
+        let before = rejected_counter(&s);
+        expect_allowed(&s, addr, "GET", "/api/items", None);
+        assert_eq!(
+            rejected_counter(&s),
+            before,
+            "an allowed request over {} counted as rejected",
+            family(addr)
+        );
+        expect_rejected(&s, Client::Curl, addr, "DELETE", "/api/items", ITEMS_ALLOW);
+        let after = rejected_counter(&s);
+        assert!(
+            after > before,
+            "rejected stayed at {after} after a 405 over {}",
+            family(addr)
+        );
+    }
+}

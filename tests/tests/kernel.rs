@@ -1,0 +1,449 @@
+//! Tier 2: kernel fixture tests. Frames go through the loaded classifier with
+//! `BPF_PROG_TEST_RUN`; each case states the policy, the frame, the verdict reason the kernel
+//! must count, and what it must do to the frame and tell the responder.
+//!
+//! Needs root and the kernel object embedded in `filter-userspace` (`cargo xtask test`).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use filter_common::{csum, tcp_flags, Method, Reason, RejectEvent, FAMILY_V4, FAMILY_V6};
+use filter_tests::lab;
+use filter_userspace::dataplane::Dataplane;
+use filter_userspace::policy::{parse_toml, Policy};
+
+const PASS: i32 = -1;
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const SEQ: u32 = 0x1000_0000;
+const ACK: u32 = 0x2000_0000;
+
+const POLICY: &str = r#"
+[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+"#;
+
+#[derive(Clone, Copy)]
+enum Ip {
+    V4,
+    /// IPv4 with this many 4-byte words of options (NOPs).
+    V4Options(u8),
+    V4Fragment,
+    V6,
+}
+
+struct Frame {
+    ip: Ip,
+    proto: u8,
+    dport: u16,
+    payload: Vec<u8>,
+}
+
+fn tcp(ip: Ip, dport: u16, payload: &[u8]) -> Frame {
+    Frame {
+        ip,
+        proto: 6,
+        dport,
+        payload: payload.to_vec(),
+    }
+}
+
+fn build(f: &Frame) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&f.dport.to_be_bytes());
+    if f.proto == 6 {
+        l4.extend_from_slice(&SEQ.to_be_bytes());
+        l4.extend_from_slice(&ACK.to_be_bytes());
+        // 12 bytes of options (NOP NOP + timestamp), as Linux clients send.
+        l4.push(8 << 4);
+        l4.push(tcp_flags::PSH | tcp_flags::ACK);
+        l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+    } else {
+        l4.extend_from_slice(&((8 + f.payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(&f.payload);
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&SERVER_MAC);
+    frame.extend_from_slice(&CLIENT_MAC);
+    match f.ip {
+        Ip::V6 => {
+            let (src, dst) = (v6(1), v6(2));
+            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[f.proto, 64]);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&dst);
+            if f.proto == 6 {
+                let c = csum::finish(csum::add(csum::pseudo_v6(&src, &dst, l4.len() as u32), &l4));
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        _ => {
+            let opt_words = if let Ip::V4Options(n) = f.ip { n } else { 0 };
+            let (src, dst) = (
+                Ipv4Addr::new(10, 77, 0, 1).octets(),
+                Ipv4Addr::new(10, 77, 0, 2).octets(),
+            );
+            let hlen = 20 + 4 * opt_words as usize;
+            let mut ip = vec![0u8; hlen];
+            ip[0] = 0x40 | (hlen / 4) as u8;
+            ip[2..4].copy_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
+            ip[6] = if matches!(f.ip, Ip::V4Fragment) {
+                0x20
+            } else {
+                0x40
+            };
+            ip[8] = 64;
+            ip[9] = f.proto;
+            ip[12..16].copy_from_slice(&src);
+            ip[16..20].copy_from_slice(&dst);
+            for b in &mut ip[20..] {
+                *b = 1; // NOP options
+            }
+            let c = csum::finish(csum::add(0, &ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            if f.proto == 6 {
+                let c = csum::finish(csum::add(csum::pseudo_v4(&src, &dst, l4.len() as u16), &l4));
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+    }
+    frame.extend_from_slice(&l4);
+    frame
+}
+
+fn v6(last: u16) -> [u8; 16] {
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, last).octets()
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    reason: Reason,
+    /// For rejections: the method the event names and the `Allow` set.
+    rejected: Option<(Method, &'static [Method])>,
+}
+
+fn case(name: &'static str, f: Frame, reason: Reason) -> Case {
+    Case {
+        name,
+        frame: build(&f),
+        reason,
+        rejected: None,
+    }
+}
+
+fn reject(name: &'static str, f: Frame, method: Method, allow: &'static [Method]) -> Case {
+    Case {
+        name,
+        frame: build(&f),
+        reason: Reason::Rejected,
+        rejected: Some((method, allow)),
+    }
+}
+
+fn counters(dp: &Dataplane) -> Vec<(Reason, u64)> {
+    dp.counters().expect("counters")
+}
+
+fn delta(before: &[(Reason, u64)], after: &[(Reason, u64)]) -> Vec<(Reason, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (a.0, a.1 - b.1))
+        .collect()
+}
+
+/// Check the rewritten frame: a bare RST|ACK with the segment's sequence number, correct
+/// lengths and checksums.
+fn assert_reset(name: &str, input: &[u8], out: &[u8]) {
+    let v4 = u16::from_be_bytes([input[12], input[13]]) == 0x0800;
+    let l4 = if v4 {
+        14 + ((input[14] & 0x0f) as usize) * 4
+    } else {
+        54
+    };
+    assert_eq!(out.len(), l4 + 20, "{name}: payload and options removed");
+    let t = &out[l4..];
+    assert_eq!(t[13], tcp_flags::RST | tcp_flags::ACK, "{name}: flags");
+    assert_eq!(t[12] >> 4, 5, "{name}: data offset");
+    assert_eq!(
+        u32::from_be_bytes(t[4..8].try_into().unwrap()),
+        SEQ,
+        "{name}: seq is the backend's rcv_nxt"
+    );
+    assert_eq!(&t[0..4], &input[l4..l4 + 4], "{name}: ports");
+    if v4 {
+        let ip = &out[14..l4];
+        assert_eq!(
+            u16::from_be_bytes([ip[2], ip[3]]) as usize,
+            ip.len() + 20,
+            "{name}: tot_len"
+        );
+        assert_eq!(
+            csum::finish(csum::add(0, ip)),
+            0,
+            "{name}: IPv4 header checksum"
+        );
+        let (s, d) = (
+            ip[12..16].try_into().unwrap(),
+            ip[16..20].try_into().unwrap(),
+        );
+        assert_eq!(
+            csum::finish(csum::add(csum::pseudo_v4(&s, &d, 20), t)),
+            0,
+            "{name}: TCP checksum"
+        );
+    } else {
+        assert_eq!(
+            u16::from_be_bytes([out[18], out[19]]),
+            20,
+            "{name}: payload_len"
+        );
+        let (s, d) = (
+            out[22..38].try_into().unwrap(),
+            out[38..54].try_into().unwrap(),
+        );
+        assert_eq!(
+            csum::finish(csum::add(csum::pseudo_v6(&s, &d, 20), t)),
+            0,
+            "{name}: TCP checksum"
+        );
+    }
+}
+
+fn load(policy: &Policy) -> Dataplane {
+    lab::check_prerequisites().expect("prerequisites");
+    let mut dp = Dataplane::load(&[80, 8080]).expect("the classifier loads and verifies");
+    dp.apply(policy).expect("policy applies");
+    dp
+}
+
+#[test]
+fn verdicts_table() {
+    if !lab::e2e_enabled("kernel::verdicts_table") {
+        return;
+    }
+    use Method::*;
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let mut events = dp.take_events().expect("event ring");
+    let long_path = format!("GET /{} HTTP/1.1\r\n", "a".repeat(1100));
+    let cases = vec![
+        case(
+            "allowed by rule, v4",
+            tcp(Ip::V4, 80, b"GET /api/items HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Reason::AllowedByRule,
+        ),
+        case(
+            "allowed by rule, v6",
+            tcp(Ip::V6, 80, b"POST /api/items HTTP/1.1\r\n\r\n"),
+            Reason::AllowedByRule,
+        ),
+        case(
+            "GET implies HEAD",
+            tcp(Ip::V4, 80, b"HEAD /admin HTTP/1.1\r\n\r\n"),
+            Reason::AllowedByRule,
+        ),
+        case(
+            "query ignored",
+            tcp(Ip::V4, 80, b"GET /api/items?x=/admin HTTP/1.1\r\n\r\n"),
+            Reason::AllowedByRule,
+        ),
+        case(
+            "no rule: default any",
+            tcp(Ip::V4, 80, b"DELETE /other HTTP/1.1\r\n\r\n"),
+            Reason::AllowedByDefault,
+        ),
+        case(
+            "second port inspected",
+            tcp(Ip::V4, 8080, b"GET /x HTTP/1.1\r\n\r\n"),
+            Reason::AllowedByDefault,
+        ),
+        case(
+            "other port untouched",
+            tcp(Ip::V4, 443, b"DELETE /admin HTTP/1.1\r\n\r\n"),
+            Reason::OtherPort,
+        ),
+        case(
+            "udp",
+            Frame {
+                ip: Ip::V4,
+                proto: 17,
+                dport: 80,
+                payload: b"DELETE /admin".to_vec(),
+            },
+            Reason::NotTcp,
+        ),
+        case(
+            "fragment",
+            tcp(Ip::V4Fragment, 80, b"DELETE /admin HTTP/1.1\r\n"),
+            Reason::Unsupported,
+        ),
+        case("no payload", tcp(Ip::V4, 80, b""), Reason::NoPayload),
+        case(
+            "not http",
+            tcp(Ip::V4, 80, b"\x16\x03\x01\x00\xa5\x01\x00"),
+            Reason::NotHttp,
+        ),
+        case(
+            "h2 preface",
+            tcp(Ip::V6, 80, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Reason::TargetForm,
+        ),
+        case(
+            "split request line",
+            tcp(Ip::V4, 80, b"DELETE /adm"),
+            Reason::LineIncomplete,
+        ),
+        case(
+            "path over the bound",
+            tcp(Ip::V4, 80, long_path.as_bytes()),
+            Reason::PathTooLong,
+        ),
+        reject(
+            "disallowed, v4",
+            tcp(Ip::V4, 80, b"DELETE /api/items HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Delete,
+            &[Get, Head, Post],
+        ),
+        reject(
+            "disallowed, v6",
+            tcp(Ip::V6, 80, b"PUT /admin HTTP/1.1\r\n\r\n"),
+            Put,
+            &[Get, Head],
+        ),
+        reject(
+            "IPv4 options",
+            tcp(Ip::V4Options(3), 80, b"DELETE /admin HTTP/1.1\r\n\r\n"),
+            Delete,
+            &[Get, Head],
+        ),
+        reject(
+            "lowercase method",
+            tcp(Ip::V4, 80, b"get /admin HTTP/1.1\r\n\r\n"),
+            Other,
+            &[Get, Head],
+        ),
+        reject(
+            "absolute form",
+            tcp(Ip::V4, 80, b"DELETE http://x/admin HTTP/1.1\r\n\r\n"),
+            Delete,
+            &[Get, Head],
+        ),
+        reject(
+            "HTTP/0.9 style",
+            tcp(Ip::V6, 80, b"DELETE /admin\r\n"),
+            Delete,
+            &[Get, Head],
+        ),
+        reject(
+            "leading blank line",
+            tcp(Ip::V4, 80, b"\r\nDELETE /admin HTTP/1.1\r\n\r\n"),
+            Delete,
+            &[Get, Head],
+        ),
+    ];
+    for c in &cases {
+        let before = counters(&dp);
+        let out = dp
+            .test_run(&c.frame, 1)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(out.action, PASS, "{}: TC action", c.name);
+        assert_eq!(
+            delta(&before, &counters(&dp)),
+            [(c.reason, 1)],
+            "{}: counted reason",
+            c.name
+        );
+        let event = events
+            .next()
+            .map(|item| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RejectEvent>()) });
+        match c.rejected {
+            None => {
+                assert_eq!(out.frame, c.frame, "{}: frame passes unchanged", c.name);
+                assert!(event.is_none(), "{}: no event for a pass", c.name);
+            }
+            Some((method, allow)) => {
+                assert_reset(c.name, &c.frame, &out.frame);
+                let ev = event.unwrap_or_else(|| panic!("{}: the responder gets an event", c.name));
+                assert_eq!(Method::from_u8(ev.method), method, "{}: method", c.name);
+                let want: u32 = allow.iter().map(|m| m.bit()).sum();
+                assert_eq!(ev.allow, want, "{}: allow set", c.name);
+                assert_eq!((ev.seq, ev.ack), (SEQ, ACK), "{}: sequence numbers", c.name);
+                assert_eq!(
+                    (ev.client_port, ev.server_port),
+                    (40000, 80),
+                    "{}: ports",
+                    c.name
+                );
+                assert_eq!(
+                    (ev.client_mac, ev.server_mac),
+                    (CLIENT_MAC, SERVER_MAC),
+                    "{}: MACs",
+                    c.name
+                );
+                let v4 = matches!(ev.family, FAMILY_V4);
+                assert!(v4 || ev.family == FAMILY_V6);
+                if v4 {
+                    assert_eq!(
+                        &ev.client_addr_be[..4],
+                        &[10, 77, 0, 1],
+                        "{}: client",
+                        c.name
+                    );
+                } else {
+                    assert_eq!(ev.client_addr_be, v6(1), "{}: client", c.name);
+                }
+                let line = &ev.line[..ev.line_len as usize];
+                assert!(
+                    c.frame.windows(line.len()).any(|w| w == line),
+                    "{}: event carries the request line",
+                    c.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn policy_switches_are_seen_by_the_next_packet() {
+    if !lab::e2e_enabled("kernel::policy_switches_are_seen_by_the_next_packet") {
+        return;
+    }
+    let mut dp = load(&Policy::default());
+    let delete = build(&tcp(Ip::V4, 80, b"DELETE /x HTTP/1.1\r\n\r\n"));
+    let reason = |dp: &mut Dataplane| {
+        let before = counters(dp);
+        dp.test_run(&delete, 1).unwrap();
+        delta(&before, &counters(dp))[0].0
+    };
+    assert_eq!(reason(&mut dp), Reason::AllowedByDefault);
+    dp.apply(&parse_toml("[[rules]]\npath = \"/x\"\nmethods = [\"GET\"]\n").unwrap())
+        .unwrap();
+    assert_eq!(reason(&mut dp), Reason::Rejected);
+    dp.remove("/x").unwrap();
+    assert_eq!(reason(&mut dp), Reason::AllowedByDefault);
+    dp.apply(&parse_toml("default = [\"GET\"]\n").unwrap())
+        .unwrap();
+    assert_eq!(
+        reason(&mut dp),
+        Reason::Rejected,
+        "a default method list governs unruled paths"
+    );
+    dp.apply(&Policy::default()).unwrap();
+    assert_eq!(
+        reason(&mut dp),
+        Reason::AllowedByDefault,
+        "the A/B switch back clears old rules"
+    );
+}
