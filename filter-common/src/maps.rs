@@ -8,6 +8,10 @@ use crate::{EVENT_LINE_MAX, REASON_COUNT_U32};
 /// Policy maps, `u64` path hash → [`RuleValue`]. Two of them, so a whole new rule set is
 /// written into the inactive one and switched in with one write to [`Settings::active_rules`].
 pub const MAP_RULES: [&str; 2] = ["RULES_A", "RULES_B"];
+/// Prefix-rule maps, `LpmTrie<PrefixData, RuleValue>`, paired with [`MAP_RULES`] by index:
+/// the longest rule path that is a byte prefix of the request path wins. Prefix rule paths end
+/// in `/`, so a prefix rule covers exactly the subtree under it.
+pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
 /// `Array<Settings>` with one entry: run-time switches.
 pub const MAP_SETTINGS: &str = "SETTINGS";
 /// `PerCpuArray<u64>` indexed by [`crate::Reason`].
@@ -23,6 +27,26 @@ pub const PROG_INGRESS: &str = "http_ingress";
 
 /// Capacity of each policy map.
 pub const RULES_MAX: u32 = 131_072;
+/// Capacity of each prefix-rule map.
+pub const PREFIX_RULES_MAX: u32 = 16_384;
+/// Longest prefix-rule path (the LPM trie's key data).
+pub const PREFIX_MAX: usize = 256;
+/// Key data of a prefix-rule map; the LPM key is `{ prefixlen: u32 (bits), data }`.
+pub type PrefixData = [u8; PREFIX_MAX];
+
+/// [`RuleValue::flags`]: the rule is a prefix rule (informational; prefix rules live in
+/// their own maps).
+pub const RULE_PREFIX: u32 = 1 << 0;
+/// [`RuleValue::flags`]: monitor mode: count and log violations, block nothing.
+pub const RULE_MONITOR: u32 = 1 << 1;
+
+/// [`Settings::flags`]: global dry run: every rule behaves as if in monitor mode.
+pub const SETTINGS_DRY_RUN: u32 = 1 << 0;
+/// [`Settings::flags`]: answer OPTIONS on governed paths with 204 + `Allow` (else pass it).
+pub const SETTINGS_OPTIONS_ANSWER: u32 = 1 << 1;
+/// [`Settings::flags`]: pass requests whose line or headers exceed the inspection bound
+/// instead of answering 414 / 431.
+pub const SETTINGS_OVERSIZE_PASS: u32 = 1 << 2;
 /// Ring buffer size in bytes (a power-of-two number of pages).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -32,7 +56,7 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub struct RuleValue {
     /// [`crate::MethodSet`] bits of the methods the path allows.
     pub allow: u32,
-    /// Reserved for rule flags (match kind, mode); zero today.
+    /// `RULE_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
@@ -45,8 +69,11 @@ pub struct Settings {
     pub active_rules: u32,
     /// [`crate::MethodSet`] bits allowed on paths no rule names.
     pub default_allow: u32,
+    /// `SETTINGS_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 
 /// Values fixed when the program is loaded (a read-only global, `FILTER_CONFIG`).
 #[repr(C)]
@@ -88,7 +115,9 @@ pub const FAMILY_V6: u8 = 6;
 pub struct RejectEvent {
     /// Interface the request arrived on; the answer leaves through it.
     pub ifindex: u32,
-    /// [`crate::Reason`] of the rejection.
+    /// [`crate::Reason`] of the event; it says what the responder answers: `Rejected` 405,
+    /// `OptionsAnswered` 204, `BadPath` 400, `LineTooLong` 414, `HeadersTooLarge` 431,
+    /// `Monitored` nothing (log only).
     pub reason: u32,
     /// [`crate::MethodSet`] the path allows: the `Allow` header.
     pub allow: u32,

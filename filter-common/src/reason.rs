@@ -5,7 +5,7 @@
 //! Append-only, like cilium's drop reasons: a retired value stays reserved.
 
 /// Counter slots in `STATS`.
-pub const REASON_COUNT: usize = 16;
+pub const REASON_COUNT: usize = 32;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,10 +40,39 @@ pub enum Reason {
     EventLost = 12,
     /// Extra count: a rejected segment could not be turned into a reset, so it was dropped.
     ResetFailed = 13,
+    /// The method is not allowed, but the rule is in monitor mode or the daemon runs with
+    /// `--dry-run`: passed, and the responder logs what would have been rejected.
+    Monitored = 14,
+    /// OPTIONS is never answered with 405 (CORS preflight): passed to the backend.
+    OptionsPassed = 15,
+    /// OPTIONS on a governed path with `options = "answer"`: the responder answers
+    /// `204 No Content` with `Allow`; the backend is reset.
+    OptionsAnswered = 16,
+    /// The path's encoding is ambiguous (`%2F`, `%5C`, `%00`, a backslash, an invalid escape,
+    /// dot segments above the root): the responder answers 400; the backend is reset.
+    BadPath = 17,
+    /// The request line is longer than the inspection bound: the responder answers 414; the
+    /// backend is reset (or passed, if limits are configured to pass).
+    LineTooLong = 18,
+    /// The header block is longer than the inspection bound: 431, backend reset (or passed).
+    HeadersTooLarge = 19,
+    /// A segment of a tracked connection where no request line starts (headers after the
+    /// decision, body bytes): passed.
+    MidStream = 20,
+    /// A segment beyond the next byte the filter expects on a connection whose current request
+    /// is undecided: dropped, so the client retransmits it in order.
+    OutOfOrder = 21,
+    /// The connection stopped being HTTP/1.1 (`Upgrade` accepted, `CONNECT`, the HTTP/2
+    /// preface): its further bytes pass untracked.
+    Tunnel = 22,
+    /// Extra count: the connection table was full; the oldest connection's state was evicted.
+    ConnTableFull = 23,
+    /// A retransmission of bytes already decided on: passed (the backend keeps its first copy).
+    Retransmit = 24,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 25] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -58,6 +87,17 @@ impl Reason {
         Reason::Rejected,
         Reason::EventLost,
         Reason::ResetFailed,
+        Reason::Monitored,
+        Reason::OptionsPassed,
+        Reason::OptionsAnswered,
+        Reason::BadPath,
+        Reason::LineTooLong,
+        Reason::HeadersTooLarge,
+        Reason::MidStream,
+        Reason::OutOfOrder,
+        Reason::Tunnel,
+        Reason::ConnTableFull,
+        Reason::Retransmit,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -88,6 +128,17 @@ impl Reason {
             Reason::Rejected => "rejected",
             Reason::EventLost => "event_lost",
             Reason::ResetFailed => "reset_failed",
+            Reason::Monitored => "monitored",
+            Reason::OptionsPassed => "options_passed",
+            Reason::OptionsAnswered => "options_answered",
+            Reason::BadPath => "bad_path",
+            Reason::LineTooLong => "line_too_long",
+            Reason::HeadersTooLarge => "headers_too_large",
+            Reason::MidStream => "mid_stream",
+            Reason::OutOfOrder => "out_of_order",
+            Reason::Tunnel => "tunnel",
+            Reason::ConnTableFull => "conn_table_full",
+            Reason::Retransmit => "retransmit",
         }
     }
 }

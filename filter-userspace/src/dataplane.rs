@@ -221,6 +221,8 @@ impl Dataplane {
         let s = Settings {
             active_rules: next,
             default_allow: policy.default.effective().0,
+            flags: 0,
+            _reserved: 0,
         };
         self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS))?;
         // The old map keeps its entries until the next full apply clears it, so a packet that

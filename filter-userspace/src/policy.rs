@@ -292,7 +292,7 @@ pub fn parse_toml(text: &str) -> Result<Policy, TomlError> {
     let file: PolicyFile = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
-            .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
             .unwrap_or(1);
         TomlError::Syntax {
             line,

@@ -171,8 +171,12 @@ pub fn run(b: &Built) -> anyhow::Result<()> {
     }
     let (_, stats) = daemon.api("GET", "/v1/stats", None)?;
     println!("\nfilterd's counters (GET /v1/stats): {stats}");
-    let (_, rules) = daemon.api("GET", "/v1/rules", None)?;
-    println!("filterd's rules (GET /v1/rules): {rules}");
+    println!("\n$ filterctl rules list");
+    let out = lab
+        .server_cmd(&b.filterctl)
+        .args(["rules", "list"])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     drop(daemon);
     drop(backend);
     drop(lab);
