@@ -164,11 +164,20 @@ pub struct Scratch {
     pub window_len: u32,
     /// The parser's outcome code (`http::OUTCOME_*` or a `Reason`).
     pub outcome: u32,
+    /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
+    pub prefix_key: PrefixKey,
 }
-const _: () = assert!(
-    core::mem::size_of::<Scratch>()
-        == crate::LINE_WINDOW + crate::PATH_MAX + core::mem::size_of::<RejectEvent>() + 24 + 8
-);
+const _: () = assert!(core::mem::size_of::<Scratch>() % 8 == 0);
+
+/// Key of a prefix-rule map, laid out as the kernel's LPM trie key: the prefix length in
+/// bits, then the bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PrefixKey {
+    pub prefixlen: u32,
+    pub data: PrefixData,
+}
+const _: () = assert!(core::mem::size_of::<PrefixKey>() == 4 + PREFIX_MAX);
 
 /// Slots in `STATS`.
 pub const STATS_SLOTS: u32 = REASON_COUNT_U32;

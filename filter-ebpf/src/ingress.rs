@@ -1,18 +1,23 @@
 //! The ingress decision: headers → request line → policy → verdict.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext,
 };
 use core::ffi::c_void;
-use core::ptr::{addr_of, null_mut, read_volatile};
+use core::ptr::{addr_of, null_mut, read_unaligned, read_volatile, write_unaligned};
 use filter_common::{
     hash::path_hash,
     http::{LineParser, OUTCOME_PENDING},
-    Reason, RejectEvent, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6,
-    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+    Method, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6,
+    EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW,
+    PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
+    TCP_HLEN_MIN,
 };
 
-use crate::maps::{EVENTS, FILTER_CONFIG, RULES_A, RULES_B, SCRATCH, SETTINGS, STATS};
+use crate::maps::{
+    EVENTS, FILTER_CONFIG, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH, SETTINGS, STATS,
+};
 use crate::skb::{load_into, turn_into_reset, Segment};
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
@@ -149,74 +154,214 @@ fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
     s.outcome = OUTCOME_PENDING;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
     unsafe { bpf_loop(n as u32, parse_byte as *mut c_void, null_mut(), 0) };
-    let req = s.parser.finish(s.outcome, n)?;
-
-    let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
-    let hash = path_hash(&key, &s.path, req.path_len);
-    let settings = SETTINGS.get(0).ok_or(Reason::NotHttp)?;
-    let rules = if settings.active_rules == 1 {
-        &RULES_B
-    } else {
-        &RULES_A
+    let hdr = Headers {
+        family,
+        l4,
+        payload_len,
+        payload,
+        window_len: n,
     };
-    let (allow, verdict) = match unsafe { rules.get(hash) } {
-        Some(rule) => (rule.allow, Reason::AllowedByRule),
+
+    let settings = SETTINGS.get(0).ok_or(Reason::NotHttp)?;
+    let req = match s.parser.finish(s.outcome, n) {
+        Ok(req) => req,
+        Err(Reason::PathTooLong) if settings.flags & SETTINGS_OVERSIZE_PASS == 0 => {
+            // The path runs past the inspection window: answer 414 rather than let an
+            // undecided request through.
+            return reject(
+                ctx,
+                s,
+                &eth,
+                &tcp,
+                &hdr,
+                Reason::LineTooLong,
+                0,
+                Method::Other,
+                0,
+            );
+        }
+        Err(r) => return Err(r),
+    };
+
+    let rule = lookup(s, req.path_len, settings.active_rules);
+    let (allow, verdict) = match rule {
+        Some(r) => (r.allow, Reason::AllowedByRule),
         None => (settings.default_allow, Reason::AllowedByDefault),
     };
+    if req.method == Method::Options {
+        // Never 405 for OPTIONS (CORS preflight): pass it, or answer 204 + Allow.
+        if rule.is_some() && settings.flags & SETTINGS_OPTIONS_ANSWER != 0 {
+            return reject(
+                ctx,
+                s,
+                &eth,
+                &tcp,
+                &hdr,
+                Reason::OptionsAnswered,
+                allow,
+                req.method,
+                req.path_len,
+            );
+        }
+        return Ok(Reason::OptionsPassed);
+    }
     if allow & req.method.bit() != 0 {
         return Ok(verdict);
     }
+    let monitor = rule.is_some_and(|r| r.flags & RULE_MONITOR != 0);
+    if monitor || settings.flags & SETTINGS_DRY_RUN != 0 {
+        send_event(
+            ctx,
+            s,
+            &eth,
+            &tcp,
+            &hdr,
+            Reason::Monitored,
+            allow,
+            req.method,
+            req.path_len,
+        );
+        return Ok(Reason::Monitored);
+    }
+    reject(
+        ctx,
+        s,
+        &eth,
+        &tcp,
+        &hdr,
+        Reason::Rejected,
+        allow,
+        req.method,
+        req.path_len,
+    )
+}
 
-    // Rejected. Tell the responder first (it needs the original sequence numbers), then turn
-    // the segment into a reset so the backend never reads the request.
+/// The rule for the parsed path: an exact rule, else the longest prefix rule.
+#[inline(always)]
+fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
+    let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
+    let hash = path_hash(&key, &s.path, path_len);
+    let (rules, prefixes) = if active == 1 {
+        (&RULES_B, &PREFIX_B)
+    } else {
+        (&RULES_A, &PREFIX_A)
+    };
+    if let Some(r) = unsafe { rules.get(hash) } {
+        return Some(*r);
+    }
+    let n = if path_len < PREFIX_MAX {
+        path_len
+    } else {
+        PREFIX_MAX
+    };
+    s.prefix_key.prefixlen = (n * 8) as u32;
+    let mut i = 0;
+    while i < PREFIX_MAX / 8 {
+        // verifier: constant-bounded word copy of the path into the LPM key.
+        let w = unsafe { read_unaligned(s.path.as_ptr().add(i * 8).cast::<u64>()) };
+        unsafe { write_unaligned(s.prefix_key.data.as_mut_ptr().add(i * 8).cast::<u64>(), w) };
+        i += 1;
+    }
+    let key = unsafe { &*(addr_of!(s.prefix_key).cast::<Key<PrefixData>>()) };
+    prefixes.get(key).copied()
+}
+
+/// Where the headers of the current segment are, for events and the reset.
+struct Headers {
+    family: u8,
+    l4: usize,
+    payload_len: usize,
+    payload: usize,
+    window_len: usize,
+}
+
+/// Fill the event in the scratch buffer and hand it to the responder.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn send_event(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    eth: &[u8; ETH_HLEN],
+    tcp: &[u8; TCP_HLEN_MIN],
+    hdr: &Headers,
+    reason: Reason,
+    allow: u32,
+    method: Method,
+    path_len: usize,
+) -> bool {
     let ev: &mut RejectEvent = &mut s.event;
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    ev.reason = Reason::Rejected as u32;
+    ev.reason = reason as u32;
     ev.allow = allow;
-    ev.seq = be32(&tcp, 4);
-    ev.ack = be32(&tcp, 8);
-    ev.payload_len = payload_len as u32;
+    ev.seq = be32(tcp, 4);
+    ev.ack = be32(tcp, 8);
+    ev.payload_len = hdr.payload_len as u32;
     ev.client_port = be16(tcp[0], tcp[1]);
     ev.server_port = be16(tcp[2], tcp[3]);
-    ev.path_len = req.path_len as u16;
-    ev.family = family;
-    ev.method = req.method as u8;
+    ev.path_len = path_len as u16;
+    ev.family = hdr.family;
+    ev.method = method as u8;
     ev._pad0 = [0; 2];
     ev.client_mac.copy_from_slice(&eth[6..12]);
     ev.server_mac.copy_from_slice(&eth[0..6]);
-    if family == FAMILY_V4 {
-        let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::ResetFailed)?;
+    if hdr.family == FAMILY_V4 {
+        let Ok(ip) = ctx.load::<[u8; IPV4_HLEN_MIN]>(ETH_HLEN) else {
+            return false;
+        };
         ev.client_addr_be = [0; 16];
         ev.server_addr_be = [0; 16];
         ev.client_addr_be[..4].copy_from_slice(&ip[12..16]);
         ev.server_addr_be[..4].copy_from_slice(&ip[16..20]);
     } else {
-        let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::ResetFailed)?;
+        let Ok(ip) = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN) else {
+            return false;
+        };
         ev.client_addr_be.copy_from_slice(&ip[8..24]);
         ev.server_addr_be.copy_from_slice(&ip[24..40]);
     }
-    let line_len = if n < EVENT_LINE_MAX {
-        n
+    let line_len = if hdr.window_len < EVENT_LINE_MAX {
+        hdr.window_len
     } else {
         EVENT_LINE_MAX
     };
     ev.line_len = line_len as u16;
-    if !load_into(ctx, payload, &mut ev.line, line_len) {
+    if !load_into(ctx, hdr.payload, &mut ev.line, line_len) {
         ev.line_len = 0;
     }
     if EVENTS.output::<RejectEvent>(&*ev, 0).is_err() {
         count(Reason::EventLost);
     }
+    true
+}
 
+/// Stop this request: tell the responder what to answer, and turn the segment into a reset
+/// so the backend never reads it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn reject(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    eth: &[u8; ETH_HLEN],
+    tcp: &[u8; TCP_HLEN_MIN],
+    hdr: &Headers,
+    reason: Reason,
+    allow: u32,
+    method: Method,
+    path_len: usize,
+) -> Result<Reason, Reason> {
+    if !send_event(ctx, s, eth, tcp, hdr, reason, allow, method, path_len) {
+        return Err(Reason::ResetFailed);
+    }
+    let ev = &s.event;
     let seg = Segment {
-        family,
-        l4,
-        tcp: &tcp,
+        family: hdr.family,
+        l4: hdr.l4,
+        tcp,
         client: &ev.client_addr_be,
         server: &ev.server_addr_be,
     };
     if !turn_into_reset(ctx, &seg) {
         return Err(Reason::ResetFailed);
     }
-    Ok(Reason::Rejected)
+    Ok(reason)
 }

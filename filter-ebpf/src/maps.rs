@@ -4,10 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use filter_common::{
-    LoadConfig, RuleValue, Scratch, Settings, EVENTS_BYTES, RULES_MAX, STATS_SLOTS,
+    LoadConfig, PrefixData, RuleValue, Scratch, Settings, EVENTS_BYTES, PREFIX_RULES_MAX,
+    RULES_MAX, STATS_SLOTS,
 };
 
 /// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
@@ -20,6 +21,18 @@ pub static RULES_A: HashMap<u64, RuleValue> = HashMap::with_max_entries(RULES_MA
 /// written into the inactive map and switched in with one `SETTINGS` write.
 #[map]
 pub static RULES_B: HashMap<u64, RuleValue> = HashMap::with_max_entries(RULES_MAX, 0);
+
+/// Prefix rules A: LPM trie, key `{prefixlen bits, path bytes}`, value `RuleValue`; paired
+/// with `RULES_A` (same active index). Written by the `Dataplane`, read when no exact rule
+/// matches. `PREFIX_RULES_MAX` entries: prefix rules are few (subtrees), each costs a trie node.
+#[map]
+pub static PREFIX_A: LpmTrie<PrefixData, RuleValue> =
+    LpmTrie::with_max_entries(PREFIX_RULES_MAX, 0);
+
+/// Prefix rules B: as `PREFIX_A`, paired with `RULES_B`.
+#[map]
+pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
+    LpmTrie::with_max_entries(PREFIX_RULES_MAX, 0);
 
 /// One `Settings` entry: active policy map and default for ungoverned paths. Written by the
 /// daemon before it attaches the program, read per candidate request.

@@ -10,18 +10,59 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use aya::maps::{MapData, RingBuf};
-use filter_common::{Method, MethodSet, RejectEvent, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4};
+use filter_common::{Method, MethodSet, Reason, RejectEvent, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
 
-use crate::{packet, response};
+use crate::response::{self, Answer};
+use crate::packet;
 
 /// What the responder did, for `/v1/stats`.
 #[derive(Debug, Default)]
 pub struct ResponderStats {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
+    /// Monitor-mode hits (logged, not blocked).
+    pub monitored: AtomicU64,
+    /// Log lines dropped by the rate limit.
+    pub log_suppressed: AtomicU64,
+}
+
+/// At most `per_second` log lines a second; the rest are counted, and the count is reported
+/// with the next line that gets through.
+pub struct LogLimit {
+    per_second: u32,
+    window: std::time::Instant,
+    used: u32,
+    suppressed: u64,
+    stats: Arc<ResponderStats>,
+}
+
+impl LogLimit {
+    pub fn new(per_second: u32, stats: Arc<ResponderStats>) -> LogLimit {
+        LogLimit { per_second, window: std::time::Instant::now(), used: 0, suppressed: 0, stats }
+    }
+
+    /// Whether the caller may log a line now.
+    pub fn allow(&mut self) -> bool {
+        if self.window.elapsed() >= std::time::Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::info!(suppressed = self.suppressed, "rejection log lines suppressed in the last second");
+            }
+            self.window = std::time::Instant::now();
+            self.used = 0;
+            self.suppressed = 0;
+        }
+        if self.used < self.per_second {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            self.stats.log_suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 /// An `AF_PACKET` socket that only sends whole Ethernet frames.
@@ -65,42 +106,59 @@ pub struct Responder {
     socket: PacketSocket,
     stats: Arc<ResponderStats>,
     ip_id: u16,
+    log_limit: LogLimit,
 }
+
+/// Rejection log lines per second.
+const LOG_LINES_PER_SECOND: u32 = 20;
 
 impl Responder {
     pub fn new(stats: Arc<ResponderStats>) -> io::Result<Responder> {
         Ok(Responder {
             socket: PacketSocket::new()?,
+            log_limit: LogLimit::new(LOG_LINES_PER_SECOND, stats.clone()),
             stats,
             ip_id: std::process::id() as u16,
         })
     }
 
-    /// Answer one rejected request.
+    /// Answer one event from the kernel.
     pub fn answer(&mut self, ev: &RejectEvent) {
         let allow = MethodSet(ev.allow);
         let method = Method::from_u8(ev.method);
-        let body = response::method_not_allowed(allow, method, SystemTime::now());
+        let reason = Reason::from_u32(ev.reason);
+        let answer = match reason {
+            Reason::Rejected => Answer::MethodNotAllowed,
+            Reason::OptionsAnswered => Answer::OptionsNoContent,
+            Reason::BadPath => Answer::BadRequest,
+            Reason::LineTooLong => Answer::UriTooLong,
+            Reason::HeadersTooLarge => Answer::HeadersTooLarge,
+            Reason::Monitored => {
+                self.stats.monitored.fetch_add(1, Ordering::Relaxed);
+                if self.log_limit.allow() {
+                    tracing::info!(client = %client(ev), request = %request_line(ev), "monitor: would reject with 405 (not blocked)");
+                }
+                return;
+            }
+            other => {
+                tracing::warn!(reason = other.name(), "event with a reason the responder does not answer");
+                return;
+            }
+        };
+        let body = response::build(answer, allow, method, SystemTime::now());
         self.ip_id = self.ip_id.wrapping_add(1);
         let frame = packet::response_frame(ev, &body, self.ip_id);
-        let ethertype = if ev.family == FAMILY_V4 {
-            ETH_P_IPV4
-        } else {
-            ETH_P_IPV6
-        };
-        let line = request_line(ev);
-        match self
-            .socket
-            .send(ev.ifindex, ev.client_mac, ethertype, &frame)
-        {
-            Ok(()) => {
-                self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(client = %client(ev), request = %line, "rejected: answered 405");
-            }
-            Err(e) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %client(ev), request = %line, error = %e, "rejected, but the 405 could not be sent");
-            }
+        let ethertype = if ev.family == FAMILY_V4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
+        let sent = self.socket.send(ev.ifindex, ev.client_mac, ethertype, &frame);
+        let counter = if sent.is_ok() { &self.stats.sent } else { &self.stats.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !self.log_limit.allow() {
+            return;
+        }
+        let (client, line) = (client(ev), request_line(ev));
+        match sent {
+            Ok(()) => tracing::info!(%client, request = %line, reason = reason.name(), "rejected: answered {answer:?}"),
+            Err(e) => tracing::warn!(%client, request = %line, error = %e, "rejected, but the answer could not be sent"),
         }
     }
 

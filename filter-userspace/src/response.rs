@@ -4,38 +4,68 @@ use std::time::SystemTime;
 
 use filter_common::{Method, MethodSet};
 
-/// `405 Method Not Allowed` (RFC 9110 §15.5.6) for a request whose method `method` the path
-/// does not allow. `Allow` lists exactly `allow`'s named methods in canonical order; the
-/// connection closes after it, so `Connection: close`.
-pub fn method_not_allowed(allow: MethodSet, method: Method, now: SystemTime) -> Vec<u8> {
-    let allow_value = allow
-        .iter()
-        .map(Method::as_str)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let body = if allow_value.is_empty() {
-        "405 Method Not Allowed: this resource allows no method.\n".to_owned()
-    } else {
-        let m = if method == Method::Other {
-            "this method"
-        } else {
-            method.as_str()
-        };
-        format!("405 Method Not Allowed: {m} is not allowed here. Allowed: {allow_value}.\n")
+/// What the responder answers, by the kernel's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// `405 Method Not Allowed` with `Allow` (RFC 9110 §15.5.6).
+    MethodNotAllowed,
+    /// `204 No Content` with `Allow`, for OPTIONS on a governed path (`options = "answer"`).
+    OptionsNoContent,
+    /// `400 Bad Request`: an ambiguous path encoding the filter does not forward.
+    BadRequest,
+    /// `414 URI Too Long`: the request line runs past the inspection bound.
+    UriTooLong,
+    /// `431 Request Header Fields Too Large`: the header block runs past the inspection bound.
+    HeadersTooLarge,
+}
+
+impl Answer {
+    fn status_line(self) -> &'static str {
+        match self {
+            Answer::MethodNotAllowed => "HTTP/1.1 405 Method Not Allowed",
+            Answer::OptionsNoContent => "HTTP/1.1 204 No Content",
+            Answer::BadRequest => "HTTP/1.1 400 Bad Request",
+            Answer::UriTooLong => "HTTP/1.1 414 URI Too Long",
+            Answer::HeadersTooLarge => "HTTP/1.1 431 Request Header Fields Too Large",
+        }
+    }
+}
+
+/// The complete response for `answer`. Every one closes the connection (`Connection: close`;
+/// the responder sends FIN right after it). `allow` is listed in canonical order where the
+/// status calls for `Allow`; `method` names the rejected method in the 405 body.
+pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) -> Vec<u8> {
+    let allow_value = allow.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    let body = match answer {
+        Answer::MethodNotAllowed if allow_value.is_empty() => {
+            "405 Method Not Allowed: this resource allows no method.\n".to_owned()
+        }
+        Answer::MethodNotAllowed => {
+            let m = if method == Method::Other { "this method" } else { method.as_str() };
+            format!("405 Method Not Allowed: {m} is not allowed here. Allowed: {allow_value}.\n")
+        }
+        Answer::OptionsNoContent => String::new(),
+        Answer::BadRequest => "400 Bad Request: the request target's encoding is ambiguous.\n".to_owned(),
+        Answer::UriTooLong => "414 URI Too Long\n".to_owned(),
+        Answer::HeadersTooLarge => "431 Request Header Fields Too Large\n".to_owned(),
     };
-    format!(
-        "HTTP/1.1 405 Method Not Allowed\r\n\
-         Allow: {allow_value}\r\n\
-         Date: {date}\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {len}\r\n\
-         Connection: close\r\n\
-         \r\n\
-         {body}",
-        date = httpdate::fmt_http_date(now),
-        len = body.len(),
-    )
-    .into_bytes()
+    let mut head = format!("{}\r\n", answer.status_line());
+    if matches!(answer, Answer::MethodNotAllowed | Answer::OptionsNoContent) {
+        head += &format!("Allow: {allow_value}\r\n");
+    }
+    head += &format!("Date: {}\r\n", httpdate::fmt_http_date(now));
+    // RFC 9110 §8.6: no Content-Length (and no content) in a 204.
+    if answer != Answer::OptionsNoContent {
+        head += &format!("Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n", body.len());
+    }
+    head += "Connection: close\r\n\r\n";
+    head += &body;
+    head.into_bytes()
+}
+
+/// `405 Method Not Allowed` for a request whose method `method` the path does not allow.
+pub fn method_not_allowed(allow: MethodSet, method: Method, now: SystemTime) -> Vec<u8> {
+    build(Answer::MethodNotAllowed, allow, method, now)
 }
 
 #[cfg(test)]
@@ -74,6 +104,30 @@ mod tests {
             1
         );
         assert!(body.contains("DELETE"));
+    }
+
+    #[test]
+    fn other_answers_are_well_formed() {
+        let allow = MethodSet::EMPTY.with(Method::Get).with(Method::Head);
+        for (answer, status) in [
+            (Answer::OptionsNoContent, "HTTP/1.1 204 No Content"),
+            (Answer::BadRequest, "HTTP/1.1 400 Bad Request"),
+            (Answer::UriTooLong, "HTTP/1.1 414 URI Too Long"),
+            (Answer::HeadersTooLarge, "HTTP/1.1 431 Request Header Fields Too Large"),
+        ] {
+            let raw = build(answer, allow, Method::Options, SystemTime::now());
+            let (head, body) = head_and_body(&raw);
+            let lines: Vec<_> = head.split("\r\n").collect();
+            assert_eq!(lines[0], status);
+            assert!(lines.contains(&"Connection: close"));
+            if answer == Answer::OptionsNoContent {
+                assert!(lines.contains(&"Allow: GET, HEAD"));
+                assert!(body.is_empty() && !head.contains("Content-Length"), "204 has no content");
+            } else {
+                assert!(!head.contains("Allow:"));
+                assert!(lines.contains(&format!("Content-Length: {}", body.len()).as_str()));
+            }
+        }
     }
 
     #[test]

@@ -377,6 +377,7 @@ fn verdicts_table() {
                 assert_reset(c.name, &c.frame, &out.frame);
                 let ev = event.unwrap_or_else(|| panic!("{}: the responder gets an event", c.name));
                 assert_eq!(Method::from_u8(ev.method), method, "{}: method", c.name);
+                assert_eq!(ev.reason, c.reason as u32, "{}: the event says what to answer", c.name);
                 let want: u32 = allow.iter().map(|m| m.bit()).sum();
                 assert_eq!(ev.allow, want, "{}: allow set", c.name);
                 assert_eq!((ev.seq, ev.ack), (SEQ, ACK), "{}: sequence numbers", c.name);
