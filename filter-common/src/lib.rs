@@ -13,6 +13,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod canon;
 pub mod csum;
 pub mod hash;
 pub mod http;

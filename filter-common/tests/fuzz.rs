@@ -1,0 +1,134 @@
+//! Fuzz targets for the parsers the kernel runs on attacker-controlled bytes, one per parser.
+//!
+//! Under a plain `cargo test -p filter-common` bolero runs each target as a random property
+//! test for about a second (`BOLERO_RANDOM_TEST_TIME_MS`, `BOLERO_RANDOM_ITERATIONS` and
+//! `BOLERO_RANDOM_SEED` change that); that is the smoke run CI does.
+//!
+//! The same targets run under libFuzzer with `cargo-bolero` (nightly, for the sanitizer):
+//!
+//! ```text
+//! cargo install cargo-bolero
+//! cargo +nightly bolero test -p filter-common --profile release parse_request_line_never_panics
+//! cargo +nightly bolero test -p filter-common --profile release canonical_paths_are_canonical
+//! cargo +nightly bolero test -p filter-common --profile release path_hash_is_siphash13
+//! cargo +nightly bolero test -p filter-common --profile release canon::tests::fuzz_matches_the_reference
+//! ```
+//!
+//! (`-T 60s` bounds a run; a crash is written under `filter-common/tests/__fuzz__/<target>/`
+//! and replayed by the next `cargo test`.)
+
+use core::hash::Hasher;
+
+use filter_common::canon::canonicalize;
+use filter_common::hash::{hash_slice, path_hash};
+use filter_common::http::parse_request_line;
+use filter_common::{Reason, LINE_WINDOW, PATH_MAX};
+use siphasher::sip::SipHasher13;
+
+fn parse(input: &[u8]) -> Option<usize> {
+    let mut buf = [0u8; LINE_WINDOW];
+    let n = input.len().min(LINE_WINDOW);
+    buf[..n].copy_from_slice(&input[..n]);
+    let mut path = [0u8; PATH_MAX];
+    let r = parse_request_line(&buf, input.len(), &mut path).ok()?;
+    assert!(r.path_len <= PATH_MAX, "path_len {}", r.path_len);
+    assert!(
+        r.path_len >= 1 && path[0] == b'/',
+        "a decided path starts with '/'"
+    );
+    Some(r.path_len)
+}
+
+/// `http::parse_request_line` never panics; a decided path fits the buffer and starts with `/`.
+#[test]
+fn parse_request_line_never_panics() {
+    bolero::check!()
+        .with_type::<Vec<u8>>()
+        .with_max_len(2 * LINE_WINDOW)
+        .for_each(|input| {
+            // Raw bytes, and the same bytes as the target of a plausible request line, so
+            // that most inputs reach the path phase.
+            parse(input);
+            let mut line = b"DELETE ".to_vec();
+            line.extend(input);
+            parse(&line);
+            let mut line = b"GET /".to_vec();
+            line.extend(input);
+            parse(&line);
+        });
+}
+
+fn check_canonical(input: &[u8]) {
+    let mut out = [0u8; PATH_MAX];
+    let Ok(n) = canonicalize(input, &mut out) else {
+        return;
+    };
+    let c = &out[..n];
+    let shown = String::from_utf8_lossy(input);
+    assert!(c.first() == Some(&b'/'), "{shown:?}");
+    assert!(!c.windows(2).any(|w| w == b"//"), "{shown:?}");
+    for bad in [&b"/./"[..], b"/../"] {
+        assert!(!c.windows(bad.len()).any(|w| w == bad), "{shown:?}");
+    }
+    assert!(!c.ends_with(b"/.") && !c.ends_with(b"/.."), "{shown:?}");
+    assert!(!c.contains(&b';') && !c.contains(&b'\\'), "{shown:?}");
+    let mut again = [0u8; PATH_MAX];
+    let m = canonicalize(c, &mut again);
+    assert_eq!(m, Ok(n), "{shown:?}");
+    assert_eq!(&again[..n], c, "{shown:?}");
+}
+
+/// `canon::canonicalize` never panics; its output is canonical and a fixed point.
+#[test]
+fn canonical_paths_are_canonical() {
+    bolero::check!()
+        .with_type::<Vec<u8>>()
+        .with_max_len(2 * PATH_MAX)
+        .for_each(|input| {
+            check_canonical(input);
+            // Arbitrary bytes rarely get past the first check; also try them mapped onto
+            // the characters that matter, behind a leading '/'.
+            let mut p = vec![b'/'];
+            p.extend(
+                input
+                    .iter()
+                    .map(|&b| b"/.%2eEfF5cC;a0\\3bB~\x80"[b as usize % 20]),
+            );
+            check_canonical(&p);
+        });
+}
+
+/// `canonicalize` refuses only with the two reasons it documents.
+#[test]
+fn canonicalize_errors_are_bad_path_or_too_long() {
+    bolero::check!()
+        .with_type::<Vec<u8>>()
+        .with_max_len(2 * PATH_MAX)
+        .for_each(|input| {
+            let mut out = [0u8; PATH_MAX];
+            if let Err(r) = canonicalize(input, &mut out) {
+                assert!(matches!(r, Reason::BadPath | Reason::PathTooLong), "{r:?}");
+            }
+        });
+}
+
+/// `hash::path_hash` is SipHash-1-3 for every key and length, whatever follows `len`.
+#[test]
+fn path_hash_is_siphash13() {
+    bolero::check!()
+        .with_type::<([u64; 2], u8, Vec<u8>)>()
+        .with_max_len(2 * PATH_MAX)
+        .for_each(|(key, fill, data)| {
+            let mut h = SipHasher13::new_with_keys(key[0], key[1]);
+            h.write(data);
+            let want = h.finish();
+            if data.len() > PATH_MAX {
+                assert_eq!(hash_slice(key, data), None);
+                return;
+            }
+            assert_eq!(hash_slice(key, data), Some(want));
+            let mut buf = [*fill; PATH_MAX];
+            buf[..data.len()].copy_from_slice(data);
+            assert_eq!(path_hash(key, &buf, data.len()), want);
+        });
+}
