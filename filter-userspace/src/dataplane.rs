@@ -2,26 +2,57 @@
 //!
 //! It loads the embedded object with the load-time configuration, writes the policy into the
 //! maps, attaches the classifier to each interface (TCX links, kernel ≥ 6.6), and hands the
-//! event ring to the responder. Every map write's result is checked; a failed write leaves the
-//! policy in force unchanged and is reported to the caller.
+//! event ring to the responder. Every map write's result is checked and failures are counted;
+//! a failed write leaves the policy in force unchanged and is reported to the caller.
 //!
-//! Fail mode: the TCX links belong to this process. When the daemon exits, for any reason,
-//! the kernel detaches the classifier and traffic flows unfiltered (fail-open).
+//! A whole policy is written into the inactive pair of maps (`RULES_x` for exact rules,
+//! `PREFIX_x` for prefix rules) and switched in with one `SETTINGS` write, so traffic sees the
+//! old rule set or the new one, never a mix.
+//!
+//! Lifecycle and fail mode ([`Dataplane::attach_pinned`], [`Dataplane::release`]): with a pin
+//! directory on bpffs, each interface's TCX link is pinned at `<pin>/links/<iface>`, so the
+//! classifier keeps enforcing the last policy when the daemon exits or crashes (fail-closed).
+//! A restarted daemon loads a fresh program, writes the policy into its maps, and swaps it
+//! into the pinned link with `bpf_link_update`: no gap, no second attachment. The verdict
+//! counters (`STATS`) are pinned under a directory named after their layout version, so they
+//! survive restarts and a layout change never reuses a stale pin. Without pins (or with
+//! `--fail-open`) the links belong to the process and the kernel detaches them when it exits.
+
+use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, SchedClassifier, TcAttachType},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        ProgramError, SchedClassifier, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    hash, LoadConfig, Reason, RuleValue, Settings, GLOBAL_CONFIG, MAP_EVENTS, MAP_RULES,
-    MAP_SETTINGS, MAP_STATS, PROG_INGRESS, RULES_MAX,
+    hash, LoadConfig, PrefixData, Reason, RuleValue, Settings, GLOBAL_CONFIG, MAP_EVENTS,
+    MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_INGRESS,
+    REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER,
+    SETTINGS_OVERSIZE_PASS,
 };
 
-use crate::policy::{Policy, Rule};
+use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
 
-/// Rules one policy map holds.
+/// Rules one exact-rule map holds.
 pub const RULES_CAPACITY: usize = RULES_MAX as usize;
+/// Rules one prefix-rule map holds.
+pub const PREFIX_CAPACITY: usize = PREFIX_RULES_MAX as usize;
+
+/// Default root of the daemon's pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/filterd";
+/// Name of the directory (under the pin root) holding pinned maps. Bump the version whenever a
+/// pinned map's key, value or size changes: aya silently reuses a pinned map whose layout no
+/// longer matches (the stale-pin hazard), so a new layout must get a new directory.
+pub fn pinned_maps_dir() -> String {
+    format!("maps-v1-stats{REASON_COUNT}")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter-ebpf.o"));
 
@@ -33,6 +64,8 @@ pub enum DataplaneError {
     Load(#[source] aya::EbpfError),
     #[error("the kernel object has no {0}")]
     Missing(&'static str),
+    #[error("prefix rules need the {} maps, which this kernel object does not have; rebuild with `cargo xtask build`", MAP_PREFIX.join("/"))]
+    NoPrefixMaps,
     #[error("the verifier rejected {PROG_INGRESS}: {io_error}\n{log}")]
     Verifier {
         io_error: std::io::Error,
@@ -50,6 +83,15 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("interface {iface}: pinned link {path}: {source}")]
+    Link {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pin directory {path}: {why}")]
+    PinDir { path: PathBuf, why: String },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -60,6 +102,13 @@ pub enum DataplaneError {
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
+}
+
+fn prog_err(what: &str) -> impl FnOnce(ProgramError) -> DataplaneError + '_ {
+    move |source| DataplaneError::Program {
+        what: what.into(),
+        source,
+    }
 }
 
 /// What one `BPF_PROG_TEST_RUN` returned.
@@ -73,24 +122,114 @@ pub struct TestRunOutput {
     pub duration: std::time::Duration,
 }
 
+/// How [`Dataplane::attach_pinned`] attached an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// A new TCX link.
+    Fresh,
+    /// A pinned link from an earlier run now runs this program (`bpf_link_update`).
+    Adopted,
+}
+
+/// One attached interface and the link that keeps it attached.
+struct Attached {
+    iface: String,
+    /// `None` when the link stays inside the program (dropping the `Ebpf` detaches it).
+    link: Option<FdLink>,
+    /// Where the link is pinned, if it is.
+    pin: Option<PathBuf>,
+}
+
+/// Entries and capacity of one map, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
 pub struct Dataplane {
-    // Keeps the program loaded and its links attached; dropping it detaches.
+    // Keeps the program loaded; dropping it detaches links still inside it.
     ebpf: Ebpf,
     rules: [HashMap<MapData, u64, RuleValue>; 2],
+    /// `None` until the kernel object has prefix-rule maps.
+    prefix: Option<[LpmTrie<MapData, PrefixData, RuleValue>; 2]>,
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     key: [u64; 2],
     active: u32,
-    /// Whether the inactive map may hold entries (it is cleared before the next full apply).
+    /// Whether the inactive maps may hold entries (they are cleared before the next apply).
     inactive_dirty: bool,
-    attached: Vec<String>,
+    /// The switches last written, so a dry-run change keeps them.
+    settings_now: Settings,
+    dry_run: bool,
+    /// Entries in the active maps: exact, prefix.
+    fill: [usize; 2],
+    /// Map writes that failed, ever.
+    write_failures: u64,
+    pin_root: Option<PathBuf>,
+    attached: Vec<Attached>,
+}
+
+fn bpffs(path: &Path) -> Option<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs(2) with a NUL-terminated path and a zeroed out-struct.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Make sure `dir` exists on bpffs. Under `/sys/fs/bpf` a missing bpffs is mounted (as
+/// systemd and most distributions do at boot); anywhere else it is an error with a hint.
+pub fn ensure_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
+    let err = |why: String| DataplaneError::PinDir {
+        path: dir.to_owned(),
+        why,
+    };
+    let sys = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys) && bpffs(sys) != Some(true) {
+        // SAFETY: mount(2) with NUL-terminated literals.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                c"mode=0700".as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(err(format!(
+                "/sys/fs/bpf is not bpffs and mounting it failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .map_err(|e| err(format!("cannot create it: {e}")))?;
+    if bpffs(dir) != Some(true) {
+        return Err(err(
+            "is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Dataplane {
-    /// Load and verify the classifier with a fresh random hash key. Nothing is attached yet
-    /// and the policy is empty (default `any`) until [`Dataplane::apply`] writes one.
+    /// Load and verify the classifier with a fresh random hash key. Nothing is pinned, nothing
+    /// is attached yet, and the policy is empty (default `any`) until [`Dataplane::apply`].
     pub fn load(ports: &[u16]) -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with(ports, None)
+    }
+
+    /// As [`Dataplane::load`]; with `pin_root`, the verdict counters are pinned (and an
+    /// earlier run's reused) under `<pin_root>/<pinned_maps_dir()>`, and
+    /// [`Dataplane::attach_pinned`] pins links under `<pin_root>/links`.
+    pub fn load_with(ports: &[u16], pin_root: Option<&Path>) -> Result<Dataplane, DataplaneError> {
         if OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
@@ -105,18 +244,26 @@ impl Dataplane {
         for &p in ports {
             config.add_port(p);
         }
-        let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_CONFIG, &*config, true)
-            .load(OBJECT)
-            .map_err(DataplaneError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_CONFIG, &*config, true);
+        let stats_pin;
+        if let Some(root) = pin_root {
+            ensure_pin_dir(root)?;
+            let maps = root.join(pinned_maps_dir());
+            std::fs::create_dir_all(&maps).map_err(|e| DataplaneError::PinDir {
+                path: maps.clone(),
+                why: format!("cannot create it: {e}"),
+            })?;
+            remove_stale_map_dirs(root);
+            stats_pin = maps.join(MAP_STATS);
+            loader.map_pin_path(MAP_STATS, stats_pin.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_INGRESS)
             .ok_or(DataplaneError::Missing(PROG_INGRESS))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: PROG_INGRESS.into(),
-                source,
-            })?;
+            .map_err(prog_err(PROG_INGRESS))?;
         prog.load().map_err(|e| match e {
             ProgramError::LoadError {
                 io_error,
@@ -140,46 +287,196 @@ impl Dataplane {
             HashMap::try_from(take(MAP_RULES[0])?).map_err(map_err(MAP_RULES[0]))?,
             HashMap::try_from(take(MAP_RULES[1])?).map_err(map_err(MAP_RULES[1]))?,
         ];
+        let prefix = match (take(MAP_PREFIX[0]), take(MAP_PREFIX[1])) {
+            (Ok(a), Ok(b)) => Some([
+                LpmTrie::try_from(a).map_err(map_err(MAP_PREFIX[0]))?,
+                LpmTrie::try_from(b).map_err(map_err(MAP_PREFIX[1]))?,
+            ]),
+            _ => {
+                tracing::warn!(
+                    "the kernel object has no prefix-rule maps: prefix rules are refused"
+                );
+                None
+            }
+        };
         let settings = Array::try_from(take(MAP_SETTINGS)?).map_err(map_err(MAP_SETTINGS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         let mut dp = Dataplane {
             ebpf,
             rules,
+            prefix,
             settings,
             stats,
             events: Some(events),
             key,
             active: 0,
+            // A fresh program's maps are empty.
             inactive_dirty: false,
+            settings_now: Settings::default(),
+            dry_run: false,
+            fill: [0, 0],
+            write_failures: 0,
+            pin_root: pin_root.map(Path::to_owned),
             attached: Vec::new(),
         };
         dp.apply(&Policy::default())?;
         Ok(dp)
     }
 
-    /// Attach the classifier to `iface`'s ingress.
-    pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
+    fn program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+        self.ebpf
             .program_mut(PROG_INGRESS)
             .ok_or(DataplaneError::Missing(PROG_INGRESS))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: PROG_INGRESS.into(),
-                source,
-            })?;
-        prog.attach(iface, TcAttachType::Ingress)
+            .map_err(prog_err(PROG_INGRESS))
+    }
+
+    /// Attach the classifier to `iface`'s ingress; the link lives as long as this process.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        self.program()?
+            .attach(iface, TcAttachType::Ingress)
             .map_err(|source| DataplaneError::Attach {
                 iface: iface.into(),
                 source,
             })?;
-        self.attached.push(iface.to_owned());
+        self.attached.push(Attached {
+            iface: iface.to_owned(),
+            link: None,
+            pin: None,
+        });
         Ok(())
     }
 
-    pub fn attached(&self) -> &[String] {
-        &self.attached
+    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
+        self.pin_root.as_ref().map(|r| r.join("links").join(iface))
+    }
+
+    /// Attach to `iface`'s ingress through a pinned TCX link: adopt the link an earlier run
+    /// pinned (atomic program swap, no gap, no second attachment), or create and pin one.
+    /// Needs [`Dataplane::load_with`] with a pin root; write the policy first.
+    pub fn attach_pinned(&mut self, iface: &str) -> Result<Adoption, DataplaneError> {
+        let path = self.link_pin(iface).ok_or_else(|| DataplaneError::PinDir {
+            path: PathBuf::new(),
+            why: "no pin directory configured".into(),
+        })?;
+        let link_err = |source| DataplaneError::Link {
+            iface: iface.into(),
+            path: path.clone(),
+            source,
+        };
+        let prog_id = self.program()?.info().map_err(prog_err(PROG_INGRESS))?.id();
+        if path.exists() {
+            match self.adopt(iface, &path, prog_id) {
+                Ok(link) => {
+                    self.attached.push(Attached {
+                        iface: iface.to_owned(),
+                        link: Some(link),
+                        pin: Some(path),
+                    });
+                    return Ok(Adoption::Adopted);
+                }
+                Err(e) => {
+                    // A link whose interface went away, or a pin of something else: drop it
+                    // and attach afresh.
+                    tracing::warn!(iface, pin = %path.display(), error = %e, "cannot adopt the pinned link; replacing it");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let prog = self.program()?;
+        let id = prog
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.into(),
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(prog_err(PROG_INGRESS))?;
+        let fd = FdLink::try_from(link).map_err(link_err)?;
+        let pinned = fd.pin(&path).map_err(|e| DataplaneError::PinDir {
+            path: path.clone(),
+            why: format!("cannot pin the link: {e}"),
+        })?;
+        self.attached.push(Attached {
+            iface: iface.to_owned(),
+            link: Some(pinned.into()),
+            pin: Some(path),
+        });
+        Ok(Adoption::Fresh)
+    }
+
+    fn adopt(&mut self, iface: &str, path: &Path, prog_id: u32) -> Result<FdLink, String> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+        let link =
+            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+        let prog = self.program().map_err(|e| e.to_string())?;
+        let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        // The swap succeeds on a link whose interface is gone; make sure it is live here.
+        let (_, progs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+            .map_err(|e| format!("querying {iface}'s TCX programs: {e}"))?;
+        if !progs.iter().any(|p| p.id() == prog_id) {
+            return Err(format!("the link is not attached to {iface}"));
+        }
+        Ok(fd)
+    }
+
+    /// Detach pinned links under the pin root for interfaces not in `keep` (the configuration
+    /// no longer filters them). Returns the interfaces detached.
+    pub fn unpin_others(&self, keep: &[String]) -> Vec<String> {
+        let Some(root) = &self.pin_root else {
+            return Vec::new();
+        };
+        let Ok(dir) = std::fs::read_dir(root.join("links")) else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) && std::fs::remove_file(entry.path()).is_ok() {
+                gone.push(name);
+            }
+        }
+        gone
+    }
+
+    /// End this daemon's hold on the links. `fail_open`: remove the pins, so the classifier
+    /// detaches as the process exits. Otherwise the pinned links keep enforcing the last
+    /// policy until a restarted daemon adopts them or an operator removes the pins.
+    pub fn release(mut self, fail_open: bool) {
+        for a in self.attached.drain(..) {
+            if let (true, Some(pin)) = (fail_open, &a.pin) {
+                if let Err(e) = std::fs::remove_file(pin) {
+                    tracing::warn!(iface = a.iface, pin = %pin.display(), error = %e, "cannot remove the pinned link");
+                }
+            }
+            drop(a.link);
+        }
+    }
+
+    /// Remove the pin of every attached link now (the links stay while this process holds
+    /// them): `--fail-open` after adopting a pinned link from a fail-closed run.
+    pub fn unpin_attached(&mut self) {
+        for a in &mut self.attached {
+            if let Some(pin) = a.pin.take() {
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+    }
+
+    pub fn attached(&self) -> Vec<String> {
+        self.attached.iter().map(|a| a.iface.clone()).collect()
+    }
+
+    /// Whether the links are pinned (the classifier outlives the daemon).
+    pub fn pinned(&self) -> bool {
+        self.attached.iter().any(|a| a.pin.is_some())
+    }
+
+    /// Whether the kernel object has the prefix-rule maps.
+    pub fn supports_prefix(&self) -> bool {
+        self.prefix.is_some()
     }
 
     /// The event ring, for the responder (once).
@@ -192,79 +489,232 @@ impl Dataplane {
         hash::hash_slice(&self.key, path.as_bytes()).expect("rule paths are validated")
     }
 
-    /// Replace the whole policy atomically: the new rules go into the inactive map, then one
-    /// `SETTINGS` write switches the classifier over. On error the old policy stays in force.
-    pub fn apply(&mut self, policy: &Policy) -> Result<(), DataplaneError> {
-        let next = 1 - self.active;
-        let name = MAP_RULES[next as usize];
-        if self.inactive_dirty {
-            let map = &mut self.rules[next as usize];
+    fn prefix_key(path: &str) -> Key<PrefixData> {
+        let mut data = [0u8; PREFIX_MAX];
+        // Validated prefix paths are at most PREFIX_MAX bytes.
+        data[..path.len()].copy_from_slice(path.as_bytes());
+        Key::new((path.len() * 8) as u32, data)
+    }
+
+    fn value_of(rule: &Rule) -> RuleValue {
+        let mut flags = 0;
+        if rule.kind == MatchKind::Prefix {
+            flags |= RULE_PREFIX;
+        }
+        if rule.mode == Mode::Monitor {
+            flags |= RULE_MONITOR;
+        }
+        RuleValue {
+            allow: rule.effective().0,
+            flags,
+        }
+    }
+
+    fn counted<T>(&mut self, r: Result<T, DataplaneError>) -> Result<T, DataplaneError> {
+        if r.is_err() {
+            self.write_failures += 1;
+        }
+        r
+    }
+
+    fn clear_inactive(&mut self, next: usize) -> Result<(), DataplaneError> {
+        let name = MAP_RULES[next];
+        let map = &mut self.rules[next];
+        let keys = map
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))?;
+        for k in keys {
+            match map.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        if let Some(prefix) = &mut self.prefix {
+            let name = MAP_PREFIX[next];
+            let map = &mut prefix[next];
             let keys = map
                 .keys()
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(map_err(name))?;
             for k in keys {
-                map.remove(&k).map_err(map_err(name))?;
+                match map.remove(&k) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(name)(e)),
+                }
             }
         }
-        self.inactive_dirty = true;
-        for rule in policy.rules.values() {
-            let k = self.key_of(&rule.path);
-            let v = RuleValue {
-                allow: rule.effective().0,
-                flags: 0,
-            };
-            self.rules[next as usize]
-                .insert(k, v, 0)
-                .map_err(map_err(name))?;
-        }
-        let s = Settings {
-            active_rules: next,
-            default_allow: policy.default.effective().0,
-            flags: 0,
-            _reserved: 0,
-        };
-        self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS))?;
-        // The old map keeps its entries until the next full apply clears it, so a packet that
-        // read the old index just before the switch still finds the old policy complete.
-        self.active = next;
         Ok(())
     }
 
-    /// Add or replace one rule in the policy in force (one atomic map update).
-    pub fn upsert(&mut self, rule: &Rule) -> Result<(), DataplaneError> {
-        let k = self.key_of(&rule.path);
-        let v = RuleValue {
-            allow: rule.effective().0,
-            flags: 0,
+    fn write_inactive(&mut self, next: usize, policy: &Policy) -> Result<(), DataplaneError> {
+        if self.inactive_dirty {
+            self.clear_inactive(next)?;
+        }
+        self.inactive_dirty = true;
+        for rule in policy.rules.values() {
+            let v = Self::value_of(rule);
+            match rule.kind {
+                MatchKind::Exact => {
+                    let k = self.key_of(&rule.path);
+                    self.rules[next]
+                        .insert(k, v, 0)
+                        .map_err(map_err(MAP_RULES[next]))?;
+                }
+                MatchKind::Prefix => {
+                    let prefix = self.prefix.as_mut().ok_or(DataplaneError::NoPrefixMaps)?;
+                    prefix[next]
+                        .insert(&Self::prefix_key(&rule.path), v, 0)
+                        .map_err(map_err(MAP_PREFIX[next]))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flags(&self, policy: &Policy) -> u32 {
+        let mut flags = 0;
+        if self.dry_run {
+            flags |= SETTINGS_DRY_RUN;
+        }
+        if policy.options == OptionsMode::Answer {
+            flags |= SETTINGS_OPTIONS_ANSWER;
+        }
+        if policy.oversize == Oversize::Pass {
+            flags |= SETTINGS_OVERSIZE_PASS;
+        }
+        flags
+    }
+
+    /// Replace the whole policy atomically: the new rules go into the inactive maps, then one
+    /// `SETTINGS` write switches the classifier over. On error the old policy stays in force.
+    pub fn apply(&mut self, policy: &Policy) -> Result<(), DataplaneError> {
+        if self.prefix.is_none() && policy.count(MatchKind::Prefix) > 0 {
+            return Err(DataplaneError::NoPrefixMaps);
+        }
+        let next = 1 - self.active;
+        let r = self.write_inactive(next as usize, policy);
+        self.counted(r)?;
+        let s = Settings {
+            active_rules: next,
+            default_allow: policy.default.effective().0,
+            flags: self.flags(policy),
+            _reserved: 0,
         };
-        self.rules[self.active as usize]
-            .insert(k, v, 0)
-            .map_err(map_err(MAP_RULES[self.active as usize]))
+        let r = self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS));
+        self.counted(r)?;
+        // The old maps keep their entries until the next full apply clears them, so a packet
+        // that read the old index just before the switch still finds the old policy complete.
+        self.active = next;
+        self.settings_now = s;
+        self.fill = [
+            policy.count(MatchKind::Exact),
+            policy.count(MatchKind::Prefix),
+        ];
+        Ok(())
+    }
+
+    /// Turn the global dry run on or off (every rule and the default behave as monitor).
+    pub fn set_dry_run(&mut self, on: bool) -> Result<(), DataplaneError> {
+        let mut s = self.settings_now;
+        if on {
+            s.flags |= SETTINGS_DRY_RUN;
+        } else {
+            s.flags &= !SETTINGS_DRY_RUN;
+        }
+        let r = self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS));
+        self.counted(r)?;
+        self.settings_now = s;
+        self.dry_run = on;
+        Ok(())
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// Add or replace one rule in the policy in force (one atomic map update). `is_new` says
+    /// whether the model had no such rule, for the fill counts.
+    pub fn upsert(&mut self, rule: &Rule) -> Result<(), DataplaneError> {
+        let active = self.active as usize;
+        let v = Self::value_of(rule);
+        let r = match rule.kind {
+            MatchKind::Exact => {
+                let k = self.key_of(&rule.path);
+                self.rules[active]
+                    .insert(k, v, 0)
+                    .map_err(map_err(MAP_RULES[active]))
+            }
+            MatchKind::Prefix => match self.prefix.as_mut() {
+                None => Err(DataplaneError::NoPrefixMaps),
+                Some(p) => p[active]
+                    .insert(&Self::prefix_key(&rule.path), v, 0)
+                    .map_err(map_err(MAP_PREFIX[active])),
+            },
+        };
+        self.counted(r)
+    }
+
+    /// Remove one exact rule from the policy in force.
+    pub fn remove(&mut self, path: &str) -> Result<(), DataplaneError> {
+        self.remove_rule(&RuleKey::exact(path))
     }
 
     /// Remove one rule from the policy in force.
-    pub fn remove(&mut self, path: &str) -> Result<(), DataplaneError> {
-        let k = self.key_of(path);
-        match self.rules[self.active as usize].remove(&k) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(MAP_RULES[self.active as usize])(e)),
+    pub fn remove_rule(&mut self, key: &RuleKey) -> Result<(), DataplaneError> {
+        let active = self.active as usize;
+        let r = match key.kind {
+            MatchKind::Exact => {
+                let k = self.key_of(&key.path);
+                match self.rules[active].remove(&k) {
+                    Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                    Err(e) => Err(map_err(MAP_RULES[active])(e)),
+                }
+            }
+            MatchKind::Prefix => match self.prefix.as_mut() {
+                None => Ok(()),
+                Some(p) => match p[active].remove(&Self::prefix_key(&key.path)) {
+                    Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                    Err(e) => Err(map_err(MAP_PREFIX[active])(e)),
+                },
+            },
+        };
+        self.counted(r)
+    }
+
+    /// Record the active maps' entry counts after incremental changes.
+    pub fn set_fill(&mut self, exact: usize, prefix: usize) {
+        self.fill = [exact, prefix];
+    }
+
+    /// Entries and capacity of the active policy maps.
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let a = self.active as usize;
+        let mut out = vec![MapFill {
+            map: MAP_RULES[a],
+            entries: self.fill[0],
+            capacity: RULES_CAPACITY,
+        }];
+        if self.prefix.is_some() {
+            out.push(MapFill {
+                map: MAP_PREFIX[a],
+                entries: self.fill[1],
+                capacity: PREFIX_CAPACITY,
+            });
         }
+        out
+    }
+
+    /// Map writes that failed since the daemon started.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures
     }
 
     /// Run one frame through the loaded classifier with `BPF_PROG_TEST_RUN` (no attachment
     /// needed): the kernel fixture tests and the per-packet cost benchmark use this.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutput, DataplaneError> {
         use aya::programs::TestRun as _;
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                what: PROG_INGRESS.into(),
-                source,
-            })?;
+        let prog = self.program()?;
         let mut out = vec![0u8; frame.len() + 256];
         let opts = aya::programs::TestRunOptions {
             data_in: Some(frame),
@@ -272,12 +722,7 @@ impl Dataplane {
             repeat,
             ..Default::default()
         };
-        let r = prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                what: "BPF_PROG_TEST_RUN".into(),
-                source,
-            })?;
+        let r = prog.test_run(opts).map_err(prog_err("BPF_PROG_TEST_RUN"))?;
         out.truncate(r.data_size_out as usize);
         Ok(TestRunOutput {
             action: r.return_value as i32,
@@ -295,5 +740,21 @@ impl Dataplane {
                 Ok((r, per_cpu.iter().sum()))
             })
             .collect()
+    }
+}
+
+/// Remove pinned-map directories of other layout versions: their maps stay alive for as long
+/// as a program still uses them, and a new layout must never reuse them.
+fn remove_stale_map_dirs(root: &Path) {
+    let ours = pinned_maps_dir();
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("maps-") && name != ours {
+            tracing::info!(dir = %entry.path().display(), "removing pinned maps of another layout version");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }

@@ -3,25 +3,68 @@
 //! Rules arrive as API or file documents ([`RuleSpec`], [`PolicyFile`]) and are validated into
 //! [`Rule`]s on the way in, so that nothing invalid ever reaches the dataplane. The dataplane
 //! converts a validated [`Policy`] into map entries; this module never touches maps.
+//!
+//! Semantics (the README's "Policy semantics" section says the same for operators):
+//! - `match = "exact"` (default) names one path; `match = "prefix"` names a subtree and its path
+//!   must end in `/`. An exact rule beats a prefix rule; among prefix rules the longest wins.
+//!   The kernel does the matching.
+//! - `mode = "enforce"` (default) rejects; `mode = "monitor"` counts and logs what would have
+//!   been rejected and blocks nothing.
+//! - GET implies HEAD (RFC 9110 §9.3.2) unless the rule says `head = false`.
+//! - `options = "pass"` (default) lets OPTIONS through to the backend; `"answer"` makes the
+//!   responder answer OPTIONS on governed paths with `204` + `Allow`. OPTIONS never gets 405.
+//! - `oversize = "reject"` (default) answers 414/431 to request lines/headers past the
+//!   inspection bound; `"pass"` lets them through undecided.
+//! - `default = "any"` (default) or a method list: what paths without a rule allow.
 
 use std::collections::BTreeMap;
 
 use filter_common::method::{is_tchar, Method, MethodSet, NAMED};
-use filter_common::PATH_MAX;
+use filter_common::{PATH_MAX, PREFIX_MAX, PREFIX_RULES_MAX, RULES_MAX};
 use serde::{Deserialize, Serialize};
 
-/// One rule as the API and the policy file write it.
+/// One rule as the API and the policy file write it. Optional fields are left out when they
+/// hold their default, so a plain rule reads `{"path": "/a", "methods": ["GET"]}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
+    /// Absolute path (`/...`), no query or fragment.
     pub path: String,
+    /// Methods the path allows.
     pub methods: Vec<String>,
+    /// `"exact"` (default) or `"prefix"`.
+    #[serde(rename = "match", default, skip_serializing_if = "Option::is_none")]
+    pub match_kind: Option<String>,
+    /// `"enforce"` (default) or `"monitor"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Whether GET implies HEAD (default `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<bool>,
 }
 
-/// A whole rule set as the API writes it: `{"rules":[...]}`.
+impl RuleSpec {
+    /// An exact, enforcing rule.
+    pub fn new(path: impl Into<String>, methods: &[&str]) -> RuleSpec {
+        RuleSpec {
+            path: path.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            match_kind: None,
+            mode: None,
+            head: None,
+        }
+    }
+}
+
+/// A set of rules as the API writes it: `{"rules":[...]}`, optionally with the revision the
+/// writer last saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSetSpec {
+    /// On reads: the policy's revision. On writes: the revision the change is based on; a
+    /// stale one is refused with 409.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
     pub rules: Vec<RuleSpec>,
 }
 
@@ -33,12 +76,23 @@ pub enum DefaultSpec {
     Methods(Vec<String>),
 }
 
-/// The policy file (TOML): an optional `default` and `[[rules]]` tables.
+/// The whole policy as a document: the policy file (TOML) and `GET/PUT /v1/policy` (JSON).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
+    /// Written by the daemon: the revision of the policy this document holds. On `PUT`, the
+    /// revision the change is based on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// `"any"` (default) or a list of methods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<DefaultSpec>,
+    /// `"pass"` (default) or `"answer"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
+    /// `"reject"` (default) or `"pass"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oversize: Option<String>,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
 }
@@ -64,36 +118,222 @@ pub enum PolicyError {
     },
     #[error("rules[{index}].methods: the list is empty; a rule must allow at least one method")]
     EmptyMethods { index: usize },
-    #[error("rules[{index}].path {path:?} appears more than once")]
-    DuplicatePath { index: usize, path: String },
+    #[error("rules[{index}].match: {value:?} is neither \"exact\" nor \"prefix\"")]
+    BadMatch { index: usize, value: String },
+    #[error("rules[{index}].mode: {value:?} is neither \"enforce\" nor \"monitor\"")]
+    BadMode { index: usize, value: String },
+    #[error("rules[{index}].head: false contradicts HEAD in methods; drop one of them")]
+    HeadContradiction { index: usize },
+    #[error("rules[{index}]: a {kind} rule for path {path:?} appears more than once")]
+    DuplicatePath {
+        index: usize,
+        path: String,
+        kind: MatchKind,
+    },
     #[error("default: {0:?} is neither \"any\" nor a list of methods")]
     BadDefault(String),
     #[error("default: {0}")]
     BadDefaultMethod(Box<PolicyError>),
-    #[error("{count} rules is more than the dataplane holds ({max})")]
-    TooManyRules { count: usize, max: usize },
+    #[error("options: {0:?} is neither \"pass\" nor \"answer\"")]
+    BadOptions(String),
+    #[error("oversize: {0:?} is neither \"reject\" nor \"pass\"")]
+    BadOversize(String),
+    #[error("rules: {count} {kind} rules is more than the dataplane holds ({max})")]
+    TooManyRules {
+        count: usize,
+        max: usize,
+        kind: MatchKind,
+    },
+}
+
+impl PolicyError {
+    /// The index of the rule at fault, if a rule is.
+    pub fn rule_index(&self) -> Option<usize> {
+        match self {
+            PolicyError::BadPath { index, .. }
+            | PolicyError::BadMethodToken { index, .. }
+            | PolicyError::UnknownMethod { index, .. }
+            | PolicyError::EmptyMethods { index }
+            | PolicyError::BadMatch { index, .. }
+            | PolicyError::BadMode { index, .. }
+            | PolicyError::HeadContradiction { index }
+            | PolicyError::DuplicatePath { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// The top-level field at fault, if it is not a rule.
+    fn top_field(&self) -> Option<&'static str> {
+        match self {
+            PolicyError::BadDefault(_) | PolicyError::BadDefaultMethod(_) => Some("default"),
+            PolicyError::BadOptions(_) => Some("options"),
+            PolicyError::BadOversize(_) => Some("oversize"),
+            _ => None,
+        }
+    }
+}
+
+/// How a rule's path matches request paths.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MatchKind {
+    /// The request path equals the rule path.
+    #[default]
+    Exact,
+    /// The rule path (ending in `/`) is a prefix of the request path.
+    Prefix,
+}
+
+impl MatchKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchKind::Exact => "exact",
+            MatchKind::Prefix => "prefix",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MatchKind> {
+        match s {
+            "exact" => Some(MatchKind::Exact),
+            "prefix" => Some(MatchKind::Prefix),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for MatchKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a rule does with a method it does not allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Reject it (405).
+    #[default]
+    Enforce,
+    /// Count and log it, let it through.
+    Monitor,
+}
+
+/// What happens to OPTIONS requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OptionsMode {
+    /// Passed to the backend.
+    #[default]
+    Pass,
+    /// On governed paths, answered `204 No Content` with `Allow`.
+    Answer,
+}
+
+/// What happens to request lines or header blocks past the kernel's inspection bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Oversize {
+    /// Answered 414 / 431.
+    #[default]
+    Reject,
+    /// Passed undecided.
+    Pass,
+}
+
+/// The identity of a rule: an exact and a prefix rule may name the same path.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleKey {
+    pub path: String,
+    pub kind: MatchKind,
+}
+
+impl RuleKey {
+    pub fn exact(path: impl Into<String>) -> RuleKey {
+        RuleKey {
+            path: path.into(),
+            kind: MatchKind::Exact,
+        }
+    }
+    pub fn prefix(path: impl Into<String>) -> RuleKey {
+        RuleKey {
+            path: path.into(),
+            kind: MatchKind::Prefix,
+        }
+    }
 }
 
 /// A validated rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
+    /// The path, in the canonical form the kernel compares against.
     pub path: String,
+    pub kind: MatchKind,
     /// The methods as declared (deduplicated, canonical order).
     pub methods: MethodSet,
+    pub mode: Mode,
+    /// Whether GET implies HEAD.
+    pub head: bool,
 }
 
 impl Rule {
+    pub fn key(&self) -> RuleKey {
+        RuleKey {
+            path: self.path.clone(),
+            kind: self.kind,
+        }
+    }
+
     /// What the kernel enforces: the declared methods, plus HEAD wherever GET is allowed
-    /// (RFC 9110 §9.3.2: a server that allows GET should allow HEAD).
+    /// (RFC 9110 §9.3.2) unless the rule says `head = false`.
     pub fn effective(&self) -> MethodSet {
-        effective(self.methods)
+        if self.head {
+            effective(self.methods)
+        } else {
+            self.methods
+        }
     }
 
     pub fn to_spec(&self) -> RuleSpec {
         RuleSpec {
             path: self.path.clone(),
             methods: self.methods.iter().map(|m| m.as_str().to_owned()).collect(),
+            match_kind: (self.kind == MatchKind::Prefix).then(|| "prefix".to_owned()),
+            mode: (self.mode == Mode::Monitor).then(|| "monitor".to_owned()),
+            head: (!self.head).then_some(false),
         }
+    }
+
+    pub fn from_spec(index: usize, spec: &RuleSpec) -> Result<Rule, PolicyError> {
+        let kind = match spec.match_kind.as_deref() {
+            None => MatchKind::Exact,
+            Some(s) => MatchKind::parse(s).ok_or_else(|| PolicyError::BadMatch {
+                index,
+                value: s.to_owned(),
+            })?,
+        };
+        let mode = match spec.mode.as_deref() {
+            None | Some("enforce") => Mode::Enforce,
+            Some("monitor") => Mode::Monitor,
+            Some(s) => {
+                return Err(PolicyError::BadMode {
+                    index,
+                    value: s.to_owned(),
+                })
+            }
+        };
+        let path = canonical_path(&spec.path, kind).map_err(|why| PolicyError::BadPath {
+            index,
+            path: spec.path.clone(),
+            why,
+        })?;
+        let methods = parse_methods(index, &spec.methods)?;
+        let head = spec.head.unwrap_or(true);
+        if !head && methods.contains(Method::Head) {
+            return Err(PolicyError::HeadContradiction { index });
+        }
+        Ok(Rule {
+            path,
+            kind,
+            methods,
+            mode,
+            head,
+        })
     }
 }
 
@@ -115,6 +355,7 @@ pub enum DefaultPolicy {
 }
 
 impl DefaultPolicy {
+    /// The methods the kernel allows on ungoverned paths (GET implies HEAD here too).
     pub fn effective(self) -> MethodSet {
         match self {
             DefaultPolicy::Any => MethodSet::ANY,
@@ -130,53 +371,117 @@ impl DefaultPolicy {
             )),
         }
     }
-}
 
-/// A validated policy: the default and the rules, keyed by path.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
-    pub default: DefaultPolicy,
-    pub rules: BTreeMap<String, Rule>,
-}
-
-impl Policy {
-    /// Validate a whole rule set. Duplicated paths are an error, not a silent overwrite.
-    pub fn from_specs(default: DefaultPolicy, specs: &[RuleSpec]) -> Result<Policy, PolicyError> {
-        if specs.len() > crate::dataplane::RULES_CAPACITY {
-            return Err(PolicyError::TooManyRules {
-                count: specs.len(),
-                max: crate::dataplane::RULES_CAPACITY,
-            });
-        }
-        let mut rules = BTreeMap::new();
-        for (index, spec) in specs.iter().enumerate() {
-            let rule = Rule::from_spec(index, spec)?;
-            if rules.contains_key(&rule.path) {
-                return Err(PolicyError::DuplicatePath {
-                    index,
-                    path: rule.path,
-                });
-            }
-            rules.insert(rule.path.clone(), rule);
-        }
-        Ok(Policy { default, rules })
-    }
-
-    pub fn from_file(file: &PolicyFile) -> Result<Policy, PolicyError> {
-        let default = match &file.default {
+    fn from_spec(spec: Option<&DefaultSpec>) -> Result<DefaultPolicy, PolicyError> {
+        Ok(match spec {
             None => DefaultPolicy::Any,
             Some(DefaultSpec::Keyword(k)) if k == "any" => DefaultPolicy::Any,
             Some(DefaultSpec::Keyword(k)) => return Err(PolicyError::BadDefault(k.clone())),
             Some(DefaultSpec::Methods(list)) => DefaultPolicy::Methods(
                 parse_methods(0, list).map_err(|e| PolicyError::BadDefaultMethod(Box::new(e)))?,
             ),
-        };
-        Policy::from_specs(default, &file.rules)
+        })
+    }
+}
+
+/// A validated policy: the top-level switches and the rules, keyed by (path, match).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub default: DefaultPolicy,
+    pub options: OptionsMode,
+    pub oversize: Oversize,
+    pub rules: BTreeMap<RuleKey, Rule>,
+}
+
+impl Policy {
+    /// Validate a whole rule set under `default` (other switches at their defaults).
+    /// Duplicated rules are an error, not a silent overwrite.
+    pub fn from_specs(default: DefaultPolicy, specs: &[RuleSpec]) -> Result<Policy, PolicyError> {
+        Policy {
+            default,
+            ..Policy::default()
+        }
+        .with_rules(specs)
     }
 
-    pub fn to_file(&self) -> PolicyFile {
+    /// This policy's switches with `specs` as its rules.
+    pub fn with_rules(&self, specs: &[RuleSpec]) -> Result<Policy, PolicyError> {
+        if specs.len() > RULES_MAX as usize + PREFIX_RULES_MAX as usize {
+            return Err(PolicyError::TooManyRules {
+                count: specs.len(),
+                max: RULES_MAX as usize,
+                kind: MatchKind::Exact,
+            });
+        }
+        let mut rules = BTreeMap::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let rule = Rule::from_spec(index, spec)?;
+            let key = rule.key();
+            if rules.contains_key(&key) {
+                return Err(PolicyError::DuplicatePath {
+                    index,
+                    path: rule.path,
+                    kind: rule.kind,
+                });
+            }
+            rules.insert(key, rule);
+        }
+        let next = Policy {
+            rules,
+            ..self.clone()
+        };
+        next.check_capacity()?;
+        Ok(next)
+    }
+
+    /// Refuse more rules of a kind than its map holds.
+    pub fn check_capacity(&self) -> Result<(), PolicyError> {
+        for (kind, max) in [
+            (MatchKind::Exact, RULES_MAX as usize),
+            (MatchKind::Prefix, PREFIX_RULES_MAX as usize),
+        ] {
+            let count = self.count(kind);
+            if count > max {
+                return Err(PolicyError::TooManyRules { count, max, kind });
+            }
+        }
+        Ok(())
+    }
+
+    /// Rules of one kind.
+    pub fn count(&self, kind: MatchKind) -> usize {
+        self.rules.values().filter(|r| r.kind == kind).count()
+    }
+
+    /// Validate a policy document. Its `revision` is not part of the policy.
+    pub fn from_file(file: &PolicyFile) -> Result<Policy, PolicyError> {
+        let default = DefaultPolicy::from_spec(file.default.as_ref())?;
+        let options = match file.options.as_deref() {
+            None | Some("pass") => OptionsMode::Pass,
+            Some("answer") => OptionsMode::Answer,
+            Some(s) => return Err(PolicyError::BadOptions(s.to_owned())),
+        };
+        let oversize = match file.oversize.as_deref() {
+            None | Some("reject") => Oversize::Reject,
+            Some("pass") => Oversize::Pass,
+            Some(s) => return Err(PolicyError::BadOversize(s.to_owned())),
+        };
+        Policy {
+            default,
+            options,
+            oversize,
+            rules: BTreeMap::new(),
+        }
+        .with_rules(&file.rules)
+    }
+
+    /// The policy as a document, with `revision`.
+    pub fn to_file(&self, revision: Option<u64>) -> PolicyFile {
         PolicyFile {
+            revision,
             default: self.default.to_spec(),
+            options: (self.options == OptionsMode::Answer).then(|| "answer".to_owned()),
+            oversize: (self.oversize == Oversize::Pass).then(|| "pass".to_owned()),
             rules: self.specs(),
         }
     }
@@ -184,28 +489,20 @@ impl Policy {
     pub fn specs(&self) -> Vec<RuleSpec> {
         self.rules.values().map(Rule::to_spec).collect()
     }
-}
 
-impl Rule {
-    pub fn from_spec(index: usize, spec: &RuleSpec) -> Result<Rule, PolicyError> {
-        check_path(&spec.path).map_err(|why| PolicyError::BadPath {
-            index,
-            path: spec.path.clone(),
-            why,
-        })?;
-        Ok(Rule {
-            path: spec.path.clone(),
-            methods: parse_methods(index, &spec.methods)?,
-        })
+    /// The rule for an exact path, if any (a convenience for tests and tools).
+    pub fn exact(&self, path: &str) -> Option<&Rule> {
+        self.rules.get(&RuleKey::exact(path))
     }
 }
 
-fn check_path(path: &str) -> Result<(), &'static str> {
+/// The path as the kernel compares it, or why it cannot be a rule path.
+///
+/// TODO(canon): once `filter_common::canon::canonicalize` exists, run the path through it
+/// here and refuse paths that have no canonical form; until then paths are checked only.
+pub fn canonical_path(path: &str, kind: MatchKind) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with '/'");
-    }
-    if path.len() > PATH_MAX {
-        return Err("is longer than the 1024 bytes the kernel inspects");
     }
     if path.contains(['?', '#']) {
         return Err(
@@ -215,7 +512,18 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     if path.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
         return Err("must be visible ASCII (percent-encode other bytes)");
     }
-    Ok(())
+    match kind {
+        MatchKind::Exact if path.len() > PATH_MAX => {
+            Err("is longer than the 1024 bytes the kernel inspects")
+        }
+        MatchKind::Prefix if path.len() > PREFIX_MAX => {
+            Err("is longer than the 256 bytes a prefix rule may have")
+        }
+        MatchKind::Prefix if !path.ends_with('/') => Err(
+            "a prefix rule's path must end in '/' (it covers the subtree under it); add the '/' or use match = \"exact\"",
+        ),
+        _ => Ok(path.to_owned()),
+    }
 }
 
 fn parse_methods(index: usize, tokens: &[String]) -> Result<MethodSet, PolicyError> {
@@ -258,25 +566,41 @@ pub enum PolicyFileError {
         line: usize,
         message: String,
     },
-    #[error("policy file {path}: {source}")]
-    Invalid { path: String, source: PolicyError },
+    #[error("policy file {path}{}: {source}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Invalid {
+        path: String,
+        line: Option<usize>,
+        source: PolicyError,
+    },
+    #[error("policy file {path}: cannot write it: {source} (the policy in force is unchanged)")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Read and validate a policy file. Errors say which line or which rule is at fault.
 pub fn load_file(path: &std::path::Path) -> Result<Policy, PolicyFileError> {
+    load_document(path).map(|(p, _)| p)
+}
+
+/// Read and validate a policy file; also return the revision the daemon last wrote into it
+/// (0 if none).
+pub fn load_document(path: &std::path::Path) -> Result<(Policy, u64), PolicyFileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
         path: shown.clone(),
         source,
     })?;
-    parse_toml(&text).map_err(|e| match e {
+    parse_document(&text).map_err(|e| match e {
         TomlError::Syntax { line, message } => PolicyFileError::Syntax {
             path: shown,
             line,
             message,
         },
-        TomlError::Invalid(source) => PolicyFileError::Invalid {
+        TomlError::Invalid { line, source } => PolicyFileError::Invalid {
             path: shown,
+            line,
             source,
         },
     })
@@ -284,11 +608,24 @@ pub fn load_file(path: &std::path::Path) -> Result<Policy, PolicyFileError> {
 
 #[derive(Debug)]
 pub enum TomlError {
-    Syntax { line: usize, message: String },
-    Invalid(PolicyError),
+    Syntax {
+        line: usize,
+        message: String,
+    },
+    /// The document parses but is not a valid policy; `line` is where the faulty rule or
+    /// field starts, when it can be found.
+    Invalid {
+        line: Option<usize>,
+        source: PolicyError,
+    },
 }
 
 pub fn parse_toml(text: &str) -> Result<Policy, TomlError> {
+    parse_document(text).map(|(p, _)| p)
+}
+
+/// Parse a TOML policy document into the policy and its revision.
+pub fn parse_document(text: &str) -> Result<(Policy, u64), TomlError> {
     let file: PolicyFile = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
@@ -299,7 +636,85 @@ pub fn parse_toml(text: &str) -> Result<Policy, TomlError> {
             message: e.message().to_owned(),
         }
     })?;
-    Policy::from_file(&file).map_err(TomlError::Invalid)
+    let policy = Policy::from_file(&file).map_err(|source| TomlError::Invalid {
+        line: error_line(text, &source),
+        source,
+    })?;
+    Ok((policy, file.revision.unwrap_or(0)))
+}
+
+/// The line where the rule or field `err` names starts: the n-th `[[rules]]` header, or the
+/// top-level key. `None` for documents written another way (inline arrays).
+fn error_line(text: &str, err: &PolicyError) -> Option<usize> {
+    let mut lines = text.lines().enumerate();
+    if let Some(index) = err.rule_index() {
+        return lines
+            .filter(|(_, l)| l.trim_start().starts_with("[[rules]]"))
+            .nth(index)
+            .map(|(i, _)| i + 1);
+    }
+    let field = err.top_field()?;
+    lines
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(field)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|(i, _)| i + 1)
+}
+
+/// Render a policy document as TOML, with a header saying who writes it.
+pub fn render_toml(policy: &Policy, revision: u64) -> String {
+    let body = toml::to_string(&policy.to_file(Some(revision)))
+        .expect("a policy document always serializes");
+    format!(
+        "# filterd policy. The daemon rewrites this file on every accepted API change;\n\
+         # comments are not kept. Edit it and send SIGHUP (systemctl reload filterd) to reload.\n{body}"
+    )
+}
+
+/// Write `text` to `path` atomically and durably: a temp file in the same directory, fsync,
+/// rename over `path`, fsync the directory. Readers see the old file or the new one, never a
+/// mix, and after a crash the file holds one of them.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path has no file name",
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // Keep the old file's permissions; a new file is owner read/write only.
+    let mode = std::fs::metadata(path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+        .unwrap_or(0o600);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -307,24 +722,70 @@ mod tests {
     use super::*;
 
     fn spec(path: &str, methods: &[&str]) -> RuleSpec {
-        RuleSpec {
-            path: path.into(),
-            methods: methods.iter().map(|s| s.to_string()).collect(),
-        }
+        RuleSpec::new(path, methods)
     }
 
     #[test]
     fn get_implies_head_but_is_listed_as_declared() {
         let p =
             Policy::from_specs(DefaultPolicy::Any, &[spec("/a", &["POST", "GET", "GET"])]).unwrap();
-        let r = &p.rules["/a"];
+        let r = p.exact("/a").unwrap();
         assert_eq!(r.to_spec().methods, ["GET", "POST"]);
         let eff: Vec<_> = r.effective().iter().map(Method::as_str).collect();
         assert_eq!(eff, ["GET", "HEAD", "POST"]);
     }
 
     #[test]
+    fn head_false_stops_get_implying_head() {
+        let mut s = spec("/a", &["GET"]);
+        s.head = Some(false);
+        let r = Rule::from_spec(0, &s).unwrap();
+        let eff: Vec<_> = r.effective().iter().map(Method::as_str).collect();
+        assert_eq!(eff, ["GET"]);
+        assert_eq!(r.to_spec(), s, "head = false survives a round trip");
+        let mut both = spec("/a", &["GET", "HEAD"]);
+        both.head = Some(false);
+        assert_eq!(
+            Rule::from_spec(2, &both).unwrap_err().to_string(),
+            "rules[2].head: false contradicts HEAD in methods; drop one of them"
+        );
+    }
+
+    #[test]
+    fn prefix_and_exact_rules_coexist_and_round_trip() {
+        let text = r#"
+options = "answer"
+oversize = "pass"
+default = ["GET"]
+
+[[rules]]
+path = "/api/"
+match = "prefix"
+methods = ["GET"]
+mode = "monitor"
+
+[[rules]]
+path = "/api/"
+methods = ["POST"]
+"#;
+        let p = parse_toml(text).unwrap();
+        assert_eq!(p.rules.len(), 2);
+        assert_eq!(p.options, OptionsMode::Answer);
+        assert_eq!(p.oversize, Oversize::Pass);
+        let pre = &p.rules[&RuleKey::prefix("/api/")];
+        assert_eq!((pre.kind, pre.mode), (MatchKind::Prefix, Mode::Monitor));
+        assert_eq!(p.exact("/api/").unwrap().mode, Mode::Enforce);
+        let (again, rev) = parse_document(&render_toml(&p, 7)).unwrap();
+        assert_eq!((again, rev), (p, 7));
+    }
+
+    #[test]
     fn invalid_rules_name_the_field() {
+        let with = |f: fn(&mut RuleSpec)| {
+            let mut s = spec("/a/", &["GET"]);
+            f(&mut s);
+            s
+        };
         let cases: &[(RuleSpec, &str)] = &[
             (
                 spec("api", &["GET"]),
@@ -336,6 +797,28 @@ mod tests {
             (spec("/a", &["GE T"]), "not a method token"),
             (spec("/a", &["BREW"]), "not a method this filter knows"),
             (spec("/a", &["get"]), "not a method this filter knows"),
+            (
+                with(|s| s.match_kind = Some("glob".into())),
+                "rules[0].match: \"glob\" is neither \"exact\" nor \"prefix\"",
+            ),
+            (
+                with(|s| s.mode = Some("audit".into())),
+                "rules[0].mode: \"audit\"",
+            ),
+            (
+                with(|s| {
+                    s.match_kind = Some("prefix".into());
+                    s.path = "/api".into()
+                }),
+                "rules[0].path \"/api\": a prefix rule's path must end in '/'",
+            ),
+            (
+                with(|s| {
+                    s.match_kind = Some("prefix".into());
+                    s.path = format!("/{}/", "a".repeat(300))
+                }),
+                "256 bytes",
+            ),
         ];
         for (s, want) in cases {
             let err = Policy::from_specs(DefaultPolicy::Any, std::slice::from_ref(s)).unwrap_err();
@@ -366,7 +849,7 @@ mod tests {
             p.default.effective(),
             MethodSet::EMPTY.with(Method::Get).with(Method::Head)
         );
-        let again = parse_toml(&toml::to_string(&p.to_file()).unwrap()).unwrap();
+        let again = parse_toml(&toml::to_string(&p.to_file(None)).unwrap()).unwrap();
         assert_eq!(again, p);
 
         match parse_toml("[[rules]]\npath = \"/a\"\nmethods = [\"GET\"\n") {
@@ -381,8 +864,43 @@ mod tests {
         }
         assert!(matches!(
             parse_toml("default = \"none\""),
-            Err(TomlError::Invalid(PolicyError::BadDefault(_)))
+            Err(TomlError::Invalid {
+                line: Some(1),
+                source: PolicyError::BadDefault(_)
+            })
         ));
+        // A semantic error in the third rule points at the third [[rules]] header.
+        let bad = "[[rules]]\npath = \"/a\"\nmethods = [\"GET\"]\n\n[[rules]]\npath = \"/b\"\nmethods = [\"GET\"]\n\n[[rules]]\npath = \"c\"\nmethods = [\"GET\"]\n";
+        match parse_toml(bad) {
+            Err(TomlError::Invalid {
+                line: Some(9),
+                source,
+            }) => assert!(source.to_string().starts_with("rules[2].path")),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(parse_toml("").unwrap(), Policy::default());
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_keeps_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("filterd-policy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("policy.toml");
+        write_atomic(&f, "a = 1\n").unwrap();
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&f, "b = 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "b = 2\n");
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temp file left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

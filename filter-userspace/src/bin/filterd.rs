@@ -1,12 +1,18 @@
 //! `filterd`: load the classifier onto interfaces, answer rejected requests, serve the API.
+//!
+//! Fail mode: by default the classifier's links are pinned under `--pin-dir`, so it keeps
+//! enforcing the last policy when filterd exits or crashes, and a restarted filterd adopts
+//! them without a gap. `--fail-open` makes the links belong to the process instead: the
+//! classifier detaches when filterd exits, however it exits.
 
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use filter_userspace::{api, dataplane::Dataplane, policy, responder, DaemonSink};
+use filter_userspace::{api, auth, dataplane, policy, responder, DaemonSink};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// HTTP method firewall daemon: enforces allowed methods per path in the kernel and answers
@@ -20,12 +26,33 @@ struct Args {
     /// TCP destination port carrying plaintext HTTP/1.x (repeatable).
     #[arg(long = "port", default_values_t = [80u16])]
     ports: Vec<u16>,
-    /// Policy file (TOML) loaded at start.
+    /// Policy file (TOML). Loaded at start (an invalid file stops the start), reloaded on
+    /// SIGHUP, and rewritten atomically on every accepted API change. Without it, API changes
+    /// are lost on restart.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Address of the REST API.
+    /// TCP address of the REST API.
     #[arg(long, default_value = "127.0.0.1:9405")]
     api: SocketAddr,
+    /// Also serve the REST API on this Unix socket (mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// File holding the API's bearer token; generated (mode 0600) if missing.
+    #[arg(long, default_value = auth::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
+    /// Serve the API without a token. Refused unless the API listens on loopback only.
+    #[arg(long)]
+    no_auth: bool,
+    /// Count and log what would be rejected; block nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Detach the classifier when filterd exits (default: keep enforcing via pinned links).
+    #[arg(long)]
+    fail_open: bool,
+    /// bpffs directory for the pinned links and counters (bpffs is mounted at /sys/fs/bpf if
+    /// it is not).
+    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
 }
 
 fn main() {
@@ -53,16 +80,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("interface {iface:?} does not exist (see `ip link`)");
         }
     }
-    let policy = match &args.policy {
-        Some(path) => policy::load_file(path)?,
-        None => policy::Policy::default(),
+    // Everything that can be wrong with the configuration is found before the kernel is touched.
+    let (policy, revision) = match &args.policy {
+        Some(path) => policy::load_document(path).with_context(|| {
+            if path.exists() {
+                "refusing to start with an invalid policy".to_owned()
+            } else {
+                format!(
+                    "create {} (an empty file is an empty policy: every method allowed)",
+                    path.display()
+                )
+            }
+        })?,
+        None => {
+            tracing::warn!(
+                "no --policy file: API changes are not persisted and are lost on restart"
+            );
+            (policy::Policy::default(), 0)
+        }
+    };
+    let token = if args.no_auth {
+        if !args.api.ip().is_loopback() {
+            bail!(
+                "--no-auth with --api {}: the API would be open to the network; drop --no-auth (a token is generated into --token-file) or listen on loopback",
+                args.api
+            );
+        }
+        tracing::warn!("--no-auth: anyone on this host can change the policy");
+        None
+    } else {
+        let (token, source) = auth::load_or_create(&args.token_file)?;
+        if source == auth::TokenSource::Generated {
+            tracing::info!(file = %args.token_file.display(), "generated the API token");
+        }
+        Some(token)
     };
     // Bind before touching the kernel, so a busy port fails fast and changes nothing.
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("cannot listen on {} for the API", args.api))?;
+    let unix = match &args.api_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {} for the API", path.display()))?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            Some(l)
+        }
+        None => None,
+    };
 
-    let mut dataplane = Dataplane::load(&args.ports)?;
+    let mut dataplane = dataplane::Dataplane::load_with(&args.ports, Some(&args.pin_dir))?;
+    dataplane.set_dry_run(args.dry_run)?;
     dataplane.apply(&policy)?;
     let ring = dataplane
         .take_events()
@@ -70,45 +140,106 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stats = Arc::new(responder::ResponderStats::default());
     let responder = responder::Responder::new(stats.clone())
         .context("cannot open the AF_PACKET socket the responder sends through")?;
+    // The policy is in the new program's maps before any interface sees the program.
     for iface in &args.ifaces {
-        dataplane.attach(iface)?;
+        let how = dataplane.attach_pinned(iface)?;
+        tracing::info!(iface, ?how, "classifier attached");
     }
+    for gone in dataplane.unpin_others(&args.ifaces) {
+        tracing::info!(
+            iface = gone,
+            "detached a pinned classifier from an interface no longer configured"
+        );
+    }
+    if args.fail_open {
+        // Adopted or fresh, the links now belong to this process alone.
+        dataplane.unpin_attached();
+    }
+    let fail_mode = if args.fail_open { "open" } else { "closed" };
     tracing::info!(
         ifaces = ?args.ifaces,
         ports = ?args.ports,
         rules = policy.rules.len(),
+        revision,
         api = %args.api,
-        "filtering (fail-open: the classifier detaches when filterd exits)"
+        dry_run = args.dry_run,
+        fail_mode,
+        "filtering ({})",
+        if args.fail_open {
+            "fail-open: the classifier detaches when filterd exits"
+        } else {
+            "fail-closed: the pinned classifier keeps enforcing when filterd exits"
+        }
     );
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let responder_task = tokio::spawn(responder.run(ring, shutdown_rx.clone()));
-    let state = api::AppState::new(
+    let state = api::AppState::with(
         policy,
+        revision,
         Box::new(DaemonSink {
-            dataplane,
+            dataplane: Some(dataplane),
             responder: stats,
         }),
+        args.policy.clone().map(|path| api::PolicyStore { path }),
+        token,
+        api::DaemonInfo {
+            fail_mode: fail_mode.into(),
+            policy_file: args.policy.as_ref().map(|p| p.display().to_string()),
+        },
     );
-    let mut api_shutdown = shutdown_rx.clone();
-    let server =
-        axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
-            let _ = api_shutdown.changed().await;
-        });
-    let server_task = tokio::spawn(async move { server.await });
+    let mut servers = Vec::new();
+    let mut rx = shutdown_rx.clone();
+    servers.push(tokio::spawn(
+        axum::serve(listener, api::router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .into_future(),
+    ));
+    if let Some(unix) = unix {
+        let mut rx = shutdown_rx.clone();
+        servers.push(tokio::spawn(
+            axum::serve(unix, api::router(state.clone()))
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .into_future(),
+        ));
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: detaching and exiting"),
-        _ = int.recv() => tracing::info!("SIGINT: detaching and exiting"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: exiting"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: exiting"); break; }
+            _ = hup.recv() => {
+                let st = state.clone();
+                match tokio::task::spawn_blocking(move || st.reload()).await {
+                    Ok(Ok(rev)) => tracing::info!(revision = rev, "SIGHUP: policy file reloaded"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: policy file not reloaded; the policy in force is unchanged"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+                }
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
     if let Ok(Err(e)) = responder_task.await {
         tracing::warn!(error = %e, "responder stopped with an error");
     }
-    let _ = server_task.await;
-    // Dropping the state drops the dataplane: the TCX links close and the classifier detaches.
-    drop(state);
+    for s in servers {
+        let _ = s.await;
+    }
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    state.release(args.fail_open);
+    if args.fail_open {
+        tracing::info!("fail-open: the classifier is detached");
+    } else {
+        tracing::info!(pins = %args.pin_dir.join("links").display(), "fail-closed: the classifier stays attached and enforces the last policy; remove the pins to detach");
+    }
     Ok(())
 }
