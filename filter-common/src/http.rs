@@ -1,7 +1,8 @@
 //! The HTTP/1.x request-line parser the kernel decides on (RFC 9112 §3).
 //!
 //! It reads `method SP request-target` and stops as soon as the path is known: at the first
-//! SP/HTAB, `?`, `#`, CR or LF after it. The version is not needed for the decision, so a
+//! SP/HTAB, `?`, `#`, CR or LF after it. The path goes through [`crate::canon`] on the way, so
+//! the decision is on the path a backend routes (`/a/../admin` is `/admin`). The version is not needed for the decision, so a
 //! request line the backend might read leniently (HTTP/0.9 style, extra spaces, leading empty
 //! lines) is still decided. Absolute-form targets (`http://host/p`) are reduced to their path.
 //!
@@ -10,6 +11,7 @@
 //! `bpf_loop` (one verified callback instead of a 1 KiB unrolled walk). [`parse_request_line`]
 //! drives it over one buffer on the host; both end in [`LineParser::finish`].
 
+use crate::canon::Canon;
 use crate::method::{is_tchar, Method, METHOD_MAX};
 use crate::{Reason, LINE_WINDOW, PATH_MAX};
 
@@ -42,8 +44,9 @@ pub struct LineParser {
     leading_eol: u16,
     phase: u8,
     _pad: u8,
+    canon: Canon,
 }
-const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
+const _: () = assert!(core::mem::size_of::<LineParser>() == 32);
 
 /// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
 pub const OUTCOME_PENDING: u32 = u32::MAX;
@@ -84,6 +87,7 @@ impl LineParser {
             leading_eol: 0,
             phase: phase::METHOD,
             _pad: 0,
+            canon: Canon::new(),
         }
     }
 
@@ -99,14 +103,27 @@ impl LineParser {
         self.path_len as usize
     }
 
+    /// Forget the path (a target with no path: `*`, `host:port`).
+    pub fn clear_path(&mut self) {
+        self.path_len = 0;
+    }
+
+    /// One raw path byte through the canonicalizer into `path`.
     #[inline(always)]
     fn push_path(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Step {
-        if self.path_len as usize >= PATH_MAX {
-            return Step::Fail(Reason::PathTooLong);
+        match self.canon.push(b, path, &mut self.path_len) {
+            Ok(()) => Step::More,
+            Err(r) => Step::Fail(r),
         }
-        path[self.path_len as usize & PATH_MASK] = b;
-        self.path_len += 1;
-        Step::More
+    }
+
+    /// The path is complete: finish canonicalizing it.
+    #[inline(always)]
+    fn end_path(&mut self, path: &mut [u8; PATH_MAX]) -> Step {
+        match self.canon.finish(path, &mut self.path_len) {
+            Ok(()) => Step::Decided,
+            Err(r) => Step::Fail(r),
+        }
     }
 
     /// Feed one byte; path bytes are written to `path`.
@@ -181,8 +198,10 @@ impl LineParser {
                     self.push_path(b, path)
                 } else if blank || eol || b == b'?' || b == b'#' {
                     // An absolute-form target with an empty path means "/".
-                    self.push_path(b'/', path);
-                    Step::Decided
+                    match self.push_path(b'/', path) {
+                        Step::More => self.end_path(path),
+                        other => other,
+                    }
                 } else {
                     Step::More
                 }
@@ -190,7 +209,7 @@ impl LineParser {
             _ => {
                 // phase::PATH (and, defensively, any other value).
                 if blank || eol || b == b'?' || b == b'#' {
-                    Step::Decided
+                    self.end_path(path)
                 } else {
                     self.push_path(b, path)
                 }

@@ -69,10 +69,14 @@ pub enum Reason {
     ConnTableFull = 23,
     /// A retransmission of bytes already decided on: passed (the backend keeps its first copy).
     Retransmit = 24,
+    /// Request framing backends disagree on (`Content-Length` with `Transfer-Encoding`, two
+    /// lengths, an unknown transfer coding, line folding, control bytes, a bad chunk size):
+    /// the responder answers 400; the backend is reset.
+    BadFraming = 25,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -98,6 +102,7 @@ impl Reason {
         Reason::Tunnel,
         Reason::ConnTableFull,
         Reason::Retransmit,
+        Reason::BadFraming,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -139,6 +144,7 @@ impl Reason {
             Reason::Tunnel => "tunnel",
             Reason::ConnTableFull => "conn_table_full",
             Reason::Retransmit => "retransmit",
+            Reason::BadFraming => "bad_framing",
         }
     }
 }

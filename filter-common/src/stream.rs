@@ -1,0 +1,615 @@
+//! Following a connection's client-to-server bytes the way the backend reads them: request
+//! line → headers → body (`Content-Length` or chunked) → next request.
+//!
+//! [`Stream`] is the per-connection state the kernel keeps in an LRU map. The caller feeds it
+//! the bytes of each in-order segment: [`Stream::step`] one byte at a time for request lines,
+//! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk. `step`
+//! returns an [`Ev`] whenever the caller has something to do:
+//!
+//! * [`Ev::Decide`]: the request line's method and canonical path are known (the path is in
+//!   the caller's path buffer): look the rule up, then [`Stream::set_verdict`] or refuse.
+//! * [`Ev::Override`]: an `X-HTTP-Method-Override` / `X-HTTP-Method` / `X-Method-Override`
+//!   header named a method; it must be allowed too.
+//! * [`Ev::Bulk`]: body bytes follow; consume [`Stream::bulk_left`] of them with `consume`.
+//! * [`Ev::Tunnel`]: the connection stops being HTTP/1.1 (`CONNECT`, or a request carrying
+//!   `Upgrade`): stop tracking it.
+//! * [`Ev::Fail`]: refuse the request: an ambiguous path or framing (400), a request line or
+//!   header block over the bound (414 / 431), bytes that are not HTTP/1.x.
+//!
+//! Framing is strict where backends disagree (request smuggling): `Content-Length` together
+//! with `Transfer-Encoding`, two different `Content-Length`s, a `Transfer-Encoding` other than
+//! `chunked`, obsolete line folding, control bytes in a header value and a malformed chunk
+//! size are all [`Reason::BadFraming`].
+//!
+//! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
+//! constant-bounded loops, integer-only state (any byte pattern is a valid state).
+
+use crate::http::{LineParser, Step};
+use crate::method::{is_tchar, Method};
+use crate::{Reason, PATH_MAX};
+
+/// Longest request line (method, target, version) the filter follows: 414 past it.
+pub const LINE_LIMIT: u32 = 8192;
+/// Longest header block: 431 past it.
+pub const HEADER_LIMIT: u32 = 16384;
+/// Largest chunk size accepted (1 TiB): larger is [`Reason::BadFraming`].
+const CHUNK_MAX: u64 = 1 << 40;
+
+mod phase {
+    pub const LINE: u8 = 0;
+    pub const LINE_REST: u8 = 1;
+    pub const HEADER_START: u8 = 2;
+    pub const HEADER_NAME: u8 = 3;
+    pub const HEADER_VALUE: u8 = 4;
+    pub const HEADER_LF: u8 = 5;
+    pub const HEADERS_END_LF: u8 = 6;
+    pub const BODY: u8 = 7;
+    pub const CHUNK_SIZE: u8 = 8;
+    pub const CHUNK_EXT: u8 = 9;
+    pub const CHUNK_SIZE_LF: u8 = 10;
+    pub const CHUNK_DATA: u8 = 11;
+    pub const CHUNK_DATA_CR: u8 = 12;
+    pub const CHUNK_DATA_LF: u8 = 13;
+    pub const TUNNEL: u8 = 14;
+}
+
+/// [`Stream::flags`] bits.
+pub mod flag {
+    /// The connection's SYN was seen: positions are exact from the first byte.
+    pub const SYN: u8 = 1 << 0;
+    pub const CONTENT_LENGTH: u8 = 1 << 1;
+    pub const CHUNKED: u8 = 1 << 2;
+    pub const UPGRADE: u8 = 1 << 3;
+    /// Reading the trailer section of a chunked body.
+    pub const TRAILER: u8 = 1 << 4;
+    /// The current header value had whitespace followed by more bytes.
+    const VALUE_SPACE: u8 = 1 << 5;
+    pub(super) const VALUE_INNER_SPACE: u8 = 1 << 6;
+    pub(super) const PENDING_SPACE: u8 = VALUE_SPACE;
+    /// Flags that outlive a request.
+    pub(super) const PERSISTENT: u8 = SYN;
+}
+
+/// Headers the filter acts on.
+mod header {
+    pub const OTHER: u8 = 0;
+    pub const CONTENT_LENGTH: u8 = 1;
+    pub const TRANSFER_ENCODING: u8 = 2;
+    pub const METHOD_OVERRIDE: u8 = 3;
+    pub const UPGRADE: u8 = 4;
+}
+
+const NAME_WORDS: usize = 3;
+
+const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
+    let b = s.as_bytes();
+    let mut w = [0u64; NAME_WORDS];
+    let mut i = 0;
+    while i < b.len() {
+        w[i / 8] |= (b[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    (b.len() as u8, w)
+}
+
+const HEADERS: [(u8, [u64; NAME_WORDS], u8); 6] = {
+    const fn h(name: &str, id: u8) -> (u8, [u64; NAME_WORDS], u8) {
+        let (n, w) = pack(name);
+        (n, w, id)
+    }
+    [
+        h("content-length", header::CONTENT_LENGTH),
+        h("transfer-encoding", header::TRANSFER_ENCODING),
+        h("x-http-method-override", header::METHOD_OVERRIDE),
+        h("x-http-method", header::METHOD_OVERRIDE),
+        h("x-method-override", header::METHOD_OVERRIDE),
+        h("upgrade", header::UPGRADE),
+    ]
+};
+
+const CHUNKED: (u8, [u64; NAME_WORDS]) = pack("chunked");
+
+/// What the caller must do after a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ev {
+    More,
+    Decide,
+    Override(Method),
+    Bulk,
+    Tunnel,
+    Fail(Reason),
+}
+
+/// Per-connection stream state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Stream {
+    pub line: LineParser,
+    /// Body bytes left in the current `Content-Length` body or chunk.
+    pub body_left: u64,
+    /// The `Content-Length` value being read.
+    cl: u64,
+    /// The header name being read, lowercased (first 24 bytes).
+    name: [u64; NAME_WORDS],
+    /// The header value being read (first 16 bytes; uppercased for method overrides,
+    /// lowercased otherwise).
+    value: [u64; 2],
+    /// Sequence number of the next byte this state expects.
+    pub pos: u32,
+    /// Sequence number of the current request's first byte.
+    pub req_start: u32,
+    /// Bytes of the current request line or header block so far (limits), or chunk-size
+    /// digits.
+    count: u32,
+    /// Methods the current request's rule allows (set by the caller on [`Ev::Decide`]).
+    pub allow: u32,
+    /// `RULE_*` flags of the rule that decided the current request.
+    pub rule_flags: u32,
+    name_len: u8,
+    value_len: u8,
+    phase: u8,
+    pub flags: u8,
+    /// The request line's [`Method`].
+    pub method: u8,
+    header: u8,
+    _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Stream>() % 8 == 0);
+
+impl Stream {
+    /// A connection whose next byte is `pos` and starts a request.
+    pub const fn new(pos: u32, flags: u8) -> Stream {
+        Stream {
+            line: LineParser::new(),
+            body_left: 0,
+            cl: 0,
+            name: [0; NAME_WORDS],
+            value: [0; 2],
+            pos,
+            req_start: pos,
+            count: 0,
+            allow: 0,
+            rule_flags: 0,
+            name_len: 0,
+            value_len: 0,
+            phase: phase::LINE,
+            flags: flags & flag::PERSISTENT,
+            method: Method::Other as u8,
+            header: header::OTHER,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Start the next request at the current position.
+    #[inline(always)]
+    fn next_request(&mut self) {
+        *self = Stream::new(self.pos, self.flags);
+    }
+
+    /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
+    /// request (used when a segment is cut before a refused request).
+    pub fn restart_at(&mut self, pos: u32) {
+        *self = Stream::new(pos, self.flags);
+    }
+
+    pub fn is_tunnel(&self) -> bool {
+        self.phase == phase::TUNNEL
+    }
+
+    /// Body bytes are next: consume them with [`Stream::consume`], not [`Stream::step`].
+    pub fn in_bulk(&self) -> bool {
+        self.phase == phase::BODY || self.phase == phase::CHUNK_DATA
+    }
+
+    pub fn bulk_left(&self) -> u64 {
+        if self.in_bulk() {
+            self.body_left
+        } else {
+            0
+        }
+    }
+
+    /// Whether the caller's path buffer holds a path the parser is still writing (so it must
+    /// be kept across segments).
+    pub fn path_in_progress(&self) -> bool {
+        self.phase == phase::LINE && self.line.path_len() > 0
+    }
+
+    /// The caller decided the current request may proceed: `allow` is the rule's method set
+    /// (checked again for method overrides).
+    pub fn set_verdict(&mut self, allow: u32, rule_flags: u32) {
+        self.allow = allow;
+        self.rule_flags = rule_flags;
+    }
+
+    /// Consume `n <= bulk_left()` body bytes.
+    #[inline(always)]
+    pub fn consume(&mut self, n: u64) {
+        let n = if n > self.bulk_left() { self.bulk_left() } else { n };
+        self.body_left -= n;
+        self.pos = self.pos.wrapping_add(n as u32);
+        if self.body_left == 0 {
+            if self.phase == phase::BODY {
+                self.next_request();
+            } else if self.phase == phase::CHUNK_DATA {
+                self.phase = phase::CHUNK_DATA_CR;
+            }
+        }
+    }
+
+    /// Feed one byte (not a body byte: see [`Stream::in_bulk`]). The request line's path is
+    /// written, canonical, to `path`.
+    #[inline(always)]
+    pub fn step(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Ev {
+        self.pos = self.pos.wrapping_add(1);
+        match self.phase {
+            phase::LINE => self.step_line(b, path),
+            phase::LINE_REST => {
+                self.count += 1;
+                if b == b'\n' {
+                    self.start_headers();
+                    Ev::More
+                } else if self.count > LINE_LIMIT {
+                    Ev::Fail(Reason::LineTooLong)
+                } else {
+                    Ev::More
+                }
+            }
+            phase::HEADER_START
+            | phase::HEADER_NAME
+            | phase::HEADER_VALUE
+            | phase::HEADER_LF
+            | phase::HEADERS_END_LF => {
+                self.count += 1;
+                if self.count > HEADER_LIMIT {
+                    return Ev::Fail(Reason::HeadersTooLarge);
+                }
+                self.step_header(b)
+            }
+            phase::CHUNK_SIZE => {
+                if let Some(d) = hex(b) {
+                    self.body_left = self.body_left * 16 + d as u64;
+                    self.count += 1;
+                    if self.body_left > CHUNK_MAX {
+                        return Ev::Fail(Reason::BadFraming);
+                    }
+                    Ev::More
+                } else if b == b';' || b == b' ' || b == b'\t' {
+                    self.phase = phase::CHUNK_EXT;
+                    Ev::More
+                } else if b == b'\r' {
+                    self.phase = phase::CHUNK_SIZE_LF;
+                    Ev::More
+                } else if b == b'\n' {
+                    self.chunk_size_done()
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::CHUNK_EXT => {
+                if b == b'\r' {
+                    self.phase = phase::CHUNK_SIZE_LF;
+                    Ev::More
+                } else if b == b'\n' {
+                    self.chunk_size_done()
+                } else if b < 0x20 && b != b'\t' {
+                    Ev::Fail(Reason::BadFraming)
+                } else {
+                    Ev::More
+                }
+            }
+            phase::CHUNK_SIZE_LF => {
+                if b == b'\n' {
+                    self.chunk_size_done()
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::CHUNK_DATA_CR => {
+                if b == b'\r' {
+                    self.phase = phase::CHUNK_DATA_LF;
+                    Ev::More
+                } else if b == b'\n' {
+                    self.start_chunk_size();
+                    Ev::More
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::CHUNK_DATA_LF => {
+                if b == b'\n' {
+                    self.start_chunk_size();
+                    Ev::More
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::TUNNEL => Ev::More,
+            // BODY / CHUNK_DATA bytes fed one at a time (the caller may do this for short
+            // runs), or a corrupted phase: count the byte as body, or refuse.
+            phase::BODY | phase::CHUNK_DATA => {
+                self.pos = self.pos.wrapping_sub(1);
+                self.consume(1);
+                if self.in_bulk() {
+                    Ev::Bulk
+                } else {
+                    Ev::More
+                }
+            }
+            _ => Ev::Fail(Reason::NotHttp),
+        }
+    }
+
+    #[inline(always)]
+    fn step_line(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Ev {
+        if self.count == 0 {
+            self.req_start = self.pos.wrapping_sub(1);
+        }
+        self.count += 1;
+        match self.line.step(b, path) {
+            Step::More if self.count > LINE_LIMIT => Ev::Fail(Reason::LineTooLong),
+            Step::More => Ev::More,
+            Step::Decided => {
+                self.method = self.line.method() as u8;
+                if b == b'\n' {
+                    self.start_headers();
+                } else {
+                    self.phase = phase::LINE_REST;
+                }
+                Ev::Decide
+            }
+            Step::Fail(Reason::TargetForm) => {
+                // `OPTIONS *` and `CONNECT host:port` have no path: they are decided on the
+                // method alone (the default policy); any other method with such a target
+                // is not a request a backend routes.
+                let m = self.line.method();
+                if m == Method::Options || m == Method::Connect {
+                    self.method = m as u8;
+                    self.line.clear_path();
+                    self.phase = phase::LINE_REST;
+                    Ev::Decide
+                } else {
+                    Ev::Fail(Reason::NotHttp)
+                }
+            }
+            Step::Fail(Reason::PathTooLong) => Ev::Fail(Reason::LineTooLong),
+            Step::Fail(r) => Ev::Fail(r),
+        }
+    }
+
+    #[inline(always)]
+    fn start_headers(&mut self) {
+        self.phase = phase::HEADER_START;
+        self.count = 0;
+    }
+
+    #[inline(always)]
+    fn step_header(&mut self, b: u8) -> Ev {
+        match self.phase {
+            phase::HEADER_START => {
+                if b == b'\r' {
+                    self.phase = phase::HEADERS_END_LF;
+                    Ev::More
+                } else if b == b'\n' {
+                    self.end_headers()
+                } else if is_tchar(b) {
+                    // A new field line. (A leading SP/HTAB would be obsolete line folding.)
+                    self.name = [0; NAME_WORDS];
+                    self.name_len = 0;
+                    self.push_name(b);
+                    self.phase = phase::HEADER_NAME;
+                    Ev::More
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::HEADER_NAME => {
+                if b == b':' {
+                    self.header = self.classify();
+                    self.value = [0; 2];
+                    self.value_len = 0;
+                    self.cl = 0;
+                    self.flags &= !(flag::PENDING_SPACE | flag::VALUE_INNER_SPACE);
+                    self.phase = phase::HEADER_VALUE;
+                    Ev::More
+                } else if is_tchar(b) {
+                    self.push_name(b);
+                    Ev::More
+                } else {
+                    // Whitespace before the colon, or a byte no field name has.
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            phase::HEADER_VALUE => {
+                if b == b'\r' {
+                    self.phase = phase::HEADER_LF;
+                    Ev::More
+                } else if b == b'\n' {
+                    self.end_field()
+                } else if b == b' ' || b == b'\t' {
+                    if self.value_len > 0 {
+                        self.flags |= flag::PENDING_SPACE;
+                    }
+                    Ev::More
+                } else if b < 0x20 || b == 0x7f {
+                    Ev::Fail(Reason::BadFraming)
+                } else {
+                    if self.flags & flag::PENDING_SPACE != 0 {
+                        self.flags = (self.flags & !flag::PENDING_SPACE) | flag::VALUE_INNER_SPACE;
+                    }
+                    self.push_value(b)
+                }
+            }
+            phase::HEADER_LF => {
+                if b == b'\n' {
+                    self.end_field()
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+            _ => {
+                // HEADERS_END_LF
+                if b == b'\n' {
+                    self.end_headers()
+                } else {
+                    Ev::Fail(Reason::BadFraming)
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn push_name(&mut self, b: u8) {
+        let n = self.name_len as usize;
+        if n < NAME_WORDS * 8 {
+            self.name[(n / 8) % NAME_WORDS] |= (b.to_ascii_lowercase() as u64) << (8 * (n % 8));
+        }
+        if self.name_len < u8::MAX {
+            self.name_len += 1;
+        }
+    }
+
+    #[inline(always)]
+    fn classify(&self) -> u8 {
+        let mut i = 0;
+        while i < HEADERS.len() {
+            let (n, w, id) = HEADERS[i];
+            if n == self.name_len && w[0] == self.name[0] && w[1] == self.name[1] && w[2] == self.name[2] {
+                return id;
+            }
+            i += 1;
+        }
+        header::OTHER
+    }
+
+    #[inline(always)]
+    fn push_value(&mut self, b: u8) -> Ev {
+        if self.header == header::CONTENT_LENGTH {
+            let Some(d) = b.checked_sub(b'0').filter(|d| *d <= 9) else {
+                return Ev::Fail(Reason::BadFraming);
+            };
+            self.cl = self.cl.saturating_mul(10).saturating_add(d as u64);
+            if self.cl > CHUNK_MAX {
+                return Ev::Fail(Reason::BadFraming);
+            }
+        }
+        let n = self.value_len as usize;
+        if n < 16 {
+            // Frameworks upper-case override values (`delete` acts as DELETE).
+            let c = if self.header == header::METHOD_OVERRIDE { b.to_ascii_uppercase() } else { b.to_ascii_lowercase() };
+            self.value[(n / 8) % 2] |= (c as u64) << (8 * (n % 8));
+        }
+        if self.value_len < u8::MAX {
+            self.value_len += 1;
+        }
+        Ev::More
+    }
+
+    /// The end of one field line: act on the fields the filter cares about.
+    #[inline(always)]
+    fn end_field(&mut self) -> Ev {
+        self.phase = phase::HEADER_START;
+        if self.flags & flag::TRAILER != 0 {
+            return Ev::More;
+        }
+        let inner_space = self.flags & flag::VALUE_INNER_SPACE != 0;
+        match self.header {
+            header::CONTENT_LENGTH => {
+                if self.value_len == 0 || inner_space {
+                    return Ev::Fail(Reason::BadFraming);
+                }
+                if self.flags & flag::CONTENT_LENGTH != 0 && self.body_left != self.cl {
+                    return Ev::Fail(Reason::BadFraming);
+                }
+                self.flags |= flag::CONTENT_LENGTH;
+                self.body_left = self.cl;
+                Ev::More
+            }
+            header::TRANSFER_ENCODING => {
+                let (n, w) = CHUNKED;
+                let chunked = !inner_space && self.value_len == n && self.value[0] == w[0] && self.value[1] == w[1];
+                if !chunked || self.flags & flag::CHUNKED != 0 {
+                    return Ev::Fail(Reason::BadFraming);
+                }
+                self.flags |= flag::CHUNKED;
+                Ev::More
+            }
+            header::METHOD_OVERRIDE => {
+                let m = if self.value_len as usize > 16 || inner_space {
+                    Method::Other
+                } else {
+                    Method::from_words(self.value_len as usize, self.value[0], self.value[1])
+                };
+                Ev::Override(m)
+            }
+            header::UPGRADE => {
+                self.flags |= flag::UPGRADE;
+                Ev::More
+            }
+            _ => Ev::More,
+        }
+    }
+
+    /// The empty line after the header block (or the trailer section).
+    #[inline(always)]
+    fn end_headers(&mut self) -> Ev {
+        if self.flags & flag::TRAILER != 0 {
+            self.next_request();
+            return Ev::More;
+        }
+        let cl = self.flags & flag::CONTENT_LENGTH != 0;
+        let chunked = self.flags & flag::CHUNKED != 0;
+        if cl && chunked {
+            return Ev::Fail(Reason::BadFraming);
+        }
+        if self.method == Method::Connect as u8 || self.flags & flag::UPGRADE != 0 {
+            self.phase = phase::TUNNEL;
+            return Ev::Tunnel;
+        }
+        if chunked {
+            self.start_chunk_size();
+            return Ev::More;
+        }
+        if cl && self.body_left > 0 {
+            self.phase = phase::BODY;
+            return Ev::Bulk;
+        }
+        self.next_request();
+        Ev::More
+    }
+
+    #[inline(always)]
+    fn start_chunk_size(&mut self) {
+        self.phase = phase::CHUNK_SIZE;
+        self.body_left = 0;
+        self.count = 0;
+    }
+
+    #[inline(always)]
+    fn chunk_size_done(&mut self) -> Ev {
+        if self.count == 0 {
+            return Ev::Fail(Reason::BadFraming);
+        }
+        if self.body_left == 0 {
+            // Last chunk: the trailer section follows, ended by an empty line.
+            self.flags |= flag::TRAILER;
+            self.start_headers();
+            return Ev::More;
+        }
+        self.phase = phase::CHUNK_DATA;
+        Ev::Bulk
+    }
+}
+
+#[inline(always)]
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;
