@@ -81,9 +81,18 @@ pub struct Canon {
     dots: u8,
     /// Nonzero inside the current segment's `;parameters` (dropped up to the next `/`).
     param: u8,
-    _pad: u16,
+    /// Ring of the starts of the enclosing segments, for `..` in O(1): `top` is where the
+    /// next start goes, `depth` how many of the last `DEPTH` starts are held.
+    top: u8,
+    depth: u8,
+    starts: [u16; DEPTH],
 }
-const _: () = assert!(core::mem::size_of::<Canon>() == 8);
+const _: () = assert!(core::mem::size_of::<Canon>() == 8 + 2 * DEPTH);
+
+/// Enclosing segments a `..` can climb back to. A `..` that would climb further than the last
+/// `DEPTH` segments is refused as [`Reason::BadPath`] (the scan that would find it is a loop the
+/// kernel verifier has to walk at every call site).
+pub const DEPTH: usize = 16;
 
 impl Default for Canon {
     fn default() -> Self {
@@ -136,7 +145,9 @@ impl Canon {
             hi: 0,
             dots: 0,
             param: 0,
-            _pad: 0,
+            top: 0,
+            depth: 0,
+            starts: [0; DEPTH],
         }
     }
 
@@ -264,34 +275,29 @@ impl Canon {
             return Ok(());
         }
         emit(b'/', out, len)?;
+        // Remember where the segment just closed started, for a later `..`.
+        self.starts[self.top as usize % DEPTH] = self.seg_start;
+        self.top = self.top.wrapping_add(1);
+        if (self.depth as usize) < DEPTH {
+            self.depth += 1;
+        }
         self.seg_start = *len;
         Ok(())
     }
 
     /// `..`: drop the current segment and the one before it.
     #[inline(always)]
-    fn pop(&mut self, out: &mut [u8; PATH_MAX], len: &mut u16) -> Result<(), Reason> {
-        // `out[..seg_start]` is `/` or `/s1/.../sn/`; `seg_start - 1` is the last `/`.
-        let start = self.seg_start as usize;
-        if start < 2 {
+    fn pop(&mut self, _out: &mut [u8; PATH_MAX], len: &mut u16) -> Result<(), Reason> {
+        // `out[..seg_start]` is `/` or `/s1/.../sn/`: climbing above the root is refused, and
+        // so is climbing past the segments the ring still remembers.
+        if self.seg_start < 2 || self.depth == 0 {
             return Err(Reason::BadPath);
         }
-        let mut i = start - 1;
-        let mut k = 0;
-        // verifier: a constant bound; the scan stops at the previous `/` (at worst `out[0]`).
-        while k < PATH_MAX {
-            if i == 0 {
-                break;
-            }
-            i -= 1;
-            if out[i & MASK] == b'/' {
-                break;
-            }
-            k += 1;
-        }
-        // `i < start <= u16::MAX`, so this cannot truncate.
-        *len = (i + 1) as u16;
-        self.seg_start = *len;
+        self.top = self.top.wrapping_sub(1);
+        self.depth -= 1;
+        let start = self.starts[self.top as usize % DEPTH];
+        *len = start;
+        self.seg_start = start;
         Ok(())
     }
 }

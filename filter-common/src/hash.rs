@@ -39,46 +39,92 @@ fn word_at(buf: &[u8; PATH_MAX], off: usize) -> u64 {
     w
 }
 
+/// SipHash-1-3 state, so the kernel can feed the words from a `bpf_loop` callback (one word
+/// per call) instead of a 128-iteration loop the verifier walks at every call site.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SipState {
+    v: [u64; 4],
+}
+
+impl SipState {
+    #[inline(always)]
+    pub fn new(key: &[u64; 2]) -> SipState {
+        SipState {
+            v: [
+                key[0] ^ 0x736f_6d65_7073_6575,
+                key[1] ^ 0x646f_7261_6e64_6f6d,
+                key[0] ^ 0x6c79_6765_6e65_7261,
+                key[1] ^ 0x7465_6462_7974_6573,
+            ],
+        }
+    }
+
+    /// Absorb the little-endian word at byte `off` of `buf`.
+    #[inline(always)]
+    pub fn word(&mut self, buf: &[u8; PATH_MAX], off: usize) {
+        let m = word_at(buf, off);
+        self.v[3] ^= m;
+        sipround(&mut self.v);
+        self.v[0] ^= m;
+    }
+
+    /// Absorb the tail (the `len % 8` bytes after the full words) and the length; the hash.
+    #[inline(always)]
+    pub fn finish(mut self, buf: &[u8; PATH_MAX], len: usize) -> u64 {
+        let len = clamp(len);
+        let base = (len / 8) * 8;
+        let mut b = (len as u64) << 56;
+        let mut j = 0;
+        while j < 7 {
+            if j >= len & 7 {
+                break;
+            }
+            b |= (buf[(base + j) & MASK] as u64) << (8 * j);
+            j += 1;
+        }
+        let v = &mut self.v;
+        v[3] ^= b;
+        sipround(v);
+        v[0] ^= b;
+        v[2] ^= 0xff;
+        sipround(v);
+        sipround(v);
+        sipround(v);
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+}
+
+#[inline(always)]
+fn clamp(len: usize) -> usize {
+    if len > PATH_MAX {
+        PATH_MAX
+    } else {
+        len
+    }
+}
+
+/// Full 8-byte words in a path of `len` bytes: what [`SipState::word`] takes before
+/// [`SipState::finish`].
+#[inline(always)]
+pub fn full_words(len: usize) -> usize {
+    clamp(len) / 8
+}
+
 /// SipHash-1-3 of `buf[..len]` under `key` (`len` is clamped to `PATH_MAX`).
 #[inline(always)]
 pub fn path_hash(key: &[u64; 2], buf: &[u8; PATH_MAX], len: usize) -> u64 {
-    let len = if len > PATH_MAX { PATH_MAX } else { len };
-    let mut v = [
-        key[0] ^ 0x736f_6d65_7073_6575,
-        key[1] ^ 0x646f_7261_6e64_6f6d,
-        key[0] ^ 0x6c79_6765_6e65_7261,
-        key[1] ^ 0x7465_6462_7974_6573,
-    ];
-    let full = len / 8;
+    let mut st = SipState::new(key);
+    let full = full_words(len);
     let mut w = 0;
     while w < PATH_MAX / 8 {
         if w >= full {
             break;
         }
-        let m = word_at(buf, w * 8);
-        v[3] ^= m;
-        sipround(&mut v);
-        v[0] ^= m;
+        st.word(buf, w * 8);
         w += 1;
     }
-    let base = full * 8;
-    let mut b = (len as u64) << 56;
-    let mut j = 0;
-    while j < 7 {
-        if j >= len & 7 {
-            break;
-        }
-        b |= (buf[(base + j) & MASK] as u64) << (8 * j);
-        j += 1;
-    }
-    v[3] ^= b;
-    sipround(&mut v);
-    v[0] ^= b;
-    v[2] ^= 0xff;
-    sipround(&mut v);
-    sipround(&mut v);
-    sipround(&mut v);
-    v[0] ^ v[1] ^ v[2] ^ v[3]
+    st.finish(buf, len)
 }
 
 /// Hash a path given as a slice (userspace): copies it into a zeroed buffer first.

@@ -1,8 +1,8 @@
 //! The HTTP/1.x request-line parser the kernel decides on (RFC 9112 §3).
 //!
 //! It reads `method SP request-target` and stops as soon as the path is known: at the first
-//! SP/HTAB, `?`, `#`, CR or LF after it. The path goes through [`crate::canon`] on the way, so
-//! the decision is on the path a backend routes (`/a/../admin` is `/admin`). The version is not needed for the decision, so a
+//! SP/HTAB, `?`, `#`, CR or LF after it. The raw path it writes then goes through
+//! [`crate::canon`], so the decision is on the path a backend routes (`/a/../admin` is `/admin`). The version is not needed for the decision, so a
 //! request line the backend might read leniently (HTTP/0.9 style, extra spaces, leading empty
 //! lines) is still decided. Absolute-form targets (`http://host/p`) are reduced to their path.
 //!
@@ -11,11 +11,9 @@
 //! `bpf_loop` (one verified callback instead of a 1 KiB unrolled walk). [`parse_request_line`]
 //! drives it over one buffer on the host; both end in [`LineParser::finish`].
 
-use crate::canon::Canon;
 use crate::method::{is_tchar, Method, METHOD_MAX};
 use crate::{Reason, LINE_WINDOW, PATH_MAX};
 
-const PATH_MASK: usize = PATH_MAX - 1;
 
 /// Blank lines a request may start with (RFC 9112 §2.2 says a server SHOULD skip at least one)
 /// before the parser calls the payload "not HTTP".
@@ -44,9 +42,8 @@ pub struct LineParser {
     leading_eol: u16,
     phase: u8,
     _pad: u8,
-    canon: Canon,
 }
-const _: () = assert!(core::mem::size_of::<LineParser>() == 32);
+const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 
 /// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
 pub const OUTCOME_PENDING: u32 = u32::MAX;
@@ -87,7 +84,6 @@ impl LineParser {
             leading_eol: 0,
             phase: phase::METHOD,
             _pad: 0,
-            canon: Canon::new(),
         }
     }
 
@@ -99,6 +95,13 @@ impl LineParser {
         }
     }
 
+    /// Whether the method token read so far is exactly `m` (one comparison, no table walk).
+    #[inline(always)]
+    pub fn is_method(&self, m: Method) -> bool {
+        let (n, a, b) = crate::method::packed(m);
+        self.method_len as usize == n && self.w0 == a && self.w1 == b
+    }
+
     pub fn path_len(&self) -> usize {
         self.path_len as usize
     }
@@ -108,22 +111,23 @@ impl LineParser {
         self.path_len = 0;
     }
 
-    /// One raw path byte through the canonicalizer into `path`.
+    /// One raw path byte into `path`. Canonicalization is a separate pass over the raw path
+    /// ([`crate::canon`]): run byte by byte together with this parser, the two make a state
+    /// space the kernel verifier cannot walk.
     #[inline(always)]
     fn push_path(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Step {
-        match self.canon.push(b, path, &mut self.path_len) {
-            Ok(()) => Step::More,
-            Err(r) => Step::Fail(r),
+        if self.path_len as usize >= PATH_MAX {
+            return Step::Fail(Reason::PathTooLong);
         }
+        path[self.path_len as usize & (PATH_MAX - 1)] = b;
+        self.path_len += 1;
+        Step::More
     }
 
-    /// The path is complete: finish canonicalizing it.
+    /// The path is complete.
     #[inline(always)]
-    fn end_path(&mut self, path: &mut [u8; PATH_MAX]) -> Step {
-        match self.canon.finish(path, &mut self.path_len) {
-            Ok(()) => Step::Decided,
-            Err(r) => Step::Fail(r),
-        }
+    fn end_path(&mut self, _path: &mut [u8; PATH_MAX]) -> Step {
+        Step::Decided
     }
 
     /// Feed one byte; path bytes are written to `path`.

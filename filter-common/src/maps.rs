@@ -12,6 +12,14 @@ pub const MAP_RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// the longest rule path that is a byte prefix of the request path wins. Prefix rule paths end
 /// in `/`, so a prefix rule covers exactly the subtree under it.
 pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
+/// `LruHashMap<ConnKey, stream::Stream>`: where each tracked connection's client stream is.
+pub const MAP_CONNS: &str = "CONNS";
+/// `LruHashMap<ConnKey, [u8; PATH_MAX]>`: the path of a request line split across segments.
+pub const MAP_PENDING: &str = "PENDING";
+/// Tracked connections.
+pub const CONNS_MAX: u32 = 65_536;
+/// Connections with a request line in flight across segments at once.
+pub const PENDING_MAX: u32 = 4_096;
 /// `Array<Settings>` with one entry: run-time switches.
 pub const MAP_SETTINGS: &str = "SETTINGS";
 /// `PerCpuArray<u64>` indexed by [`crate::Reason`].
@@ -143,7 +151,8 @@ pub struct RejectEvent {
     /// IPv4 addresses use the first 4 bytes; network byte order.
     pub client_addr_be: [u8; 16],
     pub server_addr_be: [u8; 16],
-    /// The start of the request line, as received.
+    /// The canonical path the decision was made on (its first `EVENT_LINE_MAX` bytes;
+    /// `line_len` of them are valid).
     pub line: [u8; EVENT_LINE_MAX],
 }
 const _: () = assert!(core::mem::size_of::<RejectEvent>() == 80 + EVENT_LINE_MAX);
@@ -155,19 +164,78 @@ const _: () = assert!(core::mem::size_of::<RejectEvent>() % 8 == 0);
 pub struct Scratch {
     /// The first `LINE_WINDOW` bytes of the TCP payload.
     pub line: [u8; crate::LINE_WINDOW],
-    /// The path the parser extracted, zero-padded.
+    /// The canonical path of the current request (what the policy lookup and the event use).
     pub path: [u8; crate::PATH_MAX],
+    /// The raw path the request-line parser extracted (canonicalized into `path` by a second
+    /// pass).
+    pub raw: [u8; crate::PATH_MAX],
     pub event: RejectEvent,
-    /// The request-line parser, stepped once per byte by the `bpf_loop` callback.
-    pub parser: crate::http::LineParser,
+    /// The connection's stream state while a segment is processed (copied in and out of
+    /// `CONNS`), stepped once per byte by the `bpf_loop` callback.
+    pub stream: crate::stream::Stream,
+    /// The connection's key.
+    pub key: ConnKey,
     /// Valid bytes in `line`.
     pub window_len: u32,
-    /// The parser's outcome code (`http::OUTCOME_*` or a `Reason`).
-    pub outcome: u32,
+    /// Bytes of `line` the callback consumed.
+    pub consumed: u32,
+    /// The segment being processed by the round callback: payload offset in the frame, its
+    /// length, how far processing got, and whether a window was parsed.
+    pub payload_off: u32,
+    pub payload_len: u32,
+    pub off: u32,
+    pub decided: u32,
+    /// Why the callback stopped (`STOP_*`), and for refusals the reason, method and allow set.
+    pub stop: u32,
+    pub stop_reason: u32,
+    pub stop_method: u32,
+    pub stop_allow: u32,
+    /// Canonicalization under way (one raw byte per `bpf_loop` callback): state, length so
+    /// far, raw bytes to feed, and the first error (`Reason`, or `u32::MAX` for none).
+    pub canon: crate::canon::Canon,
+    pub canon_len: u16,
+    pub _pad2: u16,
+    pub canon_raw_len: u32,
+    pub canon_err: u32,
+    /// Path hash under way (fed one word per `bpf_loop` callback), and its word count.
+    pub sip: crate::hash::SipState,
+    pub sip_words: u32,
+    pub _pad1: u32,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>() % 8 == 0);
+
+/// Why the `bpf_loop` callback stopped before the end of the window.
+pub const STOP_NONE: u32 = 0;
+/// Body bytes follow: consume them in bulk.
+pub const STOP_BULK: u32 = 1;
+/// The connection is no longer HTTP/1.1.
+pub const STOP_TUNNEL: u32 = 2;
+/// A monitor-mode violation: send a `Monitored` event, then go on.
+pub const STOP_MONITOR: u32 = 3;
+/// Refuse the current request (`stop_reason`: what the responder answers).
+pub const STOP_REFUSE: u32 = 4;
+/// The current request's path is complete: look it up, then go on.
+pub const STOP_DECIDE: u32 = 5;
+/// A method-override header ended: check the method it names, then go on.
+pub const STOP_OVERRIDE: u32 = 6;
+/// A window of the payload could not be loaded.
+pub const STOP_LOAD_FAILED: u32 = 7;
+
+/// A connection, from the client's side. Addresses in network order (IPv4 in the first four
+/// bytes); ports in host order; zero padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    pub client_addr_be: [u8; 16],
+    pub server_addr_be: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 
 /// Key of a prefix-rule map, laid out as the kernel's LPM trie key: the prefix length in
 /// bits, then the bytes.
@@ -189,6 +257,7 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::LoadConfig {}
     unsafe impl aya::Pod for super::RejectEvent {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }
 
 #[cfg(test)]

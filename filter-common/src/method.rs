@@ -117,6 +117,12 @@ impl Method {
     }
 }
 
+/// A named method's token as (length, first word, second word), as the kernel accumulates it.
+#[inline(always)]
+pub fn packed(m: Method) -> (usize, u64, u64) {
+    PACKED[(m as usize) % PACKED.len()]
+}
+
 const fn pack(s: &str) -> (usize, u64, u64) {
     let b = s.as_bytes();
     let mut w = [0u64; 2];

@@ -114,7 +114,8 @@ const CHUNKED: (u8, [u64; NAME_WORDS]) = pack("chunked");
 pub enum Ev {
     More,
     Decide,
-    Override(Method),
+    /// A method-override header ended: [`Stream::override_method`] names the method.
+    Override,
     Bulk,
     Tunnel,
     Fail(Reason),
@@ -180,16 +181,47 @@ impl Stream {
         }
     }
 
-    /// Start the next request at the current position.
+    /// Start the next request at the current position. Field by field: a whole-struct
+    /// assignment becomes a byte-wise memcpy loop in BPF, which the verifier walks at every
+    /// call site.
     #[inline(always)]
     fn next_request(&mut self) {
-        *self = Stream::new(self.pos, self.flags);
+        self.line = LineParser::new();
+        self.body_left = 0;
+        self.cl = 0;
+        self.req_start = self.pos;
+        self.count = 0;
+        self.allow = 0;
+        self.rule_flags = 0;
+        self.name_len = 0;
+        self.value_len = 0;
+        self.phase = phase::LINE;
+        self.flags &= flag::PERSISTENT;
+        self.method = Method::Other as u8;
+        self.header = header::OTHER;
     }
 
     /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
     /// request (used when a segment is cut before a refused request).
+    /// Make this a fresh connection state, in place (see [`Stream::new`]).
+    #[inline(always)]
+    pub fn reset(&mut self, pos: u32, flags: u8) {
+        self.pos = pos;
+        self.flags = flags & flag::PERSISTENT;
+        self.name = [0; NAME_WORDS];
+        self.value = [0; 2];
+        self._pad = [0; 2];
+        self.next_request();
+    }
+
     pub fn restart_at(&mut self, pos: u32) {
-        *self = Stream::new(pos, self.flags);
+        self.pos = pos;
+        self.next_request();
+    }
+
+    /// Stop following this connection: its further bytes pass untouched.
+    pub fn tunnel(&mut self) {
+        self.phase = phase::TUNNEL;
     }
 
     pub fn is_tunnel(&self) -> bool {
@@ -213,6 +245,24 @@ impl Stream {
     /// be kept across segments).
     pub fn path_in_progress(&self) -> bool {
         self.phase == phase::LINE && self.line.path_len() > 0
+    }
+
+    /// On [`Ev::Decide`]: identify the request line's method (the request line of `OPTIONS *`
+    /// and `CONNECT` already did) and remember it.
+    pub fn take_method(&mut self) -> Method {
+        if self.line.path_len() > 0 || self.method == Method::Other as u8 {
+            self.method = self.line.method() as u8;
+        }
+        Method::from_u8(self.method)
+    }
+
+    /// On [`Ev::Override`]: the method the header names (upper-cased, as frameworks do).
+    pub fn override_method(&self) -> Method {
+        if self.value_len as usize > 16 {
+            Method::Other
+        } else {
+            Method::from_words(self.value_len as usize, self.value[0], self.value[1])
+        }
     }
 
     /// The caller decided the current request may proceed: `allow` is the rule's method set
@@ -268,11 +318,11 @@ impl Stream {
             }
             phase::CHUNK_SIZE => {
                 if let Some(d) = hex(b) {
-                    self.body_left = self.body_left * 16 + d as u64;
-                    self.count += 1;
                     if self.body_left > CHUNK_MAX {
                         return Ev::Fail(Reason::BadFraming);
                     }
+                    self.body_left = self.body_left.wrapping_mul(16).wrapping_add(d as u64);
+                    self.count += 1;
                     Ev::More
                 } else if b == b';' || b == b' ' || b == b'\t' {
                     self.phase = phase::CHUNK_EXT;
@@ -350,7 +400,8 @@ impl Stream {
             Step::More if self.count > LINE_LIMIT => Ev::Fail(Reason::LineTooLong),
             Step::More => Ev::More,
             Step::Decided => {
-                self.method = self.line.method() as u8;
+                // The caller identifies the method ([`Stream::take_method`]): the table
+                // lookup has no place in the per-byte step the verifier walks.
                 if b == b'\n' {
                     self.start_headers();
                 } else {
@@ -362,8 +413,14 @@ impl Stream {
                 // `OPTIONS *` and `CONNECT host:port` have no path: they are decided on the
                 // method alone (the default policy); any other method with such a target
                 // is not a request a backend routes.
-                let m = self.line.method();
-                if m == Method::Options || m == Method::Connect {
+                let m = if self.line.is_method(Method::Options) {
+                    Method::Options
+                } else if self.line.is_method(Method::Connect) {
+                    Method::Connect
+                } else {
+                    Method::Other
+                };
+                if m != Method::Other {
                     self.method = m as u8;
                     self.line.clear_path();
                     self.phase = phase::LINE_REST;
@@ -488,10 +545,11 @@ impl Stream {
             let Some(d) = b.checked_sub(b'0').filter(|d| *d <= 9) else {
                 return Ev::Fail(Reason::BadFraming);
             };
-            self.cl = self.cl.saturating_mul(10).saturating_add(d as u64);
+            // Checked before the multiply (no 128-bit overflow arithmetic in BPF).
             if self.cl > CHUNK_MAX {
                 return Ev::Fail(Reason::BadFraming);
             }
+            self.cl = self.cl.wrapping_mul(10).wrapping_add(d as u64);
         }
         let n = self.value_len as usize;
         if n < 16 {
@@ -535,12 +593,10 @@ impl Stream {
                 Ev::More
             }
             header::METHOD_OVERRIDE => {
-                let m = if self.value_len as usize > 16 || inner_space {
-                    Method::Other
-                } else {
-                    Method::from_words(self.value_len as usize, self.value[0], self.value[1])
-                };
-                Ev::Override(m)
+                if inner_space {
+                    self.value_len = u8::MAX;
+                }
+                Ev::Override
             }
             header::UPGRADE => {
                 self.flags |= flag::UPGRADE;

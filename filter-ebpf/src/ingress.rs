@@ -1,42 +1,78 @@
-//! The ingress decision: headers → request line → policy → verdict.
+//! The ingress decision: headers → connection state → every request in the client's byte
+//! stream → verdict.
+//!
+//! Each TCP segment to an inspected port is placed in its connection's stream (`CONNS`):
+//! segments ahead of the next expected byte are dropped (the client sends them again in
+//! order), bytes already decided on pass untouched, and new bytes go through the shared
+//! stream parser (`filter_common::stream`), one `bpf_loop` callback per byte for request lines
+//! and headers, in bulk for bodies. Each request is decided when its path is known, and again
+//! for each method-override header. A refused request that starts inside the segment after
+//! bytes that may pass is cut off (the segment is shortened, the client resends the rest); one
+//! that starts at the segment's first new byte turns the segment into a reset to the backend,
+//! and the responder is told what to answer.
 
+use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT, bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext,
+    bindings::TC_ACT_SHOT,
+    bindings::TC_ACT_UNSPEC,
+    helpers::{bpf_loop, generated::bpf_probe_read_kernel},
+    programs::TcContext,
 };
 use core::ffi::c_void;
 use core::ptr::{addr_of, null_mut, read_unaligned, read_volatile, write_unaligned};
 use filter_common::{
-    hash::path_hash,
-    http::{LineParser, OUTCOME_PENDING},
-    Method, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6,
-    EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW,
-    PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
-    TCP_HLEN_MIN,
+    canon::Canon,
+    hash::{full_words, SipState},
+    stream::{flag, Ev, Stream},
+    tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch,
+    ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP,
+    IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN,
+    SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_BULK, STOP_MONITOR, STOP_NONE,
+    STOP_DECIDE, STOP_LOAD_FAILED, STOP_OVERRIDE, STOP_REFUSE, STOP_TUNNEL, TCP_HLEN_MIN,
 };
 
 use crate::maps::{
-    EVENTS, FILTER_CONFIG, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH, SETTINGS, STATS,
+    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH,
+    SETTINGS, STATS,
 };
-use crate::skb::{load_into, turn_into_reset, Segment};
+use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
 const PASS: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
 
+/// Windows (request-line/header runs or body runs) processed per segment. A segment with more
+/// is cut after the last one processed and the client sends the rest again.
+const MAX_ROUNDS: usize = 32;
+
+/// A verdict: a reason to count (per packet), or the action for a segment whose requests
+/// were already counted one by one.
+enum Out {
+    Count(Reason),
+    Counted(i32),
+}
+
 pub fn run(ctx: &TcContext) -> i32 {
-    match try_run(ctx) {
-        Ok(r) | Err(r) => finish(r),
-    }
+    let out = match try_run(ctx) {
+        Ok(o) => o,
+        Err(r) => Out::Count(r),
+    };
+    finish(out)
 }
 
 /// Every verdict leaves through here: count it, then map it to a TC action.
 #[inline(always)]
-fn finish(reason: Reason) -> i32 {
-    count(reason);
-    match reason {
-        Reason::ResetFailed => DROP,
-        _ => PASS,
+fn finish(out: Out) -> i32 {
+    match out {
+        Out::Counted(action) => action,
+        Out::Count(reason) => {
+            count(reason);
+            match reason {
+                Reason::ResetFailed | Reason::OutOfOrder => DROP,
+                _ => PASS,
+            }
+        }
     }
 }
 
@@ -57,44 +93,34 @@ fn be32(b: &[u8], i: usize) -> u32 {
     u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+/// `a` is after `b` in sequence space.
+#[inline(always)]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 #[inline(always)]
 fn port_inspected(port: u16) -> bool {
     let cfg = addr_of!(FILTER_CONFIG);
     // Read through a volatile pointer: the loader rewrites this read-only global, so the
     // compiler must not fold the zeroed initialiser.
-    let word = unsafe {
-        read_volatile(
-            addr_of!((*cfg).ports)
-                .cast::<u64>()
-                .add((port >> 6) as usize),
-        )
-    };
+    let word = unsafe { read_volatile(addr_of!((*cfg).ports).cast::<u64>().add((port >> 6) as usize)) };
     word & (1u64 << (port & 63)) != 0
 }
 
-/// `bpf_loop` callback: feed payload byte `i` to the request-line parser in the scratch
-/// buffer. Returns 1 to stop once the parser has decided or failed.
-unsafe extern "C" fn parse_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.window_len as usize {
-        return 1;
-    }
-    // verifier: mask the index into the window.
-    let b = s.line[i & (LINE_WINDOW - 1)];
-    let outcome = s.parser.step(b, &mut s.path).outcome();
-    if outcome == OUTCOME_PENDING {
-        return 0;
-    }
-    s.outcome = outcome;
-    1
+/// Where the current segment's headers and payload are.
+pub struct Headers {
+    pub family: u8,
+    pub l4: usize,
+    pub payload: usize,
+    pub payload_len: usize,
+    pub seq: u32,
 }
 
-fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
+fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Reason::NotIp)?;
+    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
+    let s = unsafe { &mut *s };
     let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
         ETH_P_IPV4 => {
             let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
@@ -106,11 +132,11 @@ fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
             if ihl < IPV4_HLEN_MIN || be16(ip[6], ip[7]) & 0x3fff != 0 {
                 return Err(Reason::Unsupported);
             }
-            (
-                FAMILY_V4,
-                ETH_HLEN + ihl,
-                ETH_HLEN + be16(ip[2], ip[3]) as usize,
-            )
+            s.key.client_addr_be = [0; 16];
+            s.key.server_addr_be = [0; 16];
+            s.key.client_addr_be[..4].copy_from_slice(&ip[12..16]);
+            s.key.server_addr_be[..4].copy_from_slice(&ip[16..20]);
+            (FAMILY_V4, ETH_HLEN + ihl, ETH_HLEN + be16(ip[2], ip[3]) as usize)
         }
         ETH_P_IPV6 => {
             let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
@@ -121,11 +147,9 @@ fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
                 0 | 43 | 44 | 51 | 60 | 135 => return Err(Reason::Unsupported),
                 _ => return Err(Reason::NotTcp),
             }
-            (
-                FAMILY_V6,
-                ETH_HLEN + IPV6_HLEN,
-                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
-            )
+            s.key.client_addr_be.copy_from_slice(&ip[8..24]);
+            s.key.server_addr_be.copy_from_slice(&ip[24..40]);
+            (FAMILY_V6, ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize)
         }
         _ => return Err(Reason::NotIp),
     };
@@ -133,127 +157,375 @@ fn try_run(ctx: &TcContext) -> Result<Reason, Reason> {
     if !port_inspected(be16(tcp[2], tcp[3])) {
         return Err(Reason::OtherPort);
     }
+    s.key.client_port = be16(tcp[0], tcp[1]);
+    s.key.server_port = be16(tcp[2], tcp[3]);
+    s.key.family = family;
+    s.key._pad = [0; 3];
+    let flags = tcp[13];
+    let mut seq = be32(&tcp, 4);
+
+    if flags & tcp_flags::RST != 0 {
+        forget(s);
+        return Err(Reason::NoPayload);
+    }
+    if flags & tcp_flags::SYN != 0 {
+        // A new connection: its first byte is the one after the SYN.
+        seq = seq.wrapping_add(1);
+        s.stream.reset(seq, flag::SYN);
+        if CONNS.insert(&s.key, &s.stream, 0).is_err() {
+            count(Reason::ConnTableFull);
+        }
+        let _ = PENDING.remove(&s.key);
+    }
     let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
     if ip_end <= payload {
+        if flags & tcp_flags::FIN != 0 {
+            forget(s);
+        }
         return Err(Reason::NoPayload);
     }
     let payload_len = ip_end - payload;
+    let hdr = Headers { family, l4, payload, payload_len, seq };
 
-    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotHttp)?;
-    let s = unsafe { &mut *s };
-    let n = if payload_len < LINE_WINDOW {
-        payload_len
-    } else {
-        LINE_WINDOW
-    };
-    if !load_into(ctx, payload, &mut s.line, n) {
-        return Err(Reason::NoPayload);
-    }
-    s.parser = LineParser::new();
-    s.window_len = n as u32;
-    s.outcome = OUTCOME_PENDING;
-    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
-    unsafe { bpf_loop(n as u32, parse_byte as *mut c_void, null_mut(), 0) };
-    let hdr = Headers {
-        family,
-        l4,
-        payload_len,
-        payload,
-        window_len: n,
-    };
-
-    let settings = SETTINGS.get(0).ok_or(Reason::NotHttp)?;
-    let req = match s.parser.finish(s.outcome, n) {
-        Ok(req) => req,
-        Err(Reason::PathTooLong) if settings.flags & SETTINGS_OVERSIZE_PASS == 0 => {
-            // The path runs past the inspection window: answer 414 rather than let an
-            // undecided request through.
-            return reject(
-                ctx,
-                s,
-                &eth,
-                &tcp,
-                &hdr,
-                Reason::LineTooLong,
-                0,
-                Method::Other,
-                0,
-            );
+    let conn = match CONNS.get_ptr_mut(&s.key) {
+        Some(c) => c,
+        None => {
+            // Not seen from its SYN (established before the filter attached, or evicted):
+            // start following it here, at a request boundary.
+            s.stream.reset(seq, 0);
+            if CONNS.insert(&s.key, &s.stream, 0).is_err() {
+                count(Reason::ConnTableFull);
+            }
+            CONNS.get_ptr_mut(&s.key).ok_or(Reason::ConnTableFull)?
         }
-        Err(r) => return Err(r),
     };
+    let conn = unsafe { &mut *conn };
+    if conn.is_tunnel() {
+        return Err(Reason::Tunnel);
+    }
+    let pos = conn.pos;
+    if seq_after(seq, pos) {
+        // Ahead of the bytes the filter has decided on: dropped, the client resends in order.
+        return Err(Reason::OutOfOrder);
+    }
+    let end = seq.wrapping_add(payload_len as u32);
+    if !seq_after(end, pos) {
+        // Bytes already decided on: the backend keeps its first copy.
+        return Err(Reason::Retransmit);
+    }
+    copy_words(&mut s.stream, conn);
+    prepare_event(ctx, s, &eth, &tcp, &hdr);
+    if s.stream.path_in_progress() {
+        match unsafe { PENDING.get(&s.key) } {
+            Some(p) => copy_path(&mut s.raw, p),
+            // The saved path was evicted: the request cannot be decided, so refuse it.
+            None => return refuse(ctx, s, &tcp, &hdr, pos, Reason::BadPath, 0, Method::Other),
+        }
+    }
+    let off = pos.wrapping_sub(seq) as usize;
+    let settings = SETTINGS.get(0).ok_or(Reason::NotHttp)?;
 
-    let rule = lookup(s, req.path_len, settings.active_rules);
-    let (allow, verdict) = match rule {
-        Some(r) => (r.allow, Reason::AllowedByRule),
-        None => (settings.default_allow, Reason::AllowedByDefault),
+    s.off = off as u32;
+    s.payload_off = payload as u32;
+    s.payload_len = payload_len as u32;
+    s.stop = STOP_NONE;
+    s.decided = 0;
+    let mut rc = RoundCtx { skb: ctx.skb.skb };
+    // verifier: the round body (window parse, decision, bulk body) verified once, not once
+    // per round.
+    unsafe { bpf_loop(MAX_ROUNDS as u32, round as *mut c_void, (&mut rc as *mut RoundCtx).cast(), 0) };
+    let off = s.off as usize;
+    let decided = s.decided != 0;
+    match s.stop {
+        STOP_TUNNEL => {
+            copy_words(conn, &s.stream);
+            conn.tunnel();
+            count(Reason::Tunnel);
+            return Ok(Out::Counted(PASS));
+        }
+        STOP_REFUSE => {
+            let reason = Reason::from_u32(s.stop_reason);
+            let oversize = reason == Reason::LineTooLong || reason == Reason::HeadersTooLarge;
+            if oversize && settings.flags & SETTINGS_OVERSIZE_PASS != 0 {
+                copy_words(conn, &s.stream);
+                conn.tunnel();
+                count(Reason::PathTooLong);
+                return Ok(Out::Counted(PASS));
+            }
+            if reason == Reason::NotHttp && s.stream.flags & flag::SYN == 0 {
+                // Joined mid-stream and not at a request boundary: nothing to decide on.
+                copy_words(conn, &s.stream);
+                conn.tunnel();
+                return Err(Reason::NotHttp);
+            }
+            return refuse(ctx, s, &tcp, &hdr, pos, reason, s.stop_allow, Method::from_u8(s.stop_method as u8));
+        }
+        STOP_NONE => {}
+        // A window that could not be loaded.
+        _ => return Err(Reason::NoPayload),
+    }
+
+    if off < payload_len {
+        // More windows than one pass follows: let the processed part through, cut the rest;
+        // the client sends it again and the next segment goes on from here.
+        if !trim_payload(ctx, s, &hdr, off) {
+            return Err(Reason::ResetFailed);
+        }
+    }
+    save(s, conn, flags & tcp_flags::FIN != 0);
+    if decided {
+        // The requests this segment started were counted one by one.
+        Ok(Out::Counted(PASS))
+    } else {
+        Err(Reason::MidStream)
+    }
+}
+
+/// Write the stream back to the connection table, and the path if a request line is still
+/// in flight; forget the connection after the client's FIN.
+#[inline(always)]
+fn save(s: &mut Scratch, conn: &mut Stream, fin: bool) {
+    if fin {
+        forget(s);
+        return;
+    }
+    copy_words(conn, &s.stream);
+    if s.stream.path_in_progress() {
+        let _ = PENDING.insert(&s.key, &s.raw, 0);
+    }
+}
+
+/// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy
+/// loop in BPF, which the verifier walks byte by byte).
+#[inline(always)]
+fn copy_words<T: Copy>(dst: &mut T, src: &T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let d = (dst as *mut T).cast::<u64>();
+    let s = (src as *const T).cast::<u64>();
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        unsafe { write_unaligned(d.add(i), read_unaligned(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Copy a saved path buffer with one helper call instead of a 1 KiB loop.
+#[inline(always)]
+fn copy_path(dst: &mut [u8; PATH_MAX], src: &[u8; PATH_MAX]) {
+    unsafe {
+        bpf_probe_read_kernel(dst.as_mut_ptr() as *mut c_void, PATH_MAX as u32, src.as_ptr() as *const c_void)
     };
-    if req.method == Method::Options {
+}
+
+#[inline(always)]
+fn forget(s: &Scratch) {
+    let _ = CONNS.remove(&s.key);
+    let _ = PENDING.remove(&s.key);
+}
+
+/// What the round callback needs from the main program: the skb (a spilled context pointer
+/// the verifier follows into the callback).
+#[repr(C)]
+struct RoundCtx {
+    skb: *mut __sk_buff,
+}
+
+/// `bpf_loop` callback: one round over the segment's new bytes: a body run consumed in bulk, or
+/// a window of request line / headers parsed byte by byte with each decision applied. Leaves
+/// `s.stop` at `STOP_NONE`, or `STOP_REFUSE` / `STOP_TUNNEL` for the main program to act on.
+unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let s = unsafe { &mut *s };
+    let rc = unsafe { &*(rc as *const RoundCtx) };
+    let (off, len) = (s.off as usize, s.payload_len as usize);
+    if off >= len || s.stop != STOP_NONE {
+        return 1;
+    }
+    if s.stream.in_bulk() {
+        let left = (len - off) as u64;
+        let n = if s.stream.bulk_left() < left { s.stream.bulk_left() } else { left };
+        s.stream.consume(n);
+        s.off = (off as u64 + n) as u32;
+        return 0;
+    }
+    let w = if len - off < LINE_WINDOW { len - off } else { LINE_WINDOW };
+    let ctx = TcContext::new(rc.skb);
+    if !load_into(&ctx, s.payload_off as usize + off, &mut s.line, w) {
+        s.stop = STOP_LOAD_FAILED;
+        return 1;
+    }
+    s.window_len = w as u32;
+    s.consumed = 0;
+    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
+    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, null_mut(), 0) };
+    let consumed = s.consumed as usize;
+    s.off = (off + if consumed < w { consumed } else { w }) as u32;
+    s.decided = 1;
+    if s.stop == STOP_DECIDE {
+        s.stop = STOP_NONE;
+        decide(s);
+    } else if s.stop == STOP_OVERRIDE {
+        s.stop = STOP_NONE;
+        check_override(s);
+    } else if s.stop == STOP_BULK {
+        s.stop = STOP_NONE;
+    }
+    if s.stop == STOP_MONITOR {
+        send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
+        s.stop = STOP_NONE;
+    }
+    if s.stop == STOP_NONE { 0 } else { 1 }
+}
+
+/// `bpf_loop` callback: feed window byte `i` to the connection's stream parser, deciding each
+/// request as its path completes. Returns 1 to stop (see `STOP_*`).
+unsafe extern "C" fn stream_byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let s = unsafe { &mut *s };
+    let i = i as usize;
+    if i >= s.window_len as usize {
+        return 1;
+    }
+    s.consumed = i as u32 + 1;
+    // verifier: mask the index into the window.
+    let b = s.line[i & (LINE_WINDOW - 1)];
+    match s.stream.step(b, &mut s.raw) {
+        Ev::More => 0,
+        Ev::Bulk => stop(s, STOP_BULK),
+        Ev::Tunnel => stop(s, STOP_TUNNEL),
+        Ev::Fail(r) => refuse_stop(s, r, 0, Method::from_u8(s.stream.method)),
+        Ev::Decide => stop(s, STOP_DECIDE),
+        Ev::Override => stop(s, STOP_OVERRIDE),
+    }
+}
+
+#[inline(always)]
+fn stop(s: &mut Scratch, why: u32) -> i64 {
+    s.stop = why;
+    1
+}
+
+#[inline(always)]
+fn refuse_stop(s: &mut Scratch, reason: Reason, allow: u32, method: Method) -> i64 {
+    s.stop_reason = reason as u32;
+    s.stop_allow = allow;
+    s.stop_method = method as u32;
+    stop(s, STOP_REFUSE)
+}
+
+/// The current request's path is complete: apply the policy. Leaves `s.stop` at
+/// `STOP_NONE` (go on), `STOP_MONITOR` or `STOP_REFUSE`.
+// verifier/stack: a BPF-to-BPF call keeps its frame off the main program's stack.
+#[inline(never)]
+fn decide(s: &mut Scratch) -> i64 {
+    let Some(settings) = SETTINGS.get(0) else { return refuse_stop(s, Reason::NotHttp, 0, Method::Other) };
+    let method = s.stream.take_method();
+    // Canonicalize the raw path into `s.path`, one byte per callback.
+    s.canon = Canon::new();
+    s.canon_len = 0;
+    s.canon_err = u32::MAX;
+    s.canon_raw_len = s.stream.line.path_len() as u32;
+    if s.canon_raw_len > 0 {
+        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, null_mut(), 0) };
+        if s.canon_err == u32::MAX {
+            if let Err(r) = s.canon.finish(&mut s.path, &mut s.canon_len) {
+                s.canon_err = r as u32;
+            }
+        }
+        if s.canon_err != u32::MAX {
+            let r = if s.canon_err == Reason::PathTooLong as u32 { Reason::LineTooLong } else { Reason::BadPath };
+            return refuse_stop(s, r, 0, method);
+        }
+    }
+    let rule = lookup(s, s.canon_len as usize, settings.active_rules);
+    let (allow, rule_flags, verdict) = match rule {
+        Some(r) => (r.allow, r.flags, Reason::AllowedByRule),
+        None => (settings.default_allow, 0, Reason::AllowedByDefault),
+    };
+    if method == Method::Options {
         // Never 405 for OPTIONS (CORS preflight): pass it, or answer 204 + Allow.
         if rule.is_some() && settings.flags & SETTINGS_OPTIONS_ANSWER != 0 {
-            return reject(
-                ctx,
-                s,
-                &eth,
-                &tcp,
-                &hdr,
-                Reason::OptionsAnswered,
-                allow,
-                req.method,
-                req.path_len,
-            );
+            return refuse_stop(s, Reason::OptionsAnswered, allow, method);
         }
-        return Ok(Reason::OptionsPassed);
+        count(Reason::OptionsPassed);
+        s.stream.set_verdict(MethodSet::ANY.0, rule_flags);
+        return 0;
     }
-    if allow & req.method.bit() != 0 {
-        return Ok(verdict);
+    let monitor = rule_flags & RULE_MONITOR != 0 || settings.flags & SETTINGS_DRY_RUN != 0;
+    s.stream.set_verdict(allow, rule_flags | if monitor { RULE_MONITOR } else { 0 });
+    if allow & method.bit() != 0 {
+        count(verdict);
+        return 0;
     }
-    let monitor = rule.is_some_and(|r| r.flags & RULE_MONITOR != 0);
-    if monitor || settings.flags & SETTINGS_DRY_RUN != 0 {
-        send_event(
-            ctx,
-            s,
-            &eth,
-            &tcp,
-            &hdr,
-            Reason::Monitored,
-            allow,
-            req.method,
-            req.path_len,
-        );
-        return Ok(Reason::Monitored);
+    violation(s, allow, method, monitor)
+}
+
+/// A method-override header named a method: it must be allowed too.
+#[inline(never)]
+fn check_override(s: &mut Scratch) -> i64 {
+    let m = s.stream.override_method();
+    let allow = s.stream.allow;
+    if allow & m.bit() != 0 {
+        return 0;
     }
-    reject(
-        ctx,
-        s,
-        &eth,
-        &tcp,
-        &hdr,
-        Reason::Rejected,
-        allow,
-        req.method,
-        req.path_len,
-    )
+    violation(s, allow, m, s.stream.rule_flags & RULE_MONITOR != 0)
+}
+
+#[inline(always)]
+fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 {
+    if monitor {
+        count(Reason::Monitored);
+        s.stop_allow = allow;
+        s.stop_method = method as u32;
+        return stop(s, STOP_MONITOR);
+    }
+    refuse_stop(s, Reason::Rejected, allow, method)
+}
+
+/// `bpf_loop` callback: feed raw path byte `i` to the canonicalizer.
+unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let s = unsafe { &mut *s };
+    let i = i as usize;
+    if i >= s.canon_raw_len as usize {
+        return 1;
+    }
+    let b = s.raw[i & (PATH_MAX - 1)];
+    match s.canon.push(b, &mut s.path, &mut s.canon_len) {
+        Ok(()) => 0,
+        Err(r) => {
+            s.canon_err = r as u32;
+            1
+        }
+    }
+}
+
+/// `bpf_loop` callback: absorb path word `i` into the hash under way.
+unsafe extern "C" fn hash_word(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let s = unsafe { &mut *s };
+    let i = i as usize;
+    if i >= s.sip_words as usize || i >= PATH_MAX / 8 {
+        return 1;
+    }
+    s.sip.word(&s.path, i * 8);
+    0
 }
 
 /// The rule for the parsed path: an exact rule, else the longest prefix rule.
 #[inline(always)]
 fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
-    let hash = path_hash(&key, &s.path, path_len);
-    let (rules, prefixes) = if active == 1 {
-        (&RULES_B, &PREFIX_B)
-    } else {
-        (&RULES_A, &PREFIX_A)
-    };
+    s.sip = SipState::new(&key);
+    s.sip_words = full_words(path_len) as u32;
+    // verifier: the 128 words of a 1 KiB path through one callback verified once.
+    unsafe { bpf_loop(s.sip_words, hash_word as *mut c_void, null_mut(), 0) };
+    let hash = s.sip.finish(&s.path, path_len);
+    let (rules, prefixes) = if active == 1 { (&RULES_B, &PREFIX_B) } else { (&RULES_A, &PREFIX_A) };
     if let Some(r) = unsafe { rules.get(hash) } {
         return Some(*r);
     }
-    let n = if path_len < PREFIX_MAX {
-        path_len
-    } else {
-        PREFIX_MAX
-    };
+    let n = if path_len < PREFIX_MAX { path_len } else { PREFIX_MAX };
     s.prefix_key.prefixlen = (n * 8) as u32;
     let mut i = 0;
     while i < PREFIX_MAX / 8 {
@@ -266,102 +538,87 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     prefixes.get(key).copied()
 }
 
-/// Where the headers of the current segment are, for events and the reset.
-struct Headers {
-    family: u8,
-    l4: usize,
-    payload_len: usize,
-    payload: usize,
-    window_len: usize,
-}
-
-/// Fill the event in the scratch buffer and hand it to the responder.
-#[allow(clippy::too_many_arguments)]
+/// Fill the per-segment part of the event (where to answer) in the scratch buffer.
 #[inline(always)]
-fn send_event(
-    ctx: &TcContext,
-    s: &mut Scratch,
-    eth: &[u8; ETH_HLEN],
-    tcp: &[u8; TCP_HLEN_MIN],
-    hdr: &Headers,
-    reason: Reason,
-    allow: u32,
-    method: Method,
-    path_len: usize,
-) -> bool {
+fn prepare_event(ctx: &TcContext, s: &mut Scratch, eth: &[u8; ETH_HLEN], tcp: &[u8; TCP_HLEN_MIN], hdr: &Headers) {
     let ev: &mut RejectEvent = &mut s.event;
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    ev.reason = reason as u32;
-    ev.allow = allow;
-    ev.seq = be32(tcp, 4);
+    ev.seq = hdr.seq;
     ev.ack = be32(tcp, 8);
     ev.payload_len = hdr.payload_len as u32;
-    ev.client_port = be16(tcp[0], tcp[1]);
-    ev.server_port = be16(tcp[2], tcp[3]);
-    ev.path_len = path_len as u16;
+    ev.client_port = s.key.client_port;
+    ev.server_port = s.key.server_port;
     ev.family = hdr.family;
-    ev.method = method as u8;
     ev._pad0 = [0; 2];
     ev.client_mac.copy_from_slice(&eth[6..12]);
     ev.server_mac.copy_from_slice(&eth[0..6]);
-    if hdr.family == FAMILY_V4 {
-        let Ok(ip) = ctx.load::<[u8; IPV4_HLEN_MIN]>(ETH_HLEN) else {
-            return false;
-        };
-        ev.client_addr_be = [0; 16];
-        ev.server_addr_be = [0; 16];
-        ev.client_addr_be[..4].copy_from_slice(&ip[12..16]);
-        ev.server_addr_be[..4].copy_from_slice(&ip[16..20]);
-    } else {
-        let Ok(ip) = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN) else {
-            return false;
-        };
-        ev.client_addr_be.copy_from_slice(&ip[8..24]);
-        ev.server_addr_be.copy_from_slice(&ip[24..40]);
-    }
-    let line_len = if hdr.window_len < EVENT_LINE_MAX {
-        hdr.window_len
-    } else {
-        EVENT_LINE_MAX
-    };
-    ev.line_len = line_len as u16;
-    if !load_into(ctx, hdr.payload, &mut ev.line, line_len) {
-        ev.line_len = 0;
+    ev.client_addr_be = s.key.client_addr_be;
+    ev.server_addr_be = s.key.server_addr_be;
+}
+
+/// Complete the prepared event with what to answer and the path, and hand it to the
+/// responder.
+// verifier/stack: a BPF-to-BPF call keeps its frame off the main program's stack.
+#[inline(never)]
+fn send_event(s: &mut Scratch, reason: u32, allow: u32, method: u32) {
+    let path_len = s.canon_len as usize;
+    let ev: &mut RejectEvent = &mut s.event;
+    ev.reason = reason;
+    ev.allow = allow;
+    ev.method = method as u8;
+    ev.path_len = path_len as u16;
+    ev.line_len = if path_len < EVENT_LINE_MAX { path_len as u16 } else { EVENT_LINE_MAX as u16 };
+    let mut i = 0;
+    while i < EVENT_LINE_MAX / 8 {
+        // verifier: constant-bounded word copy of the path into the event.
+        let w = unsafe { read_unaligned(s.path.as_ptr().add(i * 8).cast::<u64>()) };
+        unsafe { write_unaligned(ev.line.as_mut_ptr().add(i * 8).cast::<u64>(), w) };
+        i += 1;
     }
     if EVENTS.output::<RejectEvent>(&*ev, 0).is_err() {
         count(Reason::EventLost);
     }
-    true
 }
 
-/// Stop this request: tell the responder what to answer, and turn the segment into a reset
-/// so the backend never reads it.
+/// Refuse the current request. If it starts after new bytes of this segment, cut the segment
+/// there (those bytes pass; the refused request comes again and is refused then). Otherwise
+/// tell the responder what to answer and turn the segment into a reset to the backend, whose
+/// next expected byte is `pos`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn reject(
+fn refuse(
     ctx: &TcContext,
     s: &mut Scratch,
-    eth: &[u8; ETH_HLEN],
     tcp: &[u8; TCP_HLEN_MIN],
     hdr: &Headers,
+    pos: u32,
     reason: Reason,
     allow: u32,
     method: Method,
-    path_len: usize,
-) -> Result<Reason, Reason> {
-    if !send_event(ctx, s, eth, tcp, hdr, reason, allow, method, path_len) {
-        return Err(Reason::ResetFailed);
+) -> Result<Out, Reason> {
+    let start = s.stream.req_start;
+    if seq_after(start, pos) {
+        let keep = start.wrapping_sub(hdr.seq) as usize;
+        if keep < hdr.payload_len {
+            if !trim_payload(ctx, s, hdr, keep) {
+                return Err(Reason::ResetFailed);
+            }
+            s.stream.restart_at(start);
+            if let Some(conn) = CONNS.get_ptr_mut(&s.key) {
+                copy_words(unsafe { &mut *conn }, &s.stream);
+            }
+            return Ok(Out::Counted(PASS));
+        }
     }
-    let ev = &s.event;
-    let seg = Segment {
-        family: hdr.family,
-        l4: hdr.l4,
-        tcp,
-        client: &ev.client_addr_be,
-        server: &ev.server_addr_be,
-    };
+    send_event(s, reason as u32, allow, method as u32);
+    forget(s);
+    let seg = Segment { family: hdr.family, l4: hdr.l4, seq: pos, tcp, client: &s.key.client_addr_be, server: &s.key.server_addr_be };
     if !turn_into_reset(ctx, &seg) {
         return Err(Reason::ResetFailed);
     }
-    Ok(reason)
+    count(reason);
+    Ok(Out::Counted(PASS))
 }
+
+#[allow(dead_code)]
+const _: () = assert!(PATH_MAX >= EVENT_LINE_MAX && PATH_MAX >= PREFIX_MAX);

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use filter_common::{
-    LoadConfig, PrefixData, RuleValue, Scratch, Settings, EVENTS_BYTES, PREFIX_RULES_MAX,
-    RULES_MAX, STATS_SLOTS,
+    stream::Stream, ConnKey, LoadConfig, PrefixData, RuleValue, Scratch, Settings, CONNS_MAX,
+    EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX, STATS_SLOTS,
 };
 
 /// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
@@ -33,6 +33,17 @@ pub static PREFIX_A: LpmTrie<PrefixData, RuleValue> =
 #[map]
 pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
     LpmTrie::with_max_entries(PREFIX_RULES_MAX, 0);
+
+/// Connection table: key `ConnKey`, value `Stream` (where the client's byte stream is: next
+/// sequence number, parse state, current request's verdict). Written and read by the
+/// classifier only; LRU so that a full table evicts the stalest connection.
+#[map]
+pub static CONNS: LruHashMap<ConnKey, Stream> = LruHashMap::with_max_entries(CONNS_MAX, 0);
+
+/// Paths of request lines split across segments, key `ConnKey`, value the path buffer.
+/// Separate from `CONNS` so that the 1 KiB buffer is only held while a line is in flight.
+#[map]
+pub static PENDING: LruHashMap<ConnKey, [u8; PATH_MAX]> = LruHashMap::with_max_entries(PENDING_MAX, 0);
 
 /// One `Settings` entry: active policy map and default for ungoverned paths. Written by the
 /// daemon before it attaches the program, read per candidate request.

@@ -2,13 +2,142 @@
 //! into a reset to the backend.
 
 use aya_ebpf::{
-    bindings::BPF_F_RECOMPUTE_CSUM,
+    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     check_bounds_signed,
-    helpers::{bpf_l3_csum_replace, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{
+        bpf_csum_diff, bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace,
+        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+    },
     programs::TcContext,
 };
 use core::ffi::c_void;
-use filter_common::{csum, tcp_flags, ETH_HLEN, FAMILY_V4, IPV6_HLEN, TCP_HLEN_MIN};
+use core::ptr::null_mut;
+use filter_common::{csum, tcp_flags, Scratch, ETH_HLEN, FAMILY_V4, IPV6_HLEN, TCP_HLEN_MIN};
+
+use crate::ingress::Headers;
+
+/// Bytes summed per step when cutting a segment (a multiple of 4 for `bpf_csum_diff`, with
+/// room for padding in the 1 KiB window).
+const CUT_CHUNK: usize = 1020;
+/// Steps: a segment is cut by at most this many chunks (64 KiB, a full GSO segment).
+const CUT_CHUNKS: usize = 65;
+
+/// Shorten the segment to its first `keep` payload bytes: fix the IP length and checksum, and
+/// take the removed bytes and the new length out of the TCP checksum (`bpf_l4_csum_replace`
+/// applies each change the way the skb's checksum state needs it).
+#[inline(always)]
+pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize) -> bool {
+    let skb = ctx.skb.skb;
+    if keep >= hdr.payload_len {
+        return true;
+    }
+    let Ok(tcp) = ctx.load::<[u8; TCP_HLEN_MIN]>(hdr.l4) else { return false };
+    let doff = ((tcp[12] >> 4) as usize) * 4;
+    let csum_off = (hdr.l4 + 16) as u32;
+    let Ok(old_field) = ctx.load::<[u8; 2]>(hdr.l4 + 16) else { return false };
+
+    // One's-complement sum of the removed bytes, negated (bpf_csum_diff with only `from`).
+    let mut diff: u32 = 0;
+    let mut i = 0;
+    while i < CUT_CHUNKS {
+        let start = keep + i * CUT_CHUNK;
+        if start >= hdr.payload_len {
+            break;
+        }
+        let rest = hdr.payload_len - start;
+        let n = if rest < CUT_CHUNK { rest } else { CUT_CHUNK };
+        if !load_into(ctx, hdr.payload + start, &mut s.line, n) {
+            return false;
+        }
+        // Pad to a multiple of 4 with zeros, which add nothing to the sum.
+        s.line[n & 1023] = 0;
+        s.line[(n + 1) & 1023] = 0;
+        s.line[(n + 2) & 1023] = 0;
+        let n4 = ((n + 3) & !3) as i64;
+        // verifier: bounded, non-zero size for bpf_csum_diff.
+        if !check_bounds_signed(n4, 4, (CUT_CHUNK + 4) as i64) {
+            return false;
+        }
+        let r = unsafe { bpf_csum_diff(s.line.as_mut_ptr() as *mut u32, n4 as u32, null_mut(), 0, diff) };
+        if r < 0 {
+            return false;
+        }
+        diff = r as u32;
+        i += 1;
+    }
+    if keep + CUT_CHUNKS * CUT_CHUNK < hdr.payload_len {
+        return false;
+    }
+    let mut d = (diff & 0xffff) + (diff >> 16);
+    d = (d & 0xffff) + (d >> 16);
+    // The removed bytes start at an odd offset of the TCP segment: their 16-bit words are
+    // byte-swapped relative to the checksum's.
+    if (doff + keep) & 1 == 1 {
+        d = ((d & 0xff) << 8) | (d >> 8);
+    }
+    let old_len = ((doff + hdr.payload_len) as u16).to_be_bytes();
+    let new_len = ((doff + keep) as u16).to_be_bytes();
+    let ok = unsafe {
+        bpf_skb_change_tail(skb, (hdr.payload + keep) as u32, 0) >= 0
+            && bpf_l4_csum_replace(skb, csum_off, 0, d as u64, 0) >= 0
+            && bpf_l4_csum_replace(
+                skb,
+                csum_off,
+                u16::from_ne_bytes(old_len) as u64,
+                u16::from_ne_bytes(new_len) as u64,
+                (BPF_F_PSEUDO_HDR | 2) as u64,
+            ) >= 0
+    };
+    if !ok {
+        return false;
+    }
+    // CHECKSUM_COMPLETE: skb->csum covers the checksum field, which the payload change moved.
+    if let Ok(new_field) = ctx.load::<[u8; 2]>(hdr.l4 + 16) {
+        let mut from = [0u8; 4];
+        let mut to = [0u8; 4];
+        from[..2].copy_from_slice(&old_field);
+        to[..2].copy_from_slice(&new_field);
+        let delta = unsafe { bpf_csum_diff(from.as_mut_ptr() as *mut u32, 4, to.as_mut_ptr() as *mut u32, 4, 0) };
+        if delta >= 0 {
+            // Fails (harmlessly) unless the skb is CHECKSUM_COMPLETE.
+            unsafe { bpf_csum_update(skb, delta as u32) };
+        }
+    }
+    set_ip_len(ctx, hdr.family, hdr.l4, doff + keep)
+}
+
+/// Write the IP length for a TCP segment of `tcp_len` bytes at `l4`.
+#[inline(always)]
+fn set_ip_len(ctx: &TcContext, family: u8, l4: usize, tcp_len: usize) -> bool {
+    let skb = ctx.skb.skb;
+    if family == FAMILY_V4 {
+        let Ok(old) = ctx.load::<[u8; 2]>(ETH_HLEN + 2) else { return false };
+        let new = ((l4 - ETH_HLEN + tcp_len) as u16).to_be_bytes();
+        // tot_len and the header checksum change together: the header still sums to 0xffff,
+        // so skb->csum (CHECKSUM_COMPLETE) needs no update for these two writes.
+        unsafe {
+            bpf_skb_store_bytes(skb, (ETH_HLEN + 2) as u32, new.as_ptr() as *const c_void, 2, 0) >= 0
+                && bpf_l3_csum_replace(
+                    skb,
+                    (ETH_HLEN + 10) as u32,
+                    u16::from_ne_bytes(old) as u64,
+                    u16::from_ne_bytes(new) as u64,
+                    2,
+                ) >= 0
+        }
+    } else {
+        let new = ((l4 - ETH_HLEN - IPV6_HLEN + tcp_len) as u16).to_be_bytes();
+        unsafe {
+            bpf_skb_store_bytes(
+                skb,
+                (ETH_HLEN + 4) as u32,
+                new.as_ptr() as *const c_void,
+                2,
+                BPF_F_RECOMPUTE_CSUM as u64,
+            ) >= 0
+        }
+    }
+}
 
 /// Copy `len` bytes at `off` into `dst`, for `1 <= len <= N`.
 #[inline(always)]
@@ -39,6 +168,8 @@ pub struct Segment<'a> {
     pub family: u8,
     /// Offset of the TCP header from the start of the frame.
     pub l4: usize,
+    /// Sequence number the reset carries: the backend's next expected byte.
+    pub seq: u32,
     /// The first 20 bytes of the TCP header as received.
     pub tcp: &'a [u8; TCP_HLEN_MIN],
     pub client: &'a [u8; 16],
@@ -52,6 +183,7 @@ pub struct Segment<'a> {
 pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
     let skb = ctx.skb.skb;
     let mut h = *seg.tcp;
+    h[4..8].copy_from_slice(&seg.seq.to_be_bytes());
     h[12] = ((TCP_HLEN_MIN / 4) as u8) << 4;
     h[13] = tcp_flags::RST | tcp_flags::ACK;
     h[14] = 0; // window
@@ -64,51 +196,16 @@ pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
     if unsafe { bpf_skb_change_tail(skb, (seg.l4 + TCP_HLEN_MIN) as u32, 0) } < 0 {
         return false;
     }
+    if !set_ip_len(ctx, seg.family, seg.l4, TCP_HLEN_MIN) {
+        return false;
+    }
     let pseudo = if seg.family == FAMILY_V4 {
-        let Ok(old) = ctx.load::<[u8; 2]>(ETH_HLEN + 2) else {
-            return false;
-        };
-        let new = ((seg.l4 - ETH_HLEN + TCP_HLEN_MIN) as u16).to_be_bytes();
-        // tot_len and the header checksum change together: the header still sums to 0xffff,
-        // so skb->csum (CHECKSUM_COMPLETE) needs no update for these two writes.
-        let ok = unsafe {
-            bpf_skb_store_bytes(
-                skb,
-                (ETH_HLEN + 2) as u32,
-                new.as_ptr() as *const c_void,
-                2,
-                0,
-            ) >= 0
-                && bpf_l3_csum_replace(
-                    skb,
-                    (ETH_HLEN + 10) as u32,
-                    u16::from_ne_bytes(old) as u64,
-                    u16::from_ne_bytes(new) as u64,
-                    2,
-                ) >= 0
-        };
-        if !ok {
-            return false;
-        }
         let mut src = [0u8; 4];
         let mut dst = [0u8; 4];
         src.copy_from_slice(&seg.client[..4]);
         dst.copy_from_slice(&seg.server[..4]);
         csum::pseudo_v4(&src, &dst, TCP_HLEN_MIN as u16)
     } else {
-        let new = ((seg.l4 - ETH_HLEN - IPV6_HLEN + TCP_HLEN_MIN) as u16).to_be_bytes();
-        let r = unsafe {
-            bpf_skb_store_bytes(
-                skb,
-                (ETH_HLEN + 4) as u32,
-                new.as_ptr() as *const c_void,
-                2,
-                BPF_F_RECOMPUTE_CSUM as u64,
-            )
-        };
-        if r < 0 {
-            return false;
-        }
         csum::pseudo_v6(seg.client, seg.server, TCP_HLEN_MIN as u32)
     };
     let c = csum::finish(csum::add(pseudo, &h)).to_be_bytes();

@@ -731,6 +731,20 @@ impl Dataplane {
         })
     }
 
+    /// Instructions the verifier processed to accept the classifier.
+    pub fn verified_instructions(&self) -> Result<u32, DataplaneError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROG_INGRESS)
+            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { what: PROG_INGRESS.into(), source })?;
+        let info = prog
+            .info()
+            .map_err(|source| DataplaneError::Program { what: PROG_INGRESS.into(), source })?;
+        Ok(info.verified_instruction_count().unwrap_or(0))
+    }
+
     /// Verdict counters summed over CPUs, by reason.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Reason::ALL

@@ -36,27 +36,30 @@ enum Ip {
 }
 
 struct Frame {
+    /// Sequence number of the first payload byte.
+    seq: u32,
     ip: Ip,
+    /// Client port: each case is its own connection (the classifier follows connections).
+    sport: u16,
     proto: u8,
     dport: u16,
     payload: Vec<u8>,
 }
 
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(40000);
+
+/// A TCP segment on a connection of its own (the classifier follows connections).
 fn tcp(ip: Ip, dport: u16, payload: &[u8]) -> Frame {
-    Frame {
-        ip,
-        proto: 6,
-        dport,
-        payload: payload.to_vec(),
-    }
+    let sport = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Frame { seq: SEQ, ip, sport, proto: 6, dport, payload: payload.to_vec() }
 }
 
 fn build(f: &Frame) -> Vec<u8> {
     let mut l4 = Vec::new();
-    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&f.sport.to_be_bytes());
     l4.extend_from_slice(&f.dport.to_be_bytes());
     if f.proto == 6 {
-        l4.extend_from_slice(&SEQ.to_be_bytes());
+        l4.extend_from_slice(&f.seq.to_be_bytes());
         l4.extend_from_slice(&ACK.to_be_bytes());
         // 12 bytes of options (NOP NOP + timestamp), as Linux clients send.
         l4.push(8 << 4);
@@ -149,6 +152,17 @@ fn reject(name: &'static str, f: Frame, method: Method, allow: &'static [Method]
         reason: Reason::Rejected,
         rejected: Some((method, allow)),
     }
+}
+
+/// A request the filter stops and the responder answers (405, 400, 414, ...).
+fn answer(
+    name: &'static str,
+    f: Frame,
+    reason: Reason,
+    method: Method,
+    allow: &'static [Method],
+) -> Case {
+    Case { name, frame: build(&f), reason, rejected: Some((method, allow)) }
 }
 
 fn counters(dp: &Dataplane) -> Vec<(Reason, u64)> {
@@ -277,7 +291,9 @@ fn verdicts_table() {
         case(
             "udp",
             Frame {
+                seq: SEQ,
                 ip: Ip::V4,
+                sport: 1,
                 proto: 17,
                 dport: 80,
                 payload: b"DELETE /admin".to_vec(),
@@ -298,17 +314,24 @@ fn verdicts_table() {
         case(
             "h2 preface",
             tcp(Ip::V6, 80, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Reason::TargetForm,
+            Reason::NotHttp,
         ),
         case(
             "split request line",
             tcp(Ip::V4, 80, b"DELETE /adm"),
-            Reason::LineIncomplete,
+            Reason::MidStream,
+        ),
+        answer(
+            "path over the bound: 414",
+            tcp(Ip::V4, 80, long_path.as_bytes()),
+            Reason::LineTooLong,
+            Other,
+            &[],
         ),
         case(
-            "path over the bound",
-            tcp(Ip::V4, 80, long_path.as_bytes()),
-            Reason::PathTooLong,
+            "OPTIONS passes by default",
+            tcp(Ip::V4, 80, b"OPTIONS /admin HTTP/1.1\r\n\r\n"),
+            Reason::OptionsPassed,
         ),
         reject(
             "disallowed, v4",
@@ -381,12 +404,8 @@ fn verdicts_table() {
                 let want: u32 = allow.iter().map(|m| m.bit()).sum();
                 assert_eq!(ev.allow, want, "{}: allow set", c.name);
                 assert_eq!((ev.seq, ev.ack), (SEQ, ACK), "{}: sequence numbers", c.name);
-                assert_eq!(
-                    (ev.client_port, ev.server_port),
-                    (40000, 80),
-                    "{}: ports",
-                    c.name
-                );
+                let sport = u16::from_be_bytes([c.frame[out.frame.len() - 20], c.frame[out.frame.len() - 19]]);
+                assert_eq!((ev.client_port, ev.server_port), (sport, 80), "{}: ports", c.name);
                 assert_eq!(
                     (ev.client_mac, ev.server_mac),
                     (CLIENT_MAC, SERVER_MAC),
@@ -422,8 +441,9 @@ fn policy_switches_are_seen_by_the_next_packet() {
         return;
     }
     let mut dp = load(&Policy::default());
-    let delete = build(&tcp(Ip::V4, 80, b"DELETE /x HTTP/1.1\r\n\r\n"));
     let reason = |dp: &mut Dataplane| {
+        // A new connection each time: the classifier follows connections.
+        let delete = build(&tcp(Ip::V4, 80, b"DELETE /x HTTP/1.1\r\n\r\n"));
         let before = counters(dp);
         dp.test_run(&delete, 1).unwrap();
         delta(&before, &counters(dp))[0].0
@@ -447,4 +467,69 @@ fn policy_switches_are_seen_by_the_next_packet() {
         Reason::AllowedByDefault,
         "the A/B switch back clears old rules"
     );
+}
+
+/// One connection, several segments: each row is (sequence offset, payload, the reasons the
+/// segment is counted under, whether it must come out as a reset).
+type Seg = (u32, &'static [u8], &'static [Reason], bool);
+
+#[test]
+fn streams_table() {
+    if !lab::e2e_enabled("kernel::streams_table") {
+        return;
+    }
+    use Reason::*;
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let _events = dp.take_events().expect("event ring");
+    let table: &[(&str, &[Seg])] = &[
+        ("keep-alive: allowed then disallowed", &[
+            (0, b"GET /api/items HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+            (29, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ]),
+        ("request line split across segments", &[
+            (0, b"DEL", &[MidStream], false),
+            (3, b"ETE /ad", &[MidStream], false),
+            (10, b"min HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ]),
+        ("out of order is dropped, then taken in order", &[
+            (5, b"E /admin HTTP/1.1\r\n\r\n", &[OutOfOrder], false),
+            (0, b"DELETE /admin HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ]),
+        ("retransmission of decided bytes passes", &[
+            (0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+            (0, b"DELETE /admin HTTP/1.1\r\n\r\n", &[Retransmit], false),
+        ]),
+        ("body is not parsed as a request", &[
+            (0, b"POST /api/items HTTP/1.1\r\nContent-Length: 27\r\n\r\n", &[AllowedByRule], false),
+            (51, b"DELETE /admin HTTP/1.1\r\n\r\n", &[MidStream], false),
+            (78, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+        ]),
+        ("method override", &[
+            (0, b"POST /api/items HTTP/1.1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", &[AllowedByRule, Rejected], true),
+        ]),
+        ("smuggling framing", &[
+            (0, b"POST /api/items HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", &[AllowedByRule, BadFraming], true),
+        ]),
+        ("ambiguous path", &[
+            (0, b"GET /a%2Fdmin HTTP/1.1\r\n\r\n", &[BadPath], true),
+        ]),
+    ];
+    let mut failures = Vec::new();
+    for (i, (name, segs)) in table.iter().enumerate() {
+        let sport = 50000 + i as u16;
+        for (j, (off, payload, reasons, reset)) in segs.iter().enumerate() {
+            let f = Frame { seq: SEQ.wrapping_add(*off), ip: Ip::V4, sport, proto: 6, dport: 80, payload: payload.to_vec() };
+            let frame = build(&f);
+            let before = counters(&dp);
+            let out = dp.test_run(&frame, 1).unwrap();
+            let got: Vec<Reason> = delta(&before, &counters(&dp)).into_iter().map(|(r, _)| r).collect();
+            let mut want = reasons.to_vec();
+            want.sort_by_key(|r| *r as u32);
+            let is_reset = out.frame.len() < frame.len() && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0;
+            if got != want || is_reset != *reset {
+                failures.push(format!("{name}, segment {j}: counted {got:?} (want {want:?}), reset {is_reset} (want {reset})"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }

@@ -35,11 +35,25 @@ fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
             match ev {
                 Ev::More | Ev::Bulk => {}
                 Ev::Decide => {
-                    let p = String::from_utf8_lossy(&path[..s.line.path_len()]).into_owned();
+                    s.take_method();
+                    // The caller canonicalizes the raw path (the kernel: a second bpf_loop).
+                    let raw = path;
+                    let mut canon = [0u8; PATH_MAX];
+                    let p = if s.line.path_len() == 0 {
+                        String::new()
+                    } else {
+                        match crate::canon::canonicalize(&raw[..s.line.path_len()], &mut canon) {
+                            Ok(n) => String::from_utf8_lossy(&canon[..n]).into_owned(),
+                            Err(r) => {
+                                seen.push(Seen::Fail(r));
+                                return seen;
+                            }
+                        }
+                    };
                     seen.push(Seen::Request(Method::from_u8(s.method), p));
                     s.set_verdict(MethodSet::ANY.0, 0);
                 }
-                Ev::Override(m) => seen.push(Seen::Override(m)),
+                Ev::Override => seen.push(Seen::Override(s.override_method())),
                 Ev::Tunnel => {
                     seen.push(Seen::Tunnel);
                     return seen;
@@ -179,6 +193,7 @@ fn positions_track_the_stream() {
             continue;
         }
         if s.step(data[i], &mut path) == Ev::Decide {
+            s.take_method();
             starts.push(s.req_start);
         }
         i += 1;
