@@ -360,9 +360,10 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, null_mut(), 0) };
     let consumed = s.consumed as usize;
     s.off = (off + if consumed < w { consumed } else { w }) as u32;
-    s.decided = 1;
     if s.stop == STOP_DECIDE {
         s.stop = STOP_NONE;
+        // The request is counted under its verdict (or refused, and counted then).
+        s.decided = 1;
         decide(s);
     } else if s.stop == STOP_OVERRIDE {
         s.stop = STOP_NONE;

@@ -36,8 +36,9 @@ enum Ip {
 }
 
 struct Frame {
-    /// Sequence number of the first payload byte.
+    /// Sequence number of the first payload byte (of the SYN itself if `syn`).
     seq: u32,
+    syn: bool,
     ip: Ip,
     /// Client port: each case is its own connection (the classifier follows connections).
     sport: u16,
@@ -51,7 +52,7 @@ static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::n
 /// A TCP segment on a connection of its own (the classifier follows connections).
 fn tcp(ip: Ip, dport: u16, payload: &[u8]) -> Frame {
     let sport = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Frame { seq: SEQ, ip, sport, proto: 6, dport, payload: payload.to_vec() }
+    Frame { seq: SEQ, syn: false, ip, sport, proto: 6, dport, payload: payload.to_vec() }
 }
 
 fn build(f: &Frame) -> Vec<u8> {
@@ -63,7 +64,7 @@ fn build(f: &Frame) -> Vec<u8> {
         l4.extend_from_slice(&ACK.to_be_bytes());
         // 12 bytes of options (NOP NOP + timestamp), as Linux clients send.
         l4.push(8 << 4);
-        l4.push(tcp_flags::PSH | tcp_flags::ACK);
+        l4.push(if f.syn { tcp_flags::SYN } else { tcp_flags::PSH | tcp_flags::ACK });
         l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
         l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     } else {
@@ -292,6 +293,7 @@ fn verdicts_table() {
             "udp",
             Frame {
                 seq: SEQ,
+                syn: false,
                 ip: Ip::V4,
                 sport: 1,
                 proto: 17,
@@ -424,11 +426,14 @@ fn verdicts_table() {
                 } else {
                     assert_eq!(ev.client_addr_be, v6(1), "{}: client", c.name);
                 }
+                // The event carries the canonical path (none for a line refused before its path
+                // was complete).
                 let line = &ev.line[..ev.line_len as usize];
                 assert!(
-                    c.frame.windows(line.len()).any(|w| w == line),
-                    "{}: event carries the request line",
-                    c.name
+                    c.reason == Reason::LineTooLong || (!line.is_empty() && c.frame.windows(line.len()).any(|w| w == line)),
+                    "{}: event carries the path: {:?}",
+                    c.name,
+                    String::from_utf8_lossy(line)
                 );
             }
         }
@@ -469,9 +474,11 @@ fn policy_switches_are_seen_by_the_next_packet() {
     );
 }
 
-/// One connection, several segments: each row is (sequence offset, payload, the reasons the
-/// segment is counted under, whether it must come out as a reset).
+/// One connection (opened with a SYN), several segments: each row is (sequence offset from
+/// the first byte, or `NEXT` for right after the previous segment; payload; the reasons the
+/// segment is counted under; whether it must come out as a reset).
 type Seg = (u32, &'static [u8], &'static [Reason], bool);
+const NEXT: u32 = u32::MAX;
 
 #[test]
 fn streams_table() {
@@ -484,12 +491,12 @@ fn streams_table() {
     let table: &[(&str, &[Seg])] = &[
         ("keep-alive: allowed then disallowed", &[
             (0, b"GET /api/items HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
-            (29, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Rejected], true),
+            (NEXT, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Rejected], true),
         ]),
         ("request line split across segments", &[
             (0, b"DEL", &[MidStream], false),
-            (3, b"ETE /ad", &[MidStream], false),
-            (10, b"min HTTP/1.1\r\n\r\n", &[Rejected], true),
+            (NEXT, b"ETE /ad", &[MidStream], false),
+            (NEXT, b"min HTTP/1.1\r\n\r\n", &[Rejected], true),
         ]),
         ("out of order is dropped, then taken in order", &[
             (5, b"E /admin HTTP/1.1\r\n\r\n", &[OutOfOrder], false),
@@ -497,12 +504,16 @@ fn streams_table() {
         ]),
         ("retransmission of decided bytes passes", &[
             (0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
-            (0, b"DELETE /admin HTTP/1.1\r\n\r\n", &[Retransmit], false),
+            (0, b"PUT /admin HTTP/1.1\r\n\r\n", &[Retransmit], false),
         ]),
         ("body is not parsed as a request", &[
-            (0, b"POST /api/items HTTP/1.1\r\nContent-Length: 27\r\n\r\n", &[AllowedByRule], false),
-            (51, b"DELETE /admin HTTP/1.1\r\n\r\n", &[MidStream], false),
-            (78, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+            (0, b"POST /api/items HTTP/1.1\r\nContent-Length: 26\r\n\r\n", &[AllowedByRule], false),
+            (NEXT, b"DELETE /admin HTTP/1.1\r\n\r\n", &[MidStream], false),
+            (NEXT, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+        ]),
+        ("pipelined: the refused request is cut off, then reset when sent again", &[
+            (0, b"GET /admin HTTP/1.1\r\n\r\nDELETE /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+            (23, b"DELETE /admin HTTP/1.1\r\n\r\n", &[Rejected], true),
         ]),
         ("method override", &[
             (0, b"POST /api/items HTTP/1.1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", &[AllowedByRule, Rejected], true),
@@ -513,12 +524,20 @@ fn streams_table() {
         ("ambiguous path", &[
             (0, b"GET /a%2Fdmin HTTP/1.1\r\n\r\n", &[BadPath], true),
         ]),
+        ("dot segments", &[
+            (0, b"DELETE /x/../ad%6din;p=1 HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ]),
     ];
     let mut failures = Vec::new();
     for (i, (name, segs)) in table.iter().enumerate() {
         let sport = 50000 + i as u16;
+        let syn = Frame { seq: SEQ.wrapping_sub(1), syn: true, ip: Ip::V4, sport, proto: 6, dport: 80, payload: Vec::new() };
+        dp.test_run(&build(&syn), 1).unwrap();
+        let mut next = 0u32;
         for (j, (off, payload, reasons, reset)) in segs.iter().enumerate() {
-            let f = Frame { seq: SEQ.wrapping_add(*off), ip: Ip::V4, sport, proto: 6, dport: 80, payload: payload.to_vec() };
+            let off = if *off == NEXT { next } else { *off };
+            next = off + payload.len() as u32;
+            let f = Frame { seq: SEQ.wrapping_add(off), syn: false, ip: Ip::V4, sport, proto: 6, dport: 80, payload: payload.to_vec() };
             let frame = build(&f);
             let before = counters(&dp);
             let out = dp.test_run(&frame, 1).unwrap();
