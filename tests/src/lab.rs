@@ -854,6 +854,56 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+// ---------------------------------------------------------------------------
+// Segment-level clients (the evasion suite): MACs, a client address no
+// interface owns, and a liveness check.
+
+impl Lab {
+    /// The MAC address of the client veth, `aa:bb:..` lowercase.
+    pub fn client_mac(&self) -> Result<String> {
+        iface_mac(&self.client_ns, &self.client_iface)
+    }
+    /// The MAC address of the server veth, `aa:bb:..` lowercase.
+    pub fn server_mac(&self) -> Result<String> {
+        iface_mac(&self.server_ns, &self.server_iface)
+    }
+
+    /// Adds (or replaces) a permanent neighbour entry in the server namespace:
+    /// `addr` lives at `mac` behind `dev`. With it the server can answer a
+    /// client address no interface owns (a raw-socket client's), so the client
+    /// kernel never sees the connection and never resets it.
+    pub fn add_server_neighbour(&self, dev: &str, addr: IpAddr, mac: &str) -> Result<()> {
+        run(netns_cmd(&self.server_ns, "ip").args([
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]))?;
+        Ok(())
+    }
+}
+
+fn iface_mac(ns: &str, iface: &str) -> Result<String> {
+    let out = run(netns_cmd(ns, "cat").arg(format!("/sys/class/net/{iface}/address")))?;
+    let mac = out.trim().to_ascii_lowercase();
+    ensure!(mac.len() == 17, "{iface} in {ns}: odd MAC address {mac:?}");
+    Ok(mac)
+}
+
+impl Daemon {
+    /// True while the daemon process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.0.try_wait(), Ok(None)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
