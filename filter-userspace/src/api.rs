@@ -708,6 +708,9 @@ async fn remove_rule(
             bad_request(format!("match: {s:?} is neither \"exact\" nor \"prefix\""))
         })?,
     };
+    // The rule is stored under its canonical path; `/%61dmin` names the rule for `/admin`.
+    let path = policy::canonical_path(&path, kind)
+        .map_err(|why| bad_request(format!("path {path:?}: {why}")))?;
     let key = RuleKey { path, kind };
     let mut inner = state.lock();
     check_revision(&headers, None, inner.revision)?;
@@ -1176,8 +1179,9 @@ mod tests {
             json!({"path":"/b/","match":"prefix","mode":"monitor","methods":["GET"]})
         );
         assert_eq!(
-            call(&app, "DELETE", "/v1/rules?path=/a", "").await.0,
-            StatusCode::NO_CONTENT
+            call(&app, "DELETE", "/v1/rules?path=//%61", "").await.0,
+            StatusCode::NO_CONTENT,
+            "the query names the rule by any spelling of its path"
         );
         let (s, body) = call(&app, "DELETE", "/v1/rules?path=/a", "").await;
         assert_eq!(s, StatusCode::NOT_FOUND);

@@ -633,8 +633,8 @@ impl Dataplane {
         self.dry_run
     }
 
-    /// Add or replace one rule in the policy in force (one atomic map update). `is_new` says
-    /// whether the model had no such rule, for the fill counts.
+    /// Add or replace one rule in the policy in force (one atomic map update). The caller
+    /// reports the new entry counts with [`Dataplane::set_fill`].
     pub fn upsert(&mut self, rule: &Rule) -> Result<(), DataplaneError> {
         let active = self.active as usize;
         let v = Self::value_of(rule);

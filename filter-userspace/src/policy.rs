@@ -498,8 +498,11 @@ impl Policy {
 
 /// The path as the kernel compares it, or why it cannot be a rule path.
 ///
-/// TODO(canon): once `filter_common::canon::canonicalize` exists, run the path through it
-/// here and refuse paths that have no canonical form; until then paths are checked only.
+/// Rule paths go through the same canonicalizer the kernel runs on request paths
+/// ([`filter_common::canon::canonicalize`]: unreserved escapes decoded, `;` parameters, dot
+/// segments and repeated slashes removed), so `/%61dmin` and `/x/../admin` are stored as
+/// `/admin`. A path the kernel would refuse with 400 (`%2F`, `%5C`, `%00`, a backslash, an
+/// invalid escape, `..` above the root) is refused here too: no request could ever match it.
 pub fn canonical_path(path: &str, kind: MatchKind) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with '/'");
@@ -512,17 +515,25 @@ pub fn canonical_path(path: &str, kind: MatchKind) -> Result<String, &'static st
     if path.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
         return Err("must be visible ASCII (percent-encode other bytes)");
     }
+    if path.len() > PATH_MAX {
+        return Err("is longer than the 1024 bytes the kernel inspects");
+    }
+    let mut out = [0u8; PATH_MAX];
+    let n = filter_common::canon::canonicalize(path.as_bytes(), &mut out).map_err(|r| match r {
+        filter_common::Reason::PathTooLong => "is longer than the 1024 bytes the kernel inspects",
+        _ => "has an ambiguous encoding the filter refuses with 400 (%2F, %5C, %00, a backslash, an invalid escape, or '..' above the root), so no request could match it",
+    })?;
+    // Canonical output is ASCII when the input is (escapes stay encoded).
+    let canonical = String::from_utf8_lossy(&out[..n]).into_owned();
     match kind {
-        MatchKind::Exact if path.len() > PATH_MAX => {
-            Err("is longer than the 1024 bytes the kernel inspects")
-        }
-        MatchKind::Prefix if path.len() > PREFIX_MAX => {
+        MatchKind::Exact => Ok(canonical),
+        MatchKind::Prefix if canonical.len() > PREFIX_MAX => {
             Err("is longer than the 256 bytes a prefix rule may have")
         }
-        MatchKind::Prefix if !path.ends_with('/') => Err(
+        MatchKind::Prefix if !canonical.ends_with('/') => Err(
             "a prefix rule's path must end in '/' (it covers the subtree under it); add the '/' or use match = \"exact\"",
         ),
-        _ => Ok(path.to_owned()),
+        MatchKind::Prefix => Ok(canonical),
     }
 }
 
@@ -736,6 +747,31 @@ mod tests {
     }
 
     #[test]
+    fn rule_paths_are_stored_canonical() {
+        for (raw, kind, want) in [
+            ("/%61dmin", MatchKind::Exact, "/admin"),
+            ("/x/../admin", MatchKind::Exact, "/admin"),
+            ("//api///items", MatchKind::Exact, "/api/items"),
+            ("/admin;jsessionid=1", MatchKind::Exact, "/admin"),
+            ("/a%3bb", MatchKind::Exact, "/a%3Bb"),
+            ("/api/", MatchKind::Prefix, "/api/"),
+            ("/api/./v1/", MatchKind::Prefix, "/api/v1/"),
+            ("/", MatchKind::Prefix, "/"),
+        ] {
+            assert_eq!(canonical_path(raw, kind).as_deref(), Ok(want), "{raw}");
+        }
+        // Two spellings of one path are one rule.
+        let dup = Policy::from_specs(
+            DefaultPolicy::Any,
+            &[spec("/admin", &["GET"]), spec("/%61dmin", &["PUT"])],
+        );
+        assert!(matches!(
+            dup,
+            Err(PolicyError::DuplicatePath { index: 1, .. })
+        ));
+    }
+
+    #[test]
     fn head_false_stops_get_implying_head() {
         let mut s = spec("/a", &["GET"]);
         s.head = Some(false);
@@ -819,6 +855,10 @@ methods = ["POST"]
                 }),
                 "256 bytes",
             ),
+            (spec("/a%2Fb", &["GET"]), "ambiguous encoding"),
+            (spec("/a\\b", &["GET"]), "ambiguous encoding"),
+            (spec("/a/../..", &["GET"]), "ambiguous encoding"),
+            (spec("/a%zz", &["GET"]), "ambiguous encoding"),
         ];
         for (s, want) in cases {
             let err = Policy::from_specs(DefaultPolicy::Any, std::slice::from_ref(s)).unwrap_err();

@@ -469,13 +469,29 @@ impl Lab {
     }
 
     /// Writes `policy_toml` to a file and runs
-    /// `binary --iface <server iface> --port 80 --policy FILE --api 127.0.0.1:9405 <extra_args>`
-    /// in the server namespace, output to a log file; waits until `/healthz`
-    /// answers 200. An early exit or timeout is an error carrying the log.
+    /// `binary --iface <server iface> --port 80 --policy FILE --api 127.0.0.1:9405
+    /// --token-file <lab dir>/token-N <extra_args>` in the server namespace, output to a log
+    /// file; waits until `/healthz` answers 200. An early exit or timeout is an error carrying
+    /// the log. [`Daemon::api`] sends the token filterd generated.
     pub fn start_filterd(
         &self,
         binary: &Path,
         policy_toml: &str,
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
+        let n = fs::read_dir(&self.dir)?.count();
+        let policy = self.dir.join(format!("policy-{n}.toml"));
+        fs::write(&policy, policy_toml).with_context(|| format!("writing {}", policy.display()))?;
+        self.start_filterd_with_file(binary, &policy, extra_args)
+    }
+
+    /// As [`Lab::start_filterd`], with an existing policy file (a restart reads the file the
+    /// previous run persisted). A `--token-file` in `extra_args` replaces the lab's; with
+    /// `--no-auth` none is passed.
+    pub fn start_filterd_with_file(
+        &self,
+        binary: &Path,
+        policy: &Path,
         extra_args: &[&str],
     ) -> Result<Daemon> {
         ensure!(
@@ -484,15 +500,21 @@ impl Lab {
             binary.display()
         );
         let n = fs::read_dir(&self.dir)?.count();
-        let policy = self.dir.join(format!("policy-{n}.toml"));
-        fs::write(&policy, policy_toml).with_context(|| format!("writing {}", policy.display()))?;
         let log = self.dir.join(format!("filterd-{n}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = self
-            .server_cmd(binary)
-            .args(["--iface", &self.server_iface, "--port", "80", "--policy"])
-            .arg(&policy)
-            .args(["--api", API_ADDR])
+        let token_file = match extra_args.iter().position(|a| *a == "--token-file") {
+            Some(i) => extra_args.get(i + 1).map(PathBuf::from),
+            None if extra_args.contains(&"--no-auth") => None,
+            None => Some(self.dir.join("api-token")),
+        };
+        let mut cmd = self.server_cmd(binary);
+        cmd.args(["--iface", &self.server_iface, "--port", "80", "--policy"])
+            .arg(policy)
+            .args(["--api", API_ADDR]);
+        if let (Some(t), false) = (&token_file, extra_args.contains(&"--token-file")) {
+            cmd.arg("--token-file").arg(t);
+        }
+        let child = cmd
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -503,6 +525,7 @@ impl Lab {
             child: Some(Tracked::new(child)),
             log,
             server_ns: self.server_ns.clone(),
+            token_file,
         };
         let ready = poll_until(DAEMON_TIMEOUT, "filterd's /healthz to answer 200", || {
             if let Some(status) = daemon.child.as_mut().unwrap().0.try_wait()? {
@@ -645,6 +668,8 @@ pub struct Daemon {
     child: Option<Tracked>,
     log: PathBuf,
     server_ns: String,
+    /// The API token file filterd was given (`None` with `--no-auth`).
+    token_file: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -656,19 +681,47 @@ impl Daemon {
         fs::read_to_string(&self.log)
             .unwrap_or_else(|e| format!("<no log {}: {e}>", self.log.display()))
     }
-    /// Calls the REST API from inside the server namespace with curl.
-    /// `body`, if any, is sent as `application/json`. Returns (status, body).
+    /// The API token filterd uses (read from its token file).
+    pub fn token(&self) -> Result<Option<String>> {
+        self.token_file
+            .as_ref()
+            .map(|f| {
+                fs::read_to_string(f)
+                    .map(|t| t.trim().to_owned())
+                    .with_context(|| format!("reading filterd's token file {}", f.display()))
+            })
+            .transpose()
+    }
+    /// Calls the REST API from inside the server namespace with curl, with
+    /// filterd's bearer token. `body`, if any, is sent as `application/json`.
+    /// Returns (status, body).
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        let auth = self.token()?.map(|t| format!("Authorization: Bearer {t}"));
+        let headers: Vec<&str> = auth.iter().map(String::as_str).collect();
+        self.api_with_headers(method, path, body, &headers)
+    }
+    /// As [`Daemon::api`], but sends exactly `headers` (`"Name: value"`) and no
+    /// token of its own: for auth and `If-Match` tests.
+    pub fn api_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> Result<(u16, String)> {
         let mut cmd = netns_cmd(&self.server_ns, "curl");
         cmd.args([
             "-sS",
             "--max-time",
-            "5",
+            "30",
             "-X",
             method,
             "-w",
             "\n%{http_code}",
         ]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
         if let Some(b) = body {
             cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
         }
@@ -682,6 +735,25 @@ impl Daemon {
             .parse()
             .with_context(|| format!("curl printed status {code:?} for {method} {path}"))?;
         Ok((code, text.to_owned()))
+    }
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to filterd.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = self.pid();
+        ensure!(pid != 0, "filterd already stopped");
+        // SAFETY: kill(2) on our own unreaped child.
+        ensure!(
+            unsafe { libc::kill(pid as libc::pid_t, signal) } == 0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+    /// SIGKILLs filterd (no cleanup of its own) and reaps it.
+    pub fn kill9(&mut self) -> Result<std::process::ExitStatus> {
+        let mut tracked = self.child.take().context("filterd already stopped")?;
+        tracked.0.kill()?;
+        let status = tracked.0.wait()?;
+        Ok(status)
     }
     /// Sends SIGTERM and waits (bounded) for exit; returns the exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
@@ -780,6 +852,56 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
         out.extend_from_slice(&bytes[1..chunk.len()]);
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Segment-level clients (the evasion suite): MACs, a client address no
+// interface owns, and a liveness check.
+
+impl Lab {
+    /// The MAC address of the client veth, `aa:bb:..` lowercase.
+    pub fn client_mac(&self) -> Result<String> {
+        iface_mac(&self.client_ns, &self.client_iface)
+    }
+    /// The MAC address of the server veth, `aa:bb:..` lowercase.
+    pub fn server_mac(&self) -> Result<String> {
+        iface_mac(&self.server_ns, &self.server_iface)
+    }
+
+    /// Adds (or replaces) a permanent neighbour entry in the server namespace:
+    /// `addr` lives at `mac` behind `dev`. With it the server can answer a
+    /// client address no interface owns (a raw-socket client's), so the client
+    /// kernel never sees the connection and never resets it.
+    pub fn add_server_neighbour(&self, dev: &str, addr: IpAddr, mac: &str) -> Result<()> {
+        run(netns_cmd(&self.server_ns, "ip").args([
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]))?;
+        Ok(())
+    }
+}
+
+fn iface_mac(ns: &str, iface: &str) -> Result<String> {
+    let out = run(netns_cmd(ns, "cat").arg(format!("/sys/class/net/{iface}/address")))?;
+    let mac = out.trim().to_ascii_lowercase();
+    ensure!(mac.len() == 17, "{iface} in {ns}: odd MAC address {mac:?}");
+    Ok(mac)
+}
+
+impl Daemon {
+    /// True while the daemon process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.0.try_wait(), Ok(None)))
+    }
 }
 
 #[cfg(test)]

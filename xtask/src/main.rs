@@ -5,6 +5,7 @@
 //! embedded, and runs the privileged things: the daemon, the demo, the test tiers that need
 //! root. It must stay plain Rust with few dependencies: no shell scripts.
 
+mod bench;
 mod build;
 mod demo;
 mod test;
@@ -31,6 +32,8 @@ enum Command {
     Demo,
     /// Build, then run every test tier (host unit tests, kernel fixtures, end to end).
     Test,
+    /// Build, then run the benchmarks and write docs/BENCHMARKS.md and docs/bench/ (~12 min, root).
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
         }
         Command::Demo => build::build_all().and_then(|b| demo::run(&b)),
         Command::Test => build::build_all().and_then(|b| test::run(&b)),
+        Command::Bench(args) => bench::main(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
