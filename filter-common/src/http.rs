@@ -14,7 +14,6 @@
 use crate::method::{is_tchar, Method, METHOD_MAX};
 use crate::{Reason, LINE_WINDOW, PATH_MAX};
 
-
 /// Blank lines a request may start with (RFC 9112 §2.2 says a server SHOULD skip at least one)
 /// before the parser calls the payload "not HTTP".
 const MAX_LEADING_EOL: u16 = 4;

@@ -183,6 +183,12 @@ pub struct Scratch {
     /// length, how far processing got, and whether a window was parsed.
     pub payload_off: u32,
     pub payload_len: u32,
+    /// Header offsets of the current packet (TCP header, end of IP payload) and its family,
+    /// parked here so the verifier sees one state after the IP parsing.
+    pub hdr_l4: u32,
+    pub hdr_ip_end: u32,
+    pub hdr_family: u32,
+    pub _pad3: u32,
     pub off: u32,
     pub decided: u32,
     /// Why the callback stopped (`STOP_*`), and for refusals the reason, method and allow set.

@@ -14,8 +14,8 @@ pub enum Reason {
     NotIp = 0,
     /// IP but not TCP: passed.
     NotTcp = 1,
-    /// An IPv4 fragment, or an IPv6 packet whose TCP header is behind extension headers the
-    /// program does not walk: passed.
+    /// A later IP fragment, an IPv6 packet whose TCP header is behind more extension headers
+    /// than the program walks, or a frame tagged for a VLAN: passed.
     Unsupported = 2,
     /// TCP to a port that is not configured: passed.
     OtherPort = 3,
@@ -73,10 +73,13 @@ pub enum Reason {
     /// lengths, an unknown transfer coding, line folding, control bytes, a bad chunk size):
     /// the responder answers 400; the backend is reset.
     BadFraming = 25,
+    /// The first fragment of a fragmented IP packet for an inspected port: dropped (the filter
+    /// cannot see the whole segment).
+    Fragment = 26,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -103,6 +106,7 @@ impl Reason {
         Reason::ConnTableFull,
         Reason::Retransmit,
         Reason::BadFraming,
+        Reason::Fragment,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -145,6 +149,7 @@ impl Reason {
             Reason::ConnTableFull => "conn_table_full",
             Reason::Retransmit => "retransmit",
             Reason::BadFraming => "bad_framing",
+            Reason::Fragment => "fragment_dropped",
         }
     }
 }

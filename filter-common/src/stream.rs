@@ -275,7 +275,11 @@ impl Stream {
     /// Consume `n <= bulk_left()` body bytes.
     #[inline(always)]
     pub fn consume(&mut self, n: u64) {
-        let n = if n > self.bulk_left() { self.bulk_left() } else { n };
+        let n = if n > self.bulk_left() {
+            self.bulk_left()
+        } else {
+            n
+        };
         self.body_left -= n;
         self.pos = self.pos.wrapping_add(n as u32);
         if self.body_left == 0 {
@@ -531,7 +535,11 @@ impl Stream {
         let mut i = 0;
         while i < HEADERS.len() {
             let (n, w, id) = HEADERS[i];
-            if n == self.name_len && w[0] == self.name[0] && w[1] == self.name[1] && w[2] == self.name[2] {
+            if n == self.name_len
+                && w[0] == self.name[0]
+                && w[1] == self.name[1]
+                && w[2] == self.name[2]
+            {
                 return id;
             }
             i += 1;
@@ -554,7 +562,11 @@ impl Stream {
         let n = self.value_len as usize;
         if n < 16 {
             // Frameworks upper-case override values (`delete` acts as DELETE).
-            let c = if self.header == header::METHOD_OVERRIDE { b.to_ascii_uppercase() } else { b.to_ascii_lowercase() };
+            let c = if self.header == header::METHOD_OVERRIDE {
+                b.to_ascii_uppercase()
+            } else {
+                b.to_ascii_lowercase()
+            };
             self.value[(n / 8) % 2] |= (c as u64) << (8 * (n % 8));
         }
         if self.value_len < u8::MAX {
@@ -585,7 +597,10 @@ impl Stream {
             }
             header::TRANSFER_ENCODING => {
                 let (n, w) = CHUNKED;
-                let chunked = !inner_space && self.value_len == n && self.value[0] == w[0] && self.value[1] == w[1];
+                let chunked = !inner_space
+                    && self.value_len == n
+                    && self.value[0] == w[0]
+                    && self.value[1] == w[1];
                 if !chunked || self.flags & flag::CHUNKED != 0 {
                     return Ev::Fail(Reason::BadFraming);
                 }

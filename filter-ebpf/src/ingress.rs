@@ -20,21 +20,23 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::ffi::c_void;
-use core::ptr::{addr_of, null_mut, read_unaligned, read_volatile, write_unaligned};
+use core::ptr::{
+    addr_of, addr_of_mut, null_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
+};
 use filter_common::{
     canon::Canon,
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
-    tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch,
-    ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP,
-    IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN,
-    SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_BULK, STOP_MONITOR, STOP_NONE,
-    STOP_DECIDE, STOP_LOAD_FAILED, STOP_OVERRIDE, STOP_REFUSE, STOP_TUNNEL, TCP_HLEN_MIN,
+    tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
+    ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN,
+    IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN,
+    SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_BULK, STOP_DECIDE, STOP_LOAD_FAILED,
+    STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_REFUSE, STOP_TUNNEL, TCP_HLEN_MIN,
 };
 
 use crate::maps::{
-    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH,
-    SETTINGS, STATS,
+    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH, SETTINGS,
+    STATS,
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
 
@@ -69,7 +71,7 @@ fn finish(out: Out) -> i32 {
         Out::Count(reason) => {
             count(reason);
             match reason {
-                Reason::ResetFailed | Reason::OutOfOrder => DROP,
+                Reason::ResetFailed | Reason::OutOfOrder | Reason::Fragment => DROP,
                 _ => PASS,
             }
         }
@@ -104,7 +106,13 @@ fn port_inspected(port: u16) -> bool {
     let cfg = addr_of!(FILTER_CONFIG);
     // Read through a volatile pointer: the loader rewrites this read-only global, so the
     // compiler must not fold the zeroed initialiser.
-    let word = unsafe { read_volatile(addr_of!((*cfg).ports).cast::<u64>().add((port >> 6) as usize)) };
+    let word = unsafe {
+        read_volatile(
+            addr_of!((*cfg).ports)
+                .cast::<u64>()
+                .add((port >> 6) as usize),
+        )
+    };
     word & (1u64 << (port & 63)) != 0
 }
 
@@ -117,8 +125,28 @@ pub struct Headers {
     pub seq: u32,
 }
 
+/// IPv6 extension headers walked before giving up (`unsupported_ip`).
+const V6_EXT_MAX: usize = 4;
+
+/// The first fragment of a fragmented IP packet whose TCP header starts at `l4`: dropped when
+/// it is for an inspected port, since the filter cannot see the whole segment (fail-closed;
+/// TCP stacks avoid fragmentation with path MTU discovery).
+#[inline(always)]
+fn first_fragment(ctx: &TcContext, l4: usize) -> Reason {
+    match ctx.load::<[u8; 4]>(l4) {
+        Ok(ports) if port_inspected(be16(ports[2], ports[3])) => Reason::Fragment,
+        _ => Reason::Unsupported,
+    }
+}
+
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Reason::NotIp)?;
+    let skb = ctx.skb.skb;
+    if unsafe { (*skb).vlan_present != 0 && (*skb).vlan_tci & 0x0fff != 0 } {
+        // Tagged for a VLAN (the tag is already out of the frame): it belongs to a VLAN
+        // interface, where filterd must be attached to filter it; here it passes untouched.
+        return Err(Reason::Unsupported);
+    }
     let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
     let s = unsafe { &mut *s };
     let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
@@ -128,30 +156,81 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
                 return Err(Reason::NotTcp);
             }
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
-            // More-fragments flag or a fragment offset: TCP is not at l4 for all of them.
-            if ihl < IPV4_HLEN_MIN || be16(ip[6], ip[7]) & 0x3fff != 0 {
+            if ihl < IPV4_HLEN_MIN {
                 return Err(Reason::Unsupported);
+            }
+            let frag = be16(ip[6], ip[7]);
+            if frag & 0x1fff != 0 {
+                // A later fragment: no TCP header to judge; without its first fragment (dropped
+                // below when it is for an inspected port) it is never reassembled.
+                return Err(Reason::Unsupported);
+            }
+            if frag & 0x2000 != 0 {
+                return Err(first_fragment(ctx, ETH_HLEN + ihl));
             }
             s.key.client_addr_be = [0; 16];
             s.key.server_addr_be = [0; 16];
             s.key.client_addr_be[..4].copy_from_slice(&ip[12..16]);
             s.key.server_addr_be[..4].copy_from_slice(&ip[16..20]);
-            (FAMILY_V4, ETH_HLEN + ihl, ETH_HLEN + be16(ip[2], ip[3]) as usize)
+            (
+                FAMILY_V4,
+                ETH_HLEN + ihl,
+                ETH_HLEN + be16(ip[2], ip[3]) as usize,
+            )
         }
         ETH_P_IPV6 => {
             let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
-            match ip[6] {
-                IPPROTO_TCP => {}
-                // Hop-by-hop, routing, fragment, destination options, AH, mobility: TCP may
-                // follow, behind headers this program does not walk yet.
-                0 | 43 | 44 | 51 | 60 | 135 => return Err(Reason::Unsupported),
-                _ => return Err(Reason::NotTcp),
+            // Walk up to V6_EXT_MAX extension headers to the TCP header.
+            let mut next = ip[6];
+            let mut l4 = ETH_HLEN + IPV6_HLEN;
+            let mut k = 0;
+            while k < V6_EXT_MAX && next != IPPROTO_TCP {
+                let ext: [u8; 8] = ctx.load(l4).map_err(|_| Reason::Unsupported)?;
+                match next {
+                    // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+                    0 | 43 | 60 => l4 += (ext[1] as usize + 1) * 8,
+                    // Authentication header: (len + 2) * 4 bytes.
+                    51 => l4 += (ext[1] as usize + 2) * 4,
+                    // Fragment header: a first fragment for an inspected port is dropped; a
+                    // later one carries no TCP header and is never reassembled without it.
+                    44 => {
+                        if be16(ext[2], ext[3]) & 0xfff8 == 0 && ext[0] == IPPROTO_TCP {
+                            return Err(first_fragment(ctx, l4 + 8));
+                        }
+                        return Err(Reason::Unsupported);
+                    }
+                    _ => return Err(Reason::NotTcp),
+                }
+                next = ext[0];
+                k += 1;
+            }
+            if next != IPPROTO_TCP {
+                return Err(Reason::Unsupported);
             }
             s.key.client_addr_be.copy_from_slice(&ip[8..24]);
             s.key.server_addr_be.copy_from_slice(&ip[24..40]);
-            (FAMILY_V6, ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize)
+            (
+                FAMILY_V6,
+                l4,
+                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
+            )
         }
         _ => return Err(Reason::NotIp),
+    };
+    // verifier: pass the header offsets through map memory, so that the IPv4 path and each
+    // length of the IPv6 extension-header walk reach the rest of the program as one state
+    // instead of one copy each.
+    unsafe {
+        write_volatile(addr_of_mut!(s.hdr_l4), l4 as u32);
+        write_volatile(addr_of_mut!(s.hdr_ip_end), ip_end as u32);
+        write_volatile(addr_of_mut!(s.hdr_family), family as u32);
+    }
+    let (l4, ip_end, family) = unsafe {
+        (
+            read_volatile(addr_of!(s.hdr_l4)) as usize & 0xffff,
+            read_volatile(addr_of!(s.hdr_ip_end)) as usize & 0xffff,
+            read_volatile(addr_of!(s.hdr_family)) as u8,
+        )
     };
     let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
     if !port_inspected(be16(tcp[2], tcp[3])) {
@@ -185,7 +264,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         return Err(Reason::NoPayload);
     }
     let payload_len = ip_end - payload;
-    let hdr = Headers { family, l4, payload, payload_len, seq };
+    let hdr = Headers {
+        family,
+        l4,
+        payload,
+        payload_len,
+        seq,
+    };
 
     let conn = match CONNS.get_ptr_mut(&s.key) {
         Some(c) => c,
@@ -233,7 +318,14 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let mut rc = RoundCtx { skb: ctx.skb.skb };
     // verifier: the round body (window parse, decision, bulk body) verified once, not once
     // per round.
-    unsafe { bpf_loop(MAX_ROUNDS as u32, round as *mut c_void, (&mut rc as *mut RoundCtx).cast(), 0) };
+    unsafe {
+        bpf_loop(
+            MAX_ROUNDS as u32,
+            round as *mut c_void,
+            (&mut rc as *mut RoundCtx).cast(),
+            0,
+        )
+    };
     let off = s.off as usize;
     let decided = s.decided != 0;
     match s.stop {
@@ -258,7 +350,16 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
                 conn.tunnel();
                 return Err(Reason::NotHttp);
             }
-            return refuse(ctx, s, &tcp, &hdr, pos, reason, s.stop_allow, Method::from_u8(s.stop_method as u8));
+            return refuse(
+                ctx,
+                s,
+                &tcp,
+                &hdr,
+                pos,
+                reason,
+                s.stop_allow,
+                Method::from_u8(s.stop_method as u8),
+            );
         }
         STOP_NONE => {}
         // A window that could not be loaded.
@@ -313,7 +414,11 @@ fn copy_words<T: Copy>(dst: &mut T, src: &T) {
 #[inline(always)]
 fn copy_path(dst: &mut [u8; PATH_MAX], src: &[u8; PATH_MAX]) {
     unsafe {
-        bpf_probe_read_kernel(dst.as_mut_ptr() as *mut c_void, PATH_MAX as u32, src.as_ptr() as *const c_void)
+        bpf_probe_read_kernel(
+            dst.as_mut_ptr() as *mut c_void,
+            PATH_MAX as u32,
+            src.as_ptr() as *const c_void,
+        )
     };
 }
 
@@ -334,7 +439,9 @@ struct RoundCtx {
 /// a window of request line / headers parsed byte by byte with each decision applied. Leaves
 /// `s.stop` at `STOP_NONE`, or `STOP_REFUSE` / `STOP_TUNNEL` for the main program to act on.
 unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     let s = unsafe { &mut *s };
     let rc = unsafe { &*(rc as *const RoundCtx) };
     let (off, len) = (s.off as usize, s.payload_len as usize);
@@ -343,12 +450,20 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
     if s.stream.in_bulk() {
         let left = (len - off) as u64;
-        let n = if s.stream.bulk_left() < left { s.stream.bulk_left() } else { left };
+        let n = if s.stream.bulk_left() < left {
+            s.stream.bulk_left()
+        } else {
+            left
+        };
         s.stream.consume(n);
         s.off = (off as u64 + n) as u32;
         return 0;
     }
-    let w = if len - off < LINE_WINDOW { len - off } else { LINE_WINDOW };
+    let w = if len - off < LINE_WINDOW {
+        len - off
+    } else {
+        LINE_WINDOW
+    };
     let ctx = TcContext::new(rc.skb);
     if !load_into(&ctx, s.payload_off as usize + off, &mut s.line, w) {
         s.stop = STOP_LOAD_FAILED;
@@ -375,13 +490,19 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
         s.stop = STOP_NONE;
     }
-    if s.stop == STOP_NONE { 0 } else { 1 }
+    if s.stop == STOP_NONE {
+        0
+    } else {
+        1
+    }
 }
 
 /// `bpf_loop` callback: feed window byte `i` to the connection's stream parser, deciding each
 /// request as its path completes. Returns 1 to stop (see `STOP_*`).
 unsafe extern "C" fn stream_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     let s = unsafe { &mut *s };
     let i = i as usize;
     if i >= s.window_len as usize {
@@ -419,7 +540,9 @@ fn refuse_stop(s: &mut Scratch, reason: Reason, allow: u32, method: Method) -> i
 // verifier/stack: a BPF-to-BPF call keeps its frame off the main program's stack.
 #[inline(never)]
 fn decide(s: &mut Scratch) -> i64 {
-    let Some(settings) = SETTINGS.get(0) else { return refuse_stop(s, Reason::NotHttp, 0, Method::Other) };
+    let Some(settings) = SETTINGS.get(0) else {
+        return refuse_stop(s, Reason::NotHttp, 0, Method::Other);
+    };
     let method = s.stream.take_method();
     // Canonicalize the raw path into `s.path`, one byte per callback.
     s.canon = Canon::new();
@@ -434,7 +557,11 @@ fn decide(s: &mut Scratch) -> i64 {
             }
         }
         if s.canon_err != u32::MAX {
-            let r = if s.canon_err == Reason::PathTooLong as u32 { Reason::LineTooLong } else { Reason::BadPath };
+            let r = if s.canon_err == Reason::PathTooLong as u32 {
+                Reason::LineTooLong
+            } else {
+                Reason::BadPath
+            };
             return refuse_stop(s, r, 0, method);
         }
     }
@@ -453,7 +580,8 @@ fn decide(s: &mut Scratch) -> i64 {
         return 0;
     }
     let monitor = rule_flags & RULE_MONITOR != 0 || settings.flags & SETTINGS_DRY_RUN != 0;
-    s.stream.set_verdict(allow, rule_flags | if monitor { RULE_MONITOR } else { 0 });
+    s.stream
+        .set_verdict(allow, rule_flags | if monitor { RULE_MONITOR } else { 0 });
     if allow & method.bit() != 0 {
         count(verdict);
         return 0;
@@ -485,7 +613,9 @@ fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 
 
 /// `bpf_loop` callback: feed raw path byte `i` to the canonicalizer.
 unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     let s = unsafe { &mut *s };
     let i = i as usize;
     if i >= s.canon_raw_len as usize {
@@ -503,7 +633,9 @@ unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
 
 /// `bpf_loop` callback: absorb path word `i` into the hash under way.
 unsafe extern "C" fn hash_word(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
     let s = unsafe { &mut *s };
     let i = i as usize;
     if i >= s.sip_words as usize || i >= PATH_MAX / 8 {
@@ -522,11 +654,19 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     // verifier: the 128 words of a 1 KiB path through one callback verified once.
     unsafe { bpf_loop(s.sip_words, hash_word as *mut c_void, null_mut(), 0) };
     let hash = s.sip.finish(&s.path, path_len);
-    let (rules, prefixes) = if active == 1 { (&RULES_B, &PREFIX_B) } else { (&RULES_A, &PREFIX_A) };
+    let (rules, prefixes) = if active == 1 {
+        (&RULES_B, &PREFIX_B)
+    } else {
+        (&RULES_A, &PREFIX_A)
+    };
     if let Some(r) = unsafe { rules.get(hash) } {
         return Some(*r);
     }
-    let n = if path_len < PREFIX_MAX { path_len } else { PREFIX_MAX };
+    let n = if path_len < PREFIX_MAX {
+        path_len
+    } else {
+        PREFIX_MAX
+    };
     s.prefix_key.prefixlen = (n * 8) as u32;
     let mut i = 0;
     while i < PREFIX_MAX / 8 {
@@ -541,7 +681,13 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
 
 /// Fill the per-segment part of the event (where to answer) in the scratch buffer.
 #[inline(always)]
-fn prepare_event(ctx: &TcContext, s: &mut Scratch, eth: &[u8; ETH_HLEN], tcp: &[u8; TCP_HLEN_MIN], hdr: &Headers) {
+fn prepare_event(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    eth: &[u8; ETH_HLEN],
+    tcp: &[u8; TCP_HLEN_MIN],
+    hdr: &Headers,
+) {
     let ev: &mut RejectEvent = &mut s.event;
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     ev.seq = hdr.seq;
@@ -568,7 +714,11 @@ fn send_event(s: &mut Scratch, reason: u32, allow: u32, method: u32) {
     ev.allow = allow;
     ev.method = method as u8;
     ev.path_len = path_len as u16;
-    ev.line_len = if path_len < EVENT_LINE_MAX { path_len as u16 } else { EVENT_LINE_MAX as u16 };
+    ev.line_len = if path_len < EVENT_LINE_MAX {
+        path_len as u16
+    } else {
+        EVENT_LINE_MAX as u16
+    };
     let mut i = 0;
     while i < EVENT_LINE_MAX / 8 {
         // verifier: constant-bounded word copy of the path into the event.
@@ -613,7 +763,14 @@ fn refuse(
     }
     send_event(s, reason as u32, allow, method as u32);
     forget(s);
-    let seg = Segment { family: hdr.family, l4: hdr.l4, seq: pos, tcp, client: &s.key.client_addr_be, server: &s.key.server_addr_be };
+    let seg = Segment {
+        family: hdr.family,
+        l4: hdr.l4,
+        seq: pos,
+        tcp,
+        client: &s.key.client_addr_be,
+        server: &s.key.server_addr_be,
+    };
     if !turn_into_reset(ctx, &seg) {
         return Err(Reason::ResetFailed);
     }

@@ -43,7 +43,8 @@ pub static CONNS: LruHashMap<ConnKey, Stream> = LruHashMap::with_max_entries(CON
 /// Paths of request lines split across segments, key `ConnKey`, value the path buffer.
 /// Separate from `CONNS` so that the 1 KiB buffer is only held while a line is in flight.
 #[map]
-pub static PENDING: LruHashMap<ConnKey, [u8; PATH_MAX]> = LruHashMap::with_max_entries(PENDING_MAX, 0);
+pub static PENDING: LruHashMap<ConnKey, [u8; PATH_MAX]> =
+    LruHashMap::with_max_entries(PENDING_MAX, 0);
 
 /// One `Settings` entry: active policy map and default for ungoverned paths. Written by the
 /// daemon before it attaches the program, read per candidate request.

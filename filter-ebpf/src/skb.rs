@@ -31,10 +31,14 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
     if keep >= hdr.payload_len {
         return true;
     }
-    let Ok(tcp) = ctx.load::<[u8; TCP_HLEN_MIN]>(hdr.l4) else { return false };
+    let Ok(tcp) = ctx.load::<[u8; TCP_HLEN_MIN]>(hdr.l4) else {
+        return false;
+    };
     let doff = ((tcp[12] >> 4) as usize) * 4;
     let csum_off = (hdr.l4 + 16) as u32;
-    let Ok(old_field) = ctx.load::<[u8; 2]>(hdr.l4 + 16) else { return false };
+    let Ok(old_field) = ctx.load::<[u8; 2]>(hdr.l4 + 16) else {
+        return false;
+    };
 
     // One's-complement sum of the removed bytes, negated (bpf_csum_diff with only `from`).
     let mut diff: u32 = 0;
@@ -58,7 +62,15 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
         if !check_bounds_signed(n4, 4, (CUT_CHUNK + 4) as i64) {
             return false;
         }
-        let r = unsafe { bpf_csum_diff(s.line.as_mut_ptr() as *mut u32, n4 as u32, null_mut(), 0, diff) };
+        let r = unsafe {
+            bpf_csum_diff(
+                s.line.as_mut_ptr() as *mut u32,
+                n4 as u32,
+                null_mut(),
+                0,
+                diff,
+            )
+        };
         if r < 0 {
             return false;
         }
@@ -97,7 +109,15 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
         let mut to = [0u8; 4];
         from[..2].copy_from_slice(&old_field);
         to[..2].copy_from_slice(&new_field);
-        let delta = unsafe { bpf_csum_diff(from.as_mut_ptr() as *mut u32, 4, to.as_mut_ptr() as *mut u32, 4, 0) };
+        let delta = unsafe {
+            bpf_csum_diff(
+                from.as_mut_ptr() as *mut u32,
+                4,
+                to.as_mut_ptr() as *mut u32,
+                4,
+                0,
+            )
+        };
         if delta >= 0 {
             // Fails (harmlessly) unless the skb is CHECKSUM_COMPLETE.
             unsafe { bpf_csum_update(skb, delta as u32) };
@@ -111,12 +131,20 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
 fn set_ip_len(ctx: &TcContext, family: u8, l4: usize, tcp_len: usize) -> bool {
     let skb = ctx.skb.skb;
     if family == FAMILY_V4 {
-        let Ok(old) = ctx.load::<[u8; 2]>(ETH_HLEN + 2) else { return false };
+        let Ok(old) = ctx.load::<[u8; 2]>(ETH_HLEN + 2) else {
+            return false;
+        };
         let new = ((l4 - ETH_HLEN + tcp_len) as u16).to_be_bytes();
         // tot_len and the header checksum change together: the header still sums to 0xffff,
         // so skb->csum (CHECKSUM_COMPLETE) needs no update for these two writes.
         unsafe {
-            bpf_skb_store_bytes(skb, (ETH_HLEN + 2) as u32, new.as_ptr() as *const c_void, 2, 0) >= 0
+            bpf_skb_store_bytes(
+                skb,
+                (ETH_HLEN + 2) as u32,
+                new.as_ptr() as *const c_void,
+                2,
+                0,
+            ) >= 0
                 && bpf_l3_csum_replace(
                     skb,
                     (ETH_HLEN + 10) as u32,

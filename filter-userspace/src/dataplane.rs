@@ -738,10 +738,14 @@ impl Dataplane {
             .program(PROG_INGRESS)
             .ok_or(DataplaneError::Missing(PROG_INGRESS))?
             .try_into()
-            .map_err(|source| DataplaneError::Program { what: PROG_INGRESS.into(), source })?;
-        let info = prog
-            .info()
-            .map_err(|source| DataplaneError::Program { what: PROG_INGRESS.into(), source })?;
+            .map_err(|source| DataplaneError::Program {
+                what: PROG_INGRESS.into(),
+                source,
+            })?;
+        let info = prog.info().map_err(|source| DataplaneError::Program {
+            what: PROG_INGRESS.into(),
+            source,
+        })?;
         Ok(info.verified_instruction_count().unwrap_or(0))
     }
 

@@ -15,8 +15,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
 
-use crate::response::{self, Answer};
 use crate::packet;
+use crate::response::{self, Answer};
 
 /// What the responder did, for `/v1/stats`.
 #[derive(Debug, Default)]
@@ -41,14 +41,23 @@ pub struct LogLimit {
 
 impl LogLimit {
     pub fn new(per_second: u32, stats: Arc<ResponderStats>) -> LogLimit {
-        LogLimit { per_second, window: std::time::Instant::now(), used: 0, suppressed: 0, stats }
+        LogLimit {
+            per_second,
+            window: std::time::Instant::now(),
+            used: 0,
+            suppressed: 0,
+            stats,
+        }
     }
 
     /// Whether the caller may log a line now.
     pub fn allow(&mut self) -> bool {
         if self.window.elapsed() >= std::time::Duration::from_secs(1) {
             if self.suppressed > 0 {
-                tracing::info!(suppressed = self.suppressed, "rejection log lines suppressed in the last second");
+                tracing::info!(
+                    suppressed = self.suppressed,
+                    "rejection log lines suppressed in the last second"
+                );
             }
             self.window = std::time::Instant::now();
             self.used = 0;
@@ -130,7 +139,7 @@ impl Responder {
         let answer = match reason {
             Reason::Rejected => Answer::MethodNotAllowed,
             Reason::OptionsAnswered => Answer::OptionsNoContent,
-            Reason::BadPath => Answer::BadRequest,
+            Reason::BadPath | Reason::BadFraming | Reason::NotHttp => Answer::BadRequest,
             Reason::LineTooLong => Answer::UriTooLong,
             Reason::HeadersTooLarge => Answer::HeadersTooLarge,
             Reason::Monitored => {
@@ -141,24 +150,41 @@ impl Responder {
                 return;
             }
             other => {
-                tracing::warn!(reason = other.name(), "event with a reason the responder does not answer");
+                tracing::warn!(
+                    reason = other.name(),
+                    "event with a reason the responder does not answer"
+                );
                 return;
             }
         };
         let body = response::build(answer, allow, method, SystemTime::now());
         self.ip_id = self.ip_id.wrapping_add(1);
         let frame = packet::response_frame(ev, &body, self.ip_id);
-        let ethertype = if ev.family == FAMILY_V4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
-        let sent = self.socket.send(ev.ifindex, ev.client_mac, ethertype, &frame);
-        let counter = if sent.is_ok() { &self.stats.sent } else { &self.stats.failed };
+        let ethertype = if ev.family == FAMILY_V4 {
+            ETH_P_IPV4
+        } else {
+            ETH_P_IPV6
+        };
+        let sent = self
+            .socket
+            .send(ev.ifindex, ev.client_mac, ethertype, &frame);
+        let counter = if sent.is_ok() {
+            &self.stats.sent
+        } else {
+            &self.stats.failed
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         if !self.log_limit.allow() {
             return;
         }
         let (client, line) = (client(ev), request_line(ev));
         match sent {
-            Ok(()) => tracing::info!(%client, request = %line, reason = reason.name(), "rejected: answered {answer:?}"),
-            Err(e) => tracing::warn!(%client, request = %line, error = %e, "rejected, but the answer could not be sent"),
+            Ok(()) => {
+                tracing::info!(%client, request = %line, reason = reason.name(), "rejected: answered {answer:?}")
+            }
+            Err(e) => {
+                tracing::warn!(%client, request = %line, error = %e, "rejected, but the answer could not be sent")
+            }
         }
     }
 

@@ -35,17 +35,27 @@ impl Answer {
 /// the responder sends FIN right after it). `allow` is listed in canonical order where the
 /// status calls for `Allow`; `method` names the rejected method in the 405 body.
 pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) -> Vec<u8> {
-    let allow_value = allow.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    let allow_value = allow
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     let body = match answer {
         Answer::MethodNotAllowed if allow_value.is_empty() => {
             "405 Method Not Allowed: this resource allows no method.\n".to_owned()
         }
         Answer::MethodNotAllowed => {
-            let m = if method == Method::Other { "this method" } else { method.as_str() };
+            let m = if method == Method::Other {
+                "this method"
+            } else {
+                method.as_str()
+            };
             format!("405 Method Not Allowed: {m} is not allowed here. Allowed: {allow_value}.\n")
         }
         Answer::OptionsNoContent => String::new(),
-        Answer::BadRequest => "400 Bad Request: the request target's encoding is ambiguous.\n".to_owned(),
+        Answer::BadRequest => {
+            "400 Bad Request: the request target's encoding is ambiguous.\n".to_owned()
+        }
         Answer::UriTooLong => "414 URI Too Long\n".to_owned(),
         Answer::HeadersTooLarge => "431 Request Header Fields Too Large\n".to_owned(),
     };
@@ -56,7 +66,10 @@ pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) 
     head += &format!("Date: {}\r\n", httpdate::fmt_http_date(now));
     // RFC 9110 §8.6: no Content-Length (and no content) in a 204.
     if answer != Answer::OptionsNoContent {
-        head += &format!("Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n", body.len());
+        head += &format!(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            body.len()
+        );
     }
     head += "Connection: close\r\n\r\n";
     head += &body;
@@ -113,7 +126,10 @@ mod tests {
             (Answer::OptionsNoContent, "HTTP/1.1 204 No Content"),
             (Answer::BadRequest, "HTTP/1.1 400 Bad Request"),
             (Answer::UriTooLong, "HTTP/1.1 414 URI Too Long"),
-            (Answer::HeadersTooLarge, "HTTP/1.1 431 Request Header Fields Too Large"),
+            (
+                Answer::HeadersTooLarge,
+                "HTTP/1.1 431 Request Header Fields Too Large",
+            ),
         ] {
             let raw = build(answer, allow, Method::Options, SystemTime::now());
             let (head, body) = head_and_body(&raw);
@@ -122,7 +138,10 @@ mod tests {
             assert!(lines.contains(&"Connection: close"));
             if answer == Answer::OptionsNoContent {
                 assert!(lines.contains(&"Allow: GET, HEAD"));
-                assert!(body.is_empty() && !head.contains("Content-Length"), "204 has no content");
+                assert!(
+                    body.is_empty() && !head.contains("Content-Length"),
+                    "204 has no content"
+                );
             } else {
                 assert!(!head.contains("Allow:"));
                 assert!(lines.contains(&format!("Content-Length: {}", body.len()).as_str()));

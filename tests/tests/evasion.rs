@@ -258,7 +258,6 @@ const GET_ITEMS: (&str, &str) = ("GET", "/api/items");
 const POST_ITEMS: (&str, &str) = ("POST", "/api/items");
 const ADMIN_405: Answer = NA(ADMIN_ALLOW);
 const ITEMS_405: Answer = NA(ITEMS_ALLOW);
-const RAW_505: Answer = Answer::Raw("<!DOCTYPE HTML>");
 
 #[rustfmt::skip]
 fn table() -> Vec<Case> {
@@ -313,8 +312,11 @@ fn table() -> Vec<Case> {
         // it (tcp_data_queue_ofo); a later copy of exactly the same range is dropped.
         plain("overlap out of order: longer covering copy replaces /xdmin with /admin", vec![seg(1, &req("DELETE", "/xdmin")[1..n - 2]), seg(1, &del_admin[1..]), seg(0, "D")], &[], &[DEL_ADMIN, ("DELETE", "/xdmin")], &[ADMIN_405]),
         plain("overlap out of order: longer covering copy replaces /admin with /xdmin", vec![seg(1, &del_admin[1..n - 2]), seg(1, &req("DELETE", "/xdmin")[1..]), seg(0, "D")], &[("DELETE", "/xdmin")], &[DEL_ADMIN], &[B(200)]),
-        plain("overlap out of order: same-range copy dropped, first (/xdmin) kept", vec![seg(1, &req("DELETE", "/xdmin")[1..]), seg(1, &del_admin[1..]), seg(0, "D")], &[("DELETE", "/xdmin")], &[DEL_ADMIN], &[B(200)]),
-        plain("overlap out of order: same-range copy dropped, first (/admin) kept", vec![seg(1, &del_admin[1..]), seg(1, &req("DELETE", "/xdmin")[1..]), seg(0, "D")], &[], &[DEL_ADMIN, ("DELETE", "/xdmin")], &[ADMIN_405]),
+        // The filter drops segments ahead of the next byte it expects, so neither same-range
+        // copy reaches the backend: it reads the client's retransmission (the last copy sent),
+        // and that is what the filter decides on.
+        plain("overlap out of order: same-range copies dropped, resent /admin decides", vec![seg(1, &req("DELETE", "/xdmin")[1..]), seg(1, &del_admin[1..]), seg(0, "D")], &[], &[DEL_ADMIN, ("DELETE", "/xdmin")], &[ADMIN_405]),
+        plain("overlap out of order: same-range copies dropped, resent /xdmin decides", vec![seg(1, &del_admin[1..]), seg(1, &req("DELETE", "/xdmin")[1..]), seg(0, "D")], &[("DELETE", "/xdmin")], &[DEL_ADMIN], &[B(200)]),
 
         // --- several requests on one connection
         plain("keep-alive: disallowed after an allowed one", keepalive(&[get_admin.clone(), del_admin.clone()], 150), &[GET_ADMIN], &[DEL_ADMIN], &[B(200), ADMIN_405]),
@@ -368,9 +370,11 @@ fn table() -> Vec<Case> {
 
         // --- past the inspection window
         plain("window: dot segments push /admin past the window (414)", one(req("DELETE", &long_admin)), &[], one_of("DELETE", &long_admin), &[F(414)]),
-        plain("window: long query on a disallowed request (414)", one(req("DELETE", &long_query)), &[], one_of("DELETE", &long_query), &[F(414)]),
+        // The decision is made when the path ends: a long query after it cannot delay it.
+        plain("window: long query on a disallowed request is decided on its path (405)", one(req("DELETE", &long_query)), &[], one_of("DELETE", &long_query), &[ADMIN_405]),
         plain("window: long line in 100-byte segments (414)", every(&req("DELETE", &long_admin), 100), &[], one_of("DELETE", &long_admin), &[F(414)]),
-        plain("window: override header past a long header block (431)", one(req_h("POST", "/api/items", &[&pad_header, "X-HTTP-Method-Override: DELETE", "Content-Length: 0"])), &[], &[POST_ITEMS], &[F(431)]),
+        // Header blocks are followed up to 16 KiB (431 past that): the override is seen.
+        plain("window: override header past a 1 KiB header block is seen (405)", one(req_h("POST", "/api/items", &[&pad_header, "X-HTTP-Method-Override: DELETE", "Content-Length: 0"])), &[], &[POST_ITEMS], &[ITEMS_405]),
 
         // --- other protocols on the port
         // Upgrade not accepted (the backend answers 200): the stream is still HTTP/1.1.
@@ -381,8 +385,9 @@ fn table() -> Vec<Case> {
         // it passes. This HTTP/1.1-only backend answers it 505; a disallowed HTTP/1.1
         // request smuggled behind the preface must still not be read as allowed.
         // Python answers PRI with an HTTP/0.9-style error page (no status line) and closes.
-        plain("h2: prior-knowledge preface passes to the backend", one(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()), &[], &[], &[RAW_505]),
-        plain("h2: preface split, disallowed HTTP/1.1 request behind it", cut(&cat(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &del_admin]), &[5]), &[], &[DEL_ADMIN], &[RAW_505]),
+        // The filter cannot inspect HTTP/2, so it does not let it through: 400 and reset.
+        plain("h2: prior-knowledge preface is refused (400)", one(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()), &[], &[], &[F(400)]),
+        plain("h2: preface split, disallowed HTTP/1.1 request behind it, refused (400)", cut(&cat(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &del_admin]), &[5]), &[], &[DEL_ADMIN], &[F(400)]),
     ];
 
     // --- the IP layer and the link
@@ -396,8 +401,9 @@ fn table() -> Vec<Case> {
         ipcase("ipv6 destination options header: disallowed", Ip::V6DestOpts, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
         ipcase("ipv6 destination options header: allowed arrives", Ip::V6DestOpts, one(get_admin.clone()), &[GET_ADMIN], &[], &[B(200)]),
         ipcase("ipv6 hop-by-hop header: disallowed", Ip::V6HopByHop, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
-        ipcase("ip fragments: disallowed", Ip::Fragments, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
-        ipcase("ip fragments: allowed arrives", Ip::Fragments, one(get_admin.clone()), &[GET_ADMIN], &[], &[B(200)]),
+        ipcase("ip fragments: disallowed is dropped", Ip::Fragments, one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
+        // Fragmented TCP to an inspected port is dropped (fail-closed): allowed requests too.
+        ipcase("ip fragments: allowed is dropped as well", Ip::Fragments, one(get_admin.clone()), &[], &[GET_ADMIN], &[]),
     ]);
     let vlan = |name, vlan, segments, reach, never, client| Case {
         name, segments, ip: Ip::Plain, vlan, reach, never, client, known_gap: None,
@@ -412,6 +418,18 @@ fn table() -> Vec<Case> {
         // Dropped by the server after TC: nothing is read, so nothing may be answered.
         vlan("vlan: VID 100 without a subinterface is never read, never answered", &[VLAN_ID], one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
     ]);
+    // Known gaps: each row still runs; it is reported, and flagged when it starts passing.
+    const EGRESS: &str = "no egress tracking yet: the 405's sequence number is the client's ack, which can lag the backend's response to the request before";
+    const UPGRADE: &str = "a request carrying Upgrade ends tracking without seeing the backend's 101 (no egress tracking yet)";
+    const QINQ: &str = "a second VLAN tag inside the frame is not parsed: the frame passes unfiltered";
+    for c in &mut t {
+        c.known_gap = match c.name {
+            "pipelined: second request line split across segments" => Some(EGRESS),
+            n if n.starts_with("upgrade:") && (n.contains("refused by the backend") || n.contains("unanswered")) => Some(UPGRADE),
+            "vlan: double tag 802.1ad 0 / 802.1Q 0, disallowed" => Some(QINQ),
+            _ => None,
+        };
+    }
     t
 }
 

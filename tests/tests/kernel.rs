@@ -12,6 +12,7 @@ use filter_userspace::dataplane::Dataplane;
 use filter_userspace::policy::{parse_toml, Policy};
 
 const PASS: i32 = -1;
+const DROP: i32 = 2;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const SEQ: u32 = 0x1000_0000;
@@ -52,7 +53,15 @@ static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::n
 /// A TCP segment on a connection of its own (the classifier follows connections).
 fn tcp(ip: Ip, dport: u16, payload: &[u8]) -> Frame {
     let sport = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Frame { seq: SEQ, syn: false, ip, sport, proto: 6, dport, payload: payload.to_vec() }
+    Frame {
+        seq: SEQ,
+        syn: false,
+        ip,
+        sport,
+        proto: 6,
+        dport,
+        payload: payload.to_vec(),
+    }
 }
 
 fn build(f: &Frame) -> Vec<u8> {
@@ -64,7 +73,11 @@ fn build(f: &Frame) -> Vec<u8> {
         l4.extend_from_slice(&ACK.to_be_bytes());
         // 12 bytes of options (NOP NOP + timestamp), as Linux clients send.
         l4.push(8 << 4);
-        l4.push(if f.syn { tcp_flags::SYN } else { tcp_flags::PSH | tcp_flags::ACK });
+        l4.push(if f.syn {
+            tcp_flags::SYN
+        } else {
+            tcp_flags::PSH | tcp_flags::ACK
+        });
         l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
         l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     } else {
@@ -163,7 +176,12 @@ fn answer(
     method: Method,
     allow: &'static [Method],
 ) -> Case {
-    Case { name, frame: build(&f), reason, rejected: Some((method, allow)) }
+    Case {
+        name,
+        frame: build(&f),
+        reason,
+        rejected: Some((method, allow)),
+    }
 }
 
 fn counters(dp: &Dataplane) -> Vec<(Reason, u64)> {
@@ -305,7 +323,7 @@ fn verdicts_table() {
         case(
             "fragment",
             tcp(Ip::V4Fragment, 80, b"DELETE /admin HTTP/1.1\r\n"),
-            Reason::Unsupported,
+            Reason::Fragment,
         ),
         case("no payload", tcp(Ip::V4, 80, b""), Reason::NoPayload),
         case(
@@ -383,7 +401,12 @@ fn verdicts_table() {
         let out = dp
             .test_run(&c.frame, 1)
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
-        assert_eq!(out.action, PASS, "{}: TC action", c.name);
+        let want_action = if c.reason == Reason::Fragment {
+            DROP
+        } else {
+            PASS
+        };
+        assert_eq!(out.action, want_action, "{}: TC action", c.name);
         assert_eq!(
             delta(&before, &counters(&dp)),
             [(c.reason, 1)],
@@ -402,12 +425,24 @@ fn verdicts_table() {
                 assert_reset(c.name, &c.frame, &out.frame);
                 let ev = event.unwrap_or_else(|| panic!("{}: the responder gets an event", c.name));
                 assert_eq!(Method::from_u8(ev.method), method, "{}: method", c.name);
-                assert_eq!(ev.reason, c.reason as u32, "{}: the event says what to answer", c.name);
+                assert_eq!(
+                    ev.reason, c.reason as u32,
+                    "{}: the event says what to answer",
+                    c.name
+                );
                 let want: u32 = allow.iter().map(|m| m.bit()).sum();
                 assert_eq!(ev.allow, want, "{}: allow set", c.name);
                 assert_eq!((ev.seq, ev.ack), (SEQ, ACK), "{}: sequence numbers", c.name);
-                let sport = u16::from_be_bytes([c.frame[out.frame.len() - 20], c.frame[out.frame.len() - 19]]);
-                assert_eq!((ev.client_port, ev.server_port), (sport, 80), "{}: ports", c.name);
+                let sport = u16::from_be_bytes([
+                    c.frame[out.frame.len() - 20],
+                    c.frame[out.frame.len() - 19],
+                ]);
+                assert_eq!(
+                    (ev.client_port, ev.server_port),
+                    (sport, 80),
+                    "{}: ports",
+                    c.name
+                );
                 assert_eq!(
                     (ev.client_mac, ev.server_mac),
                     (CLIENT_MAC, SERVER_MAC),
@@ -430,7 +465,8 @@ fn verdicts_table() {
                 // was complete).
                 let line = &ev.line[..ev.line_len as usize];
                 assert!(
-                    c.reason == Reason::LineTooLong || (!line.is_empty() && c.frame.windows(line.len()).any(|w| w == line)),
+                    c.reason == Reason::LineTooLong
+                        || (!line.is_empty() && c.frame.windows(line.len()).any(|w| w == line)),
                     "{}: event carries the path: {:?}",
                     c.name,
                     String::from_utf8_lossy(line)
@@ -531,20 +567,40 @@ fn streams_table() {
     let mut failures = Vec::new();
     for (i, (name, segs)) in table.iter().enumerate() {
         let sport = 50000 + i as u16;
-        let syn = Frame { seq: SEQ.wrapping_sub(1), syn: true, ip: Ip::V4, sport, proto: 6, dport: 80, payload: Vec::new() };
+        let syn = Frame {
+            seq: SEQ.wrapping_sub(1),
+            syn: true,
+            ip: Ip::V4,
+            sport,
+            proto: 6,
+            dport: 80,
+            payload: Vec::new(),
+        };
         dp.test_run(&build(&syn), 1).unwrap();
         let mut next = 0u32;
         for (j, (off, payload, reasons, reset)) in segs.iter().enumerate() {
             let off = if *off == NEXT { next } else { *off };
             next = off + payload.len() as u32;
-            let f = Frame { seq: SEQ.wrapping_add(off), syn: false, ip: Ip::V4, sport, proto: 6, dport: 80, payload: payload.to_vec() };
+            let f = Frame {
+                seq: SEQ.wrapping_add(off),
+                syn: false,
+                ip: Ip::V4,
+                sport,
+                proto: 6,
+                dport: 80,
+                payload: payload.to_vec(),
+            };
             let frame = build(&f);
             let before = counters(&dp);
             let out = dp.test_run(&frame, 1).unwrap();
-            let got: Vec<Reason> = delta(&before, &counters(&dp)).into_iter().map(|(r, _)| r).collect();
+            let got: Vec<Reason> = delta(&before, &counters(&dp))
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect();
             let mut want = reasons.to_vec();
             want.sort_by_key(|r| *r as u32);
-            let is_reset = out.frame.len() < frame.len() && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0;
+            let is_reset = out.frame.len() < frame.len()
+                && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0;
             if got != want || is_reset != *reset {
                 failures.push(format!("{name}, segment {j}: counted {got:?} (want {want:?}), reset {is_reset} (want {reset})"));
             }

@@ -17,7 +17,11 @@ fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
     let mut s = Stream::new(1000, flag::SYN);
     let mut path = [0u8; PATH_MAX];
     let mut seen = Vec::new();
-    let mut bounds: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < data.len()).collect();
+    let mut bounds: Vec<usize> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < data.len())
+        .collect();
     bounds.push(data.len());
     let mut start = 0;
     for end in bounds {
@@ -93,7 +97,10 @@ fn keep_alive_and_pipelined_requests_are_each_decided() {
         b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nDELETE /admin HTTP/1.1\r\nHost: x\r\n\r\n",
         &[req(Get, "/a"), req(Delete, "/admin")],
     );
-    check(b"GET /a HTTP/1.1\n\nPUT /b HTTP/1.1\n\n", &[req(Get, "/a"), req(Put, "/b")]);
+    check(
+        b"GET /a HTTP/1.1\n\nPUT /b HTTP/1.1\n\n",
+        &[req(Get, "/a"), req(Put, "/b")],
+    );
 }
 
 #[test]
@@ -113,11 +120,18 @@ fn bodies_are_skipped_not_parsed_as_requests() {
 #[test]
 fn method_override_headers_are_reported() {
     use Method::*;
-    for name in ["X-HTTP-Method-Override", "x-http-method", "X-Method-Override"] {
+    for name in [
+        "X-HTTP-Method-Override",
+        "x-http-method",
+        "X-Method-Override",
+    ] {
         let data = std::format!("POST /a HTTP/1.1\r\n{name}:  delete \r\n\r\n");
         check(data.as_bytes(), &[req(Post, "/a"), Seen::Override(Delete)]);
     }
-    check(b"POST /a HTTP/1.1\r\nX-HTTP-Method-Override: BREW\r\n\r\n", &[req(Post, "/a"), Seen::Override(Other)]);
+    check(
+        b"POST /a HTTP/1.1\r\nX-HTTP-Method-Override: BREW\r\n\r\n",
+        &[req(Post, "/a"), Seen::Override(Other)],
+    );
 }
 
 #[test]
@@ -147,35 +161,68 @@ fn ambiguous_framing_is_refused() {
 #[test]
 fn tunnels_and_non_http() {
     use Method::*;
-    check(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\nDELETE /x", &[req(Connect, ""), Seen::Tunnel]);
-    check(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x81\x05hello", &[req(Get, "/ws"), Seen::Tunnel]);
-    check(b"OPTIONS * HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n", &[req(Options, ""), req(Get, "/")]);
-    check(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &[Seen::Fail(Reason::NotHttp)]);
+    check(
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\nDELETE /x",
+        &[req(Connect, ""), Seen::Tunnel],
+    );
+    check(
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+        &[req(Get, "/ws"), Seen::Tunnel],
+    );
+    check(
+        b"OPTIONS * HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        &[req(Options, ""), req(Get, "/")],
+    );
+    check(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        &[Seen::Fail(Reason::NotHttp)],
+    );
     check(b"\x16\x03\x01\x02\x00\x01", &[Seen::Fail(Reason::NotHttp)]);
 }
 
 #[test]
 fn paths_are_canonical_and_ambiguous_ones_refused() {
     use Method::*;
-    check(b"DELETE /a/../ad%6din;x=1?q HTTP/1.1\r\n\r\n", &[req(Delete, "/admin")]);
-    check(b"DELETE http://h//admin/. HTTP/1.1\r\n\r\n", &[req(Delete, "/admin/")]);
-    check(b"DELETE /a%2Fb HTTP/1.1\r\n\r\n", &[Seen::Fail(Reason::BadPath)]);
-    check(b"DELETE /a\\b HTTP/1.1\r\n\r\n", &[Seen::Fail(Reason::BadPath)]);
+    check(
+        b"DELETE /a/../ad%6din;x=1?q HTTP/1.1\r\n\r\n",
+        &[req(Delete, "/admin")],
+    );
+    check(
+        b"DELETE http://h//admin/. HTTP/1.1\r\n\r\n",
+        &[req(Delete, "/admin/")],
+    );
+    check(
+        b"DELETE /a%2Fb HTTP/1.1\r\n\r\n",
+        &[Seen::Fail(Reason::BadPath)],
+    );
+    check(
+        b"DELETE /a\\b HTTP/1.1\r\n\r\n",
+        &[Seen::Fail(Reason::BadPath)],
+    );
 }
 
 #[test]
 fn limits() {
     let mut line = Vec::from(&b"GET /?"[..]);
     line.extend(core::iter::repeat_n(b'q', LINE_LIMIT as usize));
-    assert_eq!(run(&line, &[]).last(), Some(&Seen::Fail(Reason::LineTooLong)));
+    assert_eq!(
+        run(&line, &[]).last(),
+        Some(&Seen::Fail(Reason::LineTooLong))
+    );
     let mut long_path = Vec::from(&b"GET /"[..]);
     long_path.extend(core::iter::repeat_n(b'p', PATH_MAX + 1));
-    assert_eq!(run(&long_path, &[]).last(), Some(&Seen::Fail(Reason::LineTooLong)));
+    assert_eq!(
+        run(&long_path, &[]).last(),
+        Some(&Seen::Fail(Reason::LineTooLong))
+    );
     let mut headers = Vec::from(&b"GET / HTTP/1.1\r\n"[..]);
     for _ in 0..(HEADER_LIMIT / 10 + 1) {
         headers.extend_from_slice(b"A: 123456\r\n");
     }
-    assert_eq!(run(&headers, &[]).last(), Some(&Seen::Fail(Reason::HeadersTooLarge)));
+    assert_eq!(
+        run(&headers, &[]).last(),
+        Some(&Seen::Fail(Reason::HeadersTooLarge))
+    );
 }
 
 #[test]
