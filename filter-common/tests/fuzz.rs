@@ -11,6 +11,7 @@
 //! cargo +nightly bolero test -p filter-common --profile release parse_request_line_never_panics
 //! cargo +nightly bolero test -p filter-common --profile release canonical_paths_are_canonical
 //! cargo +nightly bolero test -p filter-common --profile release path_hash_is_siphash13
+//! cargo +nightly bolero test -p filter-common --profile release stream_is_segmentation_independent
 //! cargo +nightly bolero test -p filter-common --profile release canon::tests::fuzz_matches_the_reference
 //! ```
 //!
@@ -130,5 +131,74 @@ fn path_hash_is_siphash13() {
             let mut buf = [*fill; PATH_MAX];
             buf[..data.len()].copy_from_slice(data);
             assert_eq!(path_hash(key, &buf, data.len()), want);
+        });
+}
+
+/// Feed `data` to a fresh stream, cut into segments at `cuts`, the way the kernel does (body
+/// runs in bulk, everything else byte by byte); returns what the caller saw, in order.
+fn stream_events(data: &[u8], cuts: &[usize]) -> Vec<String> {
+    use filter_common::stream::{flag, Ev, Stream};
+    let mut s = Stream::new(7, flag::SYN);
+    let mut path = [0u8; PATH_MAX];
+    let mut seen = Vec::new();
+    let mut bounds: Vec<usize> = cuts.iter().map(|&c| c % (data.len() + 1)).collect();
+    bounds.sort_unstable();
+    bounds.push(data.len());
+    let mut start = 0;
+    for end in bounds {
+        if end < start {
+            continue;
+        }
+        let mut off = start;
+        while off < end {
+            assert!(
+                s.pos == 7 + off as u32,
+                "the stream's position follows the bytes"
+            );
+            if s.in_bulk() {
+                let n = (s.bulk_left() as usize).min(end - off);
+                assert!(n > 0, "bulk with nothing left");
+                s.consume(n as u64);
+                off += n;
+                continue;
+            }
+            let ev = s.step(data[off], &mut path);
+            off += 1;
+            match ev {
+                Ev::More | Ev::Bulk => {}
+                Ev::Decide => {
+                    let m = s.take_method();
+                    assert!(s.line.path_len() <= PATH_MAX);
+                    seen.push(format!("{m:?} {:?}", &path[..s.line.path_len()]));
+                    s.set_verdict(u32::MAX, 0);
+                }
+                Ev::Override => seen.push(format!("override {:?}", s.override_method())),
+                Ev::Tunnel => {
+                    seen.push("tunnel".into());
+                    return seen;
+                }
+                Ev::Fail(r) => {
+                    seen.push(format!("fail {r:?}"));
+                    return seen;
+                }
+            }
+        }
+        start = end;
+    }
+    seen
+}
+
+/// `stream::Stream` never panics, keeps its position in step with the bytes, and reaches the
+/// same decisions however the bytes are cut into segments.
+#[test]
+fn stream_is_segmentation_independent() {
+    bolero::check!()
+        .with_type::<(Vec<u8>, Vec<u16>)>()
+        .for_each(|(tail, cuts)| {
+            // A plausible request prefix so most inputs reach headers and bodies.
+            let mut data = b"POST /a HTTP/1.1\r\n".to_vec();
+            data.extend(tail);
+            let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
+            assert_eq!(stream_events(&data, &[]), stream_events(&data, &cuts));
         });
 }
