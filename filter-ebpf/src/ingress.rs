@@ -286,6 +286,9 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     };
     let conn = unsafe { &mut *conn };
     if conn.is_tunnel() {
+        if flags & tcp_flags::FIN != 0 {
+            forget(s);
+        }
         return Err(Reason::Tunnel);
     }
     let pos = conn.pos;

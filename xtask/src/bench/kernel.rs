@@ -301,13 +301,31 @@ fn csum_fold(mut sum: u32) -> u16 {
 
 /// A TCP segment from 10.77.0.1:40000 to 10.77.0.2:`dport` with PSH|ACK (or ACK when empty).
 pub fn tcp_frame(dport: u16, payload: &[u8]) -> Vec<u8> {
+    tcp_frame_flags(
+        40000,
+        dport,
+        payload,
+        if payload.is_empty() { 0x10 } else { 0x18 },
+    )
+}
+
+/// A request segment that also carries FIN: the classifier follows connections, so a replayed
+/// frame is decided only once (later runs are retransmissions); with FIN it forgets the
+/// connection after each run, and every `repeat` is a fresh decision (plus the connection
+/// table insert and delete).
+pub fn request_frame(payload: &[u8]) -> Vec<u8> {
+    // Its own client port: the body frame's connection is untracked after its first run.
+    tcp_frame_flags(40001, 80, payload, 0x19)
+}
+
+fn tcp_frame_flags(sport: u16, dport: u16, payload: &[u8], flags: u8) -> Vec<u8> {
     let mut l4 = Vec::with_capacity(32 + payload.len());
-    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&sport.to_be_bytes());
     l4.extend_from_slice(&dport.to_be_bytes());
     l4.extend_from_slice(&0x1000_0000u32.to_be_bytes());
     l4.extend_from_slice(&0x2000_0000u32.to_be_bytes());
     l4.push(8 << 4);
-    l4.push(if payload.is_empty() { 0x10 } else { 0x18 });
+    l4.push(flags);
     l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
     l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     l4.extend_from_slice(payload);
@@ -389,18 +407,18 @@ pub fn frames() -> Vec<(&'static str, Vec<u8>, u32)> {
         ),
         (
             "TCP :80, GET /api/items (rule hit)",
-            tcp_frame(80, &request_to(super::PATH)),
+            request_frame(&request_to(super::PATH)),
             1,
         ),
         (
             "TCP :80, GET, 20 B path (no rule)",
-            tcp_frame(80, &request(20)),
+            request_frame(&request(20)),
             1,
         ),
-        ("TCP :80, GET, 1 KiB path", tcp_frame(80, &request(1024)), 4),
+        ("TCP :80, GET, 1 KiB path", request_frame(&request(1024)), 4),
         (
             "TCP :80, GET, 1009 B path (line = 1 KiB)",
-            tcp_frame(80, &request(1009)),
+            request_frame(&request(1009)),
             4,
         ),
     ]
