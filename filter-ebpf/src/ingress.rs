@@ -147,8 +147,6 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         // interface, where filterd must be attached to filter it; here it passes untouched.
         return Err(Reason::Unsupported);
     }
-    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
-    let s = unsafe { &mut *s };
     let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
         ETH_P_IPV4 => {
             let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
@@ -168,10 +166,6 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if frag & 0x2000 != 0 {
                 return Err(first_fragment(ctx, ETH_HLEN + ihl));
             }
-            s.key.client_addr_be = [0; 16];
-            s.key.server_addr_be = [0; 16];
-            s.key.client_addr_be[..4].copy_from_slice(&ip[12..16]);
-            s.key.server_addr_be[..4].copy_from_slice(&ip[16..20]);
             (
                 FAMILY_V4,
                 ETH_HLEN + ihl,
@@ -207,8 +201,6 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if next != IPPROTO_TCP {
                 return Err(Reason::Unsupported);
             }
-            s.key.client_addr_be.copy_from_slice(&ip[8..24]);
-            s.key.server_addr_be.copy_from_slice(&ip[24..40]);
             (
                 FAMILY_V6,
                 l4,
@@ -217,6 +209,24 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         }
         _ => return Err(Reason::NotIp),
     };
+    // Everything else leaves here, before any map is touched.
+    let ports: [u8; 4] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
+    if !port_inspected(be16(ports[2], ports[3])) {
+        return Err(Reason::OtherPort);
+    }
+    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
+    let s = unsafe { &mut *s };
+    if family == FAMILY_V4 {
+        let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| Reason::NotIp)?;
+        s.key.client_addr_be = [0; 16];
+        s.key.server_addr_be = [0; 16];
+        s.key.client_addr_be[..4].copy_from_slice(&a[..4]);
+        s.key.server_addr_be[..4].copy_from_slice(&a[4..]);
+    } else {
+        let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| Reason::NotIp)?;
+        s.key.client_addr_be.copy_from_slice(&a[..16]);
+        s.key.server_addr_be.copy_from_slice(&a[16..]);
+    }
     // verifier: pass the header offsets through map memory, so that the IPv4 path and each
     // length of the IPv6 extension-header walk reach the rest of the program as one state
     // instead of one copy each.
@@ -233,9 +243,6 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         )
     };
     let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
-    if !port_inspected(be16(tcp[2], tcp[3])) {
-        return Err(Reason::OtherPort);
-    }
     s.key.client_port = be16(tcp[0], tcp[1]);
     s.key.server_port = be16(tcp[2], tcp[3]);
     s.key.family = family;

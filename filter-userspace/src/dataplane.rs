@@ -518,31 +518,13 @@ impl Dataplane {
     }
 
     fn clear_inactive(&mut self, next: usize) -> Result<(), DataplaneError> {
-        let name = MAP_RULES[next];
         let map = &mut self.rules[next];
-        let keys = map
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(name))?;
-        for k in keys {
-            match map.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
-            }
-        }
+        let keys = map.keys().collect::<Result<Vec<_>, _>>();
+        remove_all(MAP_RULES[next], keys, |k| map.remove(k))?;
         if let Some(prefix) = &mut self.prefix {
-            let name = MAP_PREFIX[next];
             let map = &mut prefix[next];
-            let keys = map
-                .keys()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(map_err(name))?;
-            for k in keys {
-                match map.remove(&k) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(name)(e)),
-                }
-            }
+            let keys = map.keys().collect::<Result<Vec<_>, _>>();
+            remove_all(MAP_PREFIX[next], keys, |k| map.remove(k))?;
         }
         Ok(())
     }
@@ -775,4 +757,20 @@ fn remove_stale_map_dirs(root: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Remove every key of a map (listed first, since the listing borrows the map); keys already
+/// gone are fine.
+fn remove_all<K>(
+    name: &'static str,
+    keys: Result<Vec<K>, MapError>,
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) -> Result<(), DataplaneError> {
+    for k in keys.map_err(map_err(name))? {
+        match remove(&k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(())
 }

@@ -29,6 +29,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
+/// The policy the demo and the tests run with: `/api/items` takes GET and POST, `/admin` is
+/// read-only, every other path allows any method.
+pub const SAMPLE_POLICY: &str = r#"[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+"#;
+/// `Allow` for `/api/items` and `/admin` under [`SAMPLE_POLICY`] (GET implies HEAD).
+pub const ITEMS_ALLOW: &str = "GET, HEAD, POST";
+pub const ADMIN_ALLOW: &str = "GET, HEAD";
+
 /// Address the daemon's REST API listens on inside the server namespace.
 pub const API_ADDR: &str = "127.0.0.1:9405";
 /// Environment variable that enables the privileged tests.

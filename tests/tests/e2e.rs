@@ -13,18 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use filter_tests::lab::{self, Backend, Daemon, Lab, Recorded};
 use serde_json::{json, Value};
 
-const POLICY: &str = r#"
-[[rules]]
-path = "/api/items"
-methods = ["GET", "POST"]
-
-[[rules]]
-path = "/admin"
-methods = ["GET"]
-"#;
-
-const ITEMS_ALLOW: &str = "GET, HEAD, POST";
-const ADMIN_ALLOW: &str = "GET, HEAD";
+use filter_tests::lab::{ADMIN_ALLOW, ITEMS_ALLOW, SAMPLE_POLICY as POLICY};
 /// After a rejection the server side must have let go of the connection by then.
 const CONNECTION_GONE_WITHIN: Duration = Duration::from_millis(300);
 

@@ -18,14 +18,7 @@ const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const SEQ: u32 = 0x1000_0000;
 const ACK: u32 = 0x2000_0000;
 
-const POLICY: &str = r#"
-[[rules]]
-path = "/api/items"
-methods = ["GET", "POST"]
-[[rules]]
-path = "/admin"
-methods = ["GET"]
-"#;
+use filter_tests::lab::SAMPLE_POLICY as POLICY;
 
 #[derive(Clone, Copy)]
 enum Ip {

@@ -10,15 +10,7 @@ use filter_tests::lab::{self, Lab};
 
 use crate::build::Built;
 
-const POLICY: &str = r#"# Sample policy: /api/items takes reads and creates; /admin is read-only.
-[[rules]]
-path = "/api/items"
-methods = ["GET", "POST"]
-
-[[rules]]
-path = "/admin"
-methods = ["GET"]
-"#;
+use filter_tests::lab::SAMPLE_POLICY as POLICY;
 
 struct Step {
     method: &'static str,
