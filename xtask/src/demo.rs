@@ -166,9 +166,16 @@ pub fn run(b: &Built) -> anyhow::Result<()> {
     println!("\n$ filterctl rules list");
     let out = lab
         .server_cmd(&b.filterctl)
+        .arg("--token-file")
+        .arg(lab.dir().join("api-token"))
         .args(["rules", "list"])
         .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    failures += usize::from(!out.status.success());
     drop(daemon);
     drop(backend);
     drop(lab);
