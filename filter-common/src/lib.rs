@@ -40,6 +40,10 @@ pub const EVENT_LINE_MAX: usize = 256;
 /// EtherType values, host byte order.
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// 802.1ad service tag (QinQ outer tag).
+pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPPROTO_TCP: u8 = 6;
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN_MIN: usize = 20;

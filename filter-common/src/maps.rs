@@ -188,7 +188,7 @@ pub struct Scratch {
     pub hdr_l4: u32,
     pub hdr_ip_end: u32,
     pub hdr_family: u32,
-    pub _pad3: u32,
+    pub hdr_l3: u32,
     pub off: u32,
     pub decided: u32,
     /// Why the callback stopped (`STOP_*`), and for refusals the reason, method and allow set.

@@ -28,7 +28,7 @@ use filter_common::{
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
     tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
-    ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN,
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN,
     IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN,
     SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_BULK, STOP_DECIDE, STOP_LOAD_FAILED,
     STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_REFUSE, STOP_TUNNEL, TCP_HLEN_MIN,
@@ -119,11 +119,16 @@ fn port_inspected(port: u16) -> bool {
 /// Where the current segment's headers and payload are.
 pub struct Headers {
     pub family: u8,
+    /// Offset of the IP header (after any VLAN tags left in the frame).
+    pub l3: usize,
     pub l4: usize,
     pub payload: usize,
     pub payload_len: usize,
     pub seq: u32,
 }
+
+/// VLAN tags read through inside the frame (each must be a priority tag, VID 0).
+const VLAN_TAGS_MAX: usize = 2;
 
 /// IPv6 extension headers walked before giving up (`unsupported_ip`).
 const V6_EXT_MAX: usize = 4;
@@ -147,9 +152,24 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         // interface, where filterd must be attached to filter it; here it passes untouched.
         return Err(Reason::Unsupported);
     }
-    let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
+    // VLAN tags left in the frame: the inner tag of QinQ once the outer one is offloaded, or
+    // any tag when offload is off. A priority tag (VID 0) is read through; a VLAN's frame
+    // passes untouched, as above.
+    let mut proto = be16(eth[12], eth[13]);
+    let mut l3 = ETH_HLEN;
+    let mut k = 0;
+    while k < VLAN_TAGS_MAX && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
+        let tag: [u8; 4] = ctx.load(l3).map_err(|_| Reason::NotIp)?;
+        if be16(tag[0], tag[1]) & 0x0fff != 0 {
+            return Err(Reason::Unsupported);
+        }
+        proto = be16(tag[2], tag[3]);
+        l3 += 4;
+        k += 1;
+    }
+    let (family, l4, ip_end) = match proto {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(l3).map_err(|_| Reason::NotIp)?;
             if ip[9] != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
@@ -164,19 +184,15 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
                 return Err(Reason::Unsupported);
             }
             if frag & 0x2000 != 0 {
-                return Err(first_fragment(ctx, ETH_HLEN + ihl));
+                return Err(first_fragment(ctx, l3 + ihl));
             }
-            (
-                FAMILY_V4,
-                ETH_HLEN + ihl,
-                ETH_HLEN + be16(ip[2], ip[3]) as usize,
-            )
+            (FAMILY_V4, l3 + ihl, l3 + be16(ip[2], ip[3]) as usize)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV6_HLEN] = ctx.load(l3).map_err(|_| Reason::NotIp)?;
             // Walk up to V6_EXT_MAX extension headers to the TCP header.
             let mut next = ip[6];
-            let mut l4 = ETH_HLEN + IPV6_HLEN;
+            let mut l4 = l3 + IPV6_HLEN;
             let mut k = 0;
             while k < V6_EXT_MAX && next != IPPROTO_TCP {
                 let ext: [u8; 8] = ctx.load(l4).map_err(|_| Reason::Unsupported)?;
@@ -201,11 +217,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if next != IPPROTO_TCP {
                 return Err(Reason::Unsupported);
             }
-            (
-                FAMILY_V6,
-                l4,
-                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
-            )
+            (FAMILY_V6, l4, l3 + IPV6_HLEN + be16(ip[4], ip[5]) as usize)
         }
         _ => return Err(Reason::NotIp),
     };
@@ -217,13 +229,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
-        let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| Reason::NotIp)?;
+        let a: [u8; 8] = ctx.load(l3 + 12).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be = [0; 16];
         s.key.server_addr_be = [0; 16];
         s.key.client_addr_be[..4].copy_from_slice(&a[..4]);
         s.key.server_addr_be[..4].copy_from_slice(&a[4..]);
     } else {
-        let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| Reason::NotIp)?;
+        let a: [u8; 32] = ctx.load(l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
         s.key.server_addr_be.copy_from_slice(&a[16..]);
     }
@@ -234,9 +246,11 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         write_volatile(addr_of_mut!(s.hdr_l4), l4 as u32);
         write_volatile(addr_of_mut!(s.hdr_ip_end), ip_end as u32);
         write_volatile(addr_of_mut!(s.hdr_family), family as u32);
+        write_volatile(addr_of_mut!(s.hdr_l3), l3 as u32);
     }
-    let (l4, ip_end, family) = unsafe {
+    let (l3, l4, ip_end, family) = unsafe {
         (
+            read_volatile(addr_of!(s.hdr_l3)) as usize & 0xff,
             read_volatile(addr_of!(s.hdr_l4)) as usize & 0xffff,
             read_volatile(addr_of!(s.hdr_ip_end)) as usize & 0xffff,
             read_volatile(addr_of!(s.hdr_family)) as u8,
@@ -273,6 +287,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let payload_len = ip_end - payload;
     let hdr = Headers {
         family,
+        l3,
         l4,
         payload,
         payload_len,
@@ -775,6 +790,7 @@ fn refuse(
     forget(s);
     let seg = Segment {
         family: hdr.family,
+        l3: hdr.l3,
         l4: hdr.l4,
         seq: pos,
         tcp,

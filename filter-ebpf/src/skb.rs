@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use core::ptr::null_mut;
-use filter_common::{csum, tcp_flags, Scratch, ETH_HLEN, FAMILY_V4, IPV6_HLEN, TCP_HLEN_MIN};
+use filter_common::{csum, tcp_flags, Scratch, FAMILY_V4, IPV6_HLEN, TCP_HLEN_MIN};
 
 use crate::ingress::Headers;
 
@@ -123,42 +123,42 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
             unsafe { bpf_csum_update(skb, delta as u32) };
         }
     }
-    set_ip_len(ctx, hdr.family, hdr.l4, doff + keep)
+    set_ip_len(ctx, hdr.family, hdr.l3, hdr.l4, doff + keep)
 }
 
-/// Write the IP length for a TCP segment of `tcp_len` bytes at `l4`.
+/// Write the IP length (IP header at `l3`) for a TCP segment of `tcp_len` bytes at `l4`.
 #[inline(always)]
-fn set_ip_len(ctx: &TcContext, family: u8, l4: usize, tcp_len: usize) -> bool {
+fn set_ip_len(ctx: &TcContext, family: u8, l3: usize, l4: usize, tcp_len: usize) -> bool {
     let skb = ctx.skb.skb;
     if family == FAMILY_V4 {
-        let Ok(old) = ctx.load::<[u8; 2]>(ETH_HLEN + 2) else {
+        let Ok(old) = ctx.load::<[u8; 2]>(l3 + 2) else {
             return false;
         };
-        let new = ((l4 - ETH_HLEN + tcp_len) as u16).to_be_bytes();
+        let new = ((l4 - l3 + tcp_len) as u16).to_be_bytes();
         // tot_len and the header checksum change together: the header still sums to 0xffff,
         // so skb->csum (CHECKSUM_COMPLETE) needs no update for these two writes.
         unsafe {
             bpf_skb_store_bytes(
                 skb,
-                (ETH_HLEN + 2) as u32,
+                (l3 + 2) as u32,
                 new.as_ptr() as *const c_void,
                 2,
                 0,
             ) >= 0
                 && bpf_l3_csum_replace(
                     skb,
-                    (ETH_HLEN + 10) as u32,
+                    (l3 + 10) as u32,
                     u16::from_ne_bytes(old) as u64,
                     u16::from_ne_bytes(new) as u64,
                     2,
                 ) >= 0
         }
     } else {
-        let new = ((l4 - ETH_HLEN - IPV6_HLEN + tcp_len) as u16).to_be_bytes();
+        let new = ((l4 - l3 - IPV6_HLEN + tcp_len) as u16).to_be_bytes();
         unsafe {
             bpf_skb_store_bytes(
                 skb,
-                (ETH_HLEN + 4) as u32,
+                (l3 + 4) as u32,
                 new.as_ptr() as *const c_void,
                 2,
                 BPF_F_RECOMPUTE_CSUM as u64,
@@ -194,6 +194,8 @@ pub fn load_into<const N: usize>(
 /// Where the headers of the segment being rewritten are.
 pub struct Segment<'a> {
     pub family: u8,
+    /// Offset of the IP header from the start of the frame.
+    pub l3: usize,
     /// Offset of the TCP header from the start of the frame.
     pub l4: usize,
     /// Sequence number the reset carries: the backend's next expected byte.
@@ -224,7 +226,7 @@ pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
     if unsafe { bpf_skb_change_tail(skb, (seg.l4 + TCP_HLEN_MIN) as u32, 0) } < 0 {
         return false;
     }
-    if !set_ip_len(ctx, seg.family, seg.l4, TCP_HLEN_MIN) {
+    if !set_ip_len(ctx, seg.family, seg.l3, seg.l4, TCP_HLEN_MIN) {
         return false;
     }
     let pseudo = if seg.family == FAMILY_V4 {
