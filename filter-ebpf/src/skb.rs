@@ -138,13 +138,7 @@ fn set_ip_len(ctx: &TcContext, family: u8, l3: usize, l4: usize, tcp_len: usize)
         // tot_len and the header checksum change together: the header still sums to 0xffff,
         // so skb->csum (CHECKSUM_COMPLETE) needs no update for these two writes.
         unsafe {
-            bpf_skb_store_bytes(
-                skb,
-                (l3 + 2) as u32,
-                new.as_ptr() as *const c_void,
-                2,
-                0,
-            ) >= 0
+            bpf_skb_store_bytes(skb, (l3 + 2) as u32, new.as_ptr() as *const c_void, 2, 0) >= 0
                 && bpf_l3_csum_replace(
                     skb,
                     (l3 + 10) as u32,
