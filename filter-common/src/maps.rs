@@ -16,7 +16,7 @@ pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
 pub const MAP_CONNS: &str = "CONNS";
 /// `LruHashMap<ConnKey, [u8; PATH_MAX]>`: the path of a request line split across segments.
 pub const MAP_PENDING: &str = "PENDING";
-/// Tracked connections.
+/// Tracked connections (default; `filterd --max-connections` sets the table's size at load).
 pub const CONNS_MAX: u32 = 65_536;
 /// Connections with a request line in flight across segments at once.
 pub const PENDING_MAX: u32 = 4_096;
@@ -79,7 +79,13 @@ pub struct Settings {
     pub default_allow: u32,
     /// `SETTINGS_*` bits.
     pub flags: u32,
-    pub _reserved: u32,
+    /// Until this time (`CLOCK_MONOTONIC` seconds, the clock of `bpf_ktime_get_ns`) a segment
+    /// of a connection with no state is adopted: followed from that segment on, as a request
+    /// boundary. The daemon sets it when it loads the classifier, so connections open before
+    /// then are picked up. Afterwards a connection without state lost it to the full table's
+    /// eviction, and its segment is refused (`conn_table_full`): reading it as a request
+    /// boundary would let a client that evicts its own state smuggle a request in a body.
+    pub adopt_until: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 

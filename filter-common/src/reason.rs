@@ -65,7 +65,8 @@ pub enum Reason {
     /// The connection stopped being HTTP/1.1 (`Upgrade` accepted, `CONNECT`, the HTTP/2
     /// preface): its further bytes pass untracked.
     Tunnel = 22,
-    /// Extra count: the connection table was full; the oldest connection's state was evicted.
+    /// A segment of a connection whose state is gone (the full table evicted it) after the
+    /// adoption window: the responder answers 503 and the backend is reset.
     ConnTableFull = 23,
     /// A retransmission of bytes already decided on: passed (the backend keeps its first copy).
     Retransmit = 24,

@@ -16,7 +16,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     bindings::TC_ACT_UNSPEC,
-    helpers::{bpf_loop, generated::bpf_probe_read_kernel},
+    helpers::{bpf_ktime_get_ns, bpf_loop, generated::bpf_probe_read_kernel},
     programs::TcContext,
 };
 use core::ffi::c_void;
@@ -298,9 +298,25 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let conn = match CONNS.get_ptr_mut(&s.key) {
         Some(c) => c,
         None => {
-            // Not seen from its SYN (established before the filter attached, or evicted):
-            // start following it here, at a request boundary.
             s.stream.reset(seq, 0);
+            if !adopting() {
+                // Its state was evicted (the table is full): this segment may sit inside a
+                // request or a body, so it cannot be read as a request boundary. Refuse it.
+                prepare_event(ctx, s, &eth, &tcp, &hdr);
+                s.canon_len = 0;
+                return refuse(
+                    ctx,
+                    s,
+                    &tcp,
+                    &hdr,
+                    seq,
+                    Reason::ConnTableFull,
+                    0,
+                    Method::Other,
+                );
+            }
+            // Open before the filter was loaded: start following it here, at a request
+            // boundary.
             if CONNS.insert(&s.key, &s.stream, 0).is_err() {
                 count(Reason::ConnTableFull);
             }
@@ -406,6 +422,16 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     } else {
         Err(Reason::MidStream)
     }
+}
+
+/// Whether a connection with no state is still adopted (see `Settings::adopt_until`).
+#[inline(always)]
+fn adopting() -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    now < settings.adopt_until as u64
 }
 
 /// Write the stream back to the connection table, and the path if a request line is still
@@ -788,7 +814,14 @@ fn refuse(
         }
     }
     send_event(s, reason as u32, allow, method as u32);
-    forget(s);
+    // The connection is over for the backend, but the client may send the refused request
+    // again (if the answer was lost): keep following it from the refused request, so a resent
+    // copy gets the same answer. Its FIN or the table's eviction releases the state.
+    let _ = PENDING.remove(&s.key);
+    if let Some(conn) = CONNS.get_ptr_mut(&s.key) {
+        s.stream.restart_at(pos);
+        copy_words(unsafe { &mut *conn }, &s.stream);
+    }
     let seg = Segment {
         family: hdr.family,
         l3: hdr.l3,

@@ -30,10 +30,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    hash, LoadConfig, PrefixData, Reason, RuleValue, Settings, GLOBAL_CONFIG, MAP_EVENTS,
-    MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_INGRESS,
-    REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER,
-    SETTINGS_OVERSIZE_PASS,
+    hash, stream::Stream, ConnKey, LoadConfig, PrefixData, Reason, RuleValue, Settings, CONNS_MAX,
+    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS,
+    PREFIX_MAX, PREFIX_RULES_MAX, PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX,
+    SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
@@ -62,6 +62,8 @@ pub enum DataplaneError {
     NoObject,
     #[error("loading the kernel object failed: {0} (filterd needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)")]
     Load(#[source] aya::EbpfError),
+    #[error("{0}")]
+    BadOption(String),
     #[error("the kernel object has no {0}")]
     Missing(&'static str),
     #[error("prefix rules need the {} maps, which this kernel object does not have; rebuild with `cargo xtask build`", MAP_PREFIX.join("/"))]
@@ -148,6 +150,39 @@ pub struct MapFill {
     pub capacity: usize,
 }
 
+/// Load-time choices (`filterd --max-connections`, `--adopt-window`).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Size of the connection table (`CONNS`); when it is full the least recently active
+    /// connection's state is evicted.
+    pub max_connections: u32,
+    /// How long after the load a connection the classifier has no state for is adopted at
+    /// its next segment (connections open before the load); after it, such a segment is
+    /// refused (its state was evicted).
+    pub adopt_window: std::time::Duration,
+}
+
+/// Default of [`LoadOptions::adopt_window`]: longer than common keep-alive timeouts (nginx 75 s),
+/// so idle keep-alive connections open at a restart are adopted at their next request.
+pub const DEFAULT_ADOPT_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            max_connections: CONNS_MAX,
+            adopt_window: DEFAULT_ADOPT_WINDOW,
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in whole seconds: the clock of the classifier's `bpf_ktime_get_ns`.
+fn monotonic_secs() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime(2) with a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
 pub struct Dataplane {
     // Keeps the program loaded; dropping it detaches links still inside it.
     ebpf: Ebpf,
@@ -163,6 +198,9 @@ pub struct Dataplane {
     inactive_dirty: bool,
     /// The switches last written, so a dry-run change keeps them.
     settings_now: Settings,
+    /// The connection table, read for its fill level.
+    conns: HashMap<MapData, ConnKey, [u8; size_of::<Stream>()]>,
+    max_connections: u32,
     dry_run: bool,
     /// Entries in the active maps: exact, prefix.
     fill: [usize; 2],
@@ -230,6 +268,21 @@ impl Dataplane {
     /// earlier run's reused) under `<pin_root>/<pinned_maps_dir()>`, and
     /// [`Dataplane::attach_pinned`] pins links under `<pin_root>/links`.
     pub fn load_with(ports: &[u16], pin_root: Option<&Path>) -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_opts(ports, pin_root, &LoadOptions::default())
+    }
+
+    /// As [`Dataplane::load_with`], with the connection table's size and the adoption window
+    /// of `opts`.
+    pub fn load_opts(
+        ports: &[u16],
+        pin_root: Option<&Path>,
+        opts: &LoadOptions,
+    ) -> Result<Dataplane, DataplaneError> {
+        if opts.max_connections == 0 {
+            return Err(DataplaneError::BadOption(
+                "the connection table needs room for at least one connection".into(),
+            ));
+        }
         if OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
@@ -246,6 +299,7 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_CONFIG, &*config, true);
+        loader.map_max_entries(MAP_CONNS, opts.max_connections);
         let stats_pin;
         if let Some(root) = pin_root {
             ensure_pin_dir(root)?;
@@ -302,6 +356,8 @@ impl Dataplane {
         let settings = Array::try_from(take(MAP_SETTINGS)?).map_err(map_err(MAP_SETTINGS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
+        let conns = HashMap::try_from(take(MAP_CONNS)?).map_err(map_err(MAP_CONNS))?;
+        let adopt_until = monotonic_secs().saturating_add(opts.adopt_window.as_secs());
         let mut dp = Dataplane {
             ebpf,
             rules,
@@ -313,7 +369,12 @@ impl Dataplane {
             active: 0,
             // A fresh program's maps are empty.
             inactive_dirty: false,
-            settings_now: Settings::default(),
+            settings_now: Settings {
+                adopt_until: u32::try_from(adopt_until).unwrap_or(u32::MAX),
+                ..Settings::default()
+            },
+            conns,
+            max_connections: opts.max_connections,
             dry_run: false,
             fill: [0, 0],
             write_failures: 0,
@@ -581,7 +642,7 @@ impl Dataplane {
             active_rules: next,
             default_allow: policy.default.effective().0,
             flags: self.flags(policy),
-            _reserved: 0,
+            adopt_until: self.settings_now.adopt_until,
         };
         let r = self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS));
         self.counted(r)?;
@@ -669,7 +730,8 @@ impl Dataplane {
         self.fill = [exact, prefix];
     }
 
-    /// Entries and capacity of the active policy maps.
+    /// Entries and capacity of the active policy maps and of the connection table (counted
+    /// by walking its keys: one syscall per tracked connection).
     pub fn map_fill(&self) -> Vec<MapFill> {
         let a = self.active as usize;
         let mut out = vec![MapFill {
@@ -684,7 +746,28 @@ impl Dataplane {
                 capacity: PREFIX_CAPACITY,
             });
         }
+        out.push(MapFill {
+            map: MAP_CONNS,
+            entries: self.tracked_connections(),
+            capacity: self.max_connections as usize,
+        });
         out
+    }
+
+    /// Connections the classifier follows now.
+    pub fn tracked_connections(&self) -> usize {
+        self.conns.keys().filter(Result::is_ok).count()
+    }
+
+    /// Change the adoption window (see [`LoadOptions::adopt_window`]), counted from now.
+    pub fn set_adopt_window(&mut self, window: std::time::Duration) -> Result<(), DataplaneError> {
+        let mut s = self.settings_now;
+        let until = monotonic_secs().saturating_add(window.as_secs());
+        s.adopt_until = u32::try_from(until).unwrap_or(u32::MAX);
+        let r = self.settings.set(0, s, 0).map_err(map_err(MAP_SETTINGS));
+        self.counted(r)?;
+        self.settings_now = s;
+        Ok(())
     }
 
     /// Map writes that failed since the daemon started.

@@ -142,6 +142,7 @@ impl Responder {
             Reason::BadPath | Reason::BadFraming | Reason::NotHttp => Answer::BadRequest,
             Reason::LineTooLong => Answer::UriTooLong,
             Reason::HeadersTooLarge => Answer::HeadersTooLarge,
+            Reason::ConnTableFull => Answer::Unavailable,
             Reason::Monitored => {
                 self.stats.monitored.fetch_add(1, Ordering::Relaxed);
                 if self.log_limit.allow() {

@@ -17,6 +17,9 @@ pub enum Answer {
     UriTooLong,
     /// `431 Request Header Fields Too Large`: the header block runs past the inspection bound.
     HeadersTooLarge,
+    /// `503 Service Unavailable`: the filter lost the connection's state (the connection table
+    /// was full); a new connection works.
+    Unavailable,
 }
 
 impl Answer {
@@ -27,6 +30,7 @@ impl Answer {
             Answer::BadRequest => "HTTP/1.1 400 Bad Request",
             Answer::UriTooLong => "HTTP/1.1 414 URI Too Long",
             Answer::HeadersTooLarge => "HTTP/1.1 431 Request Header Fields Too Large",
+            Answer::Unavailable => "HTTP/1.1 503 Service Unavailable",
         }
     }
 }
@@ -58,6 +62,10 @@ pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) 
         }
         Answer::UriTooLong => "414 URI Too Long\n".to_owned(),
         Answer::HeadersTooLarge => "431 Request Header Fields Too Large\n".to_owned(),
+        Answer::Unavailable => {
+            "503 Service Unavailable: this connection can no longer be filtered; open a new one.\n"
+                .to_owned()
+        }
     };
     let mut head = format!("{}\r\n", answer.status_line());
     if matches!(answer, Answer::MethodNotAllowed | Answer::OptionsNoContent) {
@@ -130,6 +138,7 @@ mod tests {
                 Answer::HeadersTooLarge,
                 "HTTP/1.1 431 Request Header Fields Too Large",
             ),
+            (Answer::Unavailable, "HTTP/1.1 503 Service Unavailable"),
         ] {
             let raw = build(answer, allow, Method::Options, SystemTime::now());
             let (head, body) = head_and_body(&raw);

@@ -206,7 +206,7 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` to completion; fails (with its stderr) unless it exits 0.
-fn run(cmd: &mut Command) -> Result<String> {
+pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -28,6 +28,11 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
+    setup_with(test, &[])
+}
+
+/// As [`setup`], with extra `filterd` arguments.
+fn setup_with(test: &str, filterd_args: &[&str]) -> Option<Setup> {
     if !lab::e2e_enabled(test) {
         return None;
     }
@@ -41,7 +46,7 @@ fn setup(test: &str) -> Option<Setup> {
         .start_backend(80)
         .unwrap_or_else(|e| fail("starting the backend", e));
     let daemon = lab
-        .start_filterd(&binary, POLICY, &[])
+        .start_filterd(&binary, POLICY, filterd_args)
         .unwrap_or_else(|e| fail("starting filterd", e));
     Some(Setup {
         daemon,
@@ -654,5 +659,125 @@ fn stats_count_rejections() {
             "rejected stayed at {after} after a 405 over {}",
             family(addr)
         );
+    }
+}
+
+/// A victim connection sends a POST's head and part of its body, other connections fill
+/// the connection table so the victim's state is evicted, then the victim sends the rest of
+/// the body with a disallowed request hidden behind it. Read as a request boundary, those
+/// bytes would pass (they are not HTTP) and the backend would read the DELETE; the filter
+/// answers 503 and resets the backend instead, and counts it. Meanwhile the table holds at
+/// most `--max-connections`, and closed connections give their state back.
+const EVICTION_CLIENT: &str = r#"
+import json, socket, sys, time
+host, fill = sys.argv[1], int(sys.argv[2])
+def conn():
+    s = socket.create_connection((host, 80), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+def read_all(s):
+    out = b""
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+    except OSError as e:
+        out += ("<%s>" % type(e).__name__).encode()
+    return out
+smuggled = b"DELETE /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+rest = b"b" * 50
+victim = conn()
+victim.sendall(b"POST /api/items HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"a" * 10)
+time.sleep(0.2)
+# Each of the others is looked up as often as the victim was (the kernel's LRU gives entries
+# in use a second chance), and all stay open.
+others = []
+for _ in range(fill):
+    o = conn()
+    o.sendall(b"GET /api/items HTTP/1.1\r\nHost: x\r\n\r\n")
+    o.recv(65536)
+    others.append(o)
+time.sleep(0.2)
+victim.sendall(rest + smuggled)
+victim_read = read_all(victim)
+victim.close()
+for o in others:
+    o.close()
+time.sleep(0.2)
+fresh = conn()
+fresh.sendall(b"GET /api/items HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+fresh_read = read_all(fresh)
+print(json.dumps({"victim": victim_read.decode("latin-1"), "fresh": fresh_read.decode("latin-1")}))
+"#;
+
+#[test]
+fn a_connection_whose_state_was_evicted_is_refused() {
+    let Some(s) = setup_with(
+        "a_connection_whose_state_was_evicted_is_refused",
+        &["--max-connections", "64", "--adopt-window", "0"],
+    ) else {
+        return;
+    };
+    let metric = |name: &str| -> u64 {
+        let (status, text) = api(&s, "GET", "/metrics", None);
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("/metrics has no {name}:\n{text}"))
+    };
+    let full = "filterd_packets_total{reason=\"conn_table_full\"}";
+    let tracked = "filterd_map_entries{map=\"CONNS\"}";
+    for addr in s.lab.server_addrs() {
+        let mark = backend_mark(&s);
+        let before = metric(full);
+        let out = lab::run(s.lab.client_cmd("python3").args([
+            "-c",
+            EVICTION_CLIENT,
+            &addr.to_string(),
+            "300",
+        ]))
+        .unwrap_or_else(|e| panic!("eviction client over {}: {e:#}", family(addr)));
+        let v: Value = serde_json::from_str(out.trim()).expect("the client's JSON");
+        let victim = v["victim"].as_str().unwrap();
+        assert!(
+            victim.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && victim.contains("Connection: close"),
+            "over {}: the evicted connection got {victim:?}",
+            family(addr)
+        );
+        let seen = backend_since(&s, mark);
+        assert!(
+            seen.iter()
+                .all(|r| r.method != "DELETE" && r.method != "POST"),
+            "over {}: the backend read {seen:?}",
+            family(addr)
+        );
+        assert!(
+            metric(full) > before,
+            "over {}: conn_table_full was not counted",
+            family(addr)
+        );
+        let fresh = v["fresh"].as_str().unwrap();
+        assert!(
+            fresh.starts_with("HTTP/1.1 200") || fresh.starts_with("HTTP/1.0 200"),
+            "over {}: a new connection after the eviction got {fresh:?}",
+            family(addr)
+        );
+        // Closed connections gave their state back (the server's last packets may trail).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = metric(tracked);
+            if n <= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "over {}: {n} connections still tracked after every client closed",
+                family(addr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -861,3 +861,78 @@ fn cut_segments_keep_valid_checksums() {
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+/// A connection with no state: adopted at its segment while the adoption window is open
+/// (connections open before the load), refused once it is closed (its state was evicted);
+/// a refused request sent again gets the same answer; a FIN releases the state.
+#[test]
+fn stateless_segments_and_released_state() {
+    if !lab::e2e_enabled("kernel::stateless_segments_and_released_state") {
+        return;
+    }
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let mut events = dp.take_events().expect("event ring");
+    let mut next_event = || {
+        events
+            .next()
+            .map(|item| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RejectEvent>()) })
+    };
+    let mut run = |dp: &mut Dataplane, f: &Frame| {
+        let frame = build(f);
+        let before = counters(dp);
+        let out = dp.test_run(&frame, 1).unwrap();
+        let reasons: Vec<Reason> = delta(&before, &counters(dp))
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        (frame, out.frame, reasons)
+    };
+    let body = b"{\"k\": 1}DELETE /admin HTTP/1.1\r\n\r\n";
+
+    // Window open (the default after a load): adopted; the bytes are not HTTP, so the
+    // connection is not followed.
+    let (_, out, reasons) = run(&mut dp, &tcp(Ip::V4, 80, body));
+    assert_eq!(reasons, [Reason::NotHttp], "adopted mid-stream");
+    assert!(out.len() > 60, "adopted segment passes");
+    assert!(next_event().is_none());
+
+    // Window closed: refused, with a 503 for the responder.
+    dp.set_adopt_window(std::time::Duration::ZERO).unwrap();
+    let (frame, out, reasons) = run(&mut dp, &tcp(Ip::V4, 80, body));
+    assert_eq!(
+        reasons,
+        [Reason::ConnTableFull],
+        "state lost after the window"
+    );
+    assert_reset("stateless after the window", &frame, &out);
+    let ev = next_event().expect("the responder is told");
+    assert_eq!(ev.reason, Reason::ConnTableFull as u32);
+
+    // A connection from its SYN: a refused request sent again is refused again (same answer),
+    // and its FIN releases the state.
+    let base = dp.tracked_connections();
+    let mut f = tcp(Ip::V4, 80, b"");
+    f.seq = SEQ.wrapping_sub(1);
+    f.syn = true;
+    run(&mut dp, &f);
+    assert_eq!(
+        dp.tracked_connections(),
+        base + 1,
+        "the SYN creates the state"
+    );
+    f.seq = SEQ;
+    f.syn = false;
+    f.payload = b"DELETE /admin HTTP/1.1\r\n\r\n".to_vec();
+    for attempt in ["first", "resent"] {
+        let (frame, out, reasons) = run(&mut dp, &f);
+        assert_eq!(reasons, [Reason::Rejected], "{attempt} copy");
+        assert_reset(attempt, &frame, &out);
+        assert_eq!(next_event().expect("event").reason, Reason::Rejected as u32);
+    }
+    f.payload = Vec::new();
+    let mut fin = build(&f);
+    let l4 = 14 + 20;
+    fin[l4 + 13] |= tcp_flags::FIN;
+    dp.test_run(&fin, 1).unwrap();
+    assert_eq!(dp.tracked_connections(), base, "the FIN releases the state");
+}

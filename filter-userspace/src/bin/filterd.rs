@@ -53,6 +53,16 @@ struct Args {
     /// it is not).
     #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Connections the classifier follows at once. When the table is full the least recently
+    /// active connection's state is evicted, and that connection's next data segment is
+    /// refused (503, backend reset): size it above the host's peak of concurrent connections.
+    #[arg(long, default_value_t = filter_common::CONNS_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Seconds after start during which connections already open (no state in the new
+    /// classifier) are adopted at their next segment; afterwards a connection without state
+    /// is one whose state was evicted, and its segment is refused.
+    #[arg(long, default_value_t = dataplane::DEFAULT_ADOPT_WINDOW.as_secs())]
+    adopt_window: u64,
 }
 
 fn main() {
@@ -131,7 +141,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut dataplane = dataplane::Dataplane::load_with(&args.ports, Some(&args.pin_dir))?;
+    let opts = dataplane::LoadOptions {
+        max_connections: args.max_connections,
+        adopt_window: std::time::Duration::from_secs(args.adopt_window),
+    };
+    let mut dataplane = dataplane::Dataplane::load_opts(&args.ports, Some(&args.pin_dir), &opts)?;
     dataplane.set_dry_run(args.dry_run)?;
     dataplane.apply(&policy)?;
     let ring = dataplane
