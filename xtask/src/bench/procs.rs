@@ -143,11 +143,14 @@ fn http_common(dir: &std::path::Path, name: &str) -> String {
     )
 }
 
-/// The backend: answers every request with 200 and a 3-byte body.
+/// The backend: answers every request with 200 and a 3-byte body. It listens with
+/// `deferred` (TCP_DEFER_ACCEPT), as README advises for a backend behind the filter: nginx
+/// accepts a connection when its first data arrives, so a connection whose first request the
+/// filter refuses (turned into a reset) never reaches nginx at all.
 pub fn backend_conf(port: u16) -> impl Fn(&std::path::Path, &str) -> String {
     move |dir, name| {
         format!(
-            "{}http {{\n{}    server {{\n        listen {port} backlog=4096;\n        location / {{ return 200 \"ok\\n\"; }}\n    }}\n}}\n",
+            "{}http {{\n{}    server {{\n        listen {port} deferred backlog=4096;\n        location / {{ return 200 \"ok\\n\"; }}\n    }}\n}}\n",
             common_conf(dir, name),
             http_common(dir, name)
         )

@@ -283,8 +283,8 @@ pub fn markdown(r: &Results) -> String {
         "- Two network namespaces joined by a veth pair (`filter_tests::lab`): wrk in the client namespace, \
          nginx and `filterd` in the server namespace; `filterd` attaches its TC classifier (TCX) to the \
          server's veth ingress, port 80.\n\
-         - Backend: nginx {} (2 workers, own config in the lab's temp dir) answering `200 ok` (3-byte body) on :80. \
-         Its CPU is the utime+stime of its master and workers from `/proc/<pid>/stat`.\n\
+         - Backend: nginx {} (2 workers, own config in the lab's temp dir) answering `200 ok` (3-byte body) on :80, \
+         listening with `deferred` (TCP_DEFER_ACCEPT, as README advises behind the filter). Its CPU is the utime+stime of its master and workers from `/proc/<pid>/stat`.\n\
          - 405 front for comparison: a second nginx answering `405` with `Allow: GET, HEAD, POST` for any other \
          method on :8080 (keep-alive, nginx's default) and on :8081 (`keepalive_timeout 0`: closes after each \
          answer, the same connection shape as `filterd`'s 405 + FIN).\n\
@@ -753,8 +753,8 @@ fn section_rejection(
                 ));
                 if be.median >= 0.05 {
                     notes.push(format!(
-                        "The backend nginx used {:.3} cores while only rejected requests arrived: each rejected connection is still \
-                         accepted by the backend's kernel and handed to nginx before the reset arrives.",
+                        "The backend nginx used {:.3} cores while only rejected requests arrived, although it listens with \
+                         `deferred` (a connection reaches nginx only with its first data, which the filter turns into a reset).",
                         be.median
                     ));
                 }
