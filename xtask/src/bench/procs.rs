@@ -599,6 +599,12 @@ impl Filterd {
         if help.contains("--pin-dir") {
             cmd.arg("--pin-dir").arg(pin_dir);
         }
+        // Section 2 replays request frames without a SYN (each from its own client port, with
+        // FIN): every repeat is a connection the classifier adopts. Keep adopting for the
+        // whole run, or those frames would measure the refusal of an evicted connection.
+        if help.contains("--adopt-window") {
+            cmd.args(["--adopt-window", "31536000"]);
+        }
         let child = cmd
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
