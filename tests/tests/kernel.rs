@@ -614,7 +614,7 @@ fn host_decision(policy: &Policy, payload: &[u8]) -> Reason {
             return Reason::MidStream;
         }
         match s.step(b, &mut raw) {
-            Ev::More | Ev::Bulk => {}
+            Ev::More | Ev::Bulk | Ev::Await => {}
             Ev::Tunnel => return Reason::Tunnel,
             Ev::Override => return Reason::MidStream,
             Ev::Fail(r) => return r,
