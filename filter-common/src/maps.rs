@@ -217,6 +217,10 @@ pub struct Scratch {
     pub _pad1: u32,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
+    /// `REPLIES` as read once per segment (on the first request decided): 0 not read yet,
+    /// 1 no usable state, 2 `rep_done` holds its response count.
+    pub rep_read: u32,
+    pub rep_done: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>() % 8 == 0);
 
@@ -236,6 +240,12 @@ pub const STOP_DECIDE: u32 = 5;
 pub const STOP_OVERRIDE: u32 = 6;
 /// A window of the payload could not be loaded.
 pub const STOP_LOAD_FAILED: u32 = 7;
+/// The stream waits for the server's answer to an `Upgrade` / `CONNECT` request: the bytes
+/// from here are held.
+pub const STOP_AWAIT: u32 = 8;
+/// The current request must wait (too many requests outstanding): the bytes from its start
+/// are held.
+pub const STOP_HOLD: u32 = 9;
 
 /// The egress classifier's per-CPU working memory.
 #[repr(C)]

@@ -495,7 +495,10 @@ impl Replies {
     #[inline(always)]
     fn classify(&self) -> u8 {
         let same = |(n, w): (u8, [u64; NAME_WORDS])| {
-            n == self.name_len && w[0] == self.name[0] && w[1] == self.name[1] && w[2] == self.name[2]
+            n == self.name_len
+                && w[0] == self.name[0]
+                && w[1] == self.name[1]
+                && w[2] == self.name[2]
         };
         if same(CONTENT_LENGTH) {
             header::CONTENT_LENGTH
@@ -519,7 +522,10 @@ impl Replies {
             } else if self.body_left > CHUNK_MAX {
                 self.lose();
             } else {
-                self.body_left = self.body_left.wrapping_mul(10).wrapping_add((b - b'0') as u64);
+                self.body_left = self
+                    .body_left
+                    .wrapping_mul(10)
+                    .wrapping_add((b - b'0') as u64);
                 self.cl_digits = 1;
             }
         } else if self.header == header::TRANSFER_ENCODING && !blank {

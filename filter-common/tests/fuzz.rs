@@ -24,7 +24,7 @@ use core::hash::Hasher;
 use filter_common::canon::canonicalize;
 use filter_common::hash::{hash_slice, path_hash};
 use filter_common::http::parse_request_line;
-use filter_common::reply::{feed, ReqView, Replies};
+use filter_common::reply::{feed, Replies, ReqView};
 use filter_common::{Reason, LINE_WINDOW, PATH_MAX};
 use siphasher::sip::SipHasher13;
 
@@ -221,7 +221,11 @@ fn reply_state(data: &[u8], cuts: &[usize], req: &ReqView) -> (u32, bool, bool, 
         feed(&mut r, &data[start..end], req);
         start = end;
     }
-    assert_eq!(r.pos, 7u32.wrapping_add(data.len() as u32), "every byte framed");
+    assert_eq!(
+        r.pos,
+        7u32.wrapping_add(data.len() as u32),
+        "every byte framed"
+    );
     (
         r.done,
         r.is_lost(),
@@ -248,6 +252,9 @@ fn replies_are_segmentation_independent() {
                 _pad: [0; 3],
             };
             let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
-            assert_eq!(reply_state(&data, &[], &req), reply_state(&data, &cuts, &req));
+            assert_eq!(
+                reply_state(&data, &[], &req),
+                reply_state(&data, &cuts, &req)
+            );
         });
 }

@@ -29,7 +29,11 @@ fn run(data: &[u8], cuts: &[usize], req: &ReqView) -> Replies {
         feed(&mut r, &data[start..end], req);
         start = end;
     }
-    assert_eq!(r.pos, 1000u32.wrapping_add(data.len() as u32), "every byte framed");
+    assert_eq!(
+        r.pos,
+        1000u32.wrapping_add(data.len() as u32),
+        "every byte framed"
+    );
     r
 }
 
@@ -41,7 +45,12 @@ fn every_cut(data: &[u8], req: &ReqView) -> Replies {
         let r = run(data, &[i], req);
         assert_eq!(
             (r.done, r.is_lost(), r.is_switched(), r.phase),
-            (whole.done, whole.is_lost(), whole.is_switched(), whole.phase),
+            (
+                whole.done,
+                whole.is_lost(),
+                whole.is_switched(),
+                whole.phase
+            ),
             "cut at {i} of {:?}",
             std::string::String::from_utf8_lossy(data)
         );
@@ -50,7 +59,11 @@ fn every_cut(data: &[u8], req: &ReqView) -> Replies {
         for i in 1..data.len() {
             for j in i + 1..data.len() {
                 let r = run(data, &[i, j], req);
-                assert_eq!((r.done, r.is_lost()), (whole.done, whole.is_lost()), "cuts {i},{j}");
+                assert_eq!(
+                    (r.done, r.is_lost()),
+                    (whole.done, whole.is_lost()),
+                    "cuts {i},{j}"
+                );
             }
         }
     }
@@ -68,7 +81,10 @@ fn content_length_responses_in_sequence() {
 
 #[test]
 fn a_partial_body_is_not_complete() {
-    let r = every_cut(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", &view(1, &[], 0));
+    let r = every_cut(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
+        &view(1, &[], 0),
+    );
     assert_eq!(r.done, 0);
     assert_eq!(r.bulk_left(), 5);
 }
@@ -145,7 +161,8 @@ fn upgrade_switches_only_for_the_upgrade_requests_own_101() {
     let r = every_cut(early, &view(1, &[], SWITCH_NONE));
     assert!(r.is_lost());
     // A fake 101 inside a body is body.
-    let inside = b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n";
+    let inside =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n";
     let r = every_cut(inside, &view(2, &[], SWITCH_UPGRADE));
     assert!(!r.is_switched() && !r.is_lost());
     assert_eq!(r.done, 1);
@@ -161,10 +178,16 @@ fn a_refused_upgrade_is_an_ordinary_response() {
 
 #[test]
 fn connect_switches_on_2xx_only() {
-    let r = every_cut(b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01", &view(1, &[], SWITCH_CONNECT));
+    let r = every_cut(
+        b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01",
+        &view(1, &[], SWITCH_CONNECT),
+    );
     assert!(r.is_switched());
     assert_eq!(r.switch_index, 0);
-    let r = every_cut(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", &view(1, &[], SWITCH_CONNECT));
+    let r = every_cut(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+        &view(1, &[], SWITCH_CONNECT),
+    );
     assert!(!r.is_switched() && !r.is_lost());
     assert_eq!(r.done, 1);
 }
@@ -175,19 +198,32 @@ fn unframeable_bytes_lose_the_connection() {
         (&b"SSH-2.0-OpenSSH\r\n"[..], 1),
         (&b"HTTP/2 200\r\n\r\n"[..], 1),
         (&b"HTTP/1.1 20x OK\r\n\r\n"[..], 1),
-        (&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..], 1),
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..],
+            1,
+        ),
         (&b"HTTP/1.1 200 OK\r\nContent-Length: 3 4\r\n\r\n"[..], 1),
         (&b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"[..], 1),
         (&b"HTTP/1.1 200 OK\r\n folded\r\n\r\n"[..], 1),
         (&b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n"[..], 1),
-        (&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..], 1),
-        (&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n"[..], 1),
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
+            1,
+        ),
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n"[..],
+            1,
+        ),
         // A response to a request the backend never got.
         (&b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..], 0),
         (&b"HTTP/1.1 408 Request Timeout\r\n\r\n"[..], 0),
     ] {
         let r = every_cut(data, &view(reqs, &[], 0));
-        assert!(r.is_lost(), "{:?}", std::string::String::from_utf8_lossy(data));
+        assert!(
+            r.is_lost(),
+            "{:?}",
+            std::string::String::from_utf8_lossy(data)
+        );
         assert_eq!(r.done, 0);
     }
 }
