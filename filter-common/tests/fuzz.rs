@@ -252,9 +252,23 @@ fn replies_are_segmentation_independent() {
                 _pad: [0; 3],
             };
             let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
+            let whole = reply_state(&data, &[], &req);
+            assert_eq!(whole, reply_state(&data, &cuts, &req));
+            // Body bytes stepped one at a time (as the kernel does inside a window) frame the
+            // same way as body runs consumed in bulk.
+            let mut r = Replies::new(7);
+            for &b in &data {
+                r.step(b, &req);
+            }
             assert_eq!(
-                reply_state(&data, &[], &req),
-                reply_state(&data, &cuts, &req)
+                (r.done, r.is_lost(), r.is_switched(), r.switch_index, r.pos),
+                (
+                    whole.0,
+                    whole.1,
+                    whole.2,
+                    whole.3,
+                    7u32.wrapping_add(data.len() as u32)
+                )
             );
         });
 }

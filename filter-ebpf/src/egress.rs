@@ -26,9 +26,11 @@ use crate::skb::load_into;
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
 const PASS: i32 = TC_ACT_UNSPEC;
 
-/// Rounds (a body run, or a window of status/header bytes) per segment: a 64 KiB GSO segment
-/// of headers alone needs 64 windows, each possibly followed by a body run.
-const ROUNDS: u32 = 160;
+/// Rounds per segment. A round is a window (used up whole: status lines, headers, chunk-size
+/// lines and the body bytes among them) or a body run (at least one byte), so a segment of
+/// `n` bytes needs at most `2 * n / 1 KiB + 2` rounds: 130 for a 64 KiB GSO segment, and
+/// room for a 128 KiB one.
+const ROUNDS: u32 = 260;
 
 pub fn run(ctx: &TcContext) -> i32 {
     let _ = try_run(ctx);
@@ -258,7 +260,7 @@ unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
     0
 }
 
-/// `bpf_loop` callback: frame window byte `i`; stop when body bytes follow.
+/// `bpf_loop` callback: frame window byte `i`.
 unsafe extern "C" fn byte(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -270,8 +272,13 @@ unsafe extern "C" fn byte(i: u64, _ctx: *mut c_void) -> i64 {
     }
     // verifier: mask the index into the window.
     let b = s.window[i & (LINE_WINDOW - 1)];
-    match s.replies.step(b, &s.view) {
-        REv::More if !s.replies.in_bulk() => 0,
-        _ => 1,
+    // Body bytes inside the window are stepped too (one at a time), so a window is always
+    // used up and small chunks cost no round each; stop only for what runs to the end of
+    // the segment (a body until close, a switched or lost connection).
+    let _: REv = s.replies.step(b, &s.view);
+    if s.replies.bulk_left() == u64::MAX {
+        1
+    } else {
+        0
     }
 }

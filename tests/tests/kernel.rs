@@ -951,6 +951,51 @@ fn egress_table() {
             C(23, 0, DELETE_ADMIN, &[Rejected], Reset(0)),
         ]),
     ];
+    // 64 pipelined requests in one segment: the 64th waits (63 outstanding at most, so the
+    // egress side's ring of HEAD bits never wraps), and goes once a response is complete.
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    // (Each request takes one of the 32 rounds a segment gets: 31 per segment here.)
+    let many: &'static [u8] = Box::leak(get.repeat(31).into_boxed_slice());
+    let two: &'static [u8] = Box::leak(get.repeat(2).into_boxed_slice());
+    let n = get.len() as u32;
+    let many_63 = 63 * n;
+    let ok_once: &'static [u8] = Box::leak(OK5.to_vec().into_boxed_slice());
+    let pipelined_64: &'static [Step] = Box::leak(Box::new([
+        C(0, 0, many, &[AllowedByDefault], Pass),
+        C(31 * n, 0, many, &[AllowedByDefault], Pass),
+        C(62 * n, 0, two, &[AllowedByDefault, Held], Cut),
+        C(many_63, 0, get, &[Held], Drop),
+        S(0, ok_once, false, &[]),
+        C(many_63, 0, get, &[AllowedByDefault], Pass),
+    ]));
+    // A chunked body of 1-byte chunks framed across a whole frame (small chunks cost no
+    // round each: the state is not lost).
+    let mut small = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..500 {
+        small.extend_from_slice(b"1\r\nx\r\n");
+    }
+    small.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+    let small_len = small.len() as u32;
+    let small: &'static [u8] = Box::leak(small.into_boxed_slice());
+    let chunks: &'static [Step] = Box::leak(Box::new([
+        C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+        S(0, small, false, &[]),
+        C(23, small_len, DELETE_ADMIN, &[Rejected], Reset(small_len)),
+    ]));
+    let table: Vec<(&str, &[Step])> = table
+        .iter()
+        .copied()
+        .chain([
+            (
+                "64 pipelined requests: the 64th waits for a response",
+                pipelined_64,
+            ),
+            (
+                "a chunked response of 500 one-byte chunks in one frame",
+                chunks,
+            ),
+        ])
+        .collect();
     let mut failures = Vec::new();
     for ip in [Ip::V4, Ip::V6] {
         for (i, (name, steps)) in table.iter().enumerate() {
