@@ -266,7 +266,7 @@ pub struct ReplyScratch {
     /// Valid bytes in `window`, and how many the byte callback took.
     pub window_len: u32,
 }
-const _: () = assert!(core::mem::size_of::<ReplyScratch>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
 
 /// A connection, from the client's side. Addresses in network order (IPv4 in the first four
 /// bytes); ports in host order; zero padding.

@@ -487,9 +487,7 @@ impl Replies {
         if n < NAME_WORDS * 8 {
             self.name[(n / 8) % NAME_WORDS] |= (b.to_ascii_lowercase() as u64) << (8 * (n % 8));
         }
-        if self.name_len < u8::MAX {
-            self.name_len += 1;
-        }
+        self.name_len = self.name_len.saturating_add(1);
     }
 
     #[inline(always)]
@@ -517,9 +515,10 @@ impl Replies {
                 if self.cl_digits > 0 {
                     self.flags |= flag::CL_SPACE;
                 }
-            } else if !b.is_ascii_digit() || self.flags & flag::CL_SPACE != 0 {
-                self.lose();
-            } else if self.body_left > CHUNK_MAX {
+            } else if !b.is_ascii_digit()
+                || self.flags & flag::CL_SPACE != 0
+                || self.body_left > CHUNK_MAX
+            {
                 self.lose();
             } else {
                 self.body_left = self
