@@ -12,8 +12,8 @@ what reached the backend.
 Two paths behave differently, for the tests of the filter's egress view:
   /slow      answers after SLOW_S seconds (a backend still working on a request)
   /upgrade   with an Upgrade header: answers 101 and becomes a tunnel; it records
-             the tunnel's first line as {"method": "TUNNEL", "path": <line>} and
-             reads the rest until the client closes
+             the tunnel's first line as {"method": "TUNNEL", "path": <line>}, reads
+             what else comes until 0.3 s pass quietly, and closes
 Every other request carrying Upgrade is answered 200 like any other (the upgrade
 is refused by ignoring it, as RFC 9110 allows).
 """
@@ -86,9 +86,11 @@ class RecordingHandler(BaseHTTPRequestHandler):
             first = self.rfile.readline(65537)
             if first:
                 self._record("TUNNEL", first.decode("utf-8", "surrogateescape").rstrip("\r\n"))
+            # Take what else comes for a moment, then close (with nothing unread: a clean FIN).
+            self.connection.settimeout(0.3)
             while self.rfile.read1(65536):
                 pass
-        except OSError:  # the client resets the connection when it is done
+        except OSError:  # the quiet moment ended, or the client reset the connection
             pass
 
     def _answer(self):
