@@ -108,7 +108,11 @@ pub struct ReqView {
     pub reqs: u32,
     /// `SWITCH_*`: what the last request (index `reqs - 1`) asked for.
     pub switch: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero: a method-override header made a request's `HEAD`-ness uncertain (a backend
+    /// that honours it answers with or without a body against its request line): the
+    /// responses cannot be framed with certainty any more.
+    pub unsure: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ReqView>() == 16);
 
@@ -193,7 +197,7 @@ impl Replies {
         self.phase == phase::SWITCHED
     }
 
-    /// The server sent its FIN: no response follows.
+    /// The server sent its FIN: no response follows (recorded on a lost state too).
     pub fn fin_seen(&self) -> bool {
         self.flags & flag::FIN != 0
     }
@@ -577,7 +581,7 @@ impl Replies {
             return REv::More;
         }
         let r = self.done;
-        if r.wrapping_sub(req.reqs) as i32 >= 0 {
+        if req.unsure != 0 || r.wrapping_sub(req.reqs) as i32 >= 0 {
             // A response to no request the filter saw reach the backend.
             self.lose();
             return REv::More;

@@ -169,7 +169,10 @@ pub struct Stream {
     /// `reply::SWITCH_*`: the last request asked to switch protocols and the stream awaits
     /// (or will await, after its body) the server's answer.
     pub switch: u8,
-    _pad_e: [u8; 3],
+    /// Non-zero once a method-override header made a request's `HEAD`-ness uncertain (see
+    /// `reply::ReqView::unsure`).
+    pub unsure: u8,
+    _pad_e: [u8; 2],
     /// Bit `r % reply::RING`: request `r` was `HEAD`.
     pub head_ring: u64,
 }
@@ -198,7 +201,8 @@ impl Stream {
             _pad: [0; 2],
             reqs: 0,
             switch: SWITCH_NONE,
-            _pad_e: [0; 3],
+            unsure: 0,
+            _pad_e: [0; 2],
             head_ring: 0,
         }
     }
@@ -240,7 +244,8 @@ impl Stream {
         self._pad = [0; 2];
         self.reqs = 0;
         self.switch = SWITCH_NONE;
-        self._pad_e = [0; 3];
+        self.unsure = 0;
+        self._pad_e = [0; 2];
         self.head_ring = 0;
         self.next_request();
     }
@@ -308,7 +313,8 @@ impl Stream {
             head_ring: self.head_ring,
             reqs: self.reqs,
             switch: self.switch,
-            _pad: [0; 3],
+            unsure: self.unsure,
+            _pad: [0; 2],
         }
     }
 
@@ -350,6 +356,15 @@ impl Stream {
             self.method = self.line.method() as u8;
         }
         Method::from_u8(self.method)
+    }
+
+    /// On [`Ev::Override`], with the method the header names: a backend that honours the
+    /// header answers `HEAD` without a body and anything else with one, so when the two
+    /// disagree on `HEAD` the responses can no longer be framed with certainty.
+    pub fn note_override(&mut self, m: Method) {
+        if (m == Method::Head) != (self.method == Method::Head as u8) {
+            self.unsure = 1;
+        }
     }
 
     /// On [`Ev::Override`]: the method the header names (upper-cased, as frameworks do).

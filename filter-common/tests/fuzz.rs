@@ -249,7 +249,8 @@ fn replies_are_segmentation_independent() {
                 head_ring: *heads,
                 reqs: 4,
                 switch: switch % 3,
-                _pad: [0; 3],
+                unsure: 0,
+                _pad: [0; 2],
             };
             let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
             let whole = reply_state(&data, &[], &req);

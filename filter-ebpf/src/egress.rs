@@ -164,6 +164,9 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
         rep.snd_nxt = last;
     }
     if rep.is_lost() || rep.is_switched() {
+        if fin {
+            rep.fin();
+        }
         return Ok(());
     }
     let pos = rep.pos;
@@ -205,7 +208,7 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
         // More work than one pass: give up on this connection rather than guess.
         s.replies.lose();
     }
-    if fin && !s.replies.is_lost() {
+    if fin {
         s.replies.fin();
     }
     if s.replies.is_lost() {

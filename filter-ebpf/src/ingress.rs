@@ -451,23 +451,26 @@ fn settle_upgrade(s: &Scratch, conn: &Stream) -> Settled {
         return Settled::Tunnel;
     };
     let upgrade = conn.reqs.wrapping_sub(1);
-    if rep.is_lost() || (rep.is_switched() && rep.switch_index == upgrade) {
+    if rep.is_switched() && rep.switch_index == upgrade {
         return Settled::Tunnel;
     }
-    if !rep.is_switched() && (rep.done.wrapping_sub(conn.reqs) as i32 >= 0 || rep.fin_seen()) {
+    if rep.fin_seen() {
+        // The server closed its side: nothing switched that could still answer.
         return Settled::Resume;
     }
+    if !rep.is_switched() && !rep.is_lost() && rep.done.wrapping_sub(conn.reqs) as i32 >= 0 {
+        return Settled::Resume;
+    }
+    // Not answered yet, or the answer cannot be known (lost: fail closed, the client's bytes
+    // wait until the connection ends).
     Settled::Wait
 }
 
-/// Whether the server's responses are followed on this connection (egress state exists and
-/// is not lost).
+/// Whether the server's responses are followed on this connection (egress state exists, lost
+/// or not).
 #[inline(always)]
-fn replies_followed(s: &Scratch) -> bool {
-    match unsafe { REPLIES.get(&s.key) } {
-        Some(r) => !r.is_lost(),
-        None => false,
-    }
+fn replies_exist(s: &Scratch) -> bool {
+    unsafe { REPLIES.get(&s.key) }.is_some()
 }
 
 /// Write the stream back to the connection table, and the path if a request line is still
@@ -578,8 +581,9 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         check_override(s);
     } else if s.stop == STOP_BULK {
         s.stop = STOP_NONE;
-    } else if s.stop == STOP_TUNNEL && replies_followed(s) {
-        // The server's answer will be seen: go on with the request's body, then wait for it.
+    } else if s.stop == STOP_TUNNEL && replies_exist(s) {
+        // The connection's responses are followed: go on with the request's body, then wait
+        // for the answer (for good if the responses can no longer be framed).
         s.stop = STOP_NONE;
         s.stream.await_reply();
     }
@@ -713,6 +717,7 @@ fn too_many_outstanding(s: &mut Scratch) -> bool {
 #[inline(never)]
 fn check_override(s: &mut Scratch) -> i64 {
     let m = s.stream.override_method();
+    s.stream.note_override(m);
     let allow = s.stream.allow;
     if allow & m.bit() != 0 {
         return 0;

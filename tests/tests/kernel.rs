@@ -934,11 +934,27 @@ fn egress_table() {
             C(59, 0, b"body", &[MidStream], Pass),
             C(63, 0, DELETE_ADMIN, &[Awaiting], Drop),
         ]),
-        ("a 101 to another request than the upgrade loses the state: fallback", &[
+        ("a 101 to another request than the upgrade loses the state: the upgrade waits for good", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
             C(23, 0, UPGRADE, &[AllowedByDefault], Pass),
             S(0, SWITCHED, false, &[ReplyLost]),
-            C(23 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Tunnel], Pass),
+            C(23 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+            S(SWITCHED.len() as u32, SWITCHED, false, &[]),
+            C(23 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("an override to HEAD makes the responses unframeable: a fake 101 cannot open a tunnel", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\nX-HTTP-Method-Override: HEAD\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n", false, &[ReplyLost]),
+            C(53, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(39, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false, &[]),
+            C(53 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("the server's FIN settles an awaited upgrade on a lost connection", &[
+            C(0, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(0, b"garbage\r\n", false, &[ReplyLost]),
+            C(UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+            S(9, b"", true, &[]),
+            C(UPGRADE_LEN, 10, DELETE_ADMIN, &[UpgradeRefused, Rejected], Reset(10)),
         ]),
         ("CONNECT: 200 switches", &[
             C(0, 0, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", &[AllowedByDefault], Pass),

@@ -229,6 +229,15 @@ fn unframeable_bytes_lose_the_connection() {
 }
 
 #[test]
+fn an_uncertain_head_loses_the_connection() {
+    let mut v = view(1, &[], 0);
+    v.unsure = 1;
+    let r = every_cut(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &v);
+    assert!(r.is_lost());
+    assert_eq!(r.done, 0);
+}
+
+#[test]
 fn any_state_is_safe() {
     // Every phase value, including corrupted ones, accepts every byte without panicking.
     for p in 0..=255u8 {

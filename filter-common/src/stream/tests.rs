@@ -283,6 +283,26 @@ fn feed_awaiting(s: &mut Stream, data: &[u8]) -> Option<usize> {
 }
 
 #[test]
+fn an_override_that_changes_head_makes_framing_unsure() {
+    for (line, m, unsure) in [
+        ("GET", Method::Head, 1),
+        ("HEAD", Method::Get, 1),
+        ("HEAD", Method::Delete, 1),
+        ("GET", Method::Delete, 0),
+        ("HEAD", Method::Head, 0),
+    ] {
+        let mut s = Stream::new(0, flag::SYN);
+        let req = std::format!("{line} / HTTP/1.1\r\n");
+        feed_awaiting(&mut s, req.as_bytes());
+        s.note_override(m);
+        assert_eq!(s.unsure, unsure, "{line} overridden to {m:?}");
+        assert_eq!(s.req_view().unsure, unsure);
+        s.reset(0, flag::SYN);
+        assert_eq!(s.unsure, 0, "a new connection starts sure");
+    }
+}
+
+#[test]
 fn heads_are_counted_and_head_requests_marked() {
     let mut s = Stream::new(0, flag::SYN);
     let data = b"GET / HTTP/1.1\r\n\r\nHEAD /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n";
