@@ -436,11 +436,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
 
 /// What the server's answer to an awaited `Upgrade` / `CONNECT` request says.
 enum Settled {
-    /// It switched protocols (or its answer cannot be seen): stop following the connection.
+    /// It switched protocols (or there is no egress state to see the answer: what the filter
+    /// does without it): stop following the connection.
     Tunnel,
     /// It answered without switching: follow the connection as HTTP/1.1 again.
     Resume,
-    /// Not answered yet: hold the client's bytes.
+    /// Not answered yet, or the answer cannot be known (lost framing): hold the client's
+    /// bytes.
     Wait,
 }
 
