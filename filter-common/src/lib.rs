@@ -20,6 +20,7 @@ pub mod http;
 pub mod maps;
 pub mod method;
 pub mod reason;
+pub mod reply;
 pub mod stream;
 
 pub use maps::*;

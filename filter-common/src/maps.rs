@@ -16,6 +16,12 @@ pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
 pub const MAP_CONNS: &str = "CONNS";
 /// `LruHashMap<ConnKey, [u8; PATH_MAX]>`: the path of a request line split across segments.
 pub const MAP_PENDING: &str = "PENDING";
+/// `LruHashMap<ConnKey, reply::Replies>`: where each tracked connection's server-to-client
+/// stream is (written by the egress classifier, read by the ingress one). Same key as
+/// `CONNS` (the client's side).
+pub const MAP_REPLIES: &str = "REPLIES";
+/// `PerCpuArray<ReplyScratch>` with one entry: the egress classifier's working memory.
+pub const MAP_REPLY_SCRATCH: &str = "REPLY_SCRATCH";
 /// Tracked connections (default; `filterd --max-connections` sets the table's size at load).
 pub const CONNS_MAX: u32 = 65_536;
 /// Connections with a request line in flight across segments at once.
@@ -32,6 +38,8 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const GLOBAL_CONFIG: &str = "FILTER_CONFIG";
 /// The classifier's program name (its Rust function name).
 pub const PROG_INGRESS: &str = "http_ingress";
+/// The egress classifier's program name (frames the server's responses).
+pub const PROG_EGRESS: &str = "http_egress";
 
 /// Capacity of each policy map.
 pub const RULES_MAX: u32 = 131_072;
@@ -215,6 +223,10 @@ pub struct Scratch {
     pub _pad1: u32,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
+    /// `REPLIES` as read once per segment (on the first request decided): 0 not read yet,
+    /// 1 no usable state, 2 `rep_done` holds its response count.
+    pub rep_read: u32,
+    pub rep_done: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>() % 8 == 0);
 
@@ -234,6 +246,33 @@ pub const STOP_DECIDE: u32 = 5;
 pub const STOP_OVERRIDE: u32 = 6;
 /// A window of the payload could not be loaded.
 pub const STOP_LOAD_FAILED: u32 = 7;
+/// The stream waits for the server's answer to an `Upgrade` / `CONNECT` request: the bytes
+/// from here are held.
+pub const STOP_AWAIT: u32 = 8;
+/// The current request must wait (too many requests outstanding): the bytes from its start
+/// are held.
+pub const STOP_HOLD: u32 = 9;
+
+/// The egress classifier's per-CPU working memory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ReplyScratch {
+    /// A window of the server's payload.
+    pub window: [u8; crate::LINE_WINDOW],
+    /// The connection's response state while a segment is processed (copied in and out of
+    /// `REPLIES`).
+    pub replies: crate::reply::Replies,
+    /// What the ingress state says about the requests the backend got.
+    pub view: crate::reply::ReqView,
+    pub key: ConnKey,
+    /// Payload offset in the frame, payload length, bytes framed so far.
+    pub payload_off: u32,
+    pub payload_len: u32,
+    pub off: u32,
+    /// Valid bytes in `window`, and how many the byte callback took.
+    pub window_len: u32,
+}
+const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
 
 /// A connection, from the client's side. Addresses in network order (IPv4 in the first four
 /// bytes); ports in host order; zero padding.

@@ -62,8 +62,9 @@ pub enum Reason {
     /// A segment beyond the next byte the filter expects on a connection whose current request
     /// is undecided: dropped, so the client retransmits it in order.
     OutOfOrder = 21,
-    /// The connection stopped being HTTP/1.1 (`Upgrade` accepted, `CONNECT`, the HTTP/2
-    /// preface): its further bytes pass untracked.
+    /// The connection stopped being HTTP/1.1 (`101` to an `Upgrade` request, `2xx` to
+    /// `CONNECT`, or such a request on a connection without egress state): its further bytes
+    /// pass untracked.
     Tunnel = 22,
     /// A segment of a connection whose state is gone (the full table evicted it) after the
     /// adoption window: the responder answers 503 and the backend is reset.
@@ -77,10 +78,24 @@ pub enum Reason {
     /// The first fragment of a fragmented IP packet for an inspected port: dropped (the filter
     /// cannot see the whole segment).
     Fragment = 26,
+    /// A client segment held back (dropped; the client sends it again): it starts a refused
+    /// request while earlier responses are incomplete or unacknowledged (the refusal waits so
+    /// the client gets them intact and the 405 after them), or a request while 63 are
+    /// outstanding.
+    Held = 27,
+    /// A client segment after an `Upgrade` / `CONNECT` request, dropped until the server's
+    /// answer is seen (the client sends it again).
+    Awaiting = 28,
+    /// The server answered an `Upgrade` / `CONNECT` request without switching protocols:
+    /// the connection is followed as HTTP/1.1 again.
+    UpgradeRefused = 29,
+    /// Extra count: the egress classifier could not frame a connection's responses; the
+    /// connection falls back to what the filter does without egress state.
+    ReplyLost = 30,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 31] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -108,6 +123,10 @@ impl Reason {
         Reason::Retransmit,
         Reason::BadFraming,
         Reason::Fragment,
+        Reason::Held,
+        Reason::Awaiting,
+        Reason::UpgradeRefused,
+        Reason::ReplyLost,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -151,6 +170,10 @@ impl Reason {
             Reason::Retransmit => "retransmit",
             Reason::BadFraming => "bad_framing",
             Reason::Fragment => "fragment_dropped",
+            Reason::Held => "held",
+            Reason::Awaiting => "awaiting_upgrade",
+            Reason::UpgradeRefused => "upgrade_refused",
+            Reason::ReplyLost => "reply_lost",
         }
     }
 }

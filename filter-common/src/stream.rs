@@ -11,8 +11,11 @@
 //! * [`Ev::Override`]: an `X-HTTP-Method-Override` / `X-HTTP-Method` / `X-Method-Override`
 //!   header named a method; it must be allowed too.
 //! * [`Ev::Bulk`]: body bytes follow; consume [`Stream::bulk_left`] of them with `consume`.
-//! * [`Ev::Tunnel`]: the connection stops being HTTP/1.1 (`CONNECT`, or a request carrying
-//!   `Upgrade`): stop tracking it.
+//! * [`Ev::Tunnel`]: the head of a request that may stop the connection being HTTP/1.1
+//!   (`CONNECT`, or a request carrying `Upgrade`) is complete: stop tracking it, or, when the
+//!   server's answer can be seen ([`crate::reply`]), [`Stream::await_reply`].
+//! * [`Ev::Await`]: the stream waits for the server's answer to such a request; the byte was
+//!   not consumed. [`Stream::resume`] when the answer refused the switch.
 //! * [`Ev::Fail`]: refuse the request: an ambiguous path or framing (400), a request line or
 //!   header block over the bound (414 / 431), bytes that are not HTTP/1.x.
 //!
@@ -26,6 +29,7 @@
 
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
+use crate::reply::{ReqView, RING, SWITCH_CONNECT, SWITCH_NONE, SWITCH_UPGRADE};
 use crate::{Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
@@ -51,6 +55,8 @@ mod phase {
     pub const CHUNK_DATA_CR: u8 = 12;
     pub const CHUNK_DATA_LF: u8 = 13;
     pub const TUNNEL: u8 = 14;
+    /// After an `Upgrade` / `CONNECT` request: waiting for the server's answer.
+    pub const AWAIT: u8 = 15;
 }
 
 /// [`Stream::flags`] bits.
@@ -66,8 +72,11 @@ pub mod flag {
     const VALUE_SPACE: u8 = 1 << 5;
     pub(super) const VALUE_INNER_SPACE: u8 = 1 << 6;
     pub(super) const PENDING_SPACE: u8 = VALUE_SPACE;
+    /// The egress side's state for this connection (`REPLIES`) was seen: if it is missing
+    /// later, it was evicted, and what depends on it fails closed.
+    pub const REPLIES_SEEN: u8 = 1 << 7;
     /// Flags that outlive a request.
-    pub(super) const PERSISTENT: u8 = SYN;
+    pub(super) const PERSISTENT: u8 = SYN | REPLIES_SEEN;
 }
 
 /// Headers the filter acts on.
@@ -118,6 +127,9 @@ pub enum Ev {
     Override,
     Bulk,
     Tunnel,
+    /// Waiting for the server's answer to an `Upgrade` / `CONNECT` request: the byte was not
+    /// consumed.
+    Await,
     Fail(Reason),
 }
 
@@ -154,6 +166,18 @@ pub struct Stream {
     pub method: u8,
     header: u8,
     _pad: [u8; 2],
+    /// Requests whose head (line and header block) was complete and passed: the backend
+    /// answers request `r` with response `r` (`crate::reply`).
+    pub reqs: u32,
+    /// `reply::SWITCH_*`: the last request asked to switch protocols and the stream awaits
+    /// (or will await, after its body) the server's answer.
+    pub switch: u8,
+    /// Non-zero once a method-override header made a request's `HEAD`-ness uncertain (see
+    /// `reply::ReqView::unsure`).
+    pub unsure: u8,
+    _pad_e: [u8; 2],
+    /// Bit `r % reply::RING`: request `r` was `HEAD`.
+    pub head_ring: u64,
 }
 const _: () = assert!(core::mem::size_of::<Stream>() % 8 == 0);
 
@@ -178,6 +202,11 @@ impl Stream {
             method: Method::Other as u8,
             header: header::OTHER,
             _pad: [0; 2],
+            reqs: 0,
+            switch: SWITCH_NONE,
+            unsure: 0,
+            _pad_e: [0; 2],
+            head_ring: 0,
         }
     }
 
@@ -195,7 +224,12 @@ impl Stream {
         self.rule_flags = 0;
         self.name_len = 0;
         self.value_len = 0;
-        self.phase = phase::LINE;
+        // After an `Upgrade` / `CONNECT` request (and its body), wait for the answer.
+        self.phase = if self.switch != SWITCH_NONE {
+            phase::AWAIT
+        } else {
+            phase::LINE
+        };
         self.flags &= flag::PERSISTENT;
         self.method = Method::Other as u8;
         self.header = header::OTHER;
@@ -211,6 +245,11 @@ impl Stream {
         self.name = [0; NAME_WORDS];
         self.value = [0; 2];
         self._pad = [0; 2];
+        self.reqs = 0;
+        self.switch = SWITCH_NONE;
+        self.unsure = 0;
+        self._pad_e = [0; 2];
+        self.head_ring = 0;
         self.next_request();
     }
 
@@ -226,6 +265,72 @@ impl Stream {
 
     pub fn is_tunnel(&self) -> bool {
         self.phase == phase::TUNNEL
+    }
+
+    /// On [`Ev::Tunnel`], when the server's answer will be seen: go on with the request's body
+    /// (if any), then wait for the answer ([`Ev::Await`]) instead of parsing more requests.
+    pub fn await_reply(&mut self) -> Ev {
+        self.switch = if self.method == Method::Connect as u8 {
+            SWITCH_CONNECT
+        } else {
+            SWITCH_UPGRADE
+        };
+        if self.flags & flag::CHUNKED != 0 {
+            self.start_chunk_size();
+            return Ev::More;
+        }
+        if self.flags & flag::CONTENT_LENGTH != 0 && self.body_left > 0 {
+            self.phase = phase::BODY;
+            return Ev::Bulk;
+        }
+        self.next_request();
+        Ev::More
+    }
+
+    /// Waiting for the server's answer to an `Upgrade` / `CONNECT` request.
+    pub fn is_awaiting(&self) -> bool {
+        self.phase == phase::AWAIT
+    }
+
+    /// The server answered the awaited request without switching protocols: the next bytes
+    /// start a request.
+    pub fn resume(&mut self) {
+        self.switch = SWITCH_NONE;
+        self.next_request();
+    }
+
+    /// Requests before the current one (the current one's head may already be counted in
+    /// [`Stream::reqs`] when its body is being read).
+    pub fn reqs_before_current(&self) -> u32 {
+        let in_body = self.phase >= phase::BODY && self.phase <= phase::CHUNK_DATA_LF;
+        if in_body || self.flags & flag::TRAILER != 0 {
+            self.reqs.wrapping_sub(1)
+        } else {
+            self.reqs
+        }
+    }
+
+    /// What the egress side needs to frame the responses.
+    pub fn req_view(&self) -> ReqView {
+        ReqView {
+            head_ring: self.head_ring,
+            reqs: self.reqs,
+            switch: self.switch,
+            unsure: self.unsure,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The current request's head passed: count it, and remember whether it was `HEAD`.
+    #[inline(always)]
+    fn head_done(&mut self) {
+        let bit = 1u64 << (self.reqs % RING);
+        if self.method == Method::Head as u8 {
+            self.head_ring |= bit;
+        } else {
+            self.head_ring &= !bit;
+        }
+        self.reqs = self.reqs.wrapping_add(1);
     }
 
     /// Body bytes are next: consume them with [`Stream::consume`], not [`Stream::step`].
@@ -254,6 +359,15 @@ impl Stream {
             self.method = self.line.method() as u8;
         }
         Method::from_u8(self.method)
+    }
+
+    /// On [`Ev::Override`], with the method the header names: a backend that honours the
+    /// header answers `HEAD` without a body and anything else with one, so when the two
+    /// disagree on `HEAD` the responses can no longer be framed with certainty.
+    pub fn note_override(&mut self, m: Method) {
+        if (m == Method::Head) != (self.method == Method::Head as u8) {
+            self.unsure = 1;
+        }
     }
 
     /// On [`Ev::Override`]: the method the header names (upper-cased, as frameworks do).
@@ -379,6 +493,10 @@ impl Stream {
                 }
             }
             phase::TUNNEL => Ev::More,
+            phase::AWAIT => {
+                self.pos = self.pos.wrapping_sub(1);
+                Ev::Await
+            }
             // BODY / CHUNK_DATA bytes fed one at a time (the caller may do this for short
             // runs), or a corrupted phase: count the byte as body, or refuse.
             phase::BODY | phase::CHUNK_DATA => {
@@ -633,6 +751,7 @@ impl Stream {
         if cl && chunked {
             return Ev::Fail(Reason::BadFraming);
         }
+        self.head_done();
         if self.method == Method::Connect as u8 || self.flags & flag::UPGRADE != 0 {
             self.phase = phase::TUNNEL;
             return Ev::Tunnel;

@@ -12,6 +12,7 @@
 //! cargo +nightly bolero test -p filter-common --profile release canonical_paths_are_canonical
 //! cargo +nightly bolero test -p filter-common --profile release path_hash_is_siphash13
 //! cargo +nightly bolero test -p filter-common --profile release stream_is_segmentation_independent
+//! cargo +nightly bolero test -p filter-common --profile release replies_are_segmentation_independent
 //! cargo +nightly bolero test -p filter-common --profile release canon::tests::fuzz_matches_the_reference
 //! ```
 //!
@@ -23,6 +24,7 @@ use core::hash::Hasher;
 use filter_common::canon::canonicalize;
 use filter_common::hash::{hash_slice, path_hash};
 use filter_common::http::parse_request_line;
+use filter_common::reply::{feed, Replies, ReqView};
 use filter_common::{Reason, LINE_WINDOW, PATH_MAX};
 use siphasher::sip::SipHasher13;
 
@@ -165,7 +167,7 @@ fn stream_events(data: &[u8], cuts: &[usize]) -> Vec<String> {
             let ev = s.step(data[off], &mut path);
             off += 1;
             match ev {
-                Ev::More | Ev::Bulk => {}
+                Ev::More | Ev::Bulk | Ev::Await => {}
                 Ev::Decide => {
                     let m = s.take_method();
                     assert!(s.line.path_len() <= PATH_MAX);
@@ -200,5 +202,74 @@ fn stream_is_segmentation_independent() {
             data.extend(tail);
             let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
             assert_eq!(stream_events(&data, &[]), stream_events(&data, &cuts));
+        });
+}
+
+/// Frame `data` as responses with `reply::feed`, cut into segments at `cuts`: the counts and
+/// the state reached.
+fn reply_state(data: &[u8], cuts: &[usize], req: &ReqView) -> (u32, bool, bool, u32, u64) {
+    let mut r = Replies::new(7);
+    let mut bounds: Vec<usize> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < data.len())
+        .collect();
+    bounds.sort();
+    bounds.push(data.len());
+    let mut start = 0;
+    for end in bounds {
+        feed(&mut r, &data[start..end], req);
+        start = end;
+    }
+    assert_eq!(
+        r.pos,
+        7u32.wrapping_add(data.len() as u32),
+        "every byte framed"
+    );
+    (
+        r.done,
+        r.is_lost(),
+        r.is_switched(),
+        r.switch_index,
+        r.bulk_left(),
+    )
+}
+
+/// `reply::Replies` never panics, frames every byte, and reaches the same counts however the
+/// server's bytes are cut into segments.
+#[test]
+fn replies_are_segmentation_independent() {
+    bolero::check!()
+        .with_type::<(Vec<u8>, Vec<u16>, u8, u64)>()
+        .for_each(|(tail, cuts, switch, heads)| {
+            // A plausible response prefix so most inputs reach headers and bodies.
+            let mut data = b"HTTP/1.1 200 OK\r\n".to_vec();
+            data.extend(tail);
+            let req = ReqView {
+                head_ring: *heads,
+                reqs: 4,
+                switch: switch % 3,
+                unsure: 0,
+                _pad: [0; 2],
+            };
+            let cuts: Vec<usize> = cuts.iter().map(|&c| c as usize).collect();
+            let whole = reply_state(&data, &[], &req);
+            assert_eq!(whole, reply_state(&data, &cuts, &req));
+            // Body bytes stepped one at a time (as the kernel does inside a window) frame the
+            // same way as body runs consumed in bulk.
+            let mut r = Replies::new(7);
+            for &b in &data {
+                r.step(b, &req);
+            }
+            assert_eq!(
+                (r.done, r.is_lost(), r.is_switched(), r.switch_index, r.pos),
+                (
+                    whole.0,
+                    whole.1,
+                    whole.2,
+                    whole.3,
+                    7u32.wrapping_add(data.len() as u32)
+                )
+            );
         });
 }

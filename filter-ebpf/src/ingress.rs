@@ -23,6 +23,7 @@ use core::ffi::c_void;
 use core::ptr::{
     addr_of, addr_of_mut, null_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
 };
+use filter_common::reply::OUTSTANDING_MAX;
 use filter_common::{
     canon::Canon,
     hash::{full_words, SipState},
@@ -30,14 +31,14 @@ use filter_common::{
     tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6,
     IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR,
-    SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_BULK, STOP_DECIDE,
-    STOP_LOAD_FAILED, STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_REFUSE, STOP_TUNNEL,
-    TCP_HLEN_MIN,
+    SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_BULK,
+    STOP_DECIDE, STOP_HOLD, STOP_LOAD_FAILED, STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_REFUSE,
+    STOP_TUNNEL, TCP_HLEN_MIN,
 };
 
 use crate::maps::{
-    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH, SETTINGS,
-    STATS,
+    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, REPLIES, RULES_A, RULES_B, SCRATCH,
+    SETTINGS, STATS,
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
 
@@ -72,7 +73,11 @@ fn finish(out: Out) -> i32 {
         Out::Count(reason) => {
             count(reason);
             match reason {
-                Reason::ResetFailed | Reason::OutOfOrder | Reason::Fragment => DROP,
+                Reason::ResetFailed
+                | Reason::OutOfOrder
+                | Reason::Fragment
+                | Reason::Held
+                | Reason::Awaiting => DROP,
                 _ => PASS,
             }
         }
@@ -277,6 +282,8 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             count(Reason::ConnTableFull);
         }
         let _ = PENDING.remove(&s.key);
+        // The egress side starts afresh at the server's SYN|ACK.
+        let _ = REPLIES.remove(&s.key);
     }
     let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
     if ip_end <= payload {
@@ -340,6 +347,21 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         // Bytes already decided on: the backend keeps its first copy.
         return Err(Reason::Retransmit);
     }
+    if conn.is_awaiting() {
+        // After an `Upgrade` / `CONNECT` request: nothing passes before the server's answer.
+        match settle_upgrade(s, conn) {
+            Settled::Tunnel => {
+                conn.tunnel();
+                count(Reason::Tunnel);
+                return Ok(Out::Counted(PASS));
+            }
+            Settled::Resume => {
+                conn.resume();
+                count(Reason::UpgradeRefused);
+            }
+            Settled::Wait => return Err(Reason::Awaiting),
+        }
+    }
     copy_words(&mut s.stream, conn);
     prepare_event(ctx, s, &eth, &tcp, &hdr);
     if s.stream.path_in_progress() {
@@ -357,6 +379,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     s.payload_len = payload_len as u32;
     s.stop = STOP_NONE;
     s.decided = 0;
+    s.rep_read = 0;
     let mut rc = RoundCtx { skb: ctx.skb.skb };
     // verifier: the round body (window parse, decision, bulk body) verified once, not once
     // per round.
@@ -404,6 +427,24 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             );
         }
         STOP_NONE => {}
+        // Waiting for the server's answer to an upgrade from here: the rest is held (cut
+        // off; the client sends it again).
+        STOP_AWAIT => {}
+        STOP_HOLD => {
+            // Too many requests outstanding: hold the current one, from its start.
+            let start = s.stream.req_start;
+            if !seq_after(start, pos) {
+                return Err(Reason::Held);
+            }
+            let keep = start.wrapping_sub(seq) as usize;
+            if keep < payload_len && !trim_payload(ctx, s, &hdr, keep) {
+                return Err(Reason::ResetFailed);
+            }
+            s.stream.restart_at(start);
+            save(s, conn, false);
+            count(Reason::Held);
+            return Ok(Out::Counted(PASS));
+        }
         // A window that could not be loaded.
         _ => return Err(Reason::NoPayload),
     }
@@ -432,6 +473,53 @@ fn adopting() -> bool {
     };
     let now = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
     now < settings.adopt_until as u64
+}
+
+/// What the server's answer to an awaited `Upgrade` / `CONNECT` request says.
+enum Settled {
+    /// It switched protocols (or there is no egress state to see the answer: what the filter
+    /// does without it): stop following the connection.
+    Tunnel,
+    /// It answered without switching: follow the connection as HTTP/1.1 again.
+    Resume,
+    /// Not answered yet, or the answer cannot be known (lost framing): hold the client's
+    /// bytes.
+    Wait,
+}
+
+#[inline(always)]
+fn settle_upgrade(s: &Scratch, conn: &Stream) -> Settled {
+    let Some(rep) = (unsafe { REPLIES.get(&s.key) }) else {
+        if conn.flags & flag::REPLIES_SEEN != 0 {
+            // Evicted (the table churned): the answer can no longer be known; fail closed,
+            // or a client could evict its own entry to get an unfiltered tunnel.
+            return Settled::Wait;
+        }
+        // Never followed (the server's answers leave through another interface): what the
+        // filter does without egress state.
+        return Settled::Tunnel;
+    };
+    let upgrade = conn.reqs.wrapping_sub(1);
+    if rep.is_switched() && rep.switch_index == upgrade {
+        return Settled::Tunnel;
+    }
+    if rep.fin_seen() {
+        // The server closed its side: nothing switched that could still answer.
+        return Settled::Resume;
+    }
+    if !rep.is_switched() && !rep.is_lost() && rep.done.wrapping_sub(conn.reqs) as i32 >= 0 {
+        return Settled::Resume;
+    }
+    // Not answered yet, or the answer cannot be known (lost: fail closed, the client's bytes
+    // wait until the connection ends).
+    Settled::Wait
+}
+
+/// Whether the server's responses are followed on this connection (egress state exists, lost
+/// or not).
+#[inline(always)]
+fn replies_exist(s: &Scratch) -> bool {
+    unsafe { REPLIES.get(&s.key) }.is_some()
 }
 
 /// Write the stream back to the connection table, and the path if a request line is still
@@ -478,6 +566,7 @@ fn copy_path(dst: &mut [u8; PATH_MAX], src: &[u8; PATH_MAX]) {
 fn forget(s: &Scratch) {
     let _ = CONNS.remove(&s.key);
     let _ = PENDING.remove(&s.key);
+    let _ = REPLIES.remove(&s.key);
 }
 
 /// What the round callback needs from the main program: the skb (a spilled context pointer
@@ -498,6 +587,10 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     let rc = unsafe { &*(rc as *const RoundCtx) };
     let (off, len) = (s.off as usize, s.payload_len as usize);
     if off >= len || s.stop != STOP_NONE {
+        return 1;
+    }
+    if s.stream.is_awaiting() {
+        s.stop = STOP_AWAIT;
         return 1;
     }
     if s.stream.in_bulk() {
@@ -537,6 +630,13 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         check_override(s);
     } else if s.stop == STOP_BULK {
         s.stop = STOP_NONE;
+    } else if s.stop == STOP_TUNNEL
+        && (s.stream.flags & flag::REPLIES_SEEN != 0 || replies_exist(s))
+    {
+        // The connection's responses are followed: go on with the request's body, then wait
+        // for the answer (for good if the responses can no longer be framed).
+        s.stop = STOP_NONE;
+        s.stream.await_reply();
     }
     if s.stop == STOP_MONITOR {
         send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
@@ -567,6 +667,10 @@ unsafe extern "C" fn stream_byte(i: u64, _ctx: *mut c_void) -> i64 {
         Ev::More => 0,
         Ev::Bulk => stop(s, STOP_BULK),
         Ev::Tunnel => stop(s, STOP_TUNNEL),
+        Ev::Await => {
+            s.consumed = i as u32;
+            stop(s, STOP_AWAIT)
+        }
         Ev::Fail(r) => refuse_stop(s, r, 0, Method::from_u8(s.stream.method)),
         Ev::Decide => stop(s, STOP_DECIDE),
         Ev::Override => stop(s, STOP_OVERRIDE),
@@ -595,6 +699,9 @@ fn decide(s: &mut Scratch) -> i64 {
     let Some(settings) = SETTINGS.get(0) else {
         return refuse_stop(s, Reason::NotHttp, 0, Method::Other);
     };
+    if too_many_outstanding(s) {
+        return stop(s, STOP_HOLD);
+    }
     let method = s.stream.take_method();
     // Canonicalize the raw path into `s.path`, one byte per callback.
     s.canon = Canon::new();
@@ -641,10 +748,28 @@ fn decide(s: &mut Scratch) -> i64 {
     violation(s, allow, method, monitor)
 }
 
+/// Whether `OUTSTANDING_MAX` requests already wait for their response (the egress side's ring
+/// of `HEAD` bits would wrap with one more). `REPLIES` is read once per segment.
+#[inline(always)]
+fn too_many_outstanding(s: &mut Scratch) -> bool {
+    if s.rep_read == 0 {
+        s.rep_read = 1;
+        if let Some(r) = unsafe { REPLIES.get(&s.key) } {
+            s.stream.flags |= flag::REPLIES_SEEN;
+            if !r.is_lost() && !r.is_switched() {
+                s.rep_read = 2;
+                s.rep_done = r.done;
+            }
+        }
+    }
+    s.rep_read == 2 && s.stream.reqs.wrapping_sub(s.rep_done) >= OUTSTANDING_MAX
+}
+
 /// A method-override header named a method: it must be allowed too.
 #[inline(never)]
 fn check_override(s: &mut Scratch) -> i64 {
     let m = s.stream.override_method();
+    s.stream.note_override(m);
     let allow = s.stream.allow;
     if allow & m.bit() != 0 {
         return 0;
@@ -811,6 +936,19 @@ fn refuse(
                 copy_words(unsafe { &mut *conn }, &s.stream);
             }
             return Ok(Out::Counted(PASS));
+        }
+    }
+    if let Some(rep) = unsafe { REPLIES.get(&s.key) } {
+        if !rep.is_lost() {
+            // Answer only after every earlier response is complete and acknowledged: the
+            // backend finishes them, the client gets them intact, and the answer follows them
+            // at the server's next sequence number.
+            let before = s.stream.reqs_before_current();
+            let pending = !rep.fin_seen() && (rep.done.wrapping_sub(before) as i32) < 0;
+            if pending || seq_after(rep.snd_nxt, s.event.ack) {
+                return Err(Reason::Held);
+            }
+            s.event.ack = rep.snd_nxt;
         }
     }
     send_event(s, reason as u32, allow, method as u32);

@@ -1,4 +1,5 @@
-//! The kernel half of the HTTP method firewall: a TC ingress classifier.
+//! The kernel half of the HTTP method firewall: a TC ingress classifier, and a TC egress
+//! classifier that follows the server's responses for it.
 //!
 //! It owns the per-packet decision and nothing else: parse Ethernet/IPv4/IPv6/TCP, read the
 //! HTTP/1.x request line at the start of the payload, look the path up in the policy map, and
@@ -9,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod egress;
 mod ingress;
 mod maps;
 mod skb;
@@ -19,6 +21,13 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 #[classifier]
 pub fn http_ingress(ctx: TcContext) -> i32 {
     ingress::run(&ctx)
+}
+
+/// Egress classifier, attached to the same interfaces: frames the server's responses for the
+/// ingress side (`REPLIES`); never changes a packet.
+#[classifier]
+pub fn http_egress(ctx: TcContext) -> i32 {
+    egress::run(&ctx)
 }
 
 #[cfg(not(test))]

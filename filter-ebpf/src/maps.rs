@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use filter_common::{
-    stream::Stream, ConnKey, LoadConfig, PrefixData, RuleValue, Scratch, Settings, CONNS_MAX,
-    EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX, STATS_SLOTS,
+    reply::Replies, stream::Stream, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue,
+    Scratch, Settings, CONNS_MAX, EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX,
+    STATS_SLOTS,
 };
 
 /// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
@@ -39,6 +40,18 @@ pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
 /// classifier only; LRU so that a full table evicts the stalest connection.
 #[map]
 pub static CONNS: LruHashMap<ConnKey, Stream> = LruHashMap::with_max_entries(CONNS_MAX, 0);
+
+/// Response table: key `ConnKey` (the client's side, as `CONNS`), value `Replies` (the
+/// server's next sequence number, responses completed, framing state). Created by the egress
+/// classifier at the server's SYN|ACK of a connection `CONNS` follows, written by it for every
+/// server segment; read by the ingress classifier to time refusals and settle upgrades, which
+/// removes it with the connection. LRU, `CONNS_MAX`: one per tracked connection.
+#[map]
+pub static REPLIES: LruHashMap<ConnKey, Replies> = LruHashMap::with_max_entries(CONNS_MAX, 0);
+
+/// One `ReplyScratch` per CPU: the egress classifier's payload window and state copy.
+#[map]
+pub static REPLY_SCRATCH: PerCpuArray<ReplyScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Paths of request lines split across segments, key `ConnKey`, value the path buffer.
 /// Separate from `CONNS` so that the 1 KiB buffer is only held while a line is in flight.

@@ -9,8 +9,13 @@
 //! `PREFIX_x` for prefix rules) and switched in with one `SETTINGS` write, so traffic sees the
 //! old rule set or the new one, never a mix.
 //!
+//! Two programs go on each interface: the ingress classifier (`http_ingress`, the decision)
+//! and the egress one (`http_egress`, which follows the server's responses for it); they share
+//! the maps of one object. Both get the same lifecycle.
+//!
 //! Lifecycle and fail mode ([`Dataplane::attach_pinned`], [`Dataplane::release`]): with a pin
-//! directory on bpffs, each interface's TCX link is pinned at `<pin>/links/<iface>`, so the
+//! directory on bpffs, each interface's TCX links are pinned at `<pin>/links/<iface>` (ingress)
+//! and `<pin>/links-egress/<iface>` (egress), so the
 //! classifier keeps enforcing the last policy when the daemon exits or crashes (fail-closed).
 //! A restarted daemon loads a fresh program, writes the policy into its maps, and swaps it
 //! into the pinned link with `bpf_link_update`: no gap, no second attachment. The verdict
@@ -30,10 +35,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    hash, stream::Stream, ConnKey, LoadConfig, PrefixData, Reason, RuleValue, Settings, CONNS_MAX,
-    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS,
-    PREFIX_MAX, PREFIX_RULES_MAX, PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX,
-    SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
+    hash, reply::Replies, stream::Stream, ConnKey, LoadConfig, PrefixData, Reason, RuleValue,
+    Settings, CONNS_MAX, GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_REPLIES, MAP_RULES,
+    MAP_SETTINGS, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT,
+    RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER,
+    SETTINGS_OVERSIZE_PASS,
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
@@ -54,6 +60,14 @@ pub fn pinned_maps_dir() -> String {
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// The programs attached to each interface: name, TC attach point, and the directory (under
+/// the pin root) of their pinned links.
+const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (PROG_INGRESS, TcAttachType::Ingress, "links"),
+    (PROG_EGRESS, TcAttachType::Egress, "links-egress"),
+];
+const LINK_DIRS: [&str; 2] = [PROGRAMS[0].2, PROGRAMS[1].2];
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter-ebpf.o"));
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +82,9 @@ pub enum DataplaneError {
     Missing(&'static str),
     #[error("prefix rules need the {} maps, which this kernel object does not have; rebuild with `cargo xtask build`", MAP_PREFIX.join("/"))]
     NoPrefixMaps,
-    #[error("the verifier rejected {PROG_INGRESS}: {io_error}\n{log}")]
+    #[error("the verifier rejected {prog}: {io_error}\n{log}")]
     Verifier {
+        prog: &'static str,
         io_error: std::io::Error,
         log: String,
     },
@@ -133,9 +148,11 @@ pub enum Adoption {
     Adopted,
 }
 
-/// One attached interface and the link that keeps it attached.
+/// One attached program on an interface and the link that keeps it attached.
 struct Attached {
     iface: String,
+    /// The egress program's link (else the ingress one's).
+    egress: bool,
     /// `None` when the link stays inside the program (dropping the `Ebpf` detaches it).
     link: Option<FdLink>,
     /// Where the link is pinned, if it is.
@@ -247,8 +264,10 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(dir.join("links"))
-        .map_err(|e| err(format!("cannot create it: {e}")))?;
+    for links in LINK_DIRS {
+        std::fs::create_dir_all(dir.join(links))
+            .map_err(|e| err(format!("cannot create it: {e}")))?;
+    }
     if bpffs(dir) != Some(true) {
         return Err(err(
             "is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)".into(),
@@ -300,6 +319,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_CONFIG, &*config, true);
         loader.map_max_entries(MAP_CONNS, opts.max_connections);
+        loader.map_max_entries(MAP_REPLIES, opts.max_connections);
         let stats_pin;
         if let Some(root) = pin_root {
             ensure_pin_dir(root)?;
@@ -313,27 +333,33 @@ impl Dataplane {
             loader.map_pin_path(MAP_STATS, stats_pin.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
-            .try_into()
-            .map_err(prog_err(PROG_INGRESS))?;
-        prog.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => {
-                // The log's tail says why; the whole log can run to megabytes.
-                let log = verifier_log.to_string();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-                DataplaneError::Verifier { io_error, log }
-            }
-            source => DataplaneError::Program {
-                what: PROG_INGRESS.into(),
-                source,
-            },
-        })?;
+        for (name, _, _) in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            prog.load().map_err(|e| match e {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => {
+                    // The log's tail says why; the whole log can run to megabytes.
+                    let log = verifier_log.to_string();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+                    DataplaneError::Verifier {
+                        prog: name,
+                        io_error,
+                        log,
+                    }
+                }
+                source => DataplaneError::Program {
+                    what: name.into(),
+                    source,
+                },
+            })?;
+        }
 
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
@@ -385,53 +411,88 @@ impl Dataplane {
         Ok(dp)
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+    fn program_named(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DataplaneError> {
         self.ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing(name))?
             .try_into()
-            .map_err(prog_err(PROG_INGRESS))
+            .map_err(prog_err(name))
     }
 
-    /// Attach the classifier to `iface`'s ingress; the link lives as long as this process.
+    /// Attach the classifiers to `iface` (ingress and egress); the links live as long as this
+    /// process.
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        self.program()?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.into(),
-                source,
-            })?;
-        self.attached.push(Attached {
-            iface: iface.to_owned(),
-            link: None,
-            pin: None,
-        });
+        for (name, point, _) in PROGRAMS {
+            self.program_named(name)?
+                .attach(iface, point)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.into(),
+                    source,
+                })?;
+            self.attached.push(Attached {
+                iface: iface.to_owned(),
+                egress: point == TcAttachType::Egress,
+                link: None,
+                pin: None,
+            });
+        }
         Ok(())
     }
 
-    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
-        self.pin_root.as_ref().map(|r| r.join("links").join(iface))
+    fn link_pin(&self, dir: &str, iface: &str) -> Option<PathBuf> {
+        self.pin_root.as_ref().map(|r| r.join(dir).join(iface))
     }
 
-    /// Attach to `iface`'s ingress through a pinned TCX link: adopt the link an earlier run
-    /// pinned (atomic program swap, no gap, no second attachment), or create and pin one.
-    /// Needs [`Dataplane::load_with`] with a pin root; write the policy first.
+    /// Attach to `iface` (ingress and egress) through pinned TCX links: adopt the links an
+    /// earlier run pinned (atomic program swap, no gap, no second attachment), or create and
+    /// pin them. Needs [`Dataplane::load_with`] with a pin root; write the policy first. The
+    /// egress link goes first, so the ingress program never runs on an interface without it.
+    /// Returns how the ingress link was attached.
     pub fn attach_pinned(&mut self, iface: &str) -> Result<Adoption, DataplaneError> {
-        let path = self.link_pin(iface).ok_or_else(|| DataplaneError::PinDir {
-            path: PathBuf::new(),
-            why: "no pin directory configured".into(),
-        })?;
+        let egress = self.attach_pinned_one(iface, PROGRAMS[1])?;
+        let ingress = self.attach_pinned_one(iface, PROGRAMS[0])?;
+        if egress != ingress {
+            tracing::info!(
+                iface,
+                ?ingress,
+                ?egress,
+                "the two links were attached differently"
+            );
+        }
+        Ok(ingress)
+    }
+
+    fn attach_pinned_one(
+        &mut self,
+        iface: &str,
+        (name, point, dir): (&'static str, TcAttachType, &str),
+    ) -> Result<Adoption, DataplaneError> {
+        let egress = point == TcAttachType::Egress;
+        let path = self
+            .link_pin(dir, iface)
+            .ok_or_else(|| DataplaneError::PinDir {
+                path: PathBuf::new(),
+                why: "no pin directory configured".into(),
+            })?;
         let link_err = |source| DataplaneError::Link {
             iface: iface.into(),
             path: path.clone(),
             source,
         };
-        let prog_id = self.program()?.info().map_err(prog_err(PROG_INGRESS))?.id();
+        let prog_id = self
+            .program_named(name)?
+            .info()
+            .map_err(prog_err(name))?
+            .id();
         if path.exists() {
-            match self.adopt(iface, &path, prog_id) {
+            match self.adopt(iface, &path, prog_id, name, point) {
                 Ok(link) => {
                     self.attached.push(Attached {
                         iface: iface.to_owned(),
+                        egress,
                         link: Some(link),
                         pin: Some(path),
                     });
@@ -445,14 +506,14 @@ impl Dataplane {
                 }
             }
         }
-        let prog = self.program()?;
+        let prog = self.program_named(name)?;
         let id = prog
-            .attach(iface, TcAttachType::Ingress)
+            .attach(iface, point)
             .map_err(|source| DataplaneError::Attach {
                 iface: iface.into(),
                 source,
             })?;
-        let link = prog.take_link(id).map_err(prog_err(PROG_INGRESS))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
         let fd = FdLink::try_from(link).map_err(link_err)?;
         let pinned = fd.pin(&path).map_err(|e| DataplaneError::PinDir {
             path: path.clone(),
@@ -460,22 +521,30 @@ impl Dataplane {
         })?;
         self.attached.push(Attached {
             iface: iface.to_owned(),
+            egress,
             link: Some(pinned.into()),
             pin: Some(path),
         });
         Ok(Adoption::Fresh)
     }
 
-    fn adopt(&mut self, iface: &str, path: &Path, prog_id: u32) -> Result<FdLink, String> {
+    fn adopt(
+        &mut self,
+        iface: &str,
+        path: &Path,
+        prog_id: u32,
+        name: &'static str,
+        point: TcAttachType,
+    ) -> Result<FdLink, String> {
         let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
         let link =
             SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-        let prog = self.program().map_err(|e| e.to_string())?;
+        let prog = self.program_named(name).map_err(|e| e.to_string())?;
         let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
         let link = prog.take_link(id).map_err(|e| e.to_string())?;
         let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
         // The swap succeeds on a link whose interface is gone; make sure it is live here.
-        let (_, progs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        let (_, progs) = SchedClassifier::query_tcx(iface, point)
             .map_err(|e| format!("querying {iface}'s TCX programs: {e}"))?;
         if !progs.iter().any(|p| p.id() == prog_id) {
             return Err(format!("the link is not attached to {iface}"));
@@ -489,14 +558,19 @@ impl Dataplane {
         let Some(root) = &self.pin_root else {
             return Vec::new();
         };
-        let Ok(dir) = std::fs::read_dir(root.join("links")) else {
-            return Vec::new();
-        };
         let mut gone = Vec::new();
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) && std::fs::remove_file(entry.path()).is_ok() {
-                gone.push(name);
+        for links in LINK_DIRS {
+            let Ok(dir) = std::fs::read_dir(root.join(links)) else {
+                continue;
+            };
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name)
+                    && std::fs::remove_file(entry.path()).is_ok()
+                    && !gone.contains(&name)
+                {
+                    gone.push(name);
+                }
             }
         }
         gone
@@ -526,8 +600,13 @@ impl Dataplane {
         }
     }
 
+    /// The interfaces the classifiers are attached to.
     pub fn attached(&self) -> Vec<String> {
-        self.attached.iter().map(|a| a.iface.clone()).collect()
+        self.attached
+            .iter()
+            .filter(|a| !a.egress)
+            .map(|a| a.iface.clone())
+            .collect()
     }
 
     /// Whether the links are pinned (the classifier outlives the daemon).
@@ -778,8 +857,42 @@ impl Dataplane {
     /// Run one frame through the loaded classifier with `BPF_PROG_TEST_RUN` (no attachment
     /// needed): the kernel fixture tests and the per-packet cost benchmark use this.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutput, DataplaneError> {
+        self.test_run_prog(PROG_INGRESS, frame, repeat)
+    }
+
+    /// Forget the egress state (`REPLIES`) of every connection, as a full table's eviction
+    /// does to one: the kernel tests check what fails closed then. Returns how many.
+    pub fn forget_replies(&mut self) -> Result<usize, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_REPLIES)
+            .ok_or(DataplaneError::Missing(MAP_REPLIES))?;
+        let mut replies: HashMap<&mut MapData, ConnKey, [u8; size_of::<Replies>()]> =
+            HashMap::try_from(map).map_err(map_err(MAP_REPLIES))?;
+        let keys: Vec<ConnKey> = replies.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = replies.remove(k);
+        }
+        Ok(keys.len())
+    }
+
+    /// As [`Dataplane::test_run`], through the egress classifier (a server-to-client frame).
+    pub fn test_run_egress(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutput, DataplaneError> {
+        self.test_run_prog(PROG_EGRESS, frame, repeat)
+    }
+
+    fn test_run_prog(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutput, DataplaneError> {
         use aya::programs::TestRun as _;
-        let prog = self.program()?;
+        let prog = self.program_named(name)?;
         let mut out = vec![0u8; frame.len() + 256];
         let opts = aya::programs::TestRunOptions {
             data_in: Some(frame),
@@ -796,19 +909,28 @@ impl Dataplane {
         })
     }
 
-    /// Instructions the verifier processed to accept the classifier.
+    /// Instructions the verifier processed to accept the ingress classifier.
     pub fn verified_instructions(&self) -> Result<u32, DataplaneError> {
+        self.verified_instructions_of(PROG_INGRESS)
+    }
+
+    /// Instructions the verifier processed to accept the egress classifier.
+    pub fn verified_instructions_egress(&self) -> Result<u32, DataplaneError> {
+        self.verified_instructions_of(PROG_EGRESS)
+    }
+
+    fn verified_instructions_of(&self, name: &'static str) -> Result<u32, DataplaneError> {
         let prog: &SchedClassifier = self
             .ebpf
-            .program(PROG_INGRESS)
-            .ok_or(DataplaneError::Missing(PROG_INGRESS))?
+            .program(name)
+            .ok_or(DataplaneError::Missing(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program {
-                what: PROG_INGRESS.into(),
+                what: name.into(),
                 source,
             })?;
         let info = prog.info().map_err(|source| DataplaneError::Program {
-            what: PROG_INGRESS.into(),
+            what: name.into(),
             source,
         })?;
         Ok(info.verified_instruction_count().unwrap_or(0))

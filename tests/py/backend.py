@@ -8,6 +8,14 @@ including lowercase and unknown ones) with 200 and the body
 response is sent, so a test that has seen the response can trust the log.
 It must not interpret the request any further: the tests need to see exactly
 what reached the backend.
+
+Two paths behave differently, for the tests of the filter's egress view:
+  /slow      answers after SLOW_S seconds (a backend still working on a request)
+  /upgrade   with an Upgrade header: answers 101 and becomes a tunnel; it records
+             the tunnel's first line as {"method": "TUNNEL", "path": <line>}, reads
+             what else comes until 0.3 s pass quietly, and closes
+Every other request carrying Upgrade is answered 200 like any other (the upgrade
+is refused by ignoring it, as RFC 9110 allows).
 """
 
 import argparse
@@ -15,7 +23,11 @@ import json
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+SLOW_S = 0.6
 
 
 class DualStackServer(ThreadingHTTPServer):
@@ -57,12 +69,38 @@ class RecordingHandler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(int(length))
 
-    def _answer(self):
-        self._drain_body()
-        record = {"method": self.command, "path": self.path, "version": self.request_version}
+    def _record(self, method, path):
+        record = {"method": method, "path": path, "version": self.request_version}
         with self.log_lock:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+
+    def _tunnel(self):
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers.get("Upgrade", ""))
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            first = self.rfile.readline(65537)
+            if first:
+                self._record("TUNNEL", first.decode("utf-8", "surrogateescape").rstrip("\r\n"))
+            # Take what else comes for a moment, then close (with nothing unread: a clean FIN).
+            self.connection.settimeout(0.3)
+            while self.rfile.read1(65536):
+                pass
+        except OSError:  # the quiet moment ended, or the client reset the connection
+            pass
+
+    def _answer(self):
+        self._drain_body()
+        self._record(self.command, self.path)
+        if self.path == "/upgrade" and self.headers.get("Upgrade"):
+            self._tunnel()
+            return
+        if self.path == "/slow":
+            time.sleep(SLOW_S)
         body = f"backend saw {self.command} {self.path}\n".encode("utf-8", "surrogateescape")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")

@@ -600,6 +600,40 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Writes `parts` on one TCP connection from the client namespace with the kernel's own
+    /// TCP stack (`tests/py/raw_client.py`), `delay` apart, and returns every byte the server
+    /// sent until it closed, and how it closed (`clean`, `reset`, `timeout`).
+    pub fn raw_exchange(
+        &self,
+        host: IpAddr,
+        port: u16,
+        delay: Duration,
+        parts: &[&[u8]],
+    ) -> Result<(Vec<u8>, String)> {
+        #[derive(Deserialize)]
+        struct Out {
+            raw_b64: String,
+            eof: String,
+        }
+        let mut cmd = self.client_cmd("python3");
+        cmd.arg(py_script("raw_client.py"))
+            .args([host.to_string(), port.to_string()])
+            .arg(format!("{}", delay.as_secs_f64()));
+        for p in parts {
+            cmd.arg(p.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
+        let out = run(&mut cmd)?;
+        let o: Out = serde_json::from_str(out.trim()).with_context(|| {
+            format!("raw_client.py printed something that is not its JSON: {out}")
+        })?;
+        Ok((
+            base64_decode(&o.raw_b64).context("decoding raw_b64")?,
+            o.eof,
+        ))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let mut reg = registry();

@@ -190,6 +190,14 @@ impl Env {
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             let (_, progs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
                 .unwrap_or_else(|e| panic!("querying {iface}'s TCX programs: {e}"));
+            let (_, egress) = SchedClassifier::query_tcx(&iface, TcAttachType::Egress)
+                .unwrap_or_else(|e| panic!("querying {iface}'s TCX egress programs: {e}"));
+            // The egress classifier shares the ingress one's lifecycle.
+            assert_eq!(
+                egress.len(),
+                progs.len(),
+                "one egress program per ingress program"
+            );
             progs.len()
         })
         .join()

@@ -781,3 +781,129 @@ fn a_connection_whose_state_was_evicted_is_refused() {
         }
     }
 }
+
+/// The backend's answer to `GET path` (tests/py/backend.py), as the client must read it.
+fn backend_ok_body(method: &str, path: &str) -> String {
+    format!("backend saw {method} {path}\n")
+}
+
+/// Splits what the client read into (status, head, body) per response, framed by
+/// `Content-Length` (a response without one runs to the end).
+fn split_responses(raw: &[u8]) -> Vec<(u16, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(rest.len() - end - 4);
+        let body_end = (end + 4 + len).min(rest.len());
+        out.push((status, head, rest[end + 4..body_end].to_vec()));
+        rest = &rest[body_end..];
+    }
+    out
+}
+
+/// A real client (the kernel's TCP stack) pipelines a disallowed request behind an allowed one
+/// the backend is slow to answer, or sends it while the answer is on its way, or behind an
+/// `Upgrade` the backend refuses: the client reads the allowed response intact, then the 405
+/// and a clean close; the backend never sees the disallowed request. An `Upgrade` the backend
+/// accepts (101) makes the connection a tunnel.
+#[test]
+fn refusals_wait_for_earlier_responses_and_upgrades_for_their_answer() {
+    let Some(s) = setup("refusals_wait_for_earlier_responses_and_upgrades_for_their_answer") else {
+        return;
+    };
+    let slow = b"GET /slow HTTP/1.1\r\nHost: lab\r\n\r\n".as_slice();
+    let slow_upgrade =
+        b"GET /slow HTTP/1.1\r\nHost: lab\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            .as_slice();
+    let delete = b"DELETE /admin HTTP/1.1\r\nHost: lab\r\n\r\n".as_slice();
+    let cases: [(&str, &[&[u8]], Duration); 3] = [
+        (
+            "pipelined behind a slow response",
+            &[&[slow, delete].concat()],
+            Duration::ZERO,
+        ),
+        (
+            "sent while the slow response is on its way",
+            &[slow, delete],
+            Duration::from_millis(100),
+        ),
+        (
+            "pipelined behind a refused upgrade",
+            &[&[slow_upgrade, delete].concat()],
+            Duration::ZERO,
+        ),
+    ];
+    for addr in s.lab.server_addrs() {
+        for (name, parts, delay) in cases {
+            let what = format!("{name} over {}", family(addr));
+            let mark = backend_mark(&s);
+            let (raw, eof) = s
+                .lab
+                .raw_exchange(addr, 80, delay, parts)
+                .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            let got = split_responses(&raw);
+            let statuses: Vec<u16> = got.iter().map(|r| r.0).collect();
+            assert_eq!(
+                statuses,
+                [200, 405],
+                "{what}: the client read {:?}",
+                String::from_utf8_lossy(&raw)
+            );
+            assert_eq!(
+                got[0].2,
+                backend_ok_body("GET", "/slow").as_bytes(),
+                "{what}: the allowed response is intact"
+            );
+            assert!(
+                got[1].1.contains("\r\nAllow: GET, HEAD"),
+                "{what}: the 405 names the allowed methods: {}",
+                got[1].1
+            );
+            assert_eq!(eof, "clean", "{what}: the connection ends with a FIN");
+            let seen: Vec<(String, String)> = backend_since(&s, mark)
+                .into_iter()
+                .map(|r| (r.method, r.path))
+                .collect();
+            assert_eq!(
+                seen,
+                [("GET".to_owned(), "/slow".to_owned())],
+                "{what}: the backend saw only the allowed request"
+            );
+        }
+        // Accepted: the bytes after the 101 are no longer HTTP/1.1 and pass.
+        let what = format!("upgrade accepted over {}", family(addr));
+        let mark = backend_mark(&s);
+        let upgrade =
+            b"GET /upgrade HTTP/1.1\r\nHost: lab\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let (raw, _) = s
+            .lab
+            .raw_exchange(addr, 80, Duration::from_millis(100), &[upgrade, delete])
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert!(
+            raw.starts_with(b"HTTP/1.1 101 "),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        let seen: Vec<(String, String)> = backend_since(&s, mark)
+            .into_iter()
+            .map(|r| (r.method, r.path))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("GET".to_owned(), "/upgrade".to_owned()),
+                ("TUNNEL".to_owned(), "DELETE /admin HTTP/1.1".to_owned())
+            ],
+            "{what}: the tunnel's bytes reach the backend"
+        );
+    }
+}

@@ -614,7 +614,7 @@ fn host_decision(policy: &Policy, payload: &[u8]) -> Reason {
             return Reason::MidStream;
         }
         match s.step(b, &mut raw) {
-            Ev::More | Ev::Bulk => {}
+            Ev::More | Ev::Bulk | Ev::Await => {}
             Ev::Tunnel => return Reason::Tunnel,
             Ev::Override => return Reason::MidStream,
             Ev::Fail(r) => return r,
@@ -764,6 +764,367 @@ fn host_and_kernel_agree_on_generated_requests() {
     );
 }
 
+/// A segment of one connection in either direction, for the egress tests: the client's to the
+/// ingress classifier, the server's to the egress one.
+fn conn_frame(
+    ip: Ip,
+    cport: u16,
+    from_client: bool,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (sport, dport) = if from_client {
+        (cport, 80)
+    } else {
+        (80, cport)
+    };
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
+    l4.push(5 << 4);
+    l4.push(flags);
+    l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+    l4.extend_from_slice(payload);
+    let mut frame = Vec::new();
+    let (dmac, smac) = if from_client {
+        (SERVER_MAC, CLIENT_MAC)
+    } else {
+        (CLIENT_MAC, SERVER_MAC)
+    };
+    frame.extend_from_slice(&dmac);
+    frame.extend_from_slice(&smac);
+    if let Ip::V6 = ip {
+        let (src, dst) = if from_client {
+            (v6(1), v6(2))
+        } else {
+            (v6(2), v6(1))
+        };
+        frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&[6, 64]);
+        frame.extend_from_slice(&src);
+        frame.extend_from_slice(&dst);
+        let c = csum::finish(csum::add(csum::pseudo_v6(&src, &dst, l4.len() as u32), &l4));
+        l4[16..18].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let (c4, s4) = (
+            Ipv4Addr::new(10, 77, 0, 1).octets(),
+            Ipv4Addr::new(10, 77, 0, 2).octets(),
+        );
+        let (src, dst) = if from_client { (c4, s4) } else { (s4, c4) };
+        let mut iph = vec![0u8; 20];
+        iph[0] = 0x45;
+        iph[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        iph[6] = 0x40;
+        iph[8] = 64;
+        iph[9] = 6;
+        iph[12..16].copy_from_slice(&src);
+        iph[16..20].copy_from_slice(&dst);
+        let c = csum::finish(csum::add(0, &iph));
+        iph[10..12].copy_from_slice(&c.to_be_bytes());
+        let c = csum::finish(csum::add(csum::pseudo_v4(&src, &dst, l4.len() as u16), &l4));
+        l4[16..18].copy_from_slice(&c.to_be_bytes());
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&iph);
+    }
+    frame.extend_from_slice(&l4);
+    frame
+}
+
+/// What the ingress classifier must do with a client segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Act {
+    Pass,
+    /// Passed, shortened (the rest is held or comes again).
+    Cut,
+    Drop,
+    /// Turned into a reset; the event's sequence number for the answer is the server's
+    /// `ACK + this offset`.
+    Reset(u32),
+}
+
+/// One step of a conversation: the client's segment (sequence offset, acknowledged offset of
+/// the server's bytes, payload, reasons counted, action), or the server's (sequence offset,
+/// payload, FIN, reasons counted).
+enum Step {
+    C(u32, u32, &'static [u8], &'static [Reason], Act),
+    S(u32, &'static [u8], bool, &'static [Reason]),
+    /// The egress state is evicted (every connection's, as a churned table does).
+    Evict,
+}
+
+const OK5: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+const OK5_LEN: u32 = OK5.len() as u32;
+const HEAD_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+const REFUSED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nno\n";
+const SWITCHED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+const UPGRADE_LEN: u32 = UPGRADE.len() as u32;
+const DELETE_ADMIN: &[u8] = b"DELETE /admin HTTP/1.1\r\n\r\n";
+
+/// The egress classifier follows the server's responses (opened with the server's SYN|ACK),
+/// and the ingress one times refusals and settles upgrades with what it saw.
+#[test]
+fn egress_table() {
+    if !lab::e2e_enabled("kernel::egress_table") {
+        return;
+    }
+    use Act::*;
+    use Reason::*;
+    use Step::{Evict, C, S};
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let mut events = dp.take_events().expect("event ring");
+    let table: &[(&str, &[Step])] = &[
+        ("a refusal waits for the earlier response, complete and acknowledged", &[
+            C(0, 0, b"GET /api/items HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            C(27, 0, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Held], Drop),
+            S(0, &OK5[..40], false, &[]),
+            C(27, 40, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Held], Drop),
+            S(40, &OK5[40..], false, &[]),
+            C(27, 40, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Held], Drop),
+            C(27, OK5_LEN, b"DELETE /api/items HTTP/1.1\r\n\r\n", &[Rejected], Reset(OK5_LEN)),
+        ]),
+        ("pipelined: the refused request is cut off, held, then refused after the response", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\nDELETE /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Cut),
+            C(23, 0, DELETE_ADMIN, &[Held], Drop),
+            S(0, OK5, false, &[]),
+            C(23, OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(OK5_LEN)),
+        ]),
+        ("the response to HEAD has no body", &[
+            C(0, 0, b"HEAD /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, HEAD_OK, false, &[]),
+            C(24, HEAD_OK.len() as u32, DELETE_ADMIN, &[Rejected], Reset(HEAD_OK.len() as u32)),
+        ]),
+        ("interim responses do not count; a retransmitted response is not framed twice", &[
+            C(0, 0, b"POST /api/items HTTP/1.1\r\nContent-Length: 2\r\n\r\nab", &[AllowedByRule], Pass),
+            S(0, b"HTTP/1.1 100 Continue\r\n\r\n", false, &[]),
+            S(0, b"HTTP/1.1 100 Continue\r\n\r\n", false, &[]),
+            C(49, 25, DELETE_ADMIN, &[Held], Drop),
+            S(25, OK5, false, &[]),
+            C(49, 25 + OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(25 + OK5_LEN)),
+        ]),
+        ("a body delimited by the server's close ends at its FIN", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, b"HTTP/1.0 200 OK\r\n\r\nuntil close", false, &[]),
+            C(23, 30, DELETE_ADMIN, &[Held], Drop),
+            S(30, b"", true, &[]),
+            C(23, 31, DELETE_ADMIN, &[Rejected], Reset(31)),
+        ]),
+        ("upgrade refused by the backend: held, then followed as HTTP/1.1", &[
+            C(0, 0, UPGRADE, &[AllowedByDefault], Pass),
+            C(UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+            S(0, REFUSED, false, &[]),
+            C(UPGRADE_LEN, REFUSED.len() as u32, DELETE_ADMIN, &[UpgradeRefused, Rejected], Reset(REFUSED.len() as u32)),
+        ]),
+        ("upgrade accepted (101): tunnel", &[
+            C(0, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(0, SWITCHED, false, &[]),
+            C(UPGRADE_LEN, SWITCHED.len() as u32, DELETE_ADMIN, &[Tunnel], Pass),
+            C(UPGRADE_LEN + 26, SWITCHED.len() as u32, DELETE_ADMIN, &[Tunnel], Pass),
+        ]),
+        ("upgrade: pipelined bytes after it are cut off until the answer", &[
+            C(0, 0, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nDELETE /admin HTTP/1.1\r\n\r\n", &[AllowedByDefault], Cut),
+            C(UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("upgrade with a body: the body passes, then the stream waits", &[
+            C(0, 0, b"POST /api/items HTTP/1.1\r\nUpgrade: x\r\nContent-Length: 4\r\n\r\n", &[AllowedByRule], Pass),
+            C(59, 0, b"body", &[MidStream], Pass),
+            C(63, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("a 101 to another request than the upgrade loses the state: the upgrade waits for good", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            C(23, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(0, SWITCHED, false, &[ReplyLost]),
+            C(23 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+            S(SWITCHED.len() as u32, SWITCHED, false, &[]),
+            C(23 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("an override to HEAD makes the responses unframeable: a fake 101 cannot open a tunnel", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\nX-HTTP-Method-Override: HEAD\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n", false, &[ReplyLost]),
+            C(53, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(39, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false, &[]),
+            C(53 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("the server's FIN settles an awaited upgrade on a lost connection", &[
+            C(0, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(0, b"garbage\r\n", false, &[ReplyLost]),
+            C(UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
+            S(9, b"", true, &[]),
+            C(UPGRADE_LEN, 10, DELETE_ADMIN, &[UpgradeRefused, Rejected], Reset(10)),
+        ]),
+        ("evicted egress state: an upgrade on a connection it followed waits (fail closed)", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, OK5, false, &[]),
+            Evict,
+            C(23, OK5_LEN, UPGRADE, &[AllowedByDefault], Pass),
+            C(23 + UPGRADE_LEN, OK5_LEN, DELETE_ADMIN, &[Awaiting], Drop),
+        ]),
+        ("evicted egress state: a refusal is answered at the client's ack", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            Evict,
+            C(23, 0, DELETE_ADMIN, &[Rejected], Reset(0)),
+        ]),
+        ("CONNECT: 200 switches", &[
+            C(0, 0, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", &[AllowedByDefault], Pass),
+            S(0, b"HTTP/1.1 200 Connection established\r\n\r\n", false, &[]),
+            C(59, 39, DELETE_ADMIN, &[Tunnel], Pass),
+        ]),
+        ("unframeable responses: the old behaviour (answer at the client's ack)", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, b"ICY 200 OK\r\n\r\n", false, &[ReplyLost]),
+            C(23, 0, DELETE_ADMIN, &[Rejected], Reset(0)),
+        ]),
+    ];
+    // 64 pipelined requests in one segment: the 64th waits (63 outstanding at most, so the
+    // egress side's ring of HEAD bits never wraps), and goes once a response is complete.
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    // (Each request takes one of the 32 rounds a segment gets: 31 per segment here.)
+    let many: &'static [u8] = Box::leak(get.repeat(31).into_boxed_slice());
+    let two: &'static [u8] = Box::leak(get.repeat(2).into_boxed_slice());
+    let n = get.len() as u32;
+    let many_63 = 63 * n;
+    let ok_once: &'static [u8] = Box::leak(OK5.to_vec().into_boxed_slice());
+    let pipelined_64: &'static [Step] = Box::leak(Box::new([
+        C(0, 0, many, &[AllowedByDefault], Pass),
+        C(31 * n, 0, many, &[AllowedByDefault], Pass),
+        C(62 * n, 0, two, &[AllowedByDefault, Held], Cut),
+        C(many_63, 0, get, &[Held], Drop),
+        S(0, ok_once, false, &[]),
+        C(many_63, 0, get, &[AllowedByDefault], Pass),
+    ]));
+    // A chunked body of 1-byte chunks framed across a whole frame (small chunks cost no
+    // round each: the state is not lost).
+    let mut small = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..500 {
+        small.extend_from_slice(b"1\r\nx\r\n");
+    }
+    small.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+    let small_len = small.len() as u32;
+    let small: &'static [u8] = Box::leak(small.into_boxed_slice());
+    let chunks: &'static [Step] = Box::leak(Box::new([
+        C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+        S(0, small, false, &[]),
+        C(23, small_len, DELETE_ADMIN, &[Rejected], Reset(small_len)),
+    ]));
+    let table: Vec<(&str, &[Step])> = table
+        .iter()
+        .copied()
+        .chain([
+            (
+                "64 pipelined requests: the 64th waits for a response",
+                pipelined_64,
+            ),
+            (
+                "a chunked response of 500 one-byte chunks in one frame",
+                chunks,
+            ),
+        ])
+        .collect();
+    let mut failures = Vec::new();
+    for ip in [Ip::V4, Ip::V6] {
+        for (i, (name, steps)) in table.iter().enumerate() {
+            let cport = 30000 + i as u16 + if let Ip::V6 = ip { 100 } else { 0 };
+            let syn = conn_frame(ip, cport, true, SEQ.wrapping_sub(1), 0, tcp_flags::SYN, b"");
+            dp.test_run(&syn, 1).unwrap();
+            let synack = conn_frame(
+                ip,
+                cport,
+                false,
+                ACK.wrapping_sub(1),
+                SEQ,
+                tcp_flags::SYN | tcp_flags::ACK,
+                b"",
+            );
+            dp.test_run_egress(&synack, 1).unwrap();
+            for (j, step) in steps.iter().enumerate() {
+                if let Evict = step {
+                    dp.forget_replies().unwrap();
+                    continue;
+                }
+                let before = counters(&dp);
+                let (out, frame, reasons, act) = match step {
+                    C(off, ack, payload, reasons, act) => {
+                        let f = conn_frame(
+                            ip,
+                            cport,
+                            true,
+                            SEQ.wrapping_add(*off),
+                            ACK.wrapping_add(*ack),
+                            tcp_flags::PSH | tcp_flags::ACK,
+                            payload,
+                        );
+                        (dp.test_run(&f, 1).unwrap(), f, *reasons, Some(*act))
+                    }
+                    S(off, payload, fin, reasons) => {
+                        let flags =
+                            tcp_flags::PSH | tcp_flags::ACK | if *fin { tcp_flags::FIN } else { 0 };
+                        let f = conn_frame(
+                            ip,
+                            cport,
+                            false,
+                            ACK.wrapping_add(*off),
+                            SEQ,
+                            flags,
+                            payload,
+                        );
+                        (dp.test_run_egress(&f, 1).unwrap(), f, *reasons, None)
+                    }
+                    Evict => unreachable!(),
+                };
+                let got: Vec<Reason> = delta(&before, &counters(&dp))
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect();
+                let mut want = reasons.to_vec();
+                want.sort_by_key(|r| *r as u32);
+                let event = events.next().map(|item| unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<RejectEvent>())
+                });
+                let is_reset = out.frame.len() < frame.len()
+                    && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0;
+                let got_act = match act {
+                    None => {
+                        if out.action != PASS || out.frame != frame {
+                            failures.push(format!(
+                                "{name} ({}), step {j}: egress changed the frame or its verdict",
+                                ip_name(ip)
+                            ));
+                        }
+                        None
+                    }
+                    Some(_) if out.action == DROP => Some(Drop),
+                    Some(_) if is_reset => {
+                        Some(Reset(event.map_or(u32::MAX, |e| e.ack.wrapping_sub(ACK))))
+                    }
+                    Some(_) if out.frame.len() < frame.len() => Some(Cut),
+                    Some(_) if out.frame == frame && out.action == PASS => Some(Pass),
+                    Some(_) => None,
+                };
+                if got != want || got_act != act {
+                    failures.push(format!(
+                        "{name} ({}), step {j}: counted {got:?} (want {want:?}), did {got_act:?} (want {act:?})",
+                        ip_name(ip)
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+fn ip_name(ip: Ip) -> &'static str {
+    match ip {
+        Ip::V6 => "IPv6",
+        _ => "IPv4",
+    }
+}
+
 /// A segment cut before a refused request keeps correct lengths and checksums. Under
 /// `BPF_PROG_TEST_RUN` the skb carries a full checksum (`CHECKSUM_NONE`), the state of a
 /// segment from a NIC without checksum offload; the end-to-end tests cover veth's
@@ -877,7 +1238,7 @@ fn stateless_segments_and_released_state() {
             .next()
             .map(|item| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RejectEvent>()) })
     };
-    let mut run = |dp: &mut Dataplane, f: &Frame| {
+    let run = |dp: &mut Dataplane, f: &Frame| {
         let frame = build(f);
         let before = counters(dp);
         let out = dp.test_run(&frame, 1).unwrap();

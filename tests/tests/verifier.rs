@@ -13,6 +13,10 @@ fn the_classifier_verifies() {
         Ok(dp) => {
             let n = dp.verified_instructions().expect("program info");
             eprintln!("verifier: classifier accepted; {n} instructions processed (limit 1000000)");
+            let n = dp.verified_instructions_egress().expect("program info");
+            eprintln!(
+                "verifier: egress classifier accepted; {n} instructions processed (limit 1000000)"
+            );
         }
         Err(e) => {
             let text = e.to_string();

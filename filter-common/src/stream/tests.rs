@@ -37,7 +37,7 @@ fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
             let ev = s.step(seg[off], &mut path);
             off += 1;
             match ev {
-                Ev::More | Ev::Bulk => {}
+                Ev::More | Ev::Bulk | Ev::Await => {}
                 Ev::Decide => {
                     s.take_method();
                     // The caller canonicalizes the raw path (the kernel: a second bpf_loop).
@@ -247,4 +247,97 @@ fn positions_track_the_stream() {
     }
     assert_eq!(starts, [100, 119]);
     assert_eq!(s.pos, 100 + data.len() as u32);
+}
+
+/// Feed `data` to `s` the way the kernel does; on `Ev::Tunnel`, await the reply. Returns the
+/// offset where the stream started waiting, if it did.
+fn feed_awaiting(s: &mut Stream, data: &[u8]) -> Option<usize> {
+    let mut path = [0u8; PATH_MAX];
+    let mut off = 0;
+    while off < data.len() {
+        if s.in_bulk() {
+            let n = (s.bulk_left() as usize).min(data.len() - off);
+            s.consume(n as u64);
+            off += n;
+            continue;
+        }
+        match s.step(data[off], &mut path) {
+            Ev::Await => return Some(off),
+            Ev::Decide => {
+                s.take_method();
+                s.set_verdict(MethodSet::ANY.0, 0);
+            }
+            Ev::Tunnel => {
+                s.await_reply();
+            }
+            Ev::Fail(r) => panic!("{r:?}"),
+            _ => {}
+        }
+        off += 1;
+    }
+    if s.is_awaiting() {
+        Some(off)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn an_override_that_changes_head_makes_framing_unsure() {
+    for (line, m, unsure) in [
+        ("GET", Method::Head, 1),
+        ("HEAD", Method::Get, 1),
+        ("HEAD", Method::Delete, 1),
+        ("GET", Method::Delete, 0),
+        ("HEAD", Method::Head, 0),
+    ] {
+        let mut s = Stream::new(0, flag::SYN);
+        let req = std::format!("{line} / HTTP/1.1\r\n");
+        feed_awaiting(&mut s, req.as_bytes());
+        s.note_override(m);
+        assert_eq!(s.unsure, unsure, "{line} overridden to {m:?}");
+        assert_eq!(s.req_view().unsure, unsure);
+        s.reset(0, flag::SYN);
+        assert_eq!(s.unsure, 0, "a new connection starts sure");
+    }
+}
+
+#[test]
+fn heads_are_counted_and_head_requests_marked() {
+    let mut s = Stream::new(0, flag::SYN);
+    let data = b"GET / HTTP/1.1\r\n\r\nHEAD /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n";
+    assert_eq!(feed_awaiting(&mut s, data), None);
+    assert_eq!(s.reqs, 4, "the chunked request's head passed");
+    assert_eq!(s.reqs_before_current(), 3, "its body is being read");
+    assert_eq!(s.head_ring, 0b10);
+    assert_eq!(s.req_view().reqs, 4);
+    // Reusing a ring slot clears it.
+    s.reqs = 65;
+    feed_awaiting(&mut s, b"x\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+    assert_eq!((s.reqs, s.head_ring), (66, 0));
+}
+
+#[test]
+fn an_upgrade_request_awaits_the_answer_after_its_body() {
+    for (data, switch) in [
+        (&b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\nGET /next"[..], SWITCH_UPGRADE),
+        (&b"POST /up HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 4\r\n\r\nbodyGET /next"[..], SWITCH_UPGRADE),
+        (&b"POST /up HTTP/1.1\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\nGET /next"[..], SWITCH_UPGRADE),
+        (&b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\nGET /next"[..], SWITCH_CONNECT),
+    ] {
+        let mut s = Stream::new(100, flag::SYN);
+        let at = feed_awaiting(&mut s, data).expect("awaits");
+        assert_eq!(&data[at..], b"GET /next", "{:?}", String::from_utf8_lossy(data));
+        assert_eq!(s.pos, 100 + at as u32, "the awaited byte is not consumed");
+        assert_eq!((s.reqs, s.switch), (1, switch));
+        assert_eq!(s.req_view().switch, switch);
+        // Still waiting for more bytes.
+        let mut path = [0u8; PATH_MAX];
+        assert_eq!(s.step(b'G', &mut path), Ev::Await);
+        assert_eq!(s.pos, 100 + at as u32);
+        // Refused by the server: the next bytes are a request again.
+        s.resume();
+        assert_eq!(feed_awaiting(&mut s, b"GET /next HTTP/1.1\r\n\r\n"), None);
+        assert_eq!((s.reqs, s.switch), (2, SWITCH_NONE));
+    }
 }

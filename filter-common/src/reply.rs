@@ -1,0 +1,691 @@
+//! Following a connection's server-to-client bytes far enough to know where each response
+//! ends: status line → headers → body (`Content-Length`, chunked, none, or until the server
+//! closes) → next response.
+//!
+//! [`Replies`] is the per-connection state the egress classifier keeps (`REPLIES`). It counts
+//! the final responses the server has completed ([`Replies::done`]) and the server's next
+//! sequence number ([`Replies::snd_nxt`]); the ingress classifier reads both to decide when a
+//! refused request may be answered (every earlier response complete and acknowledged) and
+//! whether an `Upgrade` / `CONNECT` request was accepted. Response `r` answers request `r`:
+//! [`ReqView`] is what the egress side reads from the connection's ingress state (`CONNS`)
+//! about the requests the backend got.
+//!
+//! The caller feeds the bytes of each in-order segment: [`Replies::step`] one byte at a time
+//! for status lines, headers and chunk-size lines, [`Replies::consume`] for body bytes in bulk.
+//! Anything that cannot be framed with certainty (not `HTTP/1.x NNN`, two different
+//! `Content-Length`s, a malformed chunk size, a response nobody asked for, a `101` to a request
+//! that did not ask to upgrade, a gap in the sequence space) makes the state
+//! [lost](Replies::is_lost) for good: the ingress side then falls back to what it does without
+//! egress state.
+//!
+//! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
+//! constant-bounded loops, integer-only state (any byte pattern is a valid state).
+
+/// Requests outstanding (sent, response not complete) that [`ReqView::head_ring`] can
+/// describe: the ingress side holds a new request rather than let more be outstanding.
+pub const RING: u32 = 64;
+/// The ingress side holds a new request when this many are outstanding.
+pub const OUTSTANDING_MAX: u32 = RING - 1;
+/// Longest status line or header block followed; past it the state is lost.
+const HEAD_LIMIT: u32 = 65536;
+/// Largest chunk size followed (1 TiB).
+const CHUNK_MAX: u64 = 1 << 40;
+
+/// [`ReqView::switch`]: the last request sent asked to switch protocols.
+pub const SWITCH_NONE: u8 = 0;
+/// An `Upgrade` request: a `101` answer switches.
+pub const SWITCH_UPGRADE: u8 = 1;
+/// A `CONNECT` request: a `2xx` answer switches.
+pub const SWITCH_CONNECT: u8 = 2;
+
+mod phase {
+    pub const STATUS: u8 = 0;
+    pub const STATUS_REST: u8 = 1;
+    pub const HEADER_START: u8 = 2;
+    pub const HEADER_NAME: u8 = 3;
+    pub const HEADER_VALUE: u8 = 4;
+    pub const HEADER_LF: u8 = 5;
+    pub const HEADERS_END_LF: u8 = 6;
+    pub const BODY: u8 = 7;
+    pub const CHUNK_SIZE: u8 = 8;
+    pub const CHUNK_EXT: u8 = 9;
+    pub const CHUNK_SIZE_LF: u8 = 10;
+    pub const CHUNK_DATA: u8 = 11;
+    pub const CHUNK_DATA_CR: u8 = 12;
+    pub const CHUNK_DATA_LF: u8 = 13;
+    /// A body delimited by the server closing the connection.
+    pub const CLOSE: u8 = 14;
+    /// The connection switched protocols: nothing more to frame.
+    pub const SWITCHED: u8 = 15;
+    /// Framing lost: nothing more to frame.
+    pub const LOST: u8 = 16;
+}
+
+mod flag {
+    pub const CONTENT_LENGTH: u8 = 1 << 0;
+    pub const TRANSFER_ENCODING: u8 = 1 << 1;
+    /// The last `Transfer-Encoding` ends in `chunked`.
+    pub const CHUNKED: u8 = 1 << 2;
+    /// Reading the trailer section of a chunked body.
+    pub const TRAILER: u8 = 1 << 3;
+    /// The current `Content-Length` value had whitespace after digits.
+    pub const CL_SPACE: u8 = 1 << 4;
+    /// The server sent its FIN.
+    pub const FIN: u8 = 1 << 5;
+}
+
+mod header {
+    pub const OTHER: u8 = 0;
+    pub const CONTENT_LENGTH: u8 = 1;
+    pub const TRANSFER_ENCODING: u8 = 2;
+}
+
+const NAME_WORDS: usize = 3;
+
+const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
+    let b = s.as_bytes();
+    let mut w = [0u64; NAME_WORDS];
+    let mut i = 0;
+    while i < b.len() {
+        w[i / 8] |= (b[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    (b.len() as u8, w)
+}
+
+const CONTENT_LENGTH: (u8, [u64; NAME_WORDS]) = pack("content-length");
+const TRANSFER_ENCODING: (u8, [u64; NAME_WORDS]) = pack("transfer-encoding");
+/// `chunked` as the low 7 bytes of the value's tail register (last byte lowest).
+const CHUNKED_TAIL: u64 = u64::from_be_bytes([0, b'c', b'h', b'u', b'n', b'k', b'e', b'd']);
+
+/// What the egress side knows about the requests the backend got, from the ingress state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqView {
+    /// Bit `r % RING`: request `r` was `HEAD` (its response has no body).
+    pub head_ring: u64,
+    /// Requests whose head reached the backend.
+    pub reqs: u32,
+    /// `SWITCH_*`: what the last request (index `reqs - 1`) asked for.
+    pub switch: u8,
+    /// Non-zero: a method-override header made a request's `HEAD`-ness uncertain (a backend
+    /// that honours it answers with or without a body against its request line): the
+    /// responses cannot be framed with certainty any more.
+    pub unsure: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ReqView>() == 16);
+
+/// What the caller must do after a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum REv {
+    More,
+    /// Body bytes follow: consume them with [`Replies::consume`].
+    Bulk,
+}
+
+/// Per-connection response state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Replies {
+    /// Body bytes left in the current `Content-Length` body or chunk.
+    pub body_left: u64,
+    /// The `Content-Length` value being read, or the one in force.
+    cl: u64,
+    /// Header name being read, lowercased (first 24 bytes).
+    name: [u64; NAME_WORDS],
+    /// Last 8 non-blank bytes of the `Transfer-Encoding` value being read, lowercased.
+    tail: u64,
+    /// Sequence number of the next byte to frame.
+    pub pos: u32,
+    /// The server's next sequence number: the highest end seen (its FIN included).
+    pub snd_nxt: u32,
+    /// Final responses completed (`1xx` other than a switching `101` are interim).
+    pub done: u32,
+    /// Index of the response that switched protocols (with [`Replies::is_switched`]).
+    pub switch_index: u32,
+    /// Bytes of the current status line or header block, or chunk-size digits.
+    count: u32,
+    pub status: u16,
+    name_len: u8,
+    phase: u8,
+    flags: u8,
+    header: u8,
+    /// Digits in the current `Content-Length` value.
+    cl_digits: u8,
+    _pad: u8,
+    _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<Replies>() == 80);
+
+impl Replies {
+    /// A connection whose server's next byte is `pos` (after its SYN|ACK) and starts a response.
+    pub const fn new(pos: u32) -> Replies {
+        Replies {
+            body_left: 0,
+            cl: 0,
+            name: [0; NAME_WORDS],
+            tail: 0,
+            pos,
+            snd_nxt: pos,
+            done: 0,
+            switch_index: 0,
+            count: 0,
+            status: 0,
+            name_len: 0,
+            phase: phase::STATUS,
+            flags: 0,
+            header: header::OTHER,
+            cl_digits: 0,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+
+    /// Give up framing this connection.
+    pub fn lose(&mut self) {
+        self.phase = phase::LOST;
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.phase == phase::LOST
+    }
+
+    /// The response at [`Replies::switch_index`] switched protocols (`101` to an `Upgrade`
+    /// request, `2xx` to `CONNECT`).
+    pub fn is_switched(&self) -> bool {
+        self.phase == phase::SWITCHED
+    }
+
+    /// The server sent its FIN: no response follows (recorded on a lost state too).
+    pub fn fin_seen(&self) -> bool {
+        self.flags & flag::FIN != 0
+    }
+
+    /// Body (or post-switch, or unframeable) bytes are next: consume them with
+    /// [`Replies::consume`], not [`Replies::step`].
+    pub fn in_bulk(&self) -> bool {
+        matches!(
+            self.phase,
+            phase::BODY | phase::CHUNK_DATA | phase::CLOSE | phase::SWITCHED | phase::LOST
+        )
+    }
+
+    pub fn bulk_left(&self) -> u64 {
+        match self.phase {
+            phase::BODY | phase::CHUNK_DATA => self.body_left,
+            phase::CLOSE | phase::SWITCHED | phase::LOST => u64::MAX,
+            _ => 0,
+        }
+    }
+
+    /// Consume `n <= bulk_left()` bulk bytes.
+    #[inline(always)]
+    pub fn consume(&mut self, n: u64) {
+        let n = if n > self.bulk_left() {
+            self.bulk_left()
+        } else {
+            n
+        };
+        self.pos = self.pos.wrapping_add(n as u32);
+        if self.phase == phase::BODY || self.phase == phase::CHUNK_DATA {
+            self.body_left -= n;
+            if self.body_left == 0 {
+                if self.phase == phase::BODY {
+                    self.complete();
+                } else {
+                    self.phase = phase::CHUNK_DATA_CR;
+                }
+            }
+        }
+    }
+
+    /// The server's FIN at sequence number `seq` (after any payload of its segment): a body
+    /// delimited by the close is complete.
+    pub fn fin(&mut self) {
+        if self.phase == phase::CLOSE {
+            self.complete();
+        }
+        self.flags |= flag::FIN;
+    }
+
+    /// Start the next response at the current position. Field by field (see
+    /// `Stream::next_request`).
+    #[inline(always)]
+    fn next_response(&mut self) {
+        self.body_left = 0;
+        self.cl = 0;
+        self.tail = 0;
+        self.count = 0;
+        self.status = 0;
+        self.name_len = 0;
+        self.phase = phase::STATUS;
+        self.flags &= flag::FIN;
+        self.header = header::OTHER;
+        self.cl_digits = 0;
+    }
+
+    #[inline(always)]
+    fn complete(&mut self) {
+        self.done = self.done.wrapping_add(1);
+        self.next_response();
+    }
+
+    /// Feed one byte (not a bulk byte: see [`Replies::in_bulk`]).
+    #[inline(always)]
+    pub fn step(&mut self, b: u8, req: &ReqView) -> REv {
+        self.pos = self.pos.wrapping_add(1);
+        match self.phase {
+            phase::STATUS => self.step_status(b),
+            phase::STATUS_REST => {
+                self.count = self.count.wrapping_add(1);
+                if b == b'\n' {
+                    self.start_headers();
+                } else if self.count > HEAD_LIMIT {
+                    self.lose();
+                }
+                REv::More
+            }
+            phase::HEADER_START
+            | phase::HEADER_NAME
+            | phase::HEADER_VALUE
+            | phase::HEADER_LF
+            | phase::HEADERS_END_LF => {
+                self.count = self.count.wrapping_add(1);
+                if self.count > HEAD_LIMIT {
+                    self.lose();
+                    return REv::More;
+                }
+                self.step_header(b, req)
+            }
+            phase::CHUNK_SIZE => {
+                if let Some(d) = hex(b) {
+                    if self.body_left > CHUNK_MAX {
+                        self.lose();
+                        return REv::More;
+                    }
+                    self.body_left = self.body_left.wrapping_mul(16).wrapping_add(d as u64);
+                    self.count = self.count.wrapping_add(1);
+                    REv::More
+                } else if b == b';' || b == b' ' || b == b'\t' {
+                    self.phase = phase::CHUNK_EXT;
+                    REv::More
+                } else if b == b'\r' {
+                    self.phase = phase::CHUNK_SIZE_LF;
+                    REv::More
+                } else if b == b'\n' {
+                    self.chunk_size_done()
+                } else {
+                    self.lose();
+                    REv::More
+                }
+            }
+            phase::CHUNK_EXT => {
+                if b == b'\r' {
+                    self.phase = phase::CHUNK_SIZE_LF;
+                } else if b == b'\n' {
+                    return self.chunk_size_done();
+                }
+                REv::More
+            }
+            phase::CHUNK_SIZE_LF => {
+                if b == b'\n' {
+                    self.chunk_size_done()
+                } else {
+                    self.lose();
+                    REv::More
+                }
+            }
+            phase::CHUNK_DATA_CR => {
+                if b == b'\r' {
+                    self.phase = phase::CHUNK_DATA_LF;
+                } else if b == b'\n' {
+                    self.start_chunk_size();
+                } else {
+                    self.lose();
+                }
+                REv::More
+            }
+            phase::CHUNK_DATA_LF => {
+                if b == b'\n' {
+                    self.start_chunk_size();
+                } else {
+                    self.lose();
+                }
+                REv::More
+            }
+            _ => {
+                // Bulk phases fed one byte at a time, or a corrupted phase.
+                self.pos = self.pos.wrapping_sub(1);
+                if self.phase > phase::LOST {
+                    self.lose();
+                }
+                self.consume(1);
+                if self.in_bulk() {
+                    REv::Bulk
+                } else {
+                    REv::More
+                }
+            }
+        }
+    }
+
+    /// `HTTP/1.x NNN` then anything up to the end of the line.
+    #[inline(always)]
+    fn step_status(&mut self, b: u8) -> REv {
+        const PREFIX: &[u8; 7] = b"HTTP/1.";
+        let i = self.count;
+        self.count = self.count.wrapping_add(1);
+        let ok = match i {
+            0..=6 => b == PREFIX[(i as usize) % 7],
+            7 => b.is_ascii_digit(),
+            8 => b == b' ',
+            9..=11 => {
+                if b.is_ascii_digit() {
+                    self.status = self.status.wrapping_mul(10).wrapping_add((b - b'0') as u16);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => {
+                if b == b'\n' {
+                    self.start_headers();
+                    true
+                } else if b == b' ' || b == b'\r' {
+                    self.phase = phase::STATUS_REST;
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if !ok {
+            self.lose();
+        }
+        REv::More
+    }
+
+    #[inline(always)]
+    fn start_headers(&mut self) {
+        self.phase = phase::HEADER_START;
+        self.count = 0;
+    }
+
+    #[inline(always)]
+    fn step_header(&mut self, b: u8, req: &ReqView) -> REv {
+        match self.phase {
+            phase::HEADER_START => {
+                if b == b'\r' {
+                    self.phase = phase::HEADERS_END_LF;
+                    REv::More
+                } else if b == b'\n' {
+                    self.end_head(req)
+                } else if crate::method::is_tchar(b) {
+                    self.name = [0; NAME_WORDS];
+                    self.name_len = 0;
+                    self.push_name(b);
+                    self.phase = phase::HEADER_NAME;
+                    REv::More
+                } else {
+                    self.lose();
+                    REv::More
+                }
+            }
+            phase::HEADER_NAME => {
+                if b == b':' {
+                    self.header = if self.flags & flag::TRAILER != 0 {
+                        header::OTHER
+                    } else {
+                        self.classify()
+                    };
+                    self.flags &= !flag::CL_SPACE;
+                    if self.header == header::CONTENT_LENGTH {
+                        self.cl_digits = 0;
+                        self.body_left = 0;
+                    } else if self.header == header::TRANSFER_ENCODING {
+                        self.tail = 0;
+                    }
+                    self.phase = phase::HEADER_VALUE;
+                } else if crate::method::is_tchar(b) {
+                    self.push_name(b);
+                } else {
+                    self.lose();
+                }
+                REv::More
+            }
+            phase::HEADER_VALUE => {
+                if b == b'\r' {
+                    self.phase = phase::HEADER_LF;
+                    REv::More
+                } else if b == b'\n' {
+                    self.end_field()
+                } else {
+                    self.push_value(b);
+                    REv::More
+                }
+            }
+            phase::HEADER_LF => {
+                if b == b'\n' {
+                    self.end_field()
+                } else {
+                    self.lose();
+                    REv::More
+                }
+            }
+            _ => {
+                // HEADERS_END_LF
+                if b == b'\n' {
+                    self.end_head(req)
+                } else {
+                    self.lose();
+                    REv::More
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn push_name(&mut self, b: u8) {
+        let n = self.name_len as usize;
+        if n < NAME_WORDS * 8 {
+            self.name[(n / 8) % NAME_WORDS] |= (b.to_ascii_lowercase() as u64) << (8 * (n % 8));
+        }
+        self.name_len = self.name_len.saturating_add(1);
+    }
+
+    #[inline(always)]
+    fn classify(&self) -> u8 {
+        let same = |(n, w): (u8, [u64; NAME_WORDS])| {
+            n == self.name_len
+                && w[0] == self.name[0]
+                && w[1] == self.name[1]
+                && w[2] == self.name[2]
+        };
+        if same(CONTENT_LENGTH) {
+            header::CONTENT_LENGTH
+        } else if same(TRANSFER_ENCODING) {
+            header::TRANSFER_ENCODING
+        } else {
+            header::OTHER
+        }
+    }
+
+    #[inline(always)]
+    fn push_value(&mut self, b: u8) {
+        let blank = b == b' ' || b == b'\t';
+        if self.header == header::CONTENT_LENGTH {
+            if blank {
+                if self.cl_digits > 0 {
+                    self.flags |= flag::CL_SPACE;
+                }
+            } else if !b.is_ascii_digit()
+                || self.flags & flag::CL_SPACE != 0
+                || self.body_left > CHUNK_MAX
+            {
+                self.lose();
+            } else {
+                self.body_left = self
+                    .body_left
+                    .wrapping_mul(10)
+                    .wrapping_add((b - b'0') as u64);
+                self.cl_digits = 1;
+            }
+        } else if self.header == header::TRANSFER_ENCODING && !blank {
+            self.tail = (self.tail << 8) | b.to_ascii_lowercase() as u64;
+        }
+    }
+
+    /// The end of one field line.
+    #[inline(always)]
+    fn end_field(&mut self) -> REv {
+        self.phase = phase::HEADER_START;
+        if self.flags & flag::TRAILER != 0 {
+            return REv::More;
+        }
+        match self.header {
+            header::CONTENT_LENGTH => {
+                if self.cl_digits == 0
+                    || (self.flags & flag::CONTENT_LENGTH != 0 && self.cl != self.body_left)
+                {
+                    self.lose();
+                }
+                self.cl = self.body_left;
+                self.body_left = 0;
+                self.flags |= flag::CONTENT_LENGTH;
+            }
+            header::TRANSFER_ENCODING => {
+                // The last coding of the last field decides (RFC 9112 §6.3): `chunked`, or a
+                // body read until the server closes.
+                let top = self.tail >> 56;
+                let chunked = self.tail & 0x00ff_ffff_ffff_ffff == CHUNKED_TAIL
+                    && (top == 0 || top == b',' as u64);
+                self.flags |= flag::TRANSFER_ENCODING;
+                if chunked {
+                    self.flags |= flag::CHUNKED;
+                } else {
+                    self.flags &= !flag::CHUNKED;
+                }
+            }
+            _ => {}
+        }
+        REv::More
+    }
+
+    /// The empty line after the header block (or the trailer section): how the body is
+    /// framed, given the request it answers.
+    #[inline(always)]
+    fn end_head(&mut self, req: &ReqView) -> REv {
+        if self.flags & flag::TRAILER != 0 {
+            self.complete();
+            return REv::More;
+        }
+        let r = self.done;
+        if req.unsure != 0 || r.wrapping_sub(req.reqs) as i32 >= 0 {
+            // A response to no request the filter saw reach the backend.
+            self.lose();
+            return REv::More;
+        }
+        let last = r.wrapping_add(1) == req.reqs;
+        let status = self.status;
+        if status < 200 {
+            if status == 101 {
+                if last && req.switch == SWITCH_UPGRADE {
+                    self.switch_index = r;
+                    self.phase = phase::SWITCHED;
+                } else {
+                    self.lose();
+                }
+            } else {
+                // Interim (100 Continue, 103 Early Hints): the final response follows.
+                self.next_response();
+            }
+            return REv::More;
+        }
+        if last && req.switch == SWITCH_CONNECT && status < 300 {
+            self.switch_index = r;
+            self.phase = phase::SWITCHED;
+            return REv::More;
+        }
+        let head = (req.head_ring >> (r % RING)) & 1 != 0;
+        if head || status == 204 || status == 304 {
+            self.complete();
+            return REv::More;
+        }
+        if self.flags & flag::TRANSFER_ENCODING != 0 {
+            if self.flags & flag::CHUNKED != 0 {
+                self.start_chunk_size();
+                return REv::More;
+            }
+            self.phase = phase::CLOSE;
+            return REv::Bulk;
+        }
+        if self.flags & flag::CONTENT_LENGTH != 0 {
+            if self.cl == 0 {
+                self.complete();
+                return REv::More;
+            }
+            self.body_left = self.cl;
+            self.phase = phase::BODY;
+            return REv::Bulk;
+        }
+        self.phase = phase::CLOSE;
+        REv::Bulk
+    }
+
+    #[inline(always)]
+    fn start_chunk_size(&mut self) {
+        self.phase = phase::CHUNK_SIZE;
+        self.body_left = 0;
+        self.count = 0;
+    }
+
+    #[inline(always)]
+    fn chunk_size_done(&mut self) -> REv {
+        if self.count == 0 {
+            self.lose();
+            return REv::More;
+        }
+        if self.body_left == 0 {
+            self.flags |= flag::TRAILER;
+            self.start_headers();
+            return REv::More;
+        }
+        self.phase = phase::CHUNK_DATA;
+        REv::Bulk
+    }
+}
+
+#[inline(always)]
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Feed a whole byte run the way the egress classifier does (bulk runs consumed at once),
+/// for host tests and fuzz targets.
+pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
+    let mut i = 0;
+    while i < data.len() {
+        if r.in_bulk() {
+            let left = (data.len() - i) as u64;
+            let n = if r.bulk_left() < left {
+                r.bulk_left()
+            } else {
+                left
+            };
+            r.consume(n);
+            i += n as usize;
+        } else {
+            r.step(data[i], req);
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+use super::*;
+use std::vec::Vec;
+
+fn view(reqs: u32, heads: &[u32], switch: u8) -> ReqView {
+    let mut v = ReqView {
+        reqs,
+        switch,
+        ..Default::default()
+    };
+    for &h in heads {
+        v.head_ring |= 1 << (h % RING);
+    }
+    v
+}
+
+/// Feed `data` in segments cut at `cuts`; the state after each segment is the same as after
+/// feeding it whole.
+fn run(data: &[u8], cuts: &[usize], req: &ReqView) -> Replies {
+    let mut r = Replies::new(1000);
+    let mut bounds: Vec<usize> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < data.len())
+        .collect();
+    bounds.sort();
+    bounds.push(data.len());
+    let mut start = 0;
+    for end in bounds {
+        feed(&mut r, &data[start..end], req);
+        start = end;
+    }
+    assert_eq!(
+        r.pos,
+        1000u32.wrapping_add(data.len() as u32),
+        "every byte framed"
+    );
+    r
+}
+
+/// `data` whole and cut at every single position and every pair of positions (short inputs)
+/// give the same counts.
+fn every_cut(data: &[u8], req: &ReqView) -> Replies {
+    let whole = run(data, &[], req);
+    for i in 1..data.len() {
+        let r = run(data, &[i], req);
+        assert_eq!(
+            (r.done, r.is_lost(), r.is_switched(), r.phase),
+            (
+                whole.done,
+                whole.is_lost(),
+                whole.is_switched(),
+                whole.phase
+            ),
+            "cut at {i} of {:?}",
+            std::string::String::from_utf8_lossy(data)
+        );
+    }
+    if data.len() <= 160 {
+        for i in 1..data.len() {
+            for j in i + 1..data.len() {
+                let r = run(data, &[i, j], req);
+                assert_eq!(
+                    (r.done, r.is_lost()),
+                    (whole.done, whole.is_lost()),
+                    "cuts {i},{j}"
+                );
+            }
+        }
+    }
+    whole
+}
+
+#[test]
+fn content_length_responses_in_sequence() {
+    let data = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 404 Not Found\r\ncontent-length:  3 \r\nX: y\r\n\r\nabc";
+    let r = every_cut(data, &view(2, &[], 0));
+    assert_eq!(r.done, 2);
+    assert!(!r.is_lost());
+    assert!(r.bulk_left() == 0 && !r.in_bulk(), "at a response boundary");
+}
+
+#[test]
+fn a_partial_body_is_not_complete() {
+    let r = every_cut(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
+        &view(1, &[], 0),
+    );
+    assert_eq!(r.done, 0);
+    assert_eq!(r.bulk_left(), 5);
+}
+
+#[test]
+fn chunked_with_extensions_and_trailers() {
+    let data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5;x=y\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer-A: 1\r\nContent-Length: zz\r\n\r\nHTTP/1.0 204 No Content\r\n\r\n";
+    let r = every_cut(data, &view(2, &[], 0));
+    assert_eq!(r.done, 2);
+    assert!(!r.is_lost());
+}
+
+#[test]
+fn head_204_304_and_interim_responses_have_no_body() {
+    // Request 0 was HEAD: its Content-Length describes the GET it stands for.
+    let data = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\nHTTP/1.1 304 Not Modified\r\n\r\n";
+    let r = every_cut(data, &view(3, &[0], 0));
+    assert_eq!(r.done, 3, "HEAD, 204 (after two interim responses), 304");
+    assert!(!r.is_lost());
+    // The same bytes when request 0 was a GET: 99 body bytes swallow the rest.
+    let r = run(data, &[], &view(3, &[], 0));
+    assert_eq!(r.done, 1);
+    assert!(r.is_lost(), "the 99 body bytes end inside a status line");
+}
+
+#[test]
+fn head_ring_wraps_by_request_index() {
+    let mut data = Vec::new();
+    for i in 0..70u32 {
+        if i == 66 {
+            data.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n");
+        } else {
+            data.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody");
+        }
+    }
+    // Request 66 was HEAD (bit 2 of the ring); feed the first 64 responses with a view where
+    // bit 2 is request 2 (a GET), then the rest with the ring describing requests 64..70.
+    let mut r = Replies::new(0);
+    let first: usize = 64 * 42;
+    feed(&mut r, &data[..first], &view(64, &[], 0));
+    assert_eq!(r.done, 64);
+    feed(&mut r, &data[first..], &view(70, &[66], 0));
+    assert_eq!(r.done, 70);
+    assert!(!r.is_lost());
+}
+
+#[test]
+fn close_delimited_bodies_end_at_the_servers_fin() {
+    for data in [
+        &b"HTTP/1.1 200 OK\r\n\r\nanything HTTP/1.1 200 OK\r\n"[..],
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabcdef"[..],
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: notchunked\r\n\r\nabcdef"[..],
+    ] {
+        let mut r = every_cut(data, &view(1, &[], 0));
+        assert_eq!(r.done, 0);
+        assert!(!r.is_lost());
+        r.fin();
+        assert_eq!(r.done, 1);
+        assert!(r.fin_seen());
+    }
+}
+
+#[test]
+fn upgrade_switches_only_for_the_upgrade_requests_own_101() {
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello";
+    let r = every_cut(ok, &view(2, &[], SWITCH_UPGRADE));
+    assert!(r.is_switched());
+    assert_eq!((r.switch_index, r.done), (1, 1));
+    // The same 101 as the answer to the first request (the upgrade is the second): lost.
+    let early = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+    let r = every_cut(early, &view(2, &[], SWITCH_UPGRADE));
+    assert!(r.is_lost() && !r.is_switched());
+    // A 101 when nobody asked to upgrade.
+    let r = every_cut(early, &view(1, &[], SWITCH_NONE));
+    assert!(r.is_lost());
+    // A fake 101 inside a body is body.
+    let inside =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n";
+    let r = every_cut(inside, &view(2, &[], SWITCH_UPGRADE));
+    assert!(!r.is_switched() && !r.is_lost());
+    assert_eq!(r.done, 1);
+}
+
+#[test]
+fn a_refused_upgrade_is_an_ordinary_response() {
+    let data = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nno!";
+    let r = every_cut(data, &view(1, &[], SWITCH_UPGRADE));
+    assert!(!r.is_switched() && !r.is_lost());
+    assert_eq!(r.done, 1);
+}
+
+#[test]
+fn connect_switches_on_2xx_only() {
+    let r = every_cut(
+        b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01",
+        &view(1, &[], SWITCH_CONNECT),
+    );
+    assert!(r.is_switched());
+    assert_eq!(r.switch_index, 0);
+    let r = every_cut(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+        &view(1, &[], SWITCH_CONNECT),
+    );
+    assert!(!r.is_switched() && !r.is_lost());
+    assert_eq!(r.done, 1);
+}
+
+#[test]
+fn unframeable_bytes_lose_the_connection() {
+    for (data, reqs) in [
+        (&b"SSH-2.0-OpenSSH\r\n"[..], 1),
+        (&b"HTTP/2 200\r\n\r\n"[..], 1),
+        (&b"HTTP/1.1 20x OK\r\n\r\n"[..], 1),
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..],
+            1,
+        ),
+        (&b"HTTP/1.1 200 OK\r\nContent-Length: 3 4\r\n\r\n"[..], 1),
+        (&b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"[..], 1),
+        (&b"HTTP/1.1 200 OK\r\n folded\r\n\r\n"[..], 1),
+        (&b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n"[..], 1),
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
+            1,
+        ),
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n"[..],
+            1,
+        ),
+        // A response to a request the backend never got.
+        (&b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..], 0),
+        (&b"HTTP/1.1 408 Request Timeout\r\n\r\n"[..], 0),
+    ] {
+        let r = every_cut(data, &view(reqs, &[], 0));
+        assert!(
+            r.is_lost(),
+            "{:?}",
+            std::string::String::from_utf8_lossy(data)
+        );
+        assert_eq!(r.done, 0);
+    }
+}
+
+#[test]
+fn an_uncertain_head_loses_the_connection() {
+    let mut v = view(1, &[], 0);
+    v.unsure = 1;
+    let r = every_cut(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &v);
+    assert!(r.is_lost());
+    assert_eq!(r.done, 0);
+}
+
+#[test]
+fn any_state_is_safe() {
+    // Every phase value, including corrupted ones, accepts every byte without panicking.
+    for p in 0..=255u8 {
+        for b in 0..=255u8 {
+            let mut r = Replies::new(0);
+            r.phase = p;
+            r.count = u32::MAX;
+            r.status = u16::MAX;
+            r.body_left = u64::MAX;
+            r.done = u32::MAX;
+            let _ = r.step(b, &view(u32::MAX, &[], 1));
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The egress view: follow each tracked connection's server-to-client bytes far enough to
+//! know where every response ends (`filter_common::reply`), and the server's next sequence
+//! number. It never changes or drops a packet; the ingress classifier reads what it keeps
+//! (`REPLIES`) to time refusals (the 405 follows every earlier response, at the right sequence
+//! number) and to settle `Upgrade` / `CONNECT` requests.
+//!
+//! Only TCP from an inspected source port is looked at (the port bitmap first, before any
+//! map). A connection's state is created at the server's SYN|ACK, when the ingress side
+//! follows the connection from its SYN, so positions are exact; any gap, unframeable response
+//! or more work than one pass allows makes it lost (counted `reply_lost`) for good. Segments
+//! may be GSO super-packets (64 KiB): bodies are skipped in bulk, status lines and headers go
+//! byte by byte through a `bpf_loop` callback, as on ingress.
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext};
+use core::ffi::c_void;
+use core::ptr::{addr_of, null_mut, read_unaligned, read_volatile, write_unaligned};
+use filter_common::{
+    reply::{REv, Replies},
+    tcp_flags, Reason, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPPROTO_TCP,
+    IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+};
+
+use crate::maps::{CONNS, FILTER_CONFIG, REPLIES, REPLY_SCRATCH, STATS};
+use crate::skb::load_into;
+
+/// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
+const PASS: i32 = TC_ACT_UNSPEC;
+
+/// Rounds per segment. A round is a window (used up whole: status lines, headers, chunk-size
+/// lines and the body bytes among them) or a body run (at least one byte), so a segment of
+/// `n` bytes needs at most `2 * n / 1 KiB + 2` rounds: 130 for a 64 KiB GSO segment, and
+/// room for a 128 KiB one.
+const ROUNDS: u32 = 260;
+
+pub fn run(ctx: &TcContext) -> i32 {
+    let _ = try_run(ctx);
+    PASS
+}
+
+#[inline(always)]
+fn count(reason: Reason) {
+    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn be16(a: u8, b: u8) -> u16 {
+    u16::from_be_bytes([a, b])
+}
+
+#[inline(always)]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+#[inline(always)]
+fn port_inspected(port: u16) -> bool {
+    let cfg = addr_of!(FILTER_CONFIG);
+    // Read through a volatile pointer: the loader rewrites this read-only global.
+    let word = unsafe {
+        read_volatile(
+            addr_of!((*cfg).ports)
+                .cast::<u64>()
+                .add((port >> 6) as usize),
+        )
+    };
+    word & (1u64 << (port & 63)) != 0
+}
+
+/// Copy a map-resident struct word by word (see `ingress::copy_words`).
+#[inline(always)]
+fn copy_words<T: Copy>(dst: &mut T, src: &T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let d = (dst as *mut T).cast::<u64>();
+    let s = (src as *const T).cast::<u64>();
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        unsafe { write_unaligned(d.add(i), read_unaligned(s.add(i))) };
+        i += 1;
+    }
+}
+
+fn try_run(ctx: &TcContext) -> Result<(), ()> {
+    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| ())?;
+    let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
+        ETH_P_IPV4 => {
+            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+            if ip[9] != IPPROTO_TCP || be16(ip[6], ip[7]) & 0x3fff != 0 {
+                // Not TCP, or a fragment: not followed (a gap then loses the connection).
+                return Err(());
+            }
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            if ihl < IPV4_HLEN_MIN {
+                return Err(());
+            }
+            (
+                FAMILY_V4,
+                ETH_HLEN + ihl,
+                ETH_HLEN + be16(ip[2], ip[3]) as usize,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+            // A server's segments carry no extension headers; one that does is not followed.
+            if ip[6] != IPPROTO_TCP {
+                return Err(());
+            }
+            (
+                FAMILY_V6,
+                ETH_HLEN + IPV6_HLEN,
+                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
+            )
+        }
+        _ => return Err(()),
+    };
+    let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| ())?;
+    // From an inspected port: checked before any map is touched.
+    if !port_inspected(be16(tcp[0], tcp[1])) {
+        return Err(());
+    }
+    let s = REPLY_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let s = unsafe { &mut *s };
+    // The connection's key from the client's side: the server is the source here.
+    if family == FAMILY_V4 {
+        let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
+        s.key.client_addr_be = [0; 16];
+        s.key.server_addr_be = [0; 16];
+        s.key.server_addr_be[..4].copy_from_slice(&a[..4]);
+        s.key.client_addr_be[..4].copy_from_slice(&a[4..]);
+    } else {
+        let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
+        s.key.server_addr_be.copy_from_slice(&a[..16]);
+        s.key.client_addr_be.copy_from_slice(&a[16..]);
+    }
+    s.key.server_port = be16(tcp[0], tcp[1]);
+    s.key.client_port = be16(tcp[2], tcp[3]);
+    s.key.family = family;
+    s.key._pad = [0; 3];
+    let flags = tcp[13];
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+
+    if flags & tcp_flags::RST != 0 {
+        let _ = REPLIES.remove(&s.key);
+        return Ok(());
+    }
+    if flags & tcp_flags::SYN != 0 {
+        // The server's SYN|ACK of a connection ingress follows from its SYN: positions are
+        // exact from here.
+        if unsafe { CONNS.get(&s.key) }.is_some() {
+            let r = Replies::new(seq.wrapping_add(1));
+            let _ = REPLIES.insert(&s.key, &r, 0);
+        }
+        return Ok(());
+    }
+    let rep = REPLIES.get_ptr_mut(&s.key).ok_or(())?;
+    let rep = unsafe { &mut *rep };
+    let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
+    let payload_len = ip_end.saturating_sub(payload) & 0x1ffff;
+    let fin = flags & tcp_flags::FIN != 0;
+    let end = seq.wrapping_add(payload_len as u32);
+    let last = end.wrapping_add(fin as u32);
+    if seq_after(last, rep.snd_nxt) {
+        rep.snd_nxt = last;
+    }
+    if rep.is_lost() || rep.is_switched() {
+        if fin {
+            rep.fin();
+        }
+        return Ok(());
+    }
+    let pos = rep.pos;
+    if seq_after(seq, pos) {
+        // A gap: bytes the parser never saw.
+        rep.lose();
+        count(Reason::ReplyLost);
+        return Ok(());
+    }
+    if !seq_after(end, pos) {
+        // Nothing new (a retransmission or a bare ACK); a FIN right at the parser's position
+        // ends a body delimited by the close.
+        if fin && end == pos {
+            rep.fin();
+        }
+        return Ok(());
+    }
+    let Some(conn) = (unsafe { CONNS.get(&s.key) }) else {
+        rep.lose();
+        count(Reason::ReplyLost);
+        return Ok(());
+    };
+    s.view = conn.req_view();
+    copy_words(&mut s.replies, rep);
+    s.payload_off = payload as u32;
+    s.payload_len = payload_len as u32;
+    s.off = pos.wrapping_sub(seq);
+    let mut skb = ctx.skb.skb;
+    // verifier: the round body verified once, not once per round.
+    unsafe {
+        bpf_loop(
+            ROUNDS,
+            round as *mut c_void,
+            (&mut skb as *mut *mut aya_ebpf::bindings::__sk_buff).cast(),
+            0,
+        )
+    };
+    if s.off < s.payload_len && !s.replies.is_lost() {
+        // More work than one pass: give up on this connection rather than guess.
+        s.replies.lose();
+    }
+    if fin {
+        s.replies.fin();
+    }
+    if s.replies.is_lost() {
+        count(Reason::ReplyLost);
+    }
+    // snd_nxt may have moved on another CPU meanwhile: keep the highest.
+    let snd_nxt = rep.snd_nxt;
+    copy_words(rep, &s.replies);
+    if seq_after(snd_nxt, rep.snd_nxt) {
+        rep.snd_nxt = snd_nxt;
+    }
+    Ok(())
+}
+
+/// `bpf_loop` callback: one round over the segment's new bytes: a bulk run consumed at once,
+/// or a window of status/header/chunk-size bytes framed byte by byte.
+unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
+    let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let s = unsafe { &mut *s };
+    let (off, len) = (s.off as usize, s.payload_len as usize);
+    if off >= len || s.replies.is_lost() {
+        return 1;
+    }
+    if s.replies.in_bulk() {
+        let left = (len - off) as u64;
+        let n = if s.replies.bulk_left() < left {
+            s.replies.bulk_left()
+        } else {
+            left
+        };
+        s.replies.consume(n);
+        s.off = (off as u64 + n) as u32;
+        return 0;
+    }
+    let w = if len - off < LINE_WINDOW {
+        len - off
+    } else {
+        LINE_WINDOW
+    };
+    let ctx = TcContext::new(unsafe { *(skb as *const *mut aya_ebpf::bindings::__sk_buff) });
+    if !load_into(&ctx, s.payload_off as usize + off, &mut s.window, w) {
+        s.replies.lose();
+        return 1;
+    }
+    s.window_len = w as u32;
+    let before = s.replies.pos;
+    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
+    unsafe { bpf_loop(w as u32, byte as *mut c_void, null_mut(), 0) };
+    s.off = (off as u32).wrapping_add(s.replies.pos.wrapping_sub(before));
+    0
+}
+
+/// `bpf_loop` callback: frame window byte `i`.
+unsafe extern "C" fn byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let s = unsafe { &mut *s };
+    let i = i as usize;
+    if i >= s.window_len as usize {
+        return 1;
+    }
+    // verifier: mask the index into the window.
+    let b = s.window[i & (LINE_WINDOW - 1)];
+    // Body bytes inside the window are stepped too (one at a time), so a window is always
+    // used up and small chunks cost no round each; stop only for what runs to the end of
+    // the segment (a body until close, a switched or lost connection).
+    let _: REv = s.replies.step(b, &s.view);
+    if s.replies.bulk_left() == u64::MAX {
+        1
+    } else {
+        0
+    }
+}
