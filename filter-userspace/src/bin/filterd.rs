@@ -138,6 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .take_events()
         .context("the event ring was already taken")?;
     let stats = Arc::new(responder::ResponderStats::default());
+    stats.hits.set_policy(&policy);
     let responder = responder::Responder::new(stats.clone())
         .context("cannot open the AF_PACKET socket the responder sends through")?;
     // The policy is in the new program's maps before any interface sees the program.
