@@ -16,6 +16,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod responder;
 pub mod response;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
