@@ -799,6 +799,32 @@ methods = ["GET"]
         r#"filterd_rejections_total{rule="/admin",match="exact",method="DELETE"} 1"#,
         r#"filterd_rejections_total{rule="(default)",match="none",method="DELETE"} 2"#,
     ]);
+    // filterctl stats prints the same rows after the counters.
+    let filterctl = lab::filterd_binary().with_file_name("filterctl");
+    let out = e
+        .lab
+        .server_cmd(&filterctl)
+        .arg("--token-file")
+        .arg(e.lab.dir().join("api-token"))
+        .arg("stats")
+        .output()
+        .expect("running filterctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for want in [
+        ["/admin", "exact", "DELETE", "rejected", "1"],
+        ["(default)", "none", "DELETE", "rejected", "2"],
+    ] {
+        assert!(rows.iter().any(|r| r == &want), "{want:?} in\n{text}");
+    }
 }
 
 // ---------------------------------------------------------------------------
