@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dataplane::{DataplaneError, MapFill};
+use crate::hits::{HitKey, Outcome};
 use crate::policy::{self, MatchKind, Policy, PolicyFile, Rule, RuleKey, RuleSetSpec, RuleSpec};
 
 /// Where validated policy changes go: the dataplane in the daemon.
@@ -38,6 +39,10 @@ pub trait PolicySink: Send {
     fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError>;
     /// Called after a change is applied and persisted, with the policy now in force.
     fn committed(&mut self, _policy: &Policy) {}
+    /// Rejections and monitor hits by rule, method and outcome ([`crate::hits`]), sorted.
+    fn rule_hits(&self) -> Vec<(HitKey, u64)> {
+        Vec::new()
+    }
     /// Policy map entries and capacities.
     fn map_fill(&self) -> Vec<MapFill> {
         Vec::new()
@@ -730,8 +735,23 @@ async fn remove_rule(
 async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let inner = state.lock();
     let counters = inner.sink.counters()?;
+    let by_rule: Vec<Value> = inner
+        .sink
+        .rule_hits()
+        .into_iter()
+        .map(|(k, n)| {
+            json!({
+                "rule": k.rule.rule_label(),
+                "match": k.rule.match_label(),
+                "method": k.method,
+                "outcome": k.outcome.as_str(),
+                "count": n,
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "counters": counters,
+        "by_rule": by_rule,
         "rules": inner.policy.rules.len(),
         "revision": inner.revision,
     })))
@@ -757,6 +777,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let counters = inner.sink.counters()?;
     let text = render_metrics(
         &counters,
+        &inner.sink.rule_hits(),
         &inner.policy,
         inner.revision,
         &inner.sink.map_fill(),
@@ -773,9 +794,25 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// The Prometheus text exposition of the daemon's state.
+/// A label value in the Prometheus text format: `\`, `"` and newlines escaped.
+pub fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The Prometheus text exposition of the daemon's state. `hits` are the rows of
+/// [`crate::hits::RuleHits`].
 pub fn render_metrics(
     counters: &BTreeMap<String, u64>,
+    hits: &[(HitKey, u64)],
     policy: &Policy,
     revision: u64,
     fill: &[MapFill],
@@ -820,6 +857,38 @@ pub fn render_metrics(
             ),
         ],
     );
+    for (name, outcome, help) in [
+        (
+            "filterd_rejections_total",
+            Outcome::Rejected,
+            "Requests refused with 405, by the rule that matched (rule=\"(default)\": no rule) and method. At most 1000 rules get a series; later ones are counted under rule=\"(other)\".",
+        ),
+        (
+            "filterd_monitor_hits_total",
+            Outcome::Monitored,
+            "Requests a monitor rule or --dry-run let through that would have been refused, by rule and method (bounded as filterd_rejections_total).",
+        ),
+    ] {
+        family(
+            name,
+            "counter",
+            help,
+            hits.iter()
+                .filter(|(k, _)| k.outcome == outcome)
+                .map(|(k, n)| {
+                    (
+                        format!(
+                            "{{rule=\"{}\",match=\"{}\",method=\"{}\"}}",
+                            label_value(k.rule.rule_label()),
+                            k.rule.match_label(),
+                            label_value(k.method)
+                        ),
+                        *n,
+                    )
+                })
+                .collect(),
+        );
+    }
     let mut rules = Vec::new();
     for kind in [MatchKind::Exact, MatchKind::Prefix] {
         for (mode, m) in [
@@ -937,6 +1006,20 @@ pub fn schemas() -> Value {
             "type": "object",
             "properties": {
                 "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "by_rule": {
+                    "type": "array",
+                    "description": "Rejections and monitor hits by the rule that matched and method; at most 1000 rules, later ones under rule \"(other)\", no rule: \"(default)\"",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "rule": {"type": "string"},
+                            "match": {"type": "string", "enum": ["exact", "prefix", "none"]},
+                            "method": {"type": "string"},
+                            "outcome": {"type": "string", "enum": ["rejected", "monitored"]},
+                            "count": {"type": "integer"}
+                        }
+                    }
+                },
                 "rules": {"type": "integer"},
                 "revision": {"type": "integer"}
             }
@@ -1034,13 +1117,18 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use filter_common::Method;
     use tower::ServiceExt;
+
+    use crate::hits::{RuleHits, RuleRef};
 
     /// Records what reached it; can be told to fail, to show that a failed apply changes nothing.
     #[derive(Default)]
     struct Recorder {
         log: Arc<Mutex<Vec<String>>>,
         fail: bool,
+        /// Given each committed policy and reported, as the daemon's sink does.
+        hits: Arc<RuleHits>,
     }
 
     impl PolicySink for Recorder {
@@ -1067,6 +1155,12 @@ mod tests {
         }
         fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
             Ok(BTreeMap::from([("rejected".to_owned(), 3)]))
+        }
+        fn committed(&mut self, p: &Policy) {
+            self.hits.set_policy(p);
+        }
+        fn rule_hits(&self) -> Vec<(HitKey, u64)> {
+            self.hits.snapshot()
         }
     }
 
@@ -1605,6 +1699,7 @@ mod tests {
             .unwrap();
         let text = render_metrics(
             &counters,
+            &[],
             &p,
             9,
             &[MapFill {
@@ -1633,6 +1728,140 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();
             v.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("/plain/path"), "/plain/path");
+        assert_eq!(label_value("/a\"b\\c\nd"), "/a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn metrics_count_rejections_and_monitor_hits_by_rule_and_method() {
+        let p = Policy::from_specs(
+            policy::DefaultPolicy::Any,
+            &[
+                RuleSpec::new("/admin", &["GET"]),
+                RuleSpec {
+                    match_kind: Some("prefix".into()),
+                    ..RuleSpec::new("/beta/", &["GET"])
+                },
+            ],
+        )
+        .unwrap();
+        // Room for two rule series: the third rule seen is folded.
+        let hits = RuleHits::with_limit(2);
+        hits.set_policy(&p);
+        let get = Method::Get.bit() | Method::Head.bit();
+        for _ in 0..3 {
+            hits.record(b"/admin", 6, get, Method::Delete, Outcome::Rejected);
+        }
+        hits.record(b"/beta/x", 7, get, Method::Post, Outcome::Monitored);
+        hits.record(b"/elsewhere", 10, 0, Method::Put, Outcome::Rejected);
+        hits.record(b"/admin", 6, get, Method::Put, Outcome::Rejected);
+        // A rule path needing escapes (no policy makes one; the renderer must not care).
+        hits.add(HitKey {
+            rule: RuleRef::Rule(RuleKey::exact("/q\"uote\\")),
+            method: "PATCH",
+            outcome: Outcome::Rejected,
+        });
+        let text = render_metrics(
+            &BTreeMap::new(),
+            &hits.snapshot(),
+            &p,
+            1,
+            &[],
+            0,
+            &SinkStatus::default(),
+        );
+        let samples = |name: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect()
+        };
+        assert_eq!(
+            samples("filterd_rejections_total"),
+            [
+                "filterd_rejections_total{rule=\"/admin\",match=\"exact\",method=\"DELETE\"} 3",
+                "filterd_rejections_total{rule=\"(default)\",match=\"none\",method=\"PUT\"} 1",
+                "filterd_rejections_total{rule=\"(other)\",match=\"exact\",method=\"PATCH\"} 1",
+                "filterd_rejections_total{rule=\"(other)\",match=\"exact\",method=\"PUT\"} 1",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            samples("filterd_monitor_hits_total"),
+            ["filterd_monitor_hits_total{rule=\"/beta/\",match=\"prefix\",method=\"POST\"} 1"]
+        );
+        for name in ["filterd_rejections_total", "filterd_monitor_hits_total"] {
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
+        }
+        // Escaping, shown on a table with room for it.
+        let hits = RuleHits::default();
+        hits.add(HitKey {
+            rule: RuleRef::Rule(RuleKey::exact("/q\"uote\\")),
+            method: "PATCH",
+            outcome: Outcome::Rejected,
+        });
+        let text = render_metrics(
+            &BTreeMap::new(),
+            &hits.snapshot(),
+            &p,
+            1,
+            &[],
+            0,
+            &SinkStatus::default(),
+        );
+        assert!(
+            text.contains(
+                "filterd_rejections_total{rule=\"/q\\\"uote\\\\\",match=\"exact\",method=\"PATCH\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stats_and_metrics_attribute_events_to_the_rules_in_force() {
+        let rec = Recorder::default();
+        let hits = rec.hits.clone();
+        let app = router(AppState::new(Policy::default(), Box::new(rec)));
+        let r = send(
+            &app,
+            "POST",
+            "/v1/rules",
+            r#"{"path":"/admin","methods":["GET"]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let get = Method::Get.bit() | Method::Head.bit();
+        hits.record(b"/admin", 6, get, Method::Delete, Outcome::Rejected);
+        hits.record(b"/admin", 6, get, Method::Delete, Outcome::Rejected);
+        let (s, body) = call(&app, "GET", "/v1/stats", "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            body["by_rule"],
+            json!([{"rule":"/admin","match":"exact","method":"DELETE","outcome":"rejected","count":2}])
+        );
+        let r = send(&app, "GET", "/metrics", "", &[]).await;
+        assert!(
+            r.text.contains(
+                "filterd_rejections_total{rule=\"/admin\",match=\"exact\",method=\"DELETE\"} 2\n"
+            ),
+            "{}",
+            r.text
+        );
+        // Removed: later events fall to the default; the rule's series stays.
+        let r = send(&app, "DELETE", "/v1/rules?path=/admin", "", &[]).await;
+        assert!(r.status.is_success(), "{}", r.status);
+        hits.record(b"/admin", 6, 0, Method::Delete, Outcome::Rejected);
+        let r = send(&app, "GET", "/metrics", "", &[]).await;
+        for want in [
+            "filterd_rejections_total{rule=\"/admin\",match=\"exact\",method=\"DELETE\"} 2\n",
+            "filterd_rejections_total{rule=\"(default)\",match=\"none\",method=\"DELETE\"} 1\n",
+        ] {
+            assert!(r.text.contains(want), "{want}\n{}", r.text);
         }
     }
 }

@@ -10,11 +10,13 @@
 pub mod api;
 pub mod auth;
 pub mod dataplane;
+pub mod hits;
 pub mod packet;
 pub mod policy;
 pub mod ratelimit;
 pub mod responder;
 pub mod response;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -22,7 +24,9 @@ use std::sync::Arc;
 
 use policy::MatchKind;
 
-/// The dataplane as the API sees it, plus the responder's counters for `/v1/stats`.
+/// The dataplane as the API sees it, plus the responder's counters for `/v1/stats` and
+/// `/metrics` (it also hands the responder each policy put in force, to attribute rejections
+/// to rules).
 pub struct DaemonSink {
     /// `None` once released at exit.
     pub dataplane: Option<dataplane::Dataplane>,
@@ -51,6 +55,7 @@ impl api::PolicySink for DaemonSink {
     }
 
     fn committed(&mut self, policy: &policy::Policy) {
+        self.responder.hits.set_policy(policy);
         if let Some(dp) = self.dataplane.as_mut() {
             dp.set_fill(
                 policy.count(MatchKind::Exact),
@@ -77,6 +82,10 @@ impl api::PolicySink for DaemonSink {
             self.responder.failed.load(Ordering::Relaxed),
         );
         Ok(out)
+    }
+
+    fn rule_hits(&self) -> Vec<(hits::HitKey, u64)> {
+        self.responder.hits.snapshot()
     }
 
     fn map_fill(&self) -> Vec<dataplane::MapFill> {

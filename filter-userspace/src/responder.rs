@@ -1,7 +1,8 @@
 //! The responder: drains rejection events from the kernel and answers each client on its own
 //! connection with a forged `405 Method Not Allowed` + FIN, sent through an `AF_PACKET`
 //! socket on the interface the request arrived on. The kernel has already turned the
-//! rejected segment into a reset to the backend.
+//! rejected segment into a reset to the backend. It also counts every 405 and every
+//! monitor-mode hit under the rule that matched ([`crate::hits`]) and logs them, rate-limited.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -15,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
 
+use crate::hits::{Outcome, RuleHits, RuleRef};
 use crate::packet;
 use crate::response::{self, Answer};
 
@@ -27,6 +29,8 @@ pub struct ResponderStats {
     pub monitored: AtomicU64,
     /// Log lines dropped by the rate limit.
     pub log_suppressed: AtomicU64,
+    /// Rejections and monitor hits by rule and method.
+    pub hits: RuleHits,
 }
 
 /// At most `per_second` log lines a second; the rest are counted, and the count is reported
@@ -136,8 +140,12 @@ impl Responder {
         let allow = MethodSet(ev.allow);
         let method = Method::from_u8(ev.method);
         let reason = Reason::from_u32(ev.reason);
+        let mut rule = None;
         let answer = match reason {
-            Reason::Rejected => Answer::MethodNotAllowed,
+            Reason::Rejected => {
+                rule = Some(self.count(ev, method, Outcome::Rejected));
+                Answer::MethodNotAllowed
+            }
             Reason::OptionsAnswered => Answer::OptionsNoContent,
             Reason::BadPath | Reason::BadFraming | Reason::NotHttp => Answer::BadRequest,
             Reason::LineTooLong => Answer::UriTooLong,
@@ -145,8 +153,9 @@ impl Responder {
             Reason::ConnTableFull => Answer::Unavailable,
             Reason::Monitored => {
                 self.stats.monitored.fetch_add(1, Ordering::Relaxed);
+                let rule = self.count(ev, method, Outcome::Monitored);
                 if self.log_limit.allow() {
-                    tracing::info!(client = %client(ev), request = %request_line(ev), "monitor: would reject with 405 (not blocked)");
+                    tracing::info!(client = %client(ev), method = method.as_str(), path = %event_path(ev), rule = rule.rule_label(), "monitor: would reject with 405 (not blocked)");
                 }
                 return;
             }
@@ -178,15 +187,24 @@ impl Responder {
         if !self.log_limit.allow() {
             return;
         }
-        let (client, line) = (client(ev), request_line(ev));
+        let (client, path) = (client(ev), event_path(ev));
+        let (method, rule) = (method.as_str(), rule.as_ref().map(RuleRef::rule_label));
         match sent {
             Ok(()) => {
-                tracing::info!(%client, request = %line, reason = reason.name(), "rejected: answered {answer:?}")
+                tracing::info!(%client, method, path = %path, rule, reason = reason.name(), "rejected: answered {answer:?}")
             }
             Err(e) => {
-                tracing::warn!(%client, request = %line, error = %e, "rejected, but the answer could not be sent")
+                tracing::warn!(%client, method, path = %path, rule, error = %e, "rejected, but the answer could not be sent")
             }
         }
+    }
+
+    /// Count the event under the rule its path matched; returns that rule.
+    fn count(&self, ev: &RejectEvent, method: Method, outcome: Outcome) -> RuleRef {
+        let seen = &ev.line[..(ev.line_len as usize).min(ev.line.len())];
+        self.stats
+            .hits
+            .record(seen, ev.path_len as usize, ev.allow, method, outcome)
     }
 
     /// Drain the ring until `shutdown` changes.
@@ -233,8 +251,9 @@ fn client(ev: &RejectEvent) -> String {
     }
 }
 
-/// The request line as received, up to its end or the event's bound, for the logs.
-fn request_line(ev: &RejectEvent) -> String {
+/// The canonical path the kernel decided on (its first `EVENT_LINE_MAX` bytes), escaped for
+/// the logs.
+fn event_path(ev: &RejectEvent) -> String {
     let n = (ev.line_len as usize).min(ev.line.len());
     let line = &ev.line[..n];
     let end = line

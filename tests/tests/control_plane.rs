@@ -3,7 +3,8 @@
 //! namespace. What an operator relies on: the API needs the token, a stale revision changes
 //! nothing, a restart restores the policy and adopts the pinned classifier without a second
 //! attachment, SIGHUP with a broken file keeps the policy, `kill -9` keeps enforcing (default)
-//! or opens the gate (`--fail-open`), monitor mode blocks nothing and counts everything, and a
+//! or opens the gate (`--fail-open`), monitor mode blocks nothing and counts everything (by rule
+//! and method in `/metrics`), an API connection that never finishes its headers is closed, and a
 //! 100k-rule policy switches atomically under traffic.
 //!
 //! Each test mounts its own bpffs in the lab directory and passes it as `--pin-dir`, so pins
@@ -208,6 +209,43 @@ impl Env {
         let (code, v) = self.api("GET", "/v1/stats", None);
         assert_eq!(code, 200, "{v}");
         v["counters"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `/metrics` has every line of `want`; returns the text.
+    fn wait_metrics(&self, want: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, text) = self.daemon().api("GET", "/metrics", None).unwrap();
+            assert_eq!(code, 200, "{text}");
+            let missing: Vec<&&str> = want
+                .iter()
+                .filter(|w| !text.lines().any(|l| l == **w))
+                .collect();
+            if missing.is_empty() {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/metrics lacks {missing:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `f` on a thread inside the server namespace (where the API listens).
+    fn in_server_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        use std::os::fd::AsRawFd as _;
+        let ns = std::fs::File::open(format!("/var/run/netns/{}", self.lab.server_netns()))
+            .expect("opening the server namespace");
+        std::thread::spawn(move || {
+            // SAFETY: setns(2) on this thread only, with an open namespace fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
     }
 
     fn wait_log(&self, needle: &str) {
@@ -657,6 +695,26 @@ methods = ["GET"]
         )),
         "{metrics}"
     );
+    // By rule and method: the monitored DELETEs under their monitor rule, the refused one
+    // under its enforce rule, nothing under the other outcome.
+    let metrics = e.wait_metrics(&[
+        r#"filterd_monitor_hits_total{rule="/watched",match="exact",method="DELETE"} 20"#,
+        r#"filterd_rejections_total{rule="/admin",match="exact",method="DELETE"} 1"#,
+    ]);
+    for absent in [
+        r#"filterd_rejections_total{rule="/watched""#,
+        r#"filterd_monitor_hits_total{rule="/admin""#,
+    ] {
+        assert!(!metrics.contains(absent), "{absent}\n{metrics}");
+    }
+    let (_, stats) = e.api("GET", "/v1/stats", None);
+    assert!(
+        stats["by_rule"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"rule": "/watched", "match": "exact", "method": "DELETE", "outcome": "monitored", "count": 20})),
+        "{stats}"
+    );
 }
 
 #[test]
@@ -674,6 +732,11 @@ fn dry_run_blocks_nothing() {
         e.api("GET", "/v1/status", None).1["dataplane"]["dry_run"],
         true
     );
+    // A dry run counts what the policy would have refused, by rule and method.
+    e.wait_metrics(&[
+        r#"filterd_monitor_hits_total{rule="/admin",match="exact",method="DELETE"} 1"#,
+        "filterd_dry_run 1",
+    ]);
 }
 
 #[test]
@@ -715,6 +778,124 @@ methods = ["PUT"]
     ] {
         assert_eq!(e.request(e.v4(), m, p), want, "{m} {p}");
     }
+    // Each 405 is counted under the rule that refused it.
+    e.wait_metrics(&[
+        r#"filterd_rejections_total{rule="/api/",match="prefix",method="POST"} 1"#,
+        r#"filterd_rejections_total{rule="/api/admin/",match="prefix",method="GET"} 1"#,
+        r#"filterd_rejections_total{rule="/api/upload",match="exact",method="GET"} 1"#,
+    ]);
+}
+
+#[test]
+fn rejections_without_a_rule_count_under_the_default() {
+    let test = "control_plane::rejections_without_a_rule_count_under_the_default";
+    let policy = r#"
+default = ["GET"]
+
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+"#;
+    let Some(e) = env(test, policy, &[]) else {
+        return;
+    };
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 405);
+    assert_eq!(e.request(e.v4(), "DELETE", "/elsewhere"), 405);
+    assert_eq!(e.request(e.v4(), "DELETE", "/elsewhere/too"), 405);
+    assert_eq!(e.request(e.v4(), "GET", "/elsewhere"), 200);
+    e.wait_metrics(&[
+        r#"filterd_rejections_total{rule="/admin",match="exact",method="DELETE"} 1"#,
+        r#"filterd_rejections_total{rule="(default)",match="none",method="DELETE"} 2"#,
+    ]);
+    // filterctl stats prints the same rows after the counters.
+    let filterctl = lab::filterd_binary().with_file_name("filterctl");
+    let out = e
+        .lab
+        .server_cmd(&filterctl)
+        .arg("--token-file")
+        .arg(e.lab.dir().join("api-token"))
+        .arg("stats")
+        .output()
+        .expect("running filterctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for want in [
+        ["/admin", "exact", "DELETE", "rejected", "1"],
+        ["(default)", "none", "DELETE", "rejected", "2"],
+    ] {
+        assert!(rows.iter().any(|r| r == &want), "{want:?} in\n{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// API connections
+
+#[test]
+fn the_api_closes_connections_that_do_not_finish_their_headers() {
+    let test = "control_plane::the_api_closes_connections_that_do_not_finish_their_headers";
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let timeout = TIMEOUT.as_secs().to_string();
+    let Some(e) = env(test, POLICY, &["--api-header-timeout", &timeout]) else {
+        return;
+    };
+    // Slowloris: a partial request line, then a byte of header now and then, never the end.
+    let slow = e.in_server_ns(|| {
+        use std::io::{Read as _, Write as _};
+        // Before connect: the daemon's clock starts at accept, after this.
+        let t0 = Instant::now();
+        let mut s = std::net::TcpStream::connect(lab::API_ADDR).expect("connecting to the API");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.write_all(b"GET /v1/status HT").unwrap();
+        let trickle = b"TP/1.1\r\nHost: filterd\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut buf = [0u8; 256];
+        for byte in trickle.iter().cycle() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return Err(format!("still open after {:?}", t0.elapsed()));
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(t0.elapsed()),
+                Ok(n) => {
+                    return Err(format!(
+                        "answered: {:?}",
+                        String::from_utf8_lossy(&buf[..n])
+                    ))
+                }
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Ok(t0.elapsed()),
+            }
+            if s.write_all(std::slice::from_ref(byte)).is_err() {
+                return Ok(t0.elapsed());
+            }
+        }
+        unreachable!("cycle() never ends")
+    });
+    // Meanwhile, whole requests are served.
+    let (code, status) = e.api("GET", "/v1/status", None);
+    assert_eq!(code, 200, "{status}");
+    let took = slow
+        .join()
+        .expect("the slow client's thread")
+        .unwrap_or_else(|err| panic!("slowloris connection: {err}"));
+    assert!(
+        took >= TIMEOUT && took < TIMEOUT + Duration::from_secs(4),
+        "closed after {took:?}, header timeout {TIMEOUT:?}"
+    );
+    // And afterwards.
+    let (code, status) = e.api("GET", "/v1/status", None);
+    assert_eq!(code, 200, "{status}");
 }
 
 // ---------------------------------------------------------------------------

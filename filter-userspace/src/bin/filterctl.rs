@@ -191,6 +191,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 for (name, n) in c {
                     println!("{name:<24} {n}");
                 }
+                let rows = v["by_rule"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if !rows.is_empty() {
+                    println!();
+                    println!(
+                        "{:<40} {:<7} {:<10} {:<10} COUNT",
+                        "RULE", "MATCH", "METHOD", "OUTCOME"
+                    );
+                    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_owned();
+                    for r in rows {
+                        println!(
+                            "{:<40} {:<7} {:<10} {:<10} {}",
+                            s(r, "rule"),
+                            s(r, "match"),
+                            s(r, "method"),
+                            s(r, "outcome"),
+                            r["count"]
+                        );
+                    }
+                }
             }
         }
         Command::Rules(RulesCommand::List) => {

@@ -5,14 +5,13 @@
 //! them without a gap. `--fail-open` makes the links belong to the process instead: the
 //! classifier detaches when filterd exits, however it exits.
 
-use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use filter_userspace::{api, auth, dataplane, policy, responder, DaemonSink};
+use filter_userspace::{api, auth, dataplane, policy, responder, serve, DaemonSink};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// HTTP method firewall daemon: enforces allowed methods per path in the kernel and answers
@@ -63,6 +62,10 @@ struct Args {
     /// is one whose state was evicted, and its segment is refused.
     #[arg(long, default_value_t = dataplane::DEFAULT_ADOPT_WINDOW.as_secs())]
     adopt_window: u64,
+    /// Seconds an API client may take to send a request's line and headers; a connection
+    /// that has not (slowloris), or that stays idle that long, is closed.
+    #[arg(long, default_value_t = serve::HEADER_READ_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    api_header_timeout: u64,
 }
 
 fn main() {
@@ -152,6 +155,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .take_events()
         .context("the event ring was already taken")?;
     let stats = Arc::new(responder::ResponderStats::default());
+    stats.hits.set_policy(&policy);
     let responder = responder::Responder::new(stats.clone())
         .context("cannot open the AF_PACKET socket the responder sends through")?;
     // The policy is in the new program's maps before any interface sees the program.
@@ -202,24 +206,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             policy_file: args.policy.as_ref().map(|p| p.display().to_string()),
         },
     );
-    let mut servers = Vec::new();
-    let mut rx = shutdown_rx.clone();
-    servers.push(tokio::spawn(
-        axum::serve(listener, api::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            })
-            .into_future(),
-    ));
+    let header_timeout = std::time::Duration::from_secs(args.api_header_timeout);
+    let mut servers = vec![tokio::spawn(serve::serve(
+        listener,
+        api::router(state.clone()),
+        header_timeout,
+        shutdown_rx.clone(),
+    ))];
     if let Some(unix) = unix {
-        let mut rx = shutdown_rx.clone();
-        servers.push(tokio::spawn(
-            axum::serve(unix, api::router(state.clone()))
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .into_future(),
-        ));
+        servers.push(tokio::spawn(serve::serve(
+            unix,
+            api::router(state.clone()),
+            header_timeout,
+            shutdown_rx.clone(),
+        )));
     }
 
     let mut term = signal(SignalKind::terminate())?;
