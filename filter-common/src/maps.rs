@@ -269,8 +269,11 @@ pub struct ReplyScratch {
     pub payload_off: u32,
     pub payload_len: u32,
     pub off: u32,
-    /// Valid bytes in `window`, and how many the byte callback took.
+    /// Valid bytes in `window`.
     pub window_len: u32,
+    /// The byte callback's position in `window` (a body run moves it by the run's length).
+    pub widx: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
 

@@ -8,8 +8,9 @@
 //! map). A connection's state is created at the server's SYN|ACK, when the ingress side
 //! follows the connection from its SYN, so positions are exact; any gap, unframeable response
 //! or more work than one pass allows makes it lost (counted `reply_lost`) for good. Segments
-//! may be GSO super-packets (64 KiB): bodies are skipped in bulk, status lines and headers go
-//! byte by byte through a `bpf_loop` callback, as on ingress.
+//! may be GSO super-packets (64 KiB): bodies are skipped in bulk (a run inside a header window
+//! in one callback step too), status lines and headers go byte by byte through a `bpf_loop`
+//! callback, as on ingress.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext};
 use core::ffi::c_void;
@@ -256,32 +257,41 @@ unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
         return 1;
     }
     s.window_len = w as u32;
+    s.widx = 0;
     let before = s.replies.pos;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
-    unsafe { bpf_loop(w as u32, byte as *mut c_void, null_mut(), 0) };
+    unsafe { bpf_loop(w as u32, step as *mut c_void, null_mut(), 0) };
     s.off = (off as u32).wrapping_add(s.replies.pos.wrapping_sub(before));
     0
 }
 
-/// `bpf_loop` callback: frame window byte `i`.
-unsafe extern "C" fn byte(i: u64, _ctx: *mut c_void) -> i64 {
+/// `bpf_loop` callback: frame the window from its cursor on: one status/header/chunk-size
+/// byte, or a whole body run inside the window at once (so a window is always used up, small
+/// chunks cost no round each, and body bytes are never stepped one by one).
+unsafe extern "C" fn step(_i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.window_len as usize {
+    let i = s.widx as usize;
+    let len = s.window_len as usize;
+    if i >= len || len > LINE_WINDOW {
         return 1;
+    }
+    if s.replies.in_bulk() {
+        let rest = (len - i) as u64;
+        let n = if s.replies.bulk_left() < rest {
+            s.replies.bulk_left()
+        } else {
+            rest
+        };
+        s.replies.consume(n);
+        s.widx = (i as u64 + n) as u32;
+        return 0;
     }
     // verifier: mask the index into the window.
     let b = s.window[i & (LINE_WINDOW - 1)];
-    // Body bytes inside the window are stepped too (one at a time), so a window is always
-    // used up and small chunks cost no round each; stop only for what runs to the end of
-    // the segment (a body until close, a switched or lost connection).
+    s.widx = i as u32 + 1;
     let _: REv = s.replies.step(b, &s.view);
-    if s.replies.bulk_left() == u64::MAX {
-        1
-    } else {
-        0
-    }
+    0
 }
