@@ -142,10 +142,15 @@ fn fdinfo_field(pid: u32, id: u64, field: &str) -> Option<u64> {
 
 /// The daemon's classifier in `bpftool prog show`.
 pub fn prog_of(pid: u32) -> Result<Value> {
+    prog_named(pid, filter_name())
+}
+
+/// The daemon's program named `name` (the first 15 bytes of its symbol) in `bpftool prog show`.
+fn prog_named(pid: u32, name: &str) -> Result<Value> {
     let mut found = Vec::new();
     for id in prog_ids_of(pid) {
         let mut p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
-        if p["name"] == filter_name() {
+        if p["name"] == name {
             // Older bpftool does not print it; the kernel's fdinfo does (5.16+).
             if p["verified_insns"].is_null() {
                 if let Some(v) = fdinfo_field(pid, id, "verified_insns:") {
@@ -156,10 +161,7 @@ pub fn prog_of(pid: u32) -> Result<Value> {
         }
     }
     match found.len() {
-        0 => bail!(
-            "filterd (pid {pid}) holds no program named {} (per /proc/{pid}/fdinfo)",
-            filter_name()
-        ),
+        0 => bail!("filterd (pid {pid}) holds no program named {name} (per /proc/{pid}/fdinfo)"),
         _ => Ok(found.pop().unwrap()),
     }
 }
@@ -496,7 +498,13 @@ pub fn section_kernel(
 
     // bpf_stats under real traffic: 10 rules, allowed keep-alive GETs, then the DELETE flood.
     filter.ensure(FilterState::Rules(10), results)?;
-    match bpf_stats(k, id, &mut out) {
+    let pid = filter.pid().context("filterd is not running")?;
+    let id = prog_of(pid)?["id"].as_u64().context("prog id")?;
+    // The egress program (the server's responses), when this filterd has one.
+    let egress = prog_named(pid, "http_egress")
+        .ok()
+        .and_then(|p| p["id"].as_u64());
+    match bpf_stats(k, id, egress, &mut out) {
         Ok(()) => {}
         Err(e) => {
             progress(k.t0, format!("  bpf_stats failed: {e:#}"));
@@ -514,7 +522,7 @@ fn run_stats(id: u64) -> Result<(u64, u64)> {
     ))
 }
 
-fn bpf_stats(k: &KCtx, id: u64, out: &mut KernelResults) -> Result<()> {
+fn bpf_stats(k: &KCtx, id: u64, egress: Option<u64>, out: &mut KernelResults) -> Result<()> {
     let _guard = BpfStatsGuard::enable()?;
     let traffic = [
         ("allowed GET keep-alive", &k.allowed),
@@ -526,30 +534,38 @@ fn bpf_stats(k: &KCtx, id: u64, out: &mut KernelResults) -> Result<()> {
                 seconds: k.stats_seconds,
                 ..spec.clone()
             };
-            let (c0, t0) = run_stats(id)?;
+            let progs: Vec<(u64, String)> = std::iter::once((id, name.to_owned()))
+                .chain(egress.map(|e| (e, format!("{name}, egress (responses)"))))
+                .collect();
+            let mut before = Vec::new();
+            for (pid, _) in &progs {
+                before.push(run_stats(*pid)?);
+            }
             let (w, _) = run_wrk_pair(k.lab, &spec, None)?;
-            let (c1, t1) = run_stats(id)?;
-            let (dc, dt) = (c1.saturating_sub(c0), t1.saturating_sub(t0));
-            let per = if dc > 0 {
-                dt as f64 / dc as f64
-            } else {
-                f64::NAN
-            };
-            progress(
-                k.t0,
-                format!(
-                    "  bpf_stats r{round} {name}: {dc} runs, {per:.0} ns/run, {:.0} req/s",
-                    w.rps()
-                ),
-            );
-            out.bpf_stats.push(StatsRun {
-                traffic: name.to_owned(),
-                round,
-                run_cnt: dc,
-                run_time_ns: dt,
-                ns_per_run: per,
-                wrk: w,
-            });
+            for ((prog, label), (c0, t0)) in progs.iter().zip(before) {
+                let (c1, t1) = run_stats(*prog)?;
+                let (dc, dt) = (c1.saturating_sub(c0), t1.saturating_sub(t0));
+                let per = if dc > 0 {
+                    dt as f64 / dc as f64
+                } else {
+                    f64::NAN
+                };
+                progress(
+                    k.t0,
+                    format!(
+                        "  bpf_stats r{round} {label}: {dc} runs, {per:.0} ns/run, {:.0} req/s",
+                        w.rps()
+                    ),
+                );
+                out.bpf_stats.push(StatsRun {
+                    traffic: label.clone(),
+                    round,
+                    run_cnt: dc,
+                    run_time_ns: dt,
+                    ns_per_run: per,
+                    wrk: w.clone(),
+                });
+            }
         }
     }
     Ok(())

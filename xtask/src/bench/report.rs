@@ -620,7 +620,8 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
         let _ = writeln!(
             m,
             "`bpf_stats` under real traffic (10 rules; `run_time_ns / run_cnt` over the run; every packet into the \
-             server's veth counts, ACKs and handshakes included; enabling the stats itself adds two clock reads per run):\n"
+             server's veth counts, ACKs and handshakes included; the egress rows are the responses' program on the \
+             same veth; enabling the stats itself adds two clock reads per run):\n"
         );
         let _ = writeln!(
             m,
