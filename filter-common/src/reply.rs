@@ -370,6 +370,22 @@ impl Replies {
         }
     }
 
+    /// Eight bytes at once where only the end of the line matters: the rest of a status line,
+    /// or the value of a header the framing does not read. Takes them (as eight `step`s
+    /// would) and returns true, or leaves everything as it was and returns false (the
+    /// caller steps one byte).
+    #[inline(always)]
+    pub fn step_word(&mut self, w: u64) -> bool {
+        let plain = self.phase == phase::STATUS_REST
+            || (self.phase == phase::HEADER_VALUE && self.header == header::OTHER);
+        if !plain || self.count >= HEAD_LIMIT - 8 || has_byte(w, b'\r') || has_byte(w, b'\n') {
+            return false;
+        }
+        self.pos = self.pos.wrapping_add(8);
+        self.count = self.count.wrapping_add(8);
+        true
+    }
+
     /// `HTTP/1.x NNN` then anything up to the end of the line.
     #[inline(always)]
     fn step_status(&mut self, b: u8) -> REv {
@@ -656,6 +672,16 @@ impl Replies {
     }
 }
 
+/// Whether any byte of `w` is `b` (exact: the borrow of the subtraction cannot make a false
+/// positive in the lowest byte that matches, and no match means no high bit survives).
+#[inline(always)]
+fn has_byte(w: u64, b: u8) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let x = w ^ (ONES * b as u64);
+    x.wrapping_sub(ONES) & !x & HIGHS != 0
+}
+
 #[inline(always)]
 fn hex(b: u8) -> Option<u8> {
     match b {
@@ -666,9 +692,34 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Feed a whole byte run the way the egress classifier does (bulk runs consumed at once),
-/// for host tests and fuzz targets.
+/// Feed a whole byte run the way the egress classifier does: bulk runs consumed at once,
+/// eight bytes at once where [`Replies::step_word`] takes them, else byte by byte (host tests
+/// and fuzz targets compare it with [`feed_bytes`]).
 pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
+    let mut i = 0;
+    while i < data.len() {
+        if r.in_bulk() {
+            let left = (data.len() - i) as u64;
+            let n = if r.bulk_left() < left {
+                r.bulk_left()
+            } else {
+                left
+            };
+            r.consume(n);
+            i += n as usize;
+        } else if i + 8 <= data.len()
+            && r.step_word(u64::from_le_bytes(data[i..i + 8].try_into().unwrap()))
+        {
+            i += 8;
+        } else {
+            r.step(data[i], req);
+            i += 1;
+        }
+    }
+}
+
+/// As [`feed`], without the word fast path.
+pub fn feed_bytes(r: &mut Replies, data: &[u8], req: &ReqView) {
     let mut i = 0;
     while i < data.len() {
         if r.in_bulk() {

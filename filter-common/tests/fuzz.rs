@@ -24,7 +24,7 @@ use core::hash::Hasher;
 use filter_common::canon::canonicalize;
 use filter_common::hash::{hash_slice, path_hash};
 use filter_common::http::parse_request_line;
-use filter_common::reply::{feed, Replies, ReqView};
+use filter_common::reply::{feed, feed_bytes, Replies, ReqView};
 use filter_common::{Reason, LINE_WINDOW, PATH_MAX};
 use siphasher::sip::SipHasher13;
 
@@ -271,5 +271,12 @@ fn replies_are_segmentation_independent() {
                     7u32.wrapping_add(data.len() as u32)
                 )
             );
+            // The word fast path (`Replies::step_word`) leaves exactly the state that byte by
+            // byte framing does.
+            let mut words = Replies::new(7);
+            feed(&mut words, &data, &req);
+            let mut bytes = Replies::new(7);
+            feed_bytes(&mut bytes, &data, &req);
+            assert_eq!(format!("{words:?}"), format!("{bytes:?}"));
         });
 }

@@ -12,13 +12,17 @@
 //! in one callback step too), status lines and headers go byte by byte through a `bpf_loop`
 //! callback, as on ingress.
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_loop, programs::TcContext};
+use aya_ebpf::{
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
+    helpers::bpf_loop,
+    programs::TcContext,
+};
 use core::ffi::c_void;
-use core::ptr::{addr_of, null_mut, read_unaligned, read_volatile, write_unaligned};
+use core::ptr::{addr_of, read_unaligned, read_volatile, write_unaligned};
 use filter_common::{
     reply::{REv, Replies},
-    tcp_flags, Reason, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPPROTO_TCP,
-    IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+    tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
+    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
 };
 
 use crate::maps::{CONNS, FILTER_CONFIG, REPLIES, REPLY_SCRATCH, STATS};
@@ -195,13 +199,16 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     s.payload_off = payload as u32;
     s.payload_len = payload_len as u32;
     s.off = pos.wrapping_sub(seq);
-    let mut skb = ctx.skb.skb;
+    let mut rc = RoundCtx {
+        skb: ctx.skb.skb,
+        s: s as *mut ReplyScratch,
+    };
     // verifier: the round body verified once, not once per round.
     unsafe {
         bpf_loop(
             ROUNDS,
             round as *mut c_void,
-            (&mut skb as *mut *mut aya_ebpf::bindings::__sk_buff).cast(),
+            (&mut rc as *mut RoundCtx).cast(),
             0,
         )
     };
@@ -224,13 +231,19 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// What the callbacks need from the main program: the skb and the scratch buffer (spilled
+/// pointers the verifier follows into the callback, so no callback looks the scratch up).
+#[repr(C)]
+struct RoundCtx {
+    skb: *mut __sk_buff,
+    s: *mut ReplyScratch,
+}
+
 /// `bpf_loop` callback: one round over the segment's new bytes: a bulk run consumed at once,
-/// or a window of status/header/chunk-size bytes framed byte by byte.
-unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
-    let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
+/// or a window of status/header/chunk-size bytes framed (see `frame`).
+unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
+    let rc = unsafe { &mut *(rc as *mut RoundCtx) };
+    let s = unsafe { &mut *rc.s };
     let (off, len) = (s.off as usize, s.payload_len as usize);
     if off >= len || s.replies.is_lost() {
         return 1;
@@ -251,7 +264,7 @@ unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
     } else {
         LINE_WINDOW
     };
-    let ctx = TcContext::new(unsafe { *(skb as *const *mut aya_ebpf::bindings::__sk_buff) });
+    let ctx = TcContext::new(rc.skb);
     if !load_into(&ctx, s.payload_off as usize + off, &mut s.window, w) {
         s.replies.lose();
         return 1;
@@ -259,39 +272,64 @@ unsafe extern "C" fn round(_i: u64, skb: *mut c_void) -> i64 {
     s.window_len = w as u32;
     s.widx = 0;
     let before = s.replies.pos;
-    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
-    unsafe { bpf_loop(w as u32, step as *mut c_void, null_mut(), 0) };
+    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte. Each
+    // call takes at least one byte, so `w` calls are enough.
+    unsafe {
+        bpf_loop(
+            w as u32,
+            frame as *mut c_void,
+            (rc as *mut RoundCtx).cast(),
+            0,
+        )
+    };
     s.off = (off as u32).wrapping_add(s.replies.pos.wrapping_sub(before));
     0
 }
 
-/// `bpf_loop` callback: frame the window from its cursor on: one status/header/chunk-size
-/// byte, or a whole body run inside the window at once (so a window is always used up, small
-/// chunks cost no round each, and body bytes are never stepped one by one).
-unsafe extern "C" fn step(_i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = REPLY_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = s.widx as usize;
+/// Steps (a word, a byte or a body run) one `frame` call takes.
+const STEPS_PER_CALL: usize = 8;
+
+/// `bpf_loop` callback: frame the window from its cursor on, up to `STEPS_PER_CALL` steps:
+/// eight bytes at once where only the line's end matters (`Replies::step_word`: the rest of a
+/// status line, values of headers the framing does not read), a whole body run inside the
+/// window (so small chunks cost no round each and body bytes are never stepped one by one),
+/// else one status/header/chunk-size byte. Returns 1 when the window is used up.
+unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
+    let s = unsafe { &mut *(*(rc as *const RoundCtx)).s };
     let len = s.window_len as usize;
-    if i >= len || len > LINE_WINDOW {
+    if len > LINE_WINDOW {
         return 1;
     }
-    if s.replies.in_bulk() {
-        let rest = (len - i) as u64;
-        let n = if s.replies.bulk_left() < rest {
-            s.replies.bulk_left()
-        } else {
-            rest
-        };
-        s.replies.consume(n);
-        s.widx = (i as u64 + n) as u32;
-        return 0;
+    let mut k = 0;
+    while k < STEPS_PER_CALL {
+        k += 1;
+        let i = s.widx as usize;
+        if i >= len {
+            return 1;
+        }
+        if s.replies.in_bulk() {
+            let rest = (len - i) as u64;
+            let n = if s.replies.bulk_left() < rest {
+                s.replies.bulk_left()
+            } else {
+                rest
+            };
+            s.replies.consume(n);
+            s.widx = (i as u64 + n) as u32;
+            continue;
+        }
+        // verifier: mask the index into the window.
+        let at = i & (LINE_WINDOW - 1);
+        if at + 8 <= len && at <= LINE_WINDOW - 8 {
+            let word = unsafe { read_unaligned(s.window.as_ptr().add(at).cast::<u64>()) };
+            if s.replies.step_word(word) {
+                s.widx = at as u32 + 8;
+                continue;
+            }
+        }
+        let b = s.window[at];
+        s.widx = at as u32 + 1;
+        let _: REv = s.replies.step(b, &s.view);
     }
-    // verifier: mask the index into the window.
-    let b = s.window[i & (LINE_WINDOW - 1)];
-    s.widx = i as u32 + 1;
-    let _: REv = s.replies.step(b, &s.view);
     0
 }

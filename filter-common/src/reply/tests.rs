@@ -252,3 +252,28 @@ fn any_state_is_safe() {
         }
     }
 }
+
+#[test]
+fn words_frame_like_bytes() {
+    let req = view(3, &[], 0);
+    let data: &[u8] = b"HTTP/1.1 200 OK with a long reason phrase\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 09:50:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\nok\nHTTP/1.1 204 No Content\r\nX: y\r\n\r\n";
+    for start in 0..8 {
+        // Every alignment of the words against the lines.
+        let mut words = Replies::new(1000);
+        feed(&mut words, &data[..start], &req);
+        feed(&mut words, &data[start..], &req);
+        let mut bytes = Replies::new(1000);
+        feed_bytes(&mut bytes, data, &req);
+        assert_eq!(
+            std::format!("{words:?}"),
+            std::format!("{bytes:?}"),
+            "start {start}"
+        );
+        assert_eq!(words.done, 2);
+    }
+    // The word path really takes the plain runs.
+    let mut r = Replies::new(0);
+    feed_bytes(&mut r, b"HTTP/1.1 200 OK\r\nServer: ", &req);
+    assert!(r.step_word(u64::from_le_bytes(*b"nginx/1.")));
+    assert!(!r.step_word(u64::from_le_bytes(*b"22\r\nDate")));
+}
