@@ -4,6 +4,8 @@
 //! [`Canon::push`] takes one raw path byte at a time (the request-line parser stops at `?`,
 //! `#`, SP, HTAB, CR and LF; the first byte is the leading `/`) and appends canonical bytes to
 //! a fixed `[u8; PATH_MAX]` buffer; [`Canon::finish`] completes the last segment.
+//! [`Canon::push_word`] is an optional fast path that takes eight plain bytes at once, with
+//! exactly the result of eight `push`es.
 //! [`canonicalize`] runs the same machine over a whole path for userspace (rule paths) and
 //! tests. The rules are what nginx (`merge_slashes`, its URI normalisation), Envoy
 //! (`normalize_path` + `merge_slashes`), Tomcat and Spring do before routing:
@@ -55,7 +57,7 @@
 //! eight bytes of integers: any byte pattern is a valid state (a corrupted one can produce a
 //! wrong path or an error, never a fault).
 
-use crate::{Reason, PATH_MAX};
+use crate::{swar, Reason, PATH_MAX};
 
 const MASK: usize = PATH_MAX - 1;
 const _: () = assert!(PATH_MAX.is_power_of_two() && PATH_MAX < u16::MAX as usize);
@@ -190,6 +192,49 @@ impl Canon {
         };
         // One call site, so the segment logic (and its `..` loop) is inlined once.
         self.char(c, out, len)
+    }
+
+    /// The fast path of [`Canon::push`]: eight raw bytes at once (`w`, the first byte in the
+    /// low bits). When none of them is `/`, `%`, `;`, `\\`, a control byte, SP or DEL, and a
+    /// `.` among them cannot make the segment a dot segment, they are kept (or dropped, inside
+    /// path parameters) whole and the result is true, with the state eight `push` calls would
+    /// leave. Otherwise nothing changes and the result is false: push byte by byte.
+    #[inline(always)]
+    pub fn push_word(&mut self, w: u64, out: &mut [u8; PATH_MAX], len: &mut u16) -> bool {
+        let n = *len as usize;
+        if self.esc != ESC_NONE || n == 0 {
+            return false;
+        }
+        let special = swar::lt(w, 0x21)
+            | swar::eq(w, 0x7f)
+            | swar::eq(w, b'/')
+            | swar::eq(w, b'%')
+            | swar::eq(w, b';')
+            | swar::eq(w, b'\\');
+        if special != 0 {
+            return false;
+        }
+        if self.param != 0 {
+            // Parameter bytes are dropped up to the next `/`.
+            return true;
+        }
+        // A `.` only counts towards `.`/`..` while the segment has nothing else: after the
+        // first byte of a segment that is not a dot (or already holds more), it is ordinary.
+        if self.dots != DOTS_OTHER && (w & 0xff) as u8 == b'.' {
+            return false;
+        }
+        if n > PATH_MAX - 8 {
+            return false;
+        }
+        let b = w.to_le_bytes();
+        let mut j = 0;
+        while j < 8 {
+            out[(n + j) & MASK] = b[j];
+            j += 1;
+        }
+        *len = (n + 8) as u16;
+        self.dots = DOTS_OTHER;
+        true
     }
 
     /// A valid escape of a reserved character: three bytes, uppercase hex, never a
@@ -601,6 +646,84 @@ mod tests {
             }
         }
         p
+    }
+
+    /// At every offset of `path` (pushed byte by byte), [`Canon::push_word`] either declines
+    /// and changes nothing, or leaves exactly the state, output and length of eight
+    /// [`Canon::push`] calls, each `Ok`. Returns how often it took a word.
+    fn word_fast_path_is_exact(path: &[u8]) -> usize {
+        let mut c = Canon::new();
+        let mut out = [0x5au8; PATH_MAX];
+        let mut len = 0u16;
+        let mut taken = 0;
+        for i in 0..path.len() {
+            if i + 8 <= path.len() {
+                let w = crate::swar::word(path, i);
+                let (mut fc, mut fout, mut flen) = (c, out, len);
+                if fc.push_word(w, &mut fout, &mut flen) {
+                    let (mut sc, mut sout, mut slen) = (c, out, len);
+                    for &b in &path[i..i + 8] {
+                        assert_eq!(sc.push(b, &mut sout, &mut slen), Ok(()), "{:?}", show(path));
+                    }
+                    assert_eq!(
+                        format!("{fc:?} {flen}"),
+                        format!("{sc:?} {slen}"),
+                        "{:?}",
+                        show(path)
+                    );
+                    assert!(fout == sout, "{:?}", show(path));
+                    taken += 1;
+                } else {
+                    assert_eq!(format!("{fc:?} {flen}"), format!("{c:?} {len}"));
+                    assert!(fout == out);
+                }
+            }
+            if c.push(path[i], &mut out, &mut len).is_err() {
+                break;
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn word_fast_path_matches_byte_pushes() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut taken = 0;
+        for _ in 0..50_000 {
+            let mut p = random_path(&mut next);
+            // Plain runs, so that words are taken as well as declined.
+            let k = (next() % 24) as usize;
+            let at = (next() as usize) % (p.len() + 1);
+            let run: Vec<u8> = (0..k).map(|j| b"abcXYZ09.-_~"[(j * 7 + at) % 12]).collect();
+            p.splice(at..at, run);
+            taken += word_fast_path_is_exact(&p);
+        }
+        assert!(taken > 10_000, "{taken}");
+        let mut long = vec![b'/'];
+        long.extend(core::iter::repeat_n(b'a', PATH_MAX + 16));
+        assert!(word_fast_path_is_exact(&long) > 100);
+    }
+
+    /// The same, as a bolero target over the interesting alphabet.
+    #[test]
+    fn fuzz_word_fast_path_matches_byte_pushes() {
+        bolero::check!()
+            .with_type::<Vec<u8>>()
+            .with_max_len(256)
+            .for_each(|p| {
+                let mut q = vec![b'/'];
+                q.extend(
+                    p.iter()
+                        .map(|&b| b"/.%2eEfF5cC;a0\\3bB~\x80 xyz"[b as usize % 24]),
+                );
+                word_fast_path_is_exact(&q);
+            });
     }
 
     #[test]

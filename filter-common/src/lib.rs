@@ -21,6 +21,7 @@ pub mod maps;
 pub mod method;
 pub mod reason;
 pub mod stream;
+pub mod swar;
 
 pub use maps::*;
 pub use method::{Method, MethodSet};

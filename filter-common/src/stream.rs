@@ -3,8 +3,11 @@
 //!
 //! [`Stream`] is the per-connection state the kernel keeps in an LRU map. The caller feeds it
 //! the bytes of each in-order segment: [`Stream::step`] one byte at a time for request lines,
-//! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk. `step`
-//! returns an [`Ev`] whenever the caller has something to do:
+//! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk.
+//! [`Stream::step_word`] is an optional fast path: it takes eight bytes at once where they
+//! are ordinary (path bytes, the rest of a request line, header names and values), with
+//! exactly the result of eight `step`s, and declines everything else. `step` returns an
+//! [`Ev`] whenever the caller has something to do:
 //!
 //! * [`Ev::Decide`]: the request line's method and canonical path are known (the path is in
 //!   the caller's path buffer): look the rule up, then [`Stream::set_verdict`] or refuse.
@@ -26,7 +29,7 @@
 
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
-use crate::{Reason, PATH_MAX};
+use crate::{swar, Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
 pub const LINE_LIMIT: u32 = 8192;
@@ -155,7 +158,7 @@ pub struct Stream {
     header: u8,
     _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Stream>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<Stream>().is_multiple_of(8));
 
 impl Stream {
     /// A connection whose next byte is `pos` and starts a request.
@@ -394,6 +397,100 @@ impl Stream {
         }
     }
 
+    /// The fast path of [`Stream::step`]: eight bytes at once (`w`, the first byte in the low
+    /// bits). When each of them would make `step` return [`Ev::More`] and only counters, the
+    /// path, the header name or the header value change (path bytes, the rest of a request
+    /// line, header names of letters and `-`, header values without control bytes), they are
+    /// applied together and the result is true: the state is exactly what eight `step` calls
+    /// would have left. Otherwise nothing changes and the result is false: step byte by byte.
+    #[inline(always)]
+    pub fn step_word(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> bool {
+        let done = match self.phase {
+            phase::LINE => {
+                // `count != 0`: the request's first byte (which sets `req_start`) is behind.
+                self.count != 0 && self.count <= LINE_LIMIT - 8 && self.line.path_word(w, path)
+            }
+            phase::LINE_REST => self.count <= LINE_LIMIT - 8 && swar::eq(w, b'\n') == 0,
+            phase::HEADER_NAME => self.count <= HEADER_LIMIT - 8 && self.name_word(w),
+            phase::HEADER_VALUE => self.count <= HEADER_LIMIT - 8 && self.value_word(w),
+            _ => false,
+        };
+        if done {
+            self.pos = self.pos.wrapping_add(8);
+            self.count += 8;
+        }
+        done
+    }
+
+    /// Eight bytes of a header name, if they are all letters or `-` (the common case; other
+    /// token characters go byte by byte): [`Stream::push_name`] for each.
+    #[inline(always)]
+    fn name_word(&mut self, w: u64) -> bool {
+        let plain =
+            swar::in_range(w, b'a', b'z') | swar::in_range(w, b'A', b'Z') | swar::eq(w, b'-');
+        if plain != swar::HIGH {
+            return false;
+        }
+        let n = self.name_len;
+        insert(&mut self.name, n as usize, swar::lower(w));
+        self.name_len = add_sat(n, 8);
+        true
+    }
+
+    /// Eight bytes of a header value other than `Content-Length`'s, if none is a control byte
+    /// (HTAB aside) or DEL: [`Stream::push_value`] and the whitespace flags for each. A word
+    /// with whitespace is taken only once the stored prefix of the value (16 bytes) is full.
+    #[inline(always)]
+    fn value_word(&mut self, w: u64) -> bool {
+        if self.header == header::CONTENT_LENGTH {
+            return false;
+        }
+        let ctl = (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f);
+        if ctl != 0 {
+            return false;
+        }
+        let blank = swar::eq(w, b' ') | swar::eq(w, b'\t');
+        let n = self.value_len;
+        if blank == 0 {
+            if self.flags & flag::PENDING_SPACE != 0 {
+                self.flags = (self.flags & !flag::PENDING_SPACE) | flag::VALUE_INNER_SPACE;
+            }
+            if n < 16 {
+                let c = if self.header == header::METHOD_OVERRIDE {
+                    swar::upper(w)
+                } else {
+                    swar::lower(w)
+                };
+                insert(&mut self.value, n as usize, c);
+            }
+            self.value_len = add_sat(n, 8);
+            return true;
+        }
+        if n < 16 {
+            return false;
+        }
+        // `value_len > 0` throughout: every blank sets PENDING_SPACE, every other byte turns
+        // a pending space into an inner one.
+        let solid = !blank & swar::HIGH;
+        let pending = if self.flags & flag::PENDING_SPACE != 0 {
+            0x80
+        } else {
+            0
+        };
+        if solid & ((blank << 8) | pending) != 0 {
+            self.flags |= flag::VALUE_INNER_SPACE;
+        }
+        if blank >> 63 != 0 {
+            self.flags |= flag::PENDING_SPACE;
+        } else {
+            self.flags &= !flag::PENDING_SPACE;
+        }
+        // One bit per solid byte, summed into the top byte.
+        let solid_count = ((solid >> 7).wrapping_mul(swar::ONES) >> 56) as u8;
+        self.value_len = add_sat(n, solid_count);
+        true
+    }
+
     #[inline(always)]
     fn step_line(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Ev {
         if self.count == 0 {
@@ -525,9 +622,7 @@ impl Stream {
         if n < NAME_WORDS * 8 {
             self.name[(n / 8) % NAME_WORDS] |= (b.to_ascii_lowercase() as u64) << (8 * (n % 8));
         }
-        if self.name_len < u8::MAX {
-            self.name_len += 1;
-        }
+        self.name_len = self.name_len.saturating_add(1);
     }
 
     #[inline(always)]
@@ -569,9 +664,7 @@ impl Stream {
             };
             self.value[(n / 8) % 2] |= (c as u64) << (8 * (n % 8));
         }
-        if self.value_len < u8::MAX {
-            self.value_len += 1;
-        }
+        self.value_len = self.value_len.saturating_add(1);
         Ev::More
     }
 
@@ -670,6 +763,26 @@ impl Stream {
         self.phase = phase::CHUNK_DATA;
         Ev::Bulk
     }
+}
+
+/// `words` (bytes in little-endian order) with the bytes of `w` ORed in from byte `n` on;
+/// bytes past the end are dropped (what `push_name` / `push_value` do byte by byte).
+#[inline(always)]
+fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
+    if n >= N * 8 {
+        return;
+    }
+    let (q, r) = (n / 8, (n % 8) * 8);
+    words[q % N] |= w << r;
+    if r != 0 && q + 1 < N {
+        words[(q + 1) % N] |= w >> (64 - r);
+    }
+}
+
+/// `n + k`, saturating at `u8::MAX` (the byte-by-byte counters stop there).
+#[inline(always)]
+fn add_sat(n: u8, k: u8) -> u8 {
+    n.saturating_add(k)
 }
 
 #[inline(always)]
