@@ -4,8 +4,9 @@
 //! Each TCP segment to an inspected port is placed in its connection's stream (`CONNS`):
 //! segments ahead of the next expected byte are dropped (the client sends them again in
 //! order), bytes already decided on pass untouched, and new bytes go through the shared
-//! stream parser (`filter_common::stream`), one `bpf_loop` callback per byte for request lines
-//! and headers, in bulk for bodies. Each request is decided when its path is known, and again
+//! stream parser (`filter_common::stream`) in `bpf_loop` callbacks, eight bytes at a time where
+//! they are ordinary (path, rest of the request line, header names and values) and byte by byte
+//! elsewhere, in bulk for bodies. Each request is decided when its path is known, and again
 //! for each method-override header. A refused request that starts inside the segment after
 //! bytes that may pass is cut off (the segment is shortened, the client resends the rest); one
 //! that starts at the segment's first new byte turns the segment into a reset to the backend,
@@ -21,7 +22,7 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use core::ptr::{
-    addr_of, addr_of_mut, null_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
+    addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
 };
 use filter_common::{
     canon::Canon,
@@ -325,7 +326,10 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     s.payload_len = payload_len as u32;
     s.stop = STOP_NONE;
     s.decided = 0;
-    let mut rc = RoundCtx { skb: ctx.skb.skb };
+    let mut rc = RoundCtx {
+        skb: ctx.skb.skb,
+        s: s as *mut Scratch,
+    };
     // verifier: the round body (window parse, decision, bulk body) verified once, not once
     // per round.
     unsafe {
@@ -438,22 +442,47 @@ fn forget(s: &Scratch) {
     let _ = PENDING.remove(&s.key);
 }
 
-/// What the round callback needs from the main program: the skb (a spilled context pointer
-/// the verifier follows into the callback).
+/// What the round callback needs from the main program: the skb and the scratch buffer
+/// (spilled pointers the verifier follows into the callback, so no callback looks the scratch
+/// up again).
 #[repr(C)]
 struct RoundCtx {
     skb: *mut __sk_buff,
+    s: *mut Scratch,
+}
+
+/// What the per-byte, per-path-byte and per-word callbacks need: the scratch buffer.
+#[repr(C)]
+struct ScratchCtx {
+    s: *mut Scratch,
+}
+
+impl ScratchCtx {
+    #[inline(always)]
+    fn new(s: &mut Scratch) -> ScratchCtx {
+        ScratchCtx {
+            s: s as *mut Scratch,
+        }
+    }
+
+    #[inline(always)]
+    fn ptr(&mut self) -> *mut c_void {
+        (self as *mut ScratchCtx).cast()
+    }
+}
+
+/// The scratch buffer a callback was handed.
+#[inline(always)]
+unsafe fn scratch<'a>(ctx: *mut c_void) -> &'a mut Scratch {
+    unsafe { &mut *(*(ctx as *const ScratchCtx)).s }
 }
 
 /// `bpf_loop` callback: one round over the segment's new bytes: a body run consumed in bulk, or
 /// a window of request line / headers parsed byte by byte with each decision applied. Leaves
 /// `s.stop` at `STOP_NONE`, or `STOP_REFUSE` / `STOP_TUNNEL` for the main program to act on.
 unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
     let rc = unsafe { &*(rc as *const RoundCtx) };
+    let s = unsafe { &mut *rc.s };
     let (off, len) = (s.off as usize, s.payload_len as usize);
     if off >= len || s.stop != STOP_NONE {
         return 1;
@@ -482,7 +511,8 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     s.window_len = w as u32;
     s.consumed = 0;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
-    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, null_mut(), 0) };
+    let mut sc = ScratchCtx::new(s);
+    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
     let consumed = s.consumed as usize;
     s.off = (off + if consumed < w { consumed } else { w }) as u32;
     if s.stop == STOP_DECIDE {
@@ -507,20 +537,41 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
 }
 
-/// `bpf_loop` callback: feed window byte `i` to the connection's stream parser, deciding each
-/// request as its path completes. Returns 1 to stop (see `STOP_*`).
-unsafe extern "C" fn stream_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.window_len as usize {
+/// Words (eight bytes each) a stream or canonicalizer callback may take through the fast path
+/// before it steps one byte.
+const WORDS_PER_CALL: usize = 8;
+
+/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: up to
+/// `WORDS_PER_CALL` words of ordinary bytes at once (`Stream::step_word`), then one byte
+/// (`Stream::step`), deciding each request as its path completes. Returns 1 to stop (see
+/// `STOP_*`) or when the window is done; each call takes at least one byte, so `window_len`
+/// calls are enough.
+unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let w = s.window_len as usize;
+    let mut i = s.consumed as usize;
+    let mut k = 0;
+    while k < WORDS_PER_CALL {
+        // verifier: mask the index into the window.
+        let at = i & (LINE_WINDOW - 1);
+        if at + 8 > w || at > LINE_WINDOW - 8 {
+            break;
+        }
+        let word = unsafe { read_unaligned(s.line.as_ptr().add(at).cast::<u64>()) };
+        if !s.stream.step_word(word, &mut s.raw) {
+            break;
+        }
+        i = at + 8;
+        k += 1;
+    }
+    if i >= w {
+        s.consumed = i as u32;
         return 1;
     }
-    s.consumed = i as u32 + 1;
     // verifier: mask the index into the window.
-    let b = s.line[i & (LINE_WINDOW - 1)];
+    let i = i & (LINE_WINDOW - 1);
+    s.consumed = i as u32 + 1;
+    let b = s.line[i];
     match s.stream.step(b, &mut s.raw) {
         Ev::More => 0,
         Ev::Bulk => stop(s, STOP_BULK),
@@ -554,13 +605,15 @@ fn decide(s: &mut Scratch) -> i64 {
         return refuse_stop(s, Reason::NotHttp, 0, Method::Other);
     };
     let method = s.stream.take_method();
-    // Canonicalize the raw path into `s.path`, one byte per callback.
+    // Canonicalize the raw path into `s.path`, a word or a byte per callback.
     s.canon = Canon::new();
     s.canon_len = 0;
     s.canon_err = u32::MAX;
     s.canon_raw_len = s.stream.line.path_len() as u32;
+    s.canon_pos = 0;
     if s.canon_raw_len > 0 {
-        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, null_mut(), 0) };
+        let mut sc = ScratchCtx::new(s);
+        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, sc.ptr(), 0) };
         if s.canon_err == u32::MAX {
             if let Err(r) = s.canon.finish(&mut s.path, &mut s.canon_len) {
                 s.canon_err = r as u32;
@@ -621,17 +674,35 @@ fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 
     refuse_stop(s, Reason::Rejected, allow, method)
 }
 
-/// `bpf_loop` callback: feed raw path byte `i` to the canonicalizer.
-unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.canon_raw_len as usize {
+/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: up to
+/// `WORDS_PER_CALL` words of plain bytes at once (`Canon::push_word`), then one byte
+/// (`Canon::push`). Each call takes at least one byte, so `canon_raw_len` calls are enough.
+unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let n = s.canon_raw_len as usize;
+    let mut i = s.canon_pos as usize;
+    let mut k = 0;
+    while k < WORDS_PER_CALL {
+        // verifier: mask the index into the raw path.
+        let at = i & (PATH_MAX - 1);
+        if at + 8 > n || at > PATH_MAX - 8 {
+            break;
+        }
+        let w = unsafe { read_unaligned(s.raw.as_ptr().add(at).cast::<u64>()) };
+        if !s.canon.push_word(w, &mut s.path, &mut s.canon_len) {
+            break;
+        }
+        i = at + 8;
+        k += 1;
+    }
+    if i >= n {
+        s.canon_pos = i as u32;
         return 1;
     }
-    let b = s.raw[i & (PATH_MAX - 1)];
+    // verifier: mask the index into the raw path.
+    let i = i & (PATH_MAX - 1);
+    s.canon_pos = i as u32 + 1;
+    let b = s.raw[i];
     match s.canon.push(b, &mut s.path, &mut s.canon_len) {
         Ok(()) => 0,
         Err(r) => {
@@ -641,17 +712,28 @@ unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
     }
 }
 
-/// `bpf_loop` callback: absorb path word `i` into the hash under way.
-unsafe extern "C" fn hash_word(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.sip_words as usize || i >= PATH_MAX / 8 {
-        return 1;
+/// Path words hashed per `hash_words` callback.
+const HASH_WORDS_PER_CALL: usize = 8;
+
+/// `bpf_loop` callback: absorb path words `i * HASH_WORDS_PER_CALL ..` (up to
+/// `HASH_WORDS_PER_CALL` of them, as far as `sip_words`) into the hash under way.
+unsafe extern "C" fn hash_words(i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let first = i as usize * HASH_WORDS_PER_CALL;
+    let mut j = 0;
+    while j < HASH_WORDS_PER_CALL {
+        let k = first + j;
+        if k >= s.sip_words as usize {
+            return 1;
+        }
+        // verifier: mask the byte offset into the path (`sip_words <= PATH_MAX / 8`). The path
+        // sits at an 8-aligned offset of the scratch, so this is one aligned load
+        // (little-endian, as `SipState::word` reads it).
+        let off = (k * 8) & (PATH_MAX - 8);
+        let m = unsafe { s.path.as_ptr().add(off).cast::<u64>().read() };
+        s.sip.absorb(m);
+        j += 1;
     }
-    s.sip.word(&s.path, i * 8);
     0
 }
 
@@ -662,7 +744,9 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     s.sip = SipState::new(&key);
     s.sip_words = full_words(path_len) as u32;
     // verifier: the 128 words of a 1 KiB path through one callback verified once.
-    unsafe { bpf_loop(s.sip_words, hash_word as *mut c_void, null_mut(), 0) };
+    let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
+    let mut sc = ScratchCtx::new(s);
+    unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
     let hash = s.sip.finish(&s.path, path_len);
     let (rules, prefixes) = if active == 1 {
         (&RULES_B, &PREFIX_B)

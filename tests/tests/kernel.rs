@@ -696,6 +696,17 @@ fn host_and_kernel_agree_on_generated_requests() {
         "%zz",
         "?q=/admin",
         "#f",
+        // Long plain runs and dotted names: the kernel takes these eight bytes at a time.
+        "/segment-with-plain-bytes-0123456789",
+        "/v1.2.3/archive.tar.gz",
+        ";jsessionid=0123456789abcdef0123",
+    ];
+    // Header lines the filter does not act on, long enough for the word-at-a-time paths.
+    let headers = [
+        "",
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/115.0\r\n",
+        "Accept-Language: en-US,en;q=0.9,de;q=0.8\r\nX-Request-Identifier-Long-Name: 0123456789abcdef\r\n",
+        "Cookie:   a=b;   c=d    \r\n",
     ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = |n: usize| {
@@ -715,9 +726,10 @@ fn host_and_kernel_agree_on_generated_requests() {
             target.insert(0, '/');
         }
         let line = format!(
-            "{} {} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "{} {} HTTP/1.1\r\nHost: x\r\n{}\r\n",
             methods[next(methods.len())],
-            target
+            target,
+            headers[next(headers.len())]
         );
         let sport = 20000 + i as u16;
         let syn = Frame {
