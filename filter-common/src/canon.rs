@@ -57,7 +57,7 @@
 //! eight bytes of integers: any byte pattern is a valid state (a corrupted one can produce a
 //! wrong path or an error, never a fault).
 
-use crate::{swar, Reason, PATH_MAX};
+use crate::{put, swar, Reason, PATH_MAX};
 
 const MASK: usize = PATH_MAX - 1;
 const _: () = assert!(PATH_MAX.is_power_of_two() && PATH_MAX < u16::MAX as usize);
@@ -150,6 +150,24 @@ impl Canon {
             top: 0,
             depth: 0,
             starts: [0; DEPTH],
+        }
+    }
+
+    /// Make this a fresh canonicalizer in place (what `*self = Canon::new()` does, without
+    /// the byte-loop `memset` BPF would run for it; see [`crate::put`]).
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        put(&mut self.seg_start, 0);
+        put(&mut self.esc, ESC_NONE);
+        put(&mut self.hi, 0);
+        put(&mut self.dots, 0);
+        put(&mut self.param, 0);
+        put(&mut self.top, 0);
+        put(&mut self.depth, 0);
+        let mut i = 0;
+        while i < DEPTH {
+            put(&mut self.starts[i], 0);
+            i += 1;
         }
     }
 

@@ -12,7 +12,7 @@
 //! drives it over one buffer on the host; both end in [`LineParser::finish`].
 
 use crate::method::{is_tchar, Method, METHOD_MAX};
-use crate::{swar, Reason, LINE_WINDOW, PATH_MAX};
+use crate::{put, swar, Reason, LINE_WINDOW, PATH_MAX};
 
 /// Blank lines a request may start with (RFC 9112 §2.2 says a server SHOULD skip at least one)
 /// before the parser calls the payload "not HTTP".
@@ -84,6 +84,19 @@ impl LineParser {
             phase: phase::METHOD,
             _pad: 0,
         }
+    }
+
+    /// Make this a fresh parser in place (what `*self = LineParser::new()` does, without the
+    /// byte-loop `memset` BPF would run for it; see [`crate::put`]).
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        put(&mut self.w0, 0);
+        put(&mut self.w1, 0);
+        put(&mut self.path_len, 0);
+        put(&mut self.method_len, 0);
+        put(&mut self.leading_eol, 0);
+        put(&mut self.phase, phase::METHOD);
+        put(&mut self._pad, 0);
     }
 
     pub fn method(&self) -> Method {

@@ -29,7 +29,7 @@
 
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
-use crate::{swar, Reason, PATH_MAX};
+use crate::{put, swar, Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
 pub const LINE_LIMIT: u32 = 8192;
@@ -189,19 +189,20 @@ impl Stream {
     /// call site.
     #[inline(always)]
     fn next_request(&mut self) {
-        self.line = LineParser::new();
-        self.body_left = 0;
-        self.cl = 0;
+        // Stores of their own (`put`): merged, they become a byte-loop memset in BPF.
+        self.line.reset();
+        put(&mut self.body_left, 0);
+        put(&mut self.cl, 0);
         self.req_start = self.pos;
-        self.count = 0;
-        self.allow = 0;
-        self.rule_flags = 0;
-        self.name_len = 0;
-        self.value_len = 0;
-        self.phase = phase::LINE;
+        put(&mut self.count, 0);
+        put(&mut self.allow, 0);
+        put(&mut self.rule_flags, 0);
+        put(&mut self.name_len, 0);
+        put(&mut self.value_len, 0);
+        put(&mut self.phase, phase::LINE);
         self.flags &= flag::PERSISTENT;
-        self.method = Method::Other as u8;
-        self.header = header::OTHER;
+        put(&mut self.method, Method::Other as u8);
+        put(&mut self.header, header::OTHER);
     }
 
     /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
@@ -211,9 +212,10 @@ impl Stream {
     pub fn reset(&mut self, pos: u32, flags: u8) {
         self.pos = pos;
         self.flags = flags & flag::PERSISTENT;
-        self.name = [0; NAME_WORDS];
-        self.value = [0; 2];
-        self._pad = [0; 2];
+        self.clear_name();
+        self.clear_value();
+        put(&mut self._pad[0], 0);
+        put(&mut self._pad[1], 0);
         self.next_request();
     }
 
@@ -552,7 +554,7 @@ impl Stream {
                     self.end_headers()
                 } else if is_tchar(b) {
                     // A new field line. (A leading SP/HTAB would be obsolete line folding.)
-                    self.name = [0; NAME_WORDS];
+                    self.clear_name();
                     self.name_len = 0;
                     self.push_name(b);
                     self.phase = phase::HEADER_NAME;
@@ -564,7 +566,7 @@ impl Stream {
             phase::HEADER_NAME => {
                 if b == b':' {
                     self.header = self.classify();
-                    self.value = [0; 2];
+                    self.clear_value();
                     self.value_len = 0;
                     self.cl = 0;
                     self.flags &= !(flag::PENDING_SPACE | flag::VALUE_INNER_SPACE);
@@ -614,6 +616,21 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// `name = [0; NAME_WORDS]` as word stores (see [`crate::put`]).
+    #[inline(always)]
+    fn clear_name(&mut self) {
+        put(&mut self.name[0], 0);
+        put(&mut self.name[1], 0);
+        put(&mut self.name[2], 0);
+    }
+
+    /// `value = [0; 2]` as word stores (see [`crate::put`]).
+    #[inline(always)]
+    fn clear_value(&mut self) {
+        put(&mut self.value[0], 0);
+        put(&mut self.value[1], 0);
     }
 
     #[inline(always)]
