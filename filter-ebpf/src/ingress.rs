@@ -25,7 +25,6 @@ use core::ptr::{
     addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
 };
 use filter_common::{
-    canon::Canon,
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
     tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
@@ -117,6 +116,20 @@ fn port_inspected(port: u16) -> bool {
     word & (1u64 << (port & 63)) != 0
 }
 
+/// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
+/// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
+/// (a helper call, several times the cost of the whole early exit).
+#[inline(always)]
+fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes are inside the packet, as just checked (the verifier checks it
+        // again).
+        return Ok(unsafe { read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).map_err(|_| ())
+}
+
 /// Where the current segment's headers and payload are.
 pub struct Headers {
     pub family: u8,
@@ -141,7 +154,7 @@ fn first_fragment(ctx: &TcContext, l4: usize) -> Reason {
 }
 
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
-    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Reason::NotIp)?;
+    let eth: [u8; ETH_HLEN] = peek(ctx, 0).map_err(|_| Reason::NotIp)?;
     let skb = ctx.skb.skb;
     if unsafe { (*skb).vlan_present != 0 && (*skb).vlan_tci & 0x0fff != 0 } {
         // Tagged for a VLAN (the tag is already out of the frame): it belongs to a VLAN
@@ -150,7 +163,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     }
     let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV4_HLEN_MIN] = peek(ctx, ETH_HLEN).map_err(|_| Reason::NotIp)?;
             if ip[9] != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
@@ -174,7 +187,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             )
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV6_HLEN] = peek(ctx, ETH_HLEN).map_err(|_| Reason::NotIp)?;
             // Walk up to V6_EXT_MAX extension headers to the TCP header.
             let mut next = ip[6];
             let mut l4 = ETH_HLEN + IPV6_HLEN;
@@ -211,7 +224,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         _ => return Err(Reason::NotIp),
     };
     // Everything else leaves here, before any map is touched.
-    let ports: [u8; 4] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
+    let ports: [u8; 4] = peek(ctx, l4).map_err(|_| Reason::NotTcp)?;
     if !port_inspected(be16(ports[2], ports[3])) {
         return Err(Reason::OtherPort);
     }
@@ -219,10 +232,16 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| Reason::NotIp)?;
-        s.key.client_addr_be = [0; 16];
-        s.key.server_addr_be = [0; 16];
-        s.key.client_addr_be[..4].copy_from_slice(&a[..4]);
-        s.key.server_addr_be[..4].copy_from_slice(&a[4..]);
+        // Word stores of their own: merged, the zeroing becomes a byte-loop memset in BPF.
+        let k = addr_of_mut!(s.key).cast::<u64>();
+        let c = u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
+        let v = u64::from_ne_bytes([a[4], a[5], a[6], a[7], 0, 0, 0, 0]);
+        unsafe {
+            write_volatile(k, c);
+            write_volatile(k.add(1), 0);
+            write_volatile(k.add(2), v);
+            write_volatile(k.add(3), 0);
+        }
     } else {
         let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
@@ -244,10 +263,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         )
     };
     let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
-    s.key.client_port = be16(tcp[0], tcp[1]);
-    s.key.server_port = be16(tcp[2], tcp[3]);
-    s.key.family = family;
-    s.key._pad = [0; 3];
+    // The key's last word (ports, family, zero padding) as one store.
+    let (cp, sp) = (
+        be16(tcp[0], tcp[1]).to_ne_bytes(),
+        be16(tcp[2], tcp[3]).to_ne_bytes(),
+    );
+    let tail = u64::from_ne_bytes([cp[0], cp[1], sp[0], sp[1], family, 0, 0, 0]);
+    unsafe { write_volatile(addr_of_mut!(s.key).cast::<u64>().add(4), tail) };
     let flags = tcp[13];
     let mut seq = be32(&tcp, 4);
 
@@ -510,6 +532,7 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
     s.window_len = w as u32;
     s.consumed = 0;
+    s.word_retry = 0;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
     let mut sc = ScratchCtx::new(s);
     unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
@@ -551,7 +574,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let w = s.window_len as usize;
     let mut i = s.consumed as usize;
     let mut k = 0;
-    while k < WORDS_PER_CALL {
+    while k < WORDS_PER_CALL && i >= s.word_retry as usize {
         // verifier: mask the index into the window.
         let at = i & (LINE_WINDOW - 1);
         if at + 8 > w || at > LINE_WINDOW - 8 {
@@ -559,6 +582,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         }
         let word = unsafe { read_unaligned(s.line.as_ptr().add(at).cast::<u64>()) };
         if !s.stream.step_word(word, &mut s.raw) {
+            s.word_retry = (at + 8) as u32;
             break;
         }
         i = at + 8;
@@ -606,11 +630,12 @@ fn decide(s: &mut Scratch) -> i64 {
     };
     let method = s.stream.take_method();
     // Canonicalize the raw path into `s.path`, a word or a byte per callback.
-    s.canon = Canon::new();
+    s.canon.reset();
     s.canon_len = 0;
     s.canon_err = u32::MAX;
     s.canon_raw_len = s.stream.line.path_len() as u32;
     s.canon_pos = 0;
+    s.canon_retry = 0;
     if s.canon_raw_len > 0 {
         let mut sc = ScratchCtx::new(s);
         unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, sc.ptr(), 0) };
@@ -682,7 +707,7 @@ unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let n = s.canon_raw_len as usize;
     let mut i = s.canon_pos as usize;
     let mut k = 0;
-    while k < WORDS_PER_CALL {
+    while k < WORDS_PER_CALL && i >= s.canon_retry as usize {
         // verifier: mask the index into the raw path.
         let at = i & (PATH_MAX - 1);
         if at + 8 > n || at > PATH_MAX - 8 {
@@ -690,6 +715,7 @@ unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
         }
         let w = unsafe { read_unaligned(s.raw.as_ptr().add(at).cast::<u64>()) };
         if !s.canon.push_word(w, &mut s.path, &mut s.canon_len) {
+            s.canon_retry = (at + 8) as u32;
             break;
         }
         i = at + 8;
@@ -874,3 +900,14 @@ fn refuse(
 
 #[allow(dead_code)]
 const _: () = assert!(PATH_MAX >= EVENT_LINE_MAX && PATH_MAX >= PREFIX_MAX);
+// The key is written as five words (little-endian): addresses, then ports, family, padding.
+const _: () = {
+    use core::mem::offset_of;
+    use filter_common::ConnKey;
+    assert!(offset_of!(Scratch, key).is_multiple_of(8));
+    assert!(offset_of!(ConnKey, server_addr_be) == 16);
+    assert!(offset_of!(ConnKey, client_port) == 32);
+    assert!(offset_of!(ConnKey, server_port) == 34);
+    assert!(offset_of!(ConnKey, family) == 36);
+    assert!(core::mem::size_of::<ConnKey>() == 40);
+};
