@@ -136,14 +136,17 @@ impl LineParser {
         Step::More
     }
 
-    /// The fast path of [`LineParser::step`] for eight bytes of a path (`w`, first byte in the
-    /// low bits) that end nothing: no SP, HTAB, CR, LF, `?` or `#`. Appends them whole and
-    /// returns true when they fit in `path`; otherwise changes nothing and returns false (the
-    /// caller steps byte by byte). Same result as eight [`LineParser::step`] calls.
+    /// The fast path of [`LineParser::step`] for path bytes: of the eight bytes of `w` (the
+    /// first in the low bits), appends the leading ones that end nothing (no SP, HTAB, CR, LF,
+    /// `?` or `#`) and returns how many it took, 0 to 8: the same result as that many
+    /// [`LineParser::step`] calls (in `path`, up to the path's length: the bytes after it are
+    /// scratch). Takes nothing outside a path, or when eight more bytes might not fit in
+    /// `path` (the caller steps byte by byte).
     #[inline(always)]
-    pub fn path_word(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> bool {
-        if self.phase != phase::PATH {
-            return false;
+    pub fn path_run(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> usize {
+        let n = self.path_len as usize;
+        if self.phase != phase::PATH || n > PATH_MAX - 8 {
+            return 0;
         }
         let ends = swar::eq(w, b' ')
             | swar::eq(w, b'\t')
@@ -151,18 +154,17 @@ impl LineParser {
             | swar::eq(w, b'\n')
             | swar::eq(w, b'?')
             | swar::eq(w, b'#');
-        let n = self.path_len as usize;
-        if ends != 0 || n > PATH_MAX - 8 {
-            return false;
-        }
+        let k = swar::leading(ends);
+        // All eight bytes are written (no loop of run-time length for the verifier); those
+        // past the new `path_len` are scratch, overwritten before the path grows over them.
         let b = w.to_le_bytes();
         let mut j = 0;
         while j < 8 {
             path[(n + j) & (PATH_MAX - 1)] = b[j];
             j += 1;
         }
-        self.path_len += 8;
-        true
+        self.path_len += k as u16;
+        k
     }
 
     /// The path is complete.

@@ -4,9 +4,9 @@
 //! [`Stream`] is the per-connection state the kernel keeps in an LRU map. The caller feeds it
 //! the bytes of each in-order segment: [`Stream::step`] one byte at a time for request lines,
 //! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk.
-//! [`Stream::step_word`] is an optional fast path: it takes eight bytes at once where they
-//! are ordinary (path bytes, the rest of a request line, header names and values), with
-//! exactly the result of eight `step`s, and declines everything else. `step` returns an
+//! [`Stream::step_run`] is an optional fast path: it takes up to eight bytes at once where
+//! they are ordinary (path bytes, the rest of a request line, header names and values), with
+//! exactly the result of as many `step`s, and leaves everything else to `step`. `step` returns an
 //! [`Ev`] whenever the caller has something to do:
 //!
 //! * [`Ev::Decide`]: the request line's method and canonical path are known (the path is in
@@ -399,81 +399,79 @@ impl Stream {
         }
     }
 
-    /// The fast path of [`Stream::step`]: eight bytes at once (`w`, the first byte in the low
-    /// bits). When each of them would make `step` return [`Ev::More`] and only counters, the
-    /// path, the header name or the header value change (path bytes, the rest of a request
-    /// line, header names of letters and `-`, header values without control bytes), they are
-    /// applied together and the result is true: the state is exactly what eight `step` calls
-    /// would have left. Otherwise nothing changes and the result is false: step byte by byte.
+    /// The fast path of [`Stream::step`]: of the eight bytes of `w` (the first in the low
+    /// bits), takes the leading ones that would each make `step` return [`Ev::More`] while
+    /// changing only counters, the path, the header name or the header value (path bytes, the
+    /// rest of a request line, header names of letters and `-`, header value bytes other than
+    /// control bytes), and returns how many it took, 0 to 8. The state is then exactly what
+    /// that many `step` calls would have left; the caller steps the next byte with `step`.
     #[inline(always)]
-    pub fn step_word(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> bool {
-        let done = match self.phase {
-            phase::LINE => {
-                // `count != 0`: the request's first byte (which sets `req_start`) is behind.
-                self.count != 0 && self.count <= LINE_LIMIT - 8 && self.line.path_word(w, path)
+    pub fn step_run(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> usize {
+        let k = match self.phase {
+            // `count != 0`: the request's first byte (which sets `req_start`) is behind.
+            phase::LINE if self.count != 0 && self.count <= LINE_LIMIT - 8 => {
+                self.line.path_run(w, path)
             }
-            phase::LINE_REST => self.count <= LINE_LIMIT - 8 && swar::eq(w, b'\n') == 0,
-            phase::HEADER_NAME => self.count <= HEADER_LIMIT - 8 && self.name_word(w),
-            phase::HEADER_VALUE => self.count <= HEADER_LIMIT - 8 && self.value_word(w),
-            _ => false,
+            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => swar::leading(swar::eq(w, b'\n')),
+            phase::HEADER_NAME if self.count <= HEADER_LIMIT - 8 => self.name_run(w),
+            phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => self.value_run(w),
+            _ => 0,
         };
-        if done {
-            self.pos = self.pos.wrapping_add(8);
-            self.count += 8;
-        }
-        done
+        self.pos = self.pos.wrapping_add(k as u32);
+        self.count += k as u32;
+        k
     }
 
-    /// Eight bytes of a header name, if they are all letters or `-` (the common case; other
-    /// token characters go byte by byte): [`Stream::push_name`] for each.
+    /// The leading letters and `-` of `w` as header-name bytes ([`Stream::push_name`] for
+    /// each; other token characters go byte by byte).
     #[inline(always)]
-    fn name_word(&mut self, w: u64) -> bool {
+    fn name_run(&mut self, w: u64) -> usize {
         let plain =
             swar::in_range(w, b'a', b'z') | swar::in_range(w, b'A', b'Z') | swar::eq(w, b'-');
-        if plain != swar::HIGH {
-            return false;
-        }
+        let k = swar::leading(!plain & swar::HIGH);
         let n = self.name_len;
-        insert(&mut self.name, n as usize, swar::lower(w));
-        self.name_len = add_sat(n, 8);
-        true
+        insert(&mut self.name, n as usize, swar::lower(w) & swar::bytes(k));
+        self.name_len = n.saturating_add(k as u8);
+        k
     }
 
-    /// Eight bytes of a header value other than `Content-Length`'s, if none is a control byte
-    /// (HTAB aside) or DEL: [`Stream::push_value`] and the whitespace flags for each. A word
-    /// with whitespace is taken only once the stored prefix of the value (16 bytes) is full.
+    /// The leading bytes of `w` as bytes of a header value other than `Content-Length`'s, up
+    /// to a control byte (HTAB aside) or DEL ([`Stream::push_value`] and the whitespace flags
+    /// for each). Whitespace is taken only once the stored prefix of the value (16 bytes) is
+    /// full.
     #[inline(always)]
-    fn value_word(&mut self, w: u64) -> bool {
+    fn value_run(&mut self, w: u64) -> usize {
         if self.header == header::CONTENT_LENGTH {
-            return false;
-        }
-        let ctl = (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f);
-        if ctl != 0 {
-            return false;
+            return 0;
         }
         let blank = swar::eq(w, b' ') | swar::eq(w, b'\t');
+        let ctl = (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f);
         let n = self.value_len;
-        if blank == 0 {
+        if n < 16 {
+            let k = swar::leading(ctl | blank);
+            if k == 0 {
+                return 0;
+            }
             if self.flags & flag::PENDING_SPACE != 0 {
                 self.flags = (self.flags & !flag::PENDING_SPACE) | flag::VALUE_INNER_SPACE;
             }
-            if n < 16 {
-                let c = if self.header == header::METHOD_OVERRIDE {
-                    swar::upper(w)
-                } else {
-                    swar::lower(w)
-                };
-                insert(&mut self.value, n as usize, c);
-            }
-            self.value_len = add_sat(n, 8);
-            return true;
+            let c = if self.header == header::METHOD_OVERRIDE {
+                swar::upper(w)
+            } else {
+                swar::lower(w)
+            };
+            insert(&mut self.value, n as usize, c & swar::bytes(k));
+            self.value_len = n.saturating_add(k as u8);
+            return k;
         }
-        if n < 16 {
-            return false;
+        let k = swar::leading(ctl);
+        if k == 0 {
+            return 0;
         }
         // `value_len > 0` throughout: every blank sets PENDING_SPACE, every other byte turns
         // a pending space into an inner one.
-        let solid = !blank & swar::HIGH;
+        let blank = blank & swar::first(k);
+        let solid = !blank & swar::first(k);
         let pending = if self.flags & flag::PENDING_SPACE != 0 {
             0x80
         } else {
@@ -482,15 +480,16 @@ impl Stream {
         if solid & ((blank << 8) | pending) != 0 {
             self.flags |= flag::VALUE_INNER_SPACE;
         }
-        if blank >> 63 != 0 {
+        // PENDING_SPACE afterwards: whether the last byte taken is a blank.
+        if (blank >> (8 * k - 1)) & 1 != 0 {
             self.flags |= flag::PENDING_SPACE;
         } else {
             self.flags &= !flag::PENDING_SPACE;
         }
         // One bit per solid byte, summed into the top byte.
         let solid_count = ((solid >> 7).wrapping_mul(swar::ONES) >> 56) as u8;
-        self.value_len = add_sat(n, solid_count);
-        true
+        self.value_len = n.saturating_add(solid_count);
+        k
     }
 
     #[inline(always)]
@@ -794,12 +793,6 @@ fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
     if r != 0 && q + 1 < N {
         words[(q + 1) % N] |= w >> (64 - r);
     }
-}
-
-/// `n + k`, saturating at `u8::MAX` (the byte-by-byte counters stop there).
-#[inline(always)]
-fn add_sat(n: u8, k: u8) -> u8 {
-    n.saturating_add(k)
 }
 
 #[inline(always)]

@@ -51,6 +51,32 @@ pub const fn upper(x: u64) -> u64 {
     x & !(in_range(x, b'a', b'z') >> 2)
 }
 
+/// How many bytes of the word come before the first one flagged in `stop` (a mask as above):
+/// 0 to 8.
+#[inline(always)]
+pub const fn leading(stop: u64) -> usize {
+    // The bits below the lowest flagged one: bit 7 is set in each byte before it; those bits,
+    // one per byte, summed into the top byte.
+    let below = (stop & stop.wrapping_neg()).wrapping_sub(1);
+    (((below & HIGH) >> 7).wrapping_mul(ONES) >> 56) as usize
+}
+
+/// Bit 7 of each of the first `k` bytes (`k <= 8`).
+#[inline(always)]
+pub const fn first(k: usize) -> u64 {
+    if k >= 8 {
+        HIGH
+    } else {
+        HIGH & ((1u64 << (8 * k)) - 1)
+    }
+}
+
+/// All bits of the first `k` bytes (`k <= 8`).
+#[inline(always)]
+pub const fn bytes(k: usize) -> u64 {
+    (first(k) >> 7).wrapping_mul(0xff)
+}
+
 /// The eight bytes of `b` from `off` as a little-endian word (host and tests; the kernel
 /// loads its words from map memory itself).
 #[inline(always)]
@@ -75,6 +101,17 @@ mod tests {
     }
 
     #[test]
+    fn first_bytes() {
+        for k in 0..=8usize {
+            let b = bytes(k).to_le_bytes();
+            for (i, &v) in b.iter().enumerate() {
+                assert_eq!(v, if i < k { 0xff } else { 0 });
+            }
+            assert_eq!(first(k), bytes(k) & HIGH);
+        }
+    }
+
+    #[test]
     fn masks_are_exact_for_every_byte_in_every_position() {
         // Every byte value, in every position, next to neighbours that provoke borrows.
         for fill in [0x00u8, 0x01, 0x20, 0x7f, 0x80, 0xff, b'A', b'z'] {
@@ -92,6 +129,9 @@ mod tests {
                         assert_eq!(bytes_of(lt(x, 1))[i], v < 1);
                         assert_eq!(bytes_of(in_range(x, b'a', b'z'))[i], v.is_ascii_lowercase());
                     }
+                    let stop = eq(x, b'/');
+                    let want = w.iter().position(|&v| v == b'/').unwrap_or(8);
+                    assert_eq!(leading(stop), want);
                     let lo = lower(x).to_le_bytes();
                     let up = upper(x).to_le_bytes();
                     for i in 0..8 {
