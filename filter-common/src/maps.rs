@@ -213,11 +213,6 @@ pub struct Scratch {
     pub prefix_key: PrefixKey,
     /// Raw path bytes the canonicalizer has taken so far (a word or a byte per callback).
     pub canon_pos: u32,
-    /// Where the canonicalizer and the stream parser try words again after one was declined
-    /// (its bytes go one by one: a word with an ordinary byte up front and a special one
-    /// further on would otherwise be tried again at each of its bytes).
-    pub canon_retry: u32,
-    pub word_retry: u32,
     pub _pad4: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));

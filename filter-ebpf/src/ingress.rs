@@ -532,7 +532,6 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
     s.window_len = w as u32;
     s.consumed = 0;
-    s.word_retry = 0;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
     let mut sc = ScratchCtx::new(s);
     unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
@@ -564,8 +563,8 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
 /// before it steps one byte.
 const WORDS_PER_CALL: usize = 8;
 
-/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: up to
-/// `WORDS_PER_CALL` words of ordinary bytes at once (`Stream::step_word`), then one byte
+/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: runs
+/// of ordinary bytes, up to `WORDS_PER_CALL` words of them (`Stream::step_run`), then one byte
 /// (`Stream::step`), deciding each request as its path completes. Returns 1 to stop (see
 /// `STOP_*`) or when the window is done; each call takes at least one byte, so `window_len`
 /// calls are enough.
@@ -574,18 +573,22 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let w = s.window_len as usize;
     let mut i = s.consumed as usize;
     let mut k = 0;
-    while k < WORDS_PER_CALL && i >= s.word_retry as usize {
-        // verifier: mask the index into the window.
+    while k < WORDS_PER_CALL {
+        if i + 8 > w {
+            break;
+        }
+        // verifier: mask the index into the window (`i <= w - 8` already: no wrap).
         let at = i & (LINE_WINDOW - 1);
-        if at + 8 > w || at > LINE_WINDOW - 8 {
+        if at > LINE_WINDOW - 8 {
             break;
         }
         let word = unsafe { read_unaligned(s.line.as_ptr().add(at).cast::<u64>()) };
-        if !s.stream.step_word(word, &mut s.raw) {
-            s.word_retry = (at + 8) as u32;
+        let n = s.stream.step_run(word, &mut s.raw);
+        i = at + n;
+        if n < 8 {
+            // The next byte is not ordinary: `step` takes it.
             break;
         }
-        i = at + 8;
         k += 1;
     }
     if i >= w {
@@ -635,7 +638,6 @@ fn decide(s: &mut Scratch) -> i64 {
     s.canon_err = u32::MAX;
     s.canon_raw_len = s.stream.line.path_len() as u32;
     s.canon_pos = 0;
-    s.canon_retry = 0;
     if s.canon_raw_len > 0 {
         let mut sc = ScratchCtx::new(s);
         unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, sc.ptr(), 0) };
@@ -699,26 +701,30 @@ fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 
     refuse_stop(s, Reason::Rejected, allow, method)
 }
 
-/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: up to
-/// `WORDS_PER_CALL` words of plain bytes at once (`Canon::push_word`), then one byte
+/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: runs of plain
+/// bytes, up to `WORDS_PER_CALL` words of them (`Canon::push_run`), then one byte
 /// (`Canon::push`). Each call takes at least one byte, so `canon_raw_len` calls are enough.
 unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let s = unsafe { scratch(ctx) };
     let n = s.canon_raw_len as usize;
     let mut i = s.canon_pos as usize;
     let mut k = 0;
-    while k < WORDS_PER_CALL && i >= s.canon_retry as usize {
-        // verifier: mask the index into the raw path.
+    while k < WORDS_PER_CALL {
+        if i + 8 > n {
+            break;
+        }
+        // verifier: mask the index into the raw path (`i <= n - 8` already: no wrap).
         let at = i & (PATH_MAX - 1);
-        if at + 8 > n || at > PATH_MAX - 8 {
+        if at > PATH_MAX - 8 {
             break;
         }
         let w = unsafe { read_unaligned(s.raw.as_ptr().add(at).cast::<u64>()) };
-        if !s.canon.push_word(w, &mut s.path, &mut s.canon_len) {
-            s.canon_retry = (at + 8) as u32;
+        let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
+        i = at + taken;
+        if taken < 8 {
+            // The next byte is not plain: `push` takes it.
             break;
         }
-        i = at + 8;
         k += 1;
     }
     if i >= n {
