@@ -245,7 +245,7 @@ impl Canon {
         let b = w.to_le_bytes();
         let mut j = 0;
         while j < 8 {
-            out[(n + j) & MASK] = b[j];
+            out[n + j] = b[j]; // in bounds: n <= PATH_MAX - 8
             j += 1;
         }
         *len = (n + k) as u16;

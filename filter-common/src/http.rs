@@ -138,7 +138,7 @@ impl LineParser {
 
     /// The fast path of [`LineParser::step`] for path bytes: of the eight bytes of `w` (the
     /// first in the low bits), appends the leading ones that end nothing (no SP, HTAB, CR, LF,
-    /// `?` or `#`) and returns how many it took, 0 to 8: the same result as that many
+    /// `?` or `#`; it also stops at other control bytes) and returns how many it took, 0 to 8: the same result as that many
     /// [`LineParser::step`] calls (in `path`, up to the path's length: the bytes after it are
     /// scratch). Takes nothing outside a path, or when eight more bytes might not fit in
     /// `path` (the caller steps byte by byte).
@@ -148,19 +148,16 @@ impl LineParser {
         if self.phase != phase::PATH || n > PATH_MAX - 8 {
             return 0;
         }
-        let ends = swar::eq(w, b' ')
-            | swar::eq(w, b'\t')
-            | swar::eq(w, b'\r')
-            | swar::eq(w, b'\n')
-            | swar::eq(w, b'?')
-            | swar::eq(w, b'#');
+        // SP, HTAB, CR and LF are below 0x21; so are control bytes, which end nothing but are
+        // rare in a path: the run stops there too and `step` takes them.
+        let ends = swar::lt(w, 0x21) | swar::eq(w, b'?') | swar::eq(w, b'#');
         let k = swar::leading(ends);
         // All eight bytes are written (no loop of run-time length for the verifier); those
         // past the new `path_len` are scratch, overwritten before the path grows over them.
         let b = w.to_le_bytes();
         let mut j = 0;
         while j < 8 {
-            path[(n + j) & (PATH_MAX - 1)] = b[j];
+            path[n + j] = b[j]; // in bounds: n <= PATH_MAX - 8
             j += 1;
         }
         self.path_len += k as u16;
