@@ -559,6 +559,29 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
 }
 
+/// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
+/// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
+/// one holding `at` readable when `at` is not a multiple of 8.
+#[inline(always)]
+fn word_at(base: *const u8, at: usize) -> u64 {
+    let a = at & !7;
+    let r = (at & 7) * 8;
+    let lo = u64::from_le(unsafe { base.add(a).cast::<u64>().read() });
+    if r == 0 {
+        return lo;
+    }
+    let hi = u64::from_le(unsafe { base.add(a + 8).cast::<u64>().read() });
+    (lo >> r) | (hi << (64 - r))
+}
+
+// `word_at` reads the window and the raw path through 8-aligned bases.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Scratch, line).is_multiple_of(8));
+    assert!(offset_of!(Scratch, raw).is_multiple_of(8));
+    assert!(core::mem::align_of::<Scratch>() >= 8);
+};
+
 /// Words (eight bytes each) a stream or canonicalizer callback may take through the fast path
 /// before it steps one byte.
 const WORDS_PER_CALL: usize = 8;
@@ -582,7 +605,8 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         if at > LINE_WINDOW - 8 {
             break;
         }
-        let word = unsafe { read_unaligned(s.line.as_ptr().add(at).cast::<u64>()) };
+        // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window.
+        let word = word_at(s.line.as_ptr(), at);
         let n = s.stream.step_run(word, &mut s.raw);
         i = at + n;
         if n < 8 {
@@ -718,7 +742,8 @@ unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
         if at > PATH_MAX - 8 {
             break;
         }
-        let w = unsafe { read_unaligned(s.raw.as_ptr().add(at).cast::<u64>()) };
+        // `at <= PATH_MAX - 8`: the next aligned word is inside the raw path.
+        let w = word_at(s.raw.as_ptr(), at);
         let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
         i = at + taken;
         if taken < 8 {
