@@ -184,9 +184,7 @@ impl LineParser {
                     } else if n < 16 {
                         self.w1 |= (b as u64) << (8 * (n - 8));
                     }
-                    if self.method_len < u16::MAX {
-                        self.method_len += 1;
-                    }
+                    self.method_len = self.method_len.saturating_add(1);
                     Step::More
                 } else if blank && self.method_len > 0 {
                     self.phase = phase::TARGET_START;
