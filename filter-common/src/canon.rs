@@ -4,6 +4,8 @@
 //! [`Canon::push`] takes one raw path byte at a time (the request-line parser stops at `?`,
 //! `#`, SP, HTAB, CR and LF; the first byte is the leading `/`) and appends canonical bytes to
 //! a fixed `[u8; PATH_MAX]` buffer; [`Canon::finish`] completes the last segment.
+//! [`Canon::push_run`] is an optional fast path that takes up to eight plain bytes at once,
+//! with exactly the result of as many `push`es.
 //! [`canonicalize`] runs the same machine over a whole path for userspace (rule paths) and
 //! tests. The rules are what nginx (`merge_slashes`, its URI normalisation), Envoy
 //! (`normalize_path` + `merge_slashes`), Tomcat and Spring do before routing:
@@ -55,7 +57,7 @@
 //! eight bytes of integers: any byte pattern is a valid state (a corrupted one can produce a
 //! wrong path or an error, never a fault).
 
-use crate::{Reason, PATH_MAX};
+use crate::{put, swar, Reason, PATH_MAX};
 
 const MASK: usize = PATH_MAX - 1;
 const _: () = assert!(PATH_MAX.is_power_of_two() && PATH_MAX < u16::MAX as usize);
@@ -151,6 +153,24 @@ impl Canon {
         }
     }
 
+    /// Make this a fresh canonicalizer in place (what `*self = Canon::new()` does, without
+    /// the byte-loop `memset` BPF would run for it; see [`crate::put`]).
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        put(&mut self.seg_start, 0);
+        put(&mut self.esc, ESC_NONE);
+        put(&mut self.hi, 0);
+        put(&mut self.dots, 0);
+        put(&mut self.param, 0);
+        put(&mut self.top, 0);
+        put(&mut self.depth, 0);
+        let mut i = 0;
+        while i < DEPTH {
+            put(&mut self.starts[i], 0);
+            i += 1;
+        }
+    }
+
     /// Feed one raw byte of the path. Canonical bytes are appended to `out` at `*len`, and
     /// `*len` (the canonical length so far, kept by the caller, starting at 0) is updated; a
     /// `.`/`..` segment may later shorten it again.
@@ -190,6 +210,47 @@ impl Canon {
         };
         // One call site, so the segment logic (and its `..` loop) is inlined once.
         self.char(c, out, len)
+    }
+
+    /// The fast path of [`Canon::push`]: of the eight raw bytes of `w` (the first in the low
+    /// bits), takes the leading ones that are plain (not `/`, `%`, `;`, `\\`, a control byte,
+    /// SP or DEL, and no `.` that could make the segment a dot segment): kept, or dropped
+    /// inside path parameters. Returns how many it took, 0 to 8, with the state that many
+    /// `push` calls would leave (in `out`, up to `*len`: the bytes after it are scratch); the
+    /// caller pushes the next byte with `push`.
+    #[inline(always)]
+    pub fn push_run(&mut self, w: u64, out: &mut [u8; PATH_MAX], len: &mut u16) -> usize {
+        let n = *len as usize;
+        if self.esc != ESC_NONE || n == 0 || n > PATH_MAX - 8 {
+            return 0;
+        }
+        let special = swar::lt(w, 0x21)
+            | swar::eq(w, 0x7f)
+            | swar::eq(w, b'/')
+            | swar::eq(w, b'%')
+            | swar::eq(w, b';')
+            | swar::eq(w, b'\\');
+        let k = swar::leading(special);
+        if k == 0 || self.param != 0 {
+            // Parameter bytes are dropped up to the next `/`.
+            return k;
+        }
+        // A `.` only counts towards `.`/`..` while the segment has nothing else: after the
+        // first byte of a segment that is not a dot (or already holds more), it is ordinary.
+        if self.dots != DOTS_OTHER && (w & 0xff) as u8 == b'.' {
+            return 0;
+        }
+        // All eight bytes are written (no loop of run-time length for the verifier); those
+        // past the new `*len` are scratch, overwritten before the output grows over them.
+        let b = w.to_le_bytes();
+        let mut j = 0;
+        while j < 8 {
+            out[n + j] = b[j]; // in bounds: n <= PATH_MAX - 8
+            j += 1;
+        }
+        *len = (n + k) as u16;
+        self.dots = DOTS_OTHER;
+        k
     }
 
     /// A valid escape of a reserved character: three bytes, uppercase hex, never a
@@ -601,6 +662,86 @@ mod tests {
             }
         }
         p
+    }
+
+    /// At every offset of `path` (pushed byte by byte), [`Canon::push_run`] takes k bytes
+    /// and leaves exactly the state, output and length of k [`Canon::push`] calls, each `Ok`
+    /// (nothing changes when k is 0). Returns how many bytes it took in all.
+    fn word_fast_path_is_exact(path: &[u8]) -> usize {
+        let mut c = Canon::new();
+        let mut out = [0x5au8; PATH_MAX];
+        let mut len = 0u16;
+        let mut taken = 0;
+        for i in 0..path.len() {
+            if i + 8 <= path.len() {
+                let w = crate::swar::word(path, i);
+                let (mut fc, mut fout, mut flen) = (c, out, len);
+                let k = fc.push_run(w, &mut fout, &mut flen);
+                assert!(k <= 8);
+                let (mut sc, mut sout, mut slen) = (c, out, len);
+                for &b in &path[i..i + k] {
+                    assert_eq!(sc.push(b, &mut sout, &mut slen), Ok(()), "{:?}", show(path));
+                }
+                assert_eq!(
+                    format!("{fc:?} {flen}"),
+                    format!("{sc:?} {slen}"),
+                    "{:?} at {i}",
+                    show(path)
+                );
+                // The output up to its length; the bytes after it are scratch.
+                assert!(
+                    fout[..flen as usize] == sout[..slen as usize],
+                    "{:?}",
+                    show(path)
+                );
+                taken += k;
+            }
+            if c.push(path[i], &mut out, &mut len).is_err() {
+                break;
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn word_fast_path_matches_byte_pushes() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut taken = 0;
+        for _ in 0..50_000 {
+            let mut p = random_path(&mut next);
+            // Plain runs, so that words are taken as well as declined.
+            let k = (next() % 24) as usize;
+            let at = (next() as usize) % (p.len() + 1);
+            let run: Vec<u8> = (0..k).map(|j| b"abcXYZ09.-_~"[(j * 7 + at) % 12]).collect();
+            p.splice(at..at, run);
+            taken += word_fast_path_is_exact(&p);
+        }
+        assert!(taken > 50_000, "{taken}");
+        let mut long = vec![b'/'];
+        long.extend(core::iter::repeat_n(b'a', PATH_MAX + 16));
+        assert!(word_fast_path_is_exact(&long) > 100);
+    }
+
+    /// The same, as a bolero target over the interesting alphabet.
+    #[test]
+    fn fuzz_word_fast_path_matches_byte_pushes() {
+        bolero::check!()
+            .with_type::<Vec<u8>>()
+            .with_max_len(256)
+            .for_each(|p| {
+                let mut q = vec![b'/'];
+                q.extend(
+                    p.iter()
+                        .map(|&b| b"/.%2eEfF5cC;a0\\3bB~\x80 xyz"[b as usize % 24]),
+                );
+                word_fast_path_is_exact(&q);
+            });
     }
 
     #[test]

@@ -63,7 +63,13 @@ impl SipState {
     /// Absorb the little-endian word at byte `off` of `buf`.
     #[inline(always)]
     pub fn word(&mut self, buf: &[u8; PATH_MAX], off: usize) {
-        let m = word_at(buf, off);
+        self.absorb(word_at(buf, off));
+    }
+
+    /// Absorb one message word (the next eight path bytes, little-endian), for a caller that
+    /// loads the words itself (the kernel reads them from an aligned buffer in one load).
+    #[inline(always)]
+    pub fn absorb(&mut self, m: u64) {
         self.v[3] ^= m;
         sipround(&mut self.v);
         self.v[0] ^= m;

@@ -12,7 +12,7 @@
 //! drives it over one buffer on the host; both end in [`LineParser::finish`].
 
 use crate::method::{is_tchar, Method, METHOD_MAX};
-use crate::{Reason, LINE_WINDOW, PATH_MAX};
+use crate::{put, swar, Reason, LINE_WINDOW, PATH_MAX};
 
 /// Blank lines a request may start with (RFC 9112 §2.2 says a server SHOULD skip at least one)
 /// before the parser calls the payload "not HTTP".
@@ -86,6 +86,19 @@ impl LineParser {
         }
     }
 
+    /// Make this a fresh parser in place (what `*self = LineParser::new()` does, without the
+    /// byte-loop `memset` BPF would run for it; see [`crate::put`]).
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        put(&mut self.w0, 0);
+        put(&mut self.w1, 0);
+        put(&mut self.path_len, 0);
+        put(&mut self.method_len, 0);
+        put(&mut self.leading_eol, 0);
+        put(&mut self.phase, phase::METHOD);
+        put(&mut self._pad, 0);
+    }
+
     pub fn method(&self) -> Method {
         if self.method_len as usize > METHOD_MAX {
             Method::Other
@@ -123,6 +136,34 @@ impl LineParser {
         Step::More
     }
 
+    /// The fast path of [`LineParser::step`] for path bytes: of the eight bytes of `w` (the
+    /// first in the low bits), appends the leading ones that end nothing (no SP, HTAB, CR, LF,
+    /// `?` or `#`; it also stops at other control bytes) and returns how many it took, 0 to 8: the same result as that many
+    /// [`LineParser::step`] calls (in `path`, up to the path's length: the bytes after it are
+    /// scratch). Takes nothing outside a path, or when eight more bytes might not fit in
+    /// `path` (the caller steps byte by byte).
+    #[inline(always)]
+    pub fn path_run(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> usize {
+        let n = self.path_len as usize;
+        if self.phase != phase::PATH || n > PATH_MAX - 8 {
+            return 0;
+        }
+        // SP, HTAB, CR and LF are below 0x21; so are control bytes, which end nothing but are
+        // rare in a path: the run stops there too and `step` takes them.
+        let ends = swar::lt(w, 0x21) | swar::eq(w, b'?') | swar::eq(w, b'#');
+        let k = swar::leading(ends);
+        // All eight bytes are written (no loop of run-time length for the verifier); those
+        // past the new `path_len` are scratch, overwritten before the path grows over them.
+        let b = w.to_le_bytes();
+        let mut j = 0;
+        while j < 8 {
+            path[n + j] = b[j]; // in bounds: n <= PATH_MAX - 8
+            j += 1;
+        }
+        self.path_len += k as u16;
+        k
+    }
+
     /// The path is complete.
     #[inline(always)]
     fn end_path(&mut self, _path: &mut [u8; PATH_MAX]) -> Step {
@@ -143,9 +184,7 @@ impl LineParser {
                     } else if n < 16 {
                         self.w1 |= (b as u64) << (8 * (n - 8));
                     }
-                    if self.method_len < u16::MAX {
-                        self.method_len += 1;
-                    }
+                    self.method_len = self.method_len.saturating_add(1);
                     Step::More
                 } else if blank && self.method_len > 0 {
                     self.phase = phase::TARGET_START;

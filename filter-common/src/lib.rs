@@ -22,10 +22,21 @@ pub mod method;
 pub mod reason;
 pub mod reply;
 pub mod stream;
+pub mod swar;
 
 pub use maps::*;
 pub use method::{Method, MethodSet};
 pub use reason::{Reason, REASON_COUNT};
+
+/// `*dst = v` as a store of its own. Fields zeroed one after the other are otherwise merged by
+/// the compiler into a `memset` call, which BPF runs as a byte loop (tens of iterations per
+/// request on the kernel's hot path); a volatile store is never merged. Same effect as the
+/// assignment.
+#[inline(always)]
+pub(crate) fn put<T: Copy>(dst: &mut T, v: T) {
+    // SAFETY: `dst` is a valid, aligned, exclusive reference.
+    unsafe { core::ptr::write_volatile(dst, v) }
+}
 
 /// [`REASON_COUNT`] as the map size type.
 pub const REASON_COUNT_U32: u32 = REASON_COUNT as u32;

@@ -170,7 +170,7 @@ pub struct RejectEvent {
     pub line: [u8; EVENT_LINE_MAX],
 }
 const _: () = assert!(core::mem::size_of::<RejectEvent>() == 80 + EVENT_LINE_MAX);
-const _: () = assert!(core::mem::size_of::<RejectEvent>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<RejectEvent>().is_multiple_of(8));
 
 /// The classifier's per-CPU working memory: too big for the 512-byte BPF stack.
 #[repr(C)]
@@ -185,7 +185,7 @@ pub struct Scratch {
     pub raw: [u8; crate::PATH_MAX],
     pub event: RejectEvent,
     /// The connection's stream state while a segment is processed (copied in and out of
-    /// `CONNS`), stepped once per byte by the `bpf_loop` callback.
+    /// `CONNS`), stepped by the `bpf_loop` callback a word or a byte at a time.
     pub stream: crate::stream::Stream,
     /// The connection's key.
     pub key: ConnKey,
@@ -210,14 +210,16 @@ pub struct Scratch {
     pub stop_reason: u32,
     pub stop_method: u32,
     pub stop_allow: u32,
-    /// Canonicalization under way (one raw byte per `bpf_loop` callback): state, length so
-    /// far, raw bytes to feed, and the first error (`Reason`, or `u32::MAX` for none).
+    /// Canonicalization under way (a word or a raw byte per `bpf_loop` callback): state,
+    /// length so far, raw bytes to feed, and the first error (`Reason`, or `u32::MAX` for
+    /// none).
     pub canon: crate::canon::Canon,
     pub canon_len: u16,
     pub _pad2: u16,
     pub canon_raw_len: u32,
     pub canon_err: u32,
-    /// Path hash under way (fed one word per `bpf_loop` callback), and its word count.
+    /// Path hash under way (fed up to `HASH_WORDS_PER_CALL` words per `bpf_loop` callback),
+    /// and its word count.
     pub sip: crate::hash::SipState,
     pub sip_words: u32,
     pub _pad1: u32,
@@ -227,8 +229,11 @@ pub struct Scratch {
     /// 1 no usable state, 2 `rep_done` holds its response count.
     pub rep_read: u32,
     pub rep_done: u32,
+    /// Raw path bytes the canonicalizer has taken so far (a word or a byte per callback).
+    pub canon_pos: u32,
+    pub _pad4: u32,
 }
-const _: () = assert!(core::mem::size_of::<Scratch>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 
 /// Why the `bpf_loop` callback stopped before the end of the window.
 pub const STOP_NONE: u32 = 0;

@@ -378,7 +378,10 @@ impl Replies {
     pub fn step_word(&mut self, w: u64) -> bool {
         let plain = self.phase == phase::STATUS_REST
             || (self.phase == phase::HEADER_VALUE && self.header == header::OTHER);
-        if !plain || self.count >= HEAD_LIMIT - 8 || has_byte(w, b'\r') || has_byte(w, b'\n') {
+        if !plain
+            || self.count >= HEAD_LIMIT - 8
+            || (crate::swar::eq(w, b'\r') | crate::swar::eq(w, b'\n')) != 0
+        {
             return false;
         }
         self.pos = self.pos.wrapping_add(8);
@@ -670,16 +673,6 @@ impl Replies {
         self.phase = phase::CHUNK_DATA;
         REv::Bulk
     }
-}
-
-/// Whether any byte of `w` is `b` (exact: the borrow of the subtraction cannot make a false
-/// positive in the lowest byte that matches, and no match means no high bit survives).
-#[inline(always)]
-fn has_byte(w: u64, b: u8) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let x = w ^ (ONES * b as u64);
-    x.wrapping_sub(ONES) & !x & HIGHS != 0
 }
 
 #[inline(always)]

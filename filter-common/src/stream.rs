@@ -3,8 +3,11 @@
 //!
 //! [`Stream`] is the per-connection state the kernel keeps in an LRU map. The caller feeds it
 //! the bytes of each in-order segment: [`Stream::step`] one byte at a time for request lines,
-//! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk. `step`
-//! returns an [`Ev`] whenever the caller has something to do:
+//! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk.
+//! [`Stream::step_run`] is an optional fast path: it takes up to eight bytes at once where
+//! they are ordinary (path bytes, the rest of a request line, header names and values), with
+//! exactly the result of as many `step`s, and leaves everything else to `step`. `step` returns an
+//! [`Ev`] whenever the caller has something to do:
 //!
 //! * [`Ev::Decide`]: the request line's method and canonical path are known (the path is in
 //!   the caller's path buffer): look the rule up, then [`Stream::set_verdict`] or refuse.
@@ -30,7 +33,7 @@
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
 use crate::reply::{ReqView, RING, SWITCH_CONNECT, SWITCH_NONE, SWITCH_UPGRADE};
-use crate::{Reason, PATH_MAX};
+use crate::{put, swar, Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
 pub const LINE_LIMIT: u32 = 8192;
@@ -179,7 +182,7 @@ pub struct Stream {
     /// Bit `r % reply::RING`: request `r` was `HEAD`.
     pub head_ring: u64,
 }
-const _: () = assert!(core::mem::size_of::<Stream>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<Stream>().is_multiple_of(8));
 
 impl Stream {
     /// A connection whose next byte is `pos` and starts a request.
@@ -215,24 +218,26 @@ impl Stream {
     /// call site.
     #[inline(always)]
     fn next_request(&mut self) {
-        self.line = LineParser::new();
-        self.body_left = 0;
-        self.cl = 0;
+        // Stores of their own (`put`): merged, they become a byte-loop memset in BPF.
+        self.line.reset();
+        put(&mut self.body_left, 0);
+        put(&mut self.cl, 0);
         self.req_start = self.pos;
-        self.count = 0;
-        self.allow = 0;
-        self.rule_flags = 0;
-        self.name_len = 0;
-        self.value_len = 0;
+        put(&mut self.count, 0);
+        put(&mut self.allow, 0);
+        put(&mut self.rule_flags, 0);
+        put(&mut self.name_len, 0);
+        put(&mut self.value_len, 0);
         // After an `Upgrade` / `CONNECT` request (and its body), wait for the answer.
-        self.phase = if self.switch != SWITCH_NONE {
+        let next = if self.switch != SWITCH_NONE {
             phase::AWAIT
         } else {
             phase::LINE
         };
+        put(&mut self.phase, next);
         self.flags &= flag::PERSISTENT;
-        self.method = Method::Other as u8;
-        self.header = header::OTHER;
+        put(&mut self.method, Method::Other as u8);
+        put(&mut self.header, header::OTHER);
     }
 
     /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
@@ -242,14 +247,16 @@ impl Stream {
     pub fn reset(&mut self, pos: u32, flags: u8) {
         self.pos = pos;
         self.flags = flags & flag::PERSISTENT;
-        self.name = [0; NAME_WORDS];
-        self.value = [0; 2];
-        self._pad = [0; 2];
-        self.reqs = 0;
-        self.switch = SWITCH_NONE;
-        self.unsure = 0;
-        self._pad_e = [0; 2];
-        self.head_ring = 0;
+        self.clear_name();
+        self.clear_value();
+        put(&mut self._pad[0], 0);
+        put(&mut self._pad[1], 0);
+        put(&mut self.reqs, 0);
+        put(&mut self.switch, SWITCH_NONE);
+        put(&mut self.unsure, 0);
+        put(&mut self._pad_e[0], 0);
+        put(&mut self._pad_e[1], 0);
+        put(&mut self.head_ring, 0);
         self.next_request();
     }
 
@@ -512,6 +519,99 @@ impl Stream {
         }
     }
 
+    /// The fast path of [`Stream::step`]: of the eight bytes of `w` (the first in the low
+    /// bits), takes the leading ones that would each make `step` return [`Ev::More`] while
+    /// changing only counters, the path, the header name or the header value (path bytes, the
+    /// rest of a request line, header names of letters and `-`, header value bytes other than
+    /// control bytes), and returns how many it took, 0 to 8. The state is then exactly what
+    /// that many `step` calls would have left; the caller steps the next byte with `step`.
+    #[inline(always)]
+    pub fn step_run(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> usize {
+        let k = match self.phase {
+            // `count != 0`: the request's first byte (which sets `req_start`) is behind.
+            phase::LINE if self.count != 0 && self.count <= LINE_LIMIT - 8 => {
+                self.line.path_run(w, path)
+            }
+            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => swar::leading(swar::eq(w, b'\n')),
+            phase::HEADER_NAME if self.count <= HEADER_LIMIT - 8 => self.name_run(w),
+            phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => self.value_run(w),
+            _ => 0,
+        };
+        self.pos = self.pos.wrapping_add(k as u32);
+        self.count += k as u32;
+        k
+    }
+
+    /// The leading letters and `-` of `w` as header-name bytes ([`Stream::push_name`] for
+    /// each; other token characters go byte by byte).
+    #[inline(always)]
+    fn name_run(&mut self, w: u64) -> usize {
+        let plain =
+            swar::in_range(w, b'a', b'z') | swar::in_range(w, b'A', b'Z') | swar::eq(w, b'-');
+        let k = swar::leading(!plain & swar::HIGH);
+        let n = self.name_len;
+        insert(&mut self.name, n as usize, swar::lower(w) & swar::bytes(k));
+        self.name_len = n.saturating_add(k as u8);
+        k
+    }
+
+    /// The leading bytes of `w` as bytes of a header value other than `Content-Length`'s, up
+    /// to a control byte (HTAB aside) or DEL ([`Stream::push_value`] and the whitespace flags
+    /// for each). Whitespace is taken only once the stored prefix of the value (16 bytes) is
+    /// full.
+    #[inline(always)]
+    fn value_run(&mut self, w: u64) -> usize {
+        if self.header == header::CONTENT_LENGTH {
+            return 0;
+        }
+        let blank = swar::eq(w, b' ') | swar::eq(w, b'\t');
+        let ctl = (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f);
+        let n = self.value_len;
+        if n < 16 {
+            let k = swar::leading(ctl | blank);
+            if k == 0 {
+                return 0;
+            }
+            if self.flags & flag::PENDING_SPACE != 0 {
+                self.flags = (self.flags & !flag::PENDING_SPACE) | flag::VALUE_INNER_SPACE;
+            }
+            let c = if self.header == header::METHOD_OVERRIDE {
+                swar::upper(w)
+            } else {
+                swar::lower(w)
+            };
+            insert(&mut self.value, n as usize, c & swar::bytes(k));
+            self.value_len = n.saturating_add(k as u8);
+            return k;
+        }
+        let k = swar::leading(ctl);
+        if k == 0 {
+            return 0;
+        }
+        // `value_len > 0` throughout: every blank sets PENDING_SPACE, every other byte turns
+        // a pending space into an inner one.
+        let blank = blank & swar::first(k);
+        let solid = !blank & swar::first(k);
+        let pending = if self.flags & flag::PENDING_SPACE != 0 {
+            0x80
+        } else {
+            0
+        };
+        if solid & ((blank << 8) | pending) != 0 {
+            self.flags |= flag::VALUE_INNER_SPACE;
+        }
+        // PENDING_SPACE afterwards: whether the last byte taken is a blank.
+        if (blank >> (8 * k - 1)) & 1 != 0 {
+            self.flags |= flag::PENDING_SPACE;
+        } else {
+            self.flags &= !flag::PENDING_SPACE;
+        }
+        // One bit per solid byte, summed into the top byte.
+        let solid_count = ((solid >> 7).wrapping_mul(swar::ONES) >> 56) as u8;
+        self.value_len = n.saturating_add(solid_count);
+        k
+    }
+
     #[inline(always)]
     fn step_line(&mut self, b: u8, path: &mut [u8; PATH_MAX]) -> Ev {
         if self.count == 0 {
@@ -573,7 +673,7 @@ impl Stream {
                     self.end_headers()
                 } else if is_tchar(b) {
                     // A new field line. (A leading SP/HTAB would be obsolete line folding.)
-                    self.name = [0; NAME_WORDS];
+                    self.clear_name();
                     self.name_len = 0;
                     self.push_name(b);
                     self.phase = phase::HEADER_NAME;
@@ -585,7 +685,7 @@ impl Stream {
             phase::HEADER_NAME => {
                 if b == b':' {
                     self.header = self.classify();
-                    self.value = [0; 2];
+                    self.clear_value();
                     self.value_len = 0;
                     self.cl = 0;
                     self.flags &= !(flag::PENDING_SPACE | flag::VALUE_INNER_SPACE);
@@ -637,15 +737,28 @@ impl Stream {
         }
     }
 
+    /// `name = [0; NAME_WORDS]` as word stores (see [`crate::put`]).
+    #[inline(always)]
+    fn clear_name(&mut self) {
+        put(&mut self.name[0], 0);
+        put(&mut self.name[1], 0);
+        put(&mut self.name[2], 0);
+    }
+
+    /// `value = [0; 2]` as word stores (see [`crate::put`]).
+    #[inline(always)]
+    fn clear_value(&mut self) {
+        put(&mut self.value[0], 0);
+        put(&mut self.value[1], 0);
+    }
+
     #[inline(always)]
     fn push_name(&mut self, b: u8) {
         let n = self.name_len as usize;
         if n < NAME_WORDS * 8 {
             self.name[(n / 8) % NAME_WORDS] |= (b.to_ascii_lowercase() as u64) << (8 * (n % 8));
         }
-        if self.name_len < u8::MAX {
-            self.name_len += 1;
-        }
+        self.name_len = self.name_len.saturating_add(1);
     }
 
     #[inline(always)]
@@ -687,9 +800,7 @@ impl Stream {
             };
             self.value[(n / 8) % 2] |= (c as u64) << (8 * (n % 8));
         }
-        if self.value_len < u8::MAX {
-            self.value_len += 1;
-        }
+        self.value_len = self.value_len.saturating_add(1);
         Ev::More
     }
 
@@ -788,6 +899,20 @@ impl Stream {
         }
         self.phase = phase::CHUNK_DATA;
         Ev::Bulk
+    }
+}
+
+/// `words` (bytes in little-endian order) with the bytes of `w` ORed in from byte `n` on;
+/// bytes past the end are dropped (what `push_name` / `push_value` do byte by byte).
+#[inline(always)]
+fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
+    if n >= N * 8 {
+        return;
+    }
+    let (q, r) = (n / 8, (n % 8) * 8);
+    words[q % N] |= w << r;
+    if r != 0 && q + 1 < N {
+        words[(q + 1) % N] |= w >> (64 - r);
     }
 }
 

@@ -4,8 +4,9 @@
 //! Each TCP segment to an inspected port is placed in its connection's stream (`CONNS`):
 //! segments ahead of the next expected byte are dropped (the client sends them again in
 //! order), bytes already decided on pass untouched, and new bytes go through the shared
-//! stream parser (`filter_common::stream`), one `bpf_loop` callback per byte for request lines
-//! and headers, in bulk for bodies. Each request is decided when its path is known, and again
+//! stream parser (`filter_common::stream`) in `bpf_loop` callbacks, eight bytes at a time where
+//! they are ordinary (path, rest of the request line, header names and values) and byte by byte
+//! elsewhere, in bulk for bodies. Each request is decided when its path is known, and again
 //! for each method-override header. A refused request that starts inside the segment after
 //! bytes that may pass is cut off (the segment is shortened, the client resends the rest); one
 //! that starts at the segment's first new byte turns the segment into a reset to the backend,
@@ -21,11 +22,10 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use core::ptr::{
-    addr_of, addr_of_mut, null_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
+    addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
 };
 use filter_common::reply::OUTSTANDING_MAX;
 use filter_common::{
-    canon::Canon,
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
     tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
@@ -122,6 +122,20 @@ fn port_inspected(port: u16) -> bool {
     word & (1u64 << (port & 63)) != 0
 }
 
+/// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
+/// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
+/// (a helper call, several times the cost of the whole early exit).
+#[inline(always)]
+fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes are inside the packet, as just checked (the verifier checks it
+        // again).
+        return Ok(unsafe { read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).map_err(|_| ())
+}
+
 /// Where the current segment's headers and payload are.
 pub struct Headers {
     pub family: u8,
@@ -151,7 +165,7 @@ fn first_fragment(ctx: &TcContext, l4: usize) -> Reason {
 }
 
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
-    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Reason::NotIp)?;
+    let eth: [u8; ETH_HLEN] = peek(ctx, 0).map_err(|_| Reason::NotIp)?;
     let skb = ctx.skb.skb;
     if unsafe { (*skb).vlan_present != 0 && (*skb).vlan_tci & 0x0fff != 0 } {
         // Tagged for a VLAN (the tag is already out of the frame): it belongs to a VLAN
@@ -175,7 +189,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     }
     let (family, l4, ip_end) = match proto {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(l3).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV4_HLEN_MIN] = peek(ctx, l3).map_err(|_| Reason::NotIp)?;
             if ip[9] != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
@@ -195,7 +209,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             (FAMILY_V4, l3 + ihl, l3 + be16(ip[2], ip[3]) as usize)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = ctx.load(l3).map_err(|_| Reason::NotIp)?;
+            let ip: [u8; IPV6_HLEN] = peek(ctx, l3).map_err(|_| Reason::NotIp)?;
             // Walk up to V6_EXT_MAX extension headers to the TCP header.
             let mut next = ip[6];
             let mut l4 = l3 + IPV6_HLEN;
@@ -228,7 +242,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         _ => return Err(Reason::NotIp),
     };
     // Everything else leaves here, before any map is touched.
-    let ports: [u8; 4] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
+    let ports: [u8; 4] = peek(ctx, l4).map_err(|_| Reason::NotTcp)?;
     if !port_inspected(be16(ports[2], ports[3])) {
         return Err(Reason::OtherPort);
     }
@@ -236,10 +250,16 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(l3 + 12).map_err(|_| Reason::NotIp)?;
-        s.key.client_addr_be = [0; 16];
-        s.key.server_addr_be = [0; 16];
-        s.key.client_addr_be[..4].copy_from_slice(&a[..4]);
-        s.key.server_addr_be[..4].copy_from_slice(&a[4..]);
+        // Word stores of their own: merged, the zeroing becomes a byte-loop memset in BPF.
+        let k = addr_of_mut!(s.key).cast::<u64>();
+        let c = u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
+        let v = u64::from_ne_bytes([a[4], a[5], a[6], a[7], 0, 0, 0, 0]);
+        unsafe {
+            write_volatile(k, c);
+            write_volatile(k.add(1), 0);
+            write_volatile(k.add(2), v);
+            write_volatile(k.add(3), 0);
+        }
     } else {
         let a: [u8; 32] = ctx.load(l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
@@ -263,10 +283,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         )
     };
     let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
-    s.key.client_port = be16(tcp[0], tcp[1]);
-    s.key.server_port = be16(tcp[2], tcp[3]);
-    s.key.family = family;
-    s.key._pad = [0; 3];
+    // The key's last word (ports, family, zero padding) as one store.
+    let (cp, sp) = (
+        be16(tcp[0], tcp[1]).to_ne_bytes(),
+        be16(tcp[2], tcp[3]).to_ne_bytes(),
+    );
+    let tail = u64::from_ne_bytes([cp[0], cp[1], sp[0], sp[1], family, 0, 0, 0]);
+    unsafe { write_volatile(addr_of_mut!(s.key).cast::<u64>().add(4), tail) };
     let flags = tcp[13];
     let mut seq = be32(&tcp, 4);
 
@@ -380,7 +403,10 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     s.stop = STOP_NONE;
     s.decided = 0;
     s.rep_read = 0;
-    let mut rc = RoundCtx { skb: ctx.skb.skb };
+    let mut rc = RoundCtx {
+        skb: ctx.skb.skb,
+        s: s as *mut Scratch,
+    };
     // verifier: the round body (window parse, decision, bulk body) verified once, not once
     // per round.
     unsafe {
@@ -569,22 +595,47 @@ fn forget(s: &Scratch) {
     let _ = REPLIES.remove(&s.key);
 }
 
-/// What the round callback needs from the main program: the skb (a spilled context pointer
-/// the verifier follows into the callback).
+/// What the round callback needs from the main program: the skb and the scratch buffer
+/// (spilled pointers the verifier follows into the callback, so no callback looks the scratch
+/// up again).
 #[repr(C)]
 struct RoundCtx {
     skb: *mut __sk_buff,
+    s: *mut Scratch,
+}
+
+/// What the per-byte, per-path-byte and per-word callbacks need: the scratch buffer.
+#[repr(C)]
+struct ScratchCtx {
+    s: *mut Scratch,
+}
+
+impl ScratchCtx {
+    #[inline(always)]
+    fn new(s: &mut Scratch) -> ScratchCtx {
+        ScratchCtx {
+            s: s as *mut Scratch,
+        }
+    }
+
+    #[inline(always)]
+    fn ptr(&mut self) -> *mut c_void {
+        (self as *mut ScratchCtx).cast()
+    }
+}
+
+/// The scratch buffer a callback was handed.
+#[inline(always)]
+unsafe fn scratch<'a>(ctx: *mut c_void) -> &'a mut Scratch {
+    unsafe { &mut *(*(ctx as *const ScratchCtx)).s }
 }
 
 /// `bpf_loop` callback: one round over the segment's new bytes: a body run consumed in bulk, or
 /// a window of request line / headers parsed byte by byte with each decision applied. Leaves
 /// `s.stop` at `STOP_NONE`, or `STOP_REFUSE` / `STOP_TUNNEL` for the main program to act on.
 unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
     let rc = unsafe { &*(rc as *const RoundCtx) };
+    let s = unsafe { &mut *rc.s };
     let (off, len) = (s.off as usize, s.payload_len as usize);
     if off >= len || s.stop != STOP_NONE {
         return 1;
@@ -617,7 +668,8 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     s.window_len = w as u32;
     s.consumed = 0;
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
-    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, null_mut(), 0) };
+    let mut sc = ScratchCtx::new(s);
+    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
     let consumed = s.consumed as usize;
     s.off = (off + if consumed < w { consumed } else { w }) as u32;
     if s.stop == STOP_DECIDE {
@@ -649,20 +701,70 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
 }
 
-/// `bpf_loop` callback: feed window byte `i` to the connection's stream parser, deciding each
-/// request as its path completes. Returns 1 to stop (see `STOP_*`).
-unsafe extern "C" fn stream_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.window_len as usize {
+/// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
+/// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
+/// one holding `at` readable when `at` is not a multiple of 8.
+#[inline(always)]
+fn word_at(base: *const u8, at: usize) -> u64 {
+    let a = at & !7;
+    let r = (at & 7) * 8;
+    let lo = u64::from_le(unsafe { base.add(a).cast::<u64>().read() });
+    if r == 0 {
+        return lo;
+    }
+    let hi = u64::from_le(unsafe { base.add(a + 8).cast::<u64>().read() });
+    (lo >> r) | (hi << (64 - r))
+}
+
+// `word_at` reads the window and the raw path through 8-aligned bases.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Scratch, line).is_multiple_of(8));
+    assert!(offset_of!(Scratch, raw).is_multiple_of(8));
+    assert!(core::mem::align_of::<Scratch>() >= 8);
+};
+
+/// Words (eight bytes each) a stream or canonicalizer callback may take through the fast path
+/// before it steps one byte.
+const WORDS_PER_CALL: usize = 8;
+
+/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: runs
+/// of ordinary bytes, up to `WORDS_PER_CALL` words of them (`Stream::step_run`), then one byte
+/// (`Stream::step`), deciding each request as its path completes. Returns 1 to stop (see
+/// `STOP_*`) or when the window is done; each call takes at least one byte, so `window_len`
+/// calls are enough.
+unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let w = s.window_len as usize;
+    let mut i = s.consumed as usize;
+    let mut k = 0;
+    while k < WORDS_PER_CALL {
+        if i + 8 > w {
+            break;
+        }
+        // verifier: mask the index into the window (`i <= w - 8` already: no wrap).
+        let at = i & (LINE_WINDOW - 1);
+        if at > LINE_WINDOW - 8 {
+            break;
+        }
+        // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window.
+        let word = word_at(s.line.as_ptr(), at);
+        let n = s.stream.step_run(word, &mut s.raw);
+        i = at + n;
+        if n < 8 {
+            // The next byte is not ordinary: `step` takes it.
+            break;
+        }
+        k += 1;
+    }
+    if i >= w {
+        s.consumed = i as u32;
         return 1;
     }
-    s.consumed = i as u32 + 1;
     // verifier: mask the index into the window.
-    let b = s.line[i & (LINE_WINDOW - 1)];
+    let i = i & (LINE_WINDOW - 1);
+    s.consumed = i as u32 + 1;
+    let b = s.line[i];
     match s.stream.step(b, &mut s.raw) {
         Ev::More => 0,
         Ev::Bulk => stop(s, STOP_BULK),
@@ -703,13 +805,15 @@ fn decide(s: &mut Scratch) -> i64 {
         return stop(s, STOP_HOLD);
     }
     let method = s.stream.take_method();
-    // Canonicalize the raw path into `s.path`, one byte per callback.
-    s.canon = Canon::new();
+    // Canonicalize the raw path into `s.path`, a word or a byte per callback.
+    s.canon.reset();
     s.canon_len = 0;
     s.canon_err = u32::MAX;
     s.canon_raw_len = s.stream.line.path_len() as u32;
+    s.canon_pos = 0;
     if s.canon_raw_len > 0 {
-        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, null_mut(), 0) };
+        let mut sc = ScratchCtx::new(s);
+        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, sc.ptr(), 0) };
         if s.canon_err == u32::MAX {
             if let Err(r) = s.canon.finish(&mut s.path, &mut s.canon_len) {
                 s.canon_err = r as u32;
@@ -788,17 +892,41 @@ fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 
     refuse_stop(s, Reason::Rejected, allow, method)
 }
 
-/// `bpf_loop` callback: feed raw path byte `i` to the canonicalizer.
-unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.canon_raw_len as usize {
+/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: runs of plain
+/// bytes, up to `WORDS_PER_CALL` words of them (`Canon::push_run`), then one byte
+/// (`Canon::push`). Each call takes at least one byte, so `canon_raw_len` calls are enough.
+unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let n = s.canon_raw_len as usize;
+    let mut i = s.canon_pos as usize;
+    let mut k = 0;
+    while k < WORDS_PER_CALL {
+        if i + 8 > n {
+            break;
+        }
+        // verifier: mask the index into the raw path (`i <= n - 8` already: no wrap).
+        let at = i & (PATH_MAX - 1);
+        if at > PATH_MAX - 8 {
+            break;
+        }
+        // `at <= PATH_MAX - 8`: the next aligned word is inside the raw path.
+        let w = word_at(s.raw.as_ptr(), at);
+        let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
+        i = at + taken;
+        if taken < 8 {
+            // The next byte is not plain: `push` takes it.
+            break;
+        }
+        k += 1;
+    }
+    if i >= n {
+        s.canon_pos = i as u32;
         return 1;
     }
-    let b = s.raw[i & (PATH_MAX - 1)];
+    // verifier: mask the index into the raw path.
+    let i = i & (PATH_MAX - 1);
+    s.canon_pos = i as u32 + 1;
+    let b = s.raw[i];
     match s.canon.push(b, &mut s.path, &mut s.canon_len) {
         Ok(()) => 0,
         Err(r) => {
@@ -808,17 +936,28 @@ unsafe extern "C" fn canon_byte(i: u64, _ctx: *mut c_void) -> i64 {
     }
 }
 
-/// `bpf_loop` callback: absorb path word `i` into the hash under way.
-unsafe extern "C" fn hash_word(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    let s = unsafe { &mut *s };
-    let i = i as usize;
-    if i >= s.sip_words as usize || i >= PATH_MAX / 8 {
-        return 1;
+/// Path words hashed per `hash_words` callback.
+const HASH_WORDS_PER_CALL: usize = 8;
+
+/// `bpf_loop` callback: absorb path words `i * HASH_WORDS_PER_CALL ..` (up to
+/// `HASH_WORDS_PER_CALL` of them, as far as `sip_words`) into the hash under way.
+unsafe extern "C" fn hash_words(i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { scratch(ctx) };
+    let first = i as usize * HASH_WORDS_PER_CALL;
+    let mut j = 0;
+    while j < HASH_WORDS_PER_CALL {
+        let k = first + j;
+        if k >= s.sip_words as usize {
+            return 1;
+        }
+        // verifier: mask the byte offset into the path (`sip_words <= PATH_MAX / 8`). The path
+        // sits at an 8-aligned offset of the scratch, so this is one aligned load
+        // (little-endian, as `SipState::word` reads it).
+        let off = (k * 8) & (PATH_MAX - 8);
+        let m = unsafe { s.path.as_ptr().add(off).cast::<u64>().read() };
+        s.sip.absorb(m);
+        j += 1;
     }
-    s.sip.word(&s.path, i * 8);
     0
 }
 
@@ -829,7 +968,9 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     s.sip = SipState::new(&key);
     s.sip_words = full_words(path_len) as u32;
     // verifier: the 128 words of a 1 KiB path through one callback verified once.
-    unsafe { bpf_loop(s.sip_words, hash_word as *mut c_void, null_mut(), 0) };
+    let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
+    let mut sc = ScratchCtx::new(s);
+    unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
     let hash = s.sip.finish(&s.path, path_len);
     let (rules, prefixes) = if active == 1 {
         (&RULES_B, &PREFIX_B)
@@ -978,3 +1119,14 @@ fn refuse(
 
 #[allow(dead_code)]
 const _: () = assert!(PATH_MAX >= EVENT_LINE_MAX && PATH_MAX >= PREFIX_MAX);
+// The key is written as five words (little-endian): addresses, then ports, family, padding.
+const _: () = {
+    use core::mem::offset_of;
+    use filter_common::ConnKey;
+    assert!(offset_of!(Scratch, key).is_multiple_of(8));
+    assert!(offset_of!(ConnKey, server_addr_be) == 16);
+    assert!(offset_of!(ConnKey, client_port) == 32);
+    assert!(offset_of!(ConnKey, server_port) == 34);
+    assert!(offset_of!(ConnKey, family) == 36);
+    assert!(core::mem::size_of::<ConnKey>() == 40);
+};

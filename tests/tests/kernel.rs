@@ -696,6 +696,17 @@ fn host_and_kernel_agree_on_generated_requests() {
         "%zz",
         "?q=/admin",
         "#f",
+        // Long plain runs and dotted names: the kernel takes these eight bytes at a time.
+        "/segment-with-plain-bytes-0123456789",
+        "/v1.2.3/archive.tar.gz",
+        ";jsessionid=0123456789abcdef0123",
+    ];
+    // Header lines the filter does not act on, long enough for the word-at-a-time paths.
+    let headers = [
+        "",
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/115.0\r\n",
+        "Accept-Language: en-US,en;q=0.9,de;q=0.8\r\nX-Request-Identifier-Long-Name: 0123456789abcdef\r\n",
+        "Cookie:   a=b;   c=d    \r\n",
     ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = |n: usize| {
@@ -706,6 +717,52 @@ fn host_and_kernel_agree_on_generated_requests() {
     };
     let mut disagreements = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
+    // Request lines that cross the 1 KiB inspection window at every alignment (a run of
+    // words ending exactly at the window's end must not wrap around to its start).
+    let mut lines: Vec<String> = (1000..1040)
+        .map(|n| format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "p".repeat(n)))
+        .collect();
+    lines.extend((1000..1040).map(|n| {
+        format!(
+            "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "p".repeat(n - 980) + &"/q".repeat(490)
+        )
+    }));
+    for (i, line) in lines.iter().enumerate() {
+        let sport = 30000 + i as u16;
+        let syn = Frame {
+            seq: SEQ.wrapping_sub(1),
+            syn: true,
+            ip: Ip::V4,
+            sport,
+            proto: 6,
+            dport: 80,
+            payload: Vec::new(),
+        };
+        dp.test_run(&build(&syn), 1).unwrap();
+        let f = Frame {
+            seq: SEQ,
+            syn: false,
+            ip: Ip::V4,
+            sport,
+            proto: 6,
+            dport: 80,
+            payload: line.clone().into_bytes(),
+        };
+        let before = counters(&dp);
+        dp.test_run(&build(&f), 1).unwrap();
+        let kernel: Vec<Reason> = delta(&before, &counters(&dp))
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        let host = host_decision(&policy, line.as_bytes());
+        if kernel != [host] {
+            disagreements.push(format!(
+                "{}-byte line: kernel {kernel:?}, host {host:?}",
+                line.len()
+            ));
+        }
+    }
     for i in 0..300u32 {
         let mut target = String::new();
         for _ in 0..1 + next(4) {
@@ -715,9 +772,10 @@ fn host_and_kernel_agree_on_generated_requests() {
             target.insert(0, '/');
         }
         let line = format!(
-            "{} {} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "{} {} HTTP/1.1\r\nHost: x\r\n{}\r\n",
             methods[next(methods.len())],
-            target
+            target,
+            headers[next(headers.len())]
         );
         let sport = 20000 + i as u16;
         let syn = Frame {
@@ -753,7 +811,7 @@ fn host_and_kernel_agree_on_generated_requests() {
     }
     assert!(
         disagreements.is_empty(),
-        "{} of 300 disagree:\n{}",
+        "{} of 380 disagree:\n{}",
         disagreements.len(),
         disagreements.join("\n")
     );

@@ -14,6 +14,12 @@ enum Seen {
 /// Feed `data` to a fresh stream in segments cut at `cuts`, the way the kernel does: bulk
 /// bytes are consumed in bulk, everything else byte by byte; stops at a failure or tunnel.
 fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
+    run_with(data, cuts, false)
+}
+
+/// [`run`], optionally taking eight bytes at a time through [`Stream::step_word`] wherever a
+/// segment has eight left (as the kernel does).
+fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
     let mut s = Stream::new(1000, flag::SYN);
     let mut path = [0u8; PATH_MAX];
     let mut seen = Vec::new();
@@ -33,6 +39,13 @@ fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
                 s.consume(n as u64);
                 off += n;
                 continue;
+            }
+            if words && off + 8 <= seg.len() {
+                let k = s.step_run(crate::swar::word(seg, off), &mut path);
+                if k > 0 {
+                    off += k;
+                    continue;
+                }
             }
             let ev = s.step(seg[off], &mut path);
             off += 1;
@@ -88,6 +101,14 @@ fn check(data: &[u8], want: &[Seen]) {
     }
     let ones: Vec<usize> = (1..data.len()).collect();
     assert_eq!(run(data, &ones), want, "1-byte segments: {text:?}");
+    assert_eq!(run_with(data, &[], true), want, "whole, by words: {text:?}");
+    for cut in 1..data.len() {
+        assert_eq!(
+            run_with(data, &[cut], true),
+            want,
+            "cut at {cut}, by words: {text:?}"
+        );
+    }
 }
 
 #[test]
@@ -340,4 +361,95 @@ fn an_upgrade_request_awaits_the_answer_after_its_body() {
         assert_eq!(feed_awaiting(&mut s, b"GET /next HTTP/1.1\r\n\r\n"), None);
         assert_eq!((s.reqs, s.switch), (2, SWITCH_NONE));
     }
+}
+
+/// At every offset of `data` (fed byte by byte from a fresh stream), [`Stream::step_run`]
+/// takes k bytes and leaves exactly the state and path (up to its length) of k
+/// [`Stream::step`] calls, each of which returns [`Ev::More`]. Returns how many bytes it took in
+/// all.
+fn word_fast_path_is_exact(data: &[u8], start: Stream) -> usize {
+    let mut s = start;
+    let mut path = [0x5au8; PATH_MAX];
+    let mut taken = 0;
+    let mut off = 0;
+    while off < data.len() {
+        if s.in_bulk() {
+            let n = (s.bulk_left() as usize).min(data.len() - off);
+            s.consume(n as u64);
+            off += n;
+            continue;
+        }
+        if off + 8 <= data.len() {
+            let (mut fast, mut fast_path) = (s, path);
+            let k = fast.step_run(crate::swar::word(data, off), &mut fast_path);
+            assert!(k <= 8);
+            let shown = String::from_utf8_lossy(&data[off..off + 8]);
+            let (mut slow, mut slow_path) = (s, path);
+            for &b in &data[off..off + k] {
+                assert_eq!(slow.step(b, &mut slow_path), Ev::More, "{shown:?} in {s:?}");
+            }
+            assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{k} of {shown:?}");
+            // The path up to its length; the bytes after it are scratch.
+            let n = slow.line.path_len();
+            assert!(fast_path[..n] == slow_path[..n], "{k} of {shown:?}");
+            taken += k;
+        }
+        match s.step(data[off], &mut path) {
+            Ev::Decide => {
+                s.take_method();
+                s.set_verdict(MethodSet::ANY.0, 0);
+            }
+            Ev::Fail(_) | Ev::Tunnel => return taken,
+            _ => {}
+        }
+        off += 1;
+    }
+    taken
+}
+
+use std::format;
+
+const WORD_CORPUS: &[&[u8]] = &[
+    b"GET /api/items/with/a/longer/path/segment HTTP/1.1\r\nHost: 10.77.0.2\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n",
+    b"POST /upload?x=1 HTTP/1.1\r\nUSER-AGENT: Mozilla/5.0 (X11; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/115.0\r\nX-HTTP-Method-Override: delete\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n",
+    b"PUT http://example.com/a/b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Long-Header-Name-Here: a  b\t c    d     e      f\r\n\r\n5\r\nhello\r\n0\r\nTrailer-Field: x\r\n\r\n",
+    b"DELETE /a%2e%2E/b;x=1//c HTTP/1.1\r\nX-Method-Override:      PATCH     \r\nAccept-Language: en-US,en;q=0.9,de;q=0.8,fr;q=0.7\r\n\r\n",
+];
+
+#[test]
+fn word_fast_path_matches_byte_steps() {
+    let mut taken = 0;
+    for data in WORD_CORPUS {
+        taken += word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
+    }
+    // The corpus must exercise the fast path, or this proves little.
+    assert!(taken > 400, "{taken}");
+    // Mutated copies, so that declines and odd states are covered too.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20_000 {
+        let mut d = WORD_CORPUS[(next() % WORD_CORPUS.len() as u64) as usize].to_vec();
+        for _ in 0..(next() % 4) {
+            let i = (next() % d.len() as u64) as usize;
+            d[i] = b" \t\r\n:;/.%?#-aZ\x00\x7f\x80"[(next() % 17) as usize];
+        }
+        word_fast_path_is_exact(&d, Stream::new(1, flag::SYN));
+    }
+}
+
+/// The same, as a bolero target: a plausible request prefix and arbitrary bytes after it.
+#[test]
+fn fuzz_word_fast_path_matches_byte_steps() {
+    bolero::check!()
+        .with_type::<(u8, Vec<u8>)>()
+        .for_each(|(which, tail)| {
+            let mut d = WORD_CORPUS[*which as usize % WORD_CORPUS.len()][..20].to_vec();
+            d.extend(tail);
+            word_fast_path_is_exact(&d, Stream::new(1, flag::SYN));
+        });
 }

@@ -1,0 +1,145 @@
+//! Eight bytes at a time ("SIMD within a register"): exact per-byte masks over a `u64` whose
+//! first byte is in the low bits (little-endian), for the parsers' fast paths.
+//!
+//! Each mask has bit 7 of a byte set exactly when that byte matches, and no other bit: no
+//! borrow or carry crosses a byte (the classic `(x - 0x01..) & !x` trick can flag the byte
+//! after a match, so it is not used). Pure integer arithmetic, no branches, no tables: cheap
+//! for the kernel verifier and the same on the host.
+
+/// `0x01` in every byte.
+pub const ONES: u64 = 0x0101_0101_0101_0101;
+/// `0x7f` in every byte.
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+/// `0x80` in every byte.
+pub const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// Bit 7 of each zero byte of `x`.
+#[inline(always)]
+pub const fn zero(x: u64) -> u64 {
+    !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
+}
+
+/// Bit 7 of each byte of `x` equal to `c`.
+#[inline(always)]
+pub const fn eq(x: u64, c: u8) -> u64 {
+    zero(x ^ ONES.wrapping_mul(c as u64))
+}
+
+/// Bit 7 of each byte of `x` below `n` (`n <= 0x80`).
+#[inline(always)]
+pub const fn lt(x: u64, n: u8) -> u64 {
+    // For a byte b < 0x80: b + (0x80 - n) has bit 7 set exactly when b >= n; a byte with bit
+    // 7 set is never below n. The sum stays below 0x100: no carry into the next byte.
+    !(((x & LOW7).wrapping_add(ONES.wrapping_mul((0x80 - n) as u64))) | x) & HIGH
+}
+
+/// Bit 7 of each byte of `x` in `lo..=hi` (`lo <= hi < 0x80`).
+#[inline(always)]
+pub const fn in_range(x: u64, lo: u8, hi: u8) -> u64 {
+    lt(x, hi + 1) & !lt(x, lo)
+}
+
+/// `x` with ASCII `A`-`Z` lowercased (what `u8::to_ascii_lowercase` does to each byte).
+#[inline(always)]
+pub const fn lower(x: u64) -> u64 {
+    x | (in_range(x, b'A', b'Z') >> 2)
+}
+
+/// `x` with ASCII `a`-`z` uppercased (what `u8::to_ascii_uppercase` does to each byte).
+#[inline(always)]
+pub const fn upper(x: u64) -> u64 {
+    x & !(in_range(x, b'a', b'z') >> 2)
+}
+
+/// How many bytes of the word come before the first one flagged in `stop` (a mask as above):
+/// 0 to 8.
+#[inline(always)]
+pub const fn leading(stop: u64) -> usize {
+    // The bits below the lowest flagged one: bit 7 is set in each byte before it; those bits,
+    // one per byte, summed into the top byte.
+    let below = (stop & stop.wrapping_neg()).wrapping_sub(1);
+    (((below & HIGH) >> 7).wrapping_mul(ONES) >> 56) as usize
+}
+
+/// Bit 7 of each of the first `k` bytes (`k <= 8`).
+#[inline(always)]
+pub const fn first(k: usize) -> u64 {
+    if k >= 8 {
+        HIGH
+    } else {
+        HIGH & ((1u64 << (8 * k)) - 1)
+    }
+}
+
+/// All bits of the first `k` bytes (`k <= 8`).
+#[inline(always)]
+pub const fn bytes(k: usize) -> u64 {
+    (first(k) >> 7).wrapping_mul(0xff)
+}
+
+/// The eight bytes of `b` from `off` as a little-endian word (host and tests; the kernel
+/// loads its words from map memory itself).
+#[inline(always)]
+pub fn word(b: &[u8], off: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(mask: u64) -> [bool; 8] {
+        let mut r = [false; 8];
+        for (i, r) in r.iter_mut().enumerate() {
+            let byte = (mask >> (8 * i)) & 0xff;
+            assert!(byte == 0 || byte == 0x80, "mask byte {byte:#x}");
+            *r = byte == 0x80;
+        }
+        r
+    }
+
+    #[test]
+    fn first_bytes() {
+        for k in 0..=8usize {
+            let b = bytes(k).to_le_bytes();
+            for (i, &v) in b.iter().enumerate() {
+                assert_eq!(v, if i < k { 0xff } else { 0 });
+            }
+            assert_eq!(first(k), bytes(k) & HIGH);
+        }
+    }
+
+    #[test]
+    fn masks_are_exact_for_every_byte_in_every_position() {
+        // Every byte value, in every position, next to neighbours that provoke borrows.
+        for fill in [0x00u8, 0x01, 0x20, 0x7f, 0x80, 0xff, b'A', b'z'] {
+            for pos in 0..8 {
+                for b in 0..=255u8 {
+                    let mut w = [fill; 8];
+                    w[pos] = b;
+                    let x = u64::from_le_bytes(w);
+                    for (i, &v) in w.iter().enumerate() {
+                        assert_eq!(bytes_of(zero(x))[i], v == 0);
+                        assert_eq!(bytes_of(eq(x, b'/'))[i], v == b'/');
+                        assert_eq!(bytes_of(eq(x, 0x7f))[i], v == 0x7f);
+                        assert_eq!(bytes_of(lt(x, 0x20))[i], v < 0x20);
+                        assert_eq!(bytes_of(lt(x, 0x80))[i], v < 0x80);
+                        assert_eq!(bytes_of(lt(x, 1))[i], v < 1);
+                        assert_eq!(bytes_of(in_range(x, b'a', b'z'))[i], v.is_ascii_lowercase());
+                    }
+                    let stop = eq(x, b'/');
+                    let want = w.iter().position(|&v| v == b'/').unwrap_or(8);
+                    assert_eq!(leading(stop), want);
+                    let lo = lower(x).to_le_bytes();
+                    let up = upper(x).to_le_bytes();
+                    for i in 0..8 {
+                        assert_eq!(lo[i], w[i].to_ascii_lowercase());
+                        assert_eq!(up[i], w[i].to_ascii_uppercase());
+                    }
+                }
+            }
+        }
+    }
+}
