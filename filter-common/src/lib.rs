@@ -23,6 +23,7 @@ pub mod reason;
 pub mod reply;
 pub mod stream;
 pub mod swar;
+pub mod token;
 
 pub use maps::*;
 pub use method::{Method, MethodSet};

@@ -21,6 +21,8 @@
 //! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
+use crate::token::{hex, pack, NAME_WORDS};
+
 /// Requests outstanding (sent, response not complete) that [`ReqView::head_ring`] can
 /// describe: the ingress side holds a new request rather than let more be outstanding.
 pub const RING: u32 = 64;
@@ -78,19 +80,6 @@ mod header {
     pub const OTHER: u8 = 0;
     pub const CONTENT_LENGTH: u8 = 1;
     pub const TRANSFER_ENCODING: u8 = 2;
-}
-
-const NAME_WORDS: usize = 3;
-
-const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
-    let b = s.as_bytes();
-    let mut w = [0u64; NAME_WORDS];
-    let mut i = 0;
-    while i < b.len() {
-        w[i / 8] |= (b[i] as u64) << (8 * (i % 8));
-        i += 1;
-    }
-    (b.len() as u8, w)
 }
 
 const CONTENT_LENGTH: (u8, [u64; NAME_WORDS]) = pack("content-length");
@@ -672,16 +661,6 @@ impl Replies {
         }
         self.phase = phase::CHUNK_DATA;
         REv::Bulk
-    }
-}
-
-#[inline(always)]
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -33,6 +33,7 @@
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
 use crate::reply::{ReqView, RING, SWITCH_CONNECT, SWITCH_NONE, SWITCH_UPGRADE};
+use crate::token::{hex, pack, NAME_WORDS};
 use crate::{put, swar, Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
@@ -89,19 +90,6 @@ mod header {
     pub const TRANSFER_ENCODING: u8 = 2;
     pub const METHOD_OVERRIDE: u8 = 3;
     pub const UPGRADE: u8 = 4;
-}
-
-const NAME_WORDS: usize = 3;
-
-const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
-    let b = s.as_bytes();
-    let mut w = [0u64; NAME_WORDS];
-    let mut i = 0;
-    while i < b.len() {
-        w[i / 8] |= (b[i] as u64) << (8 * (i % 8));
-        i += 1;
-    }
-    (b.len() as u8, w)
 }
 
 const HEADERS: [(u8, [u64; NAME_WORDS], u8); 6] = {
@@ -913,16 +901,6 @@ fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
     words[q % N] |= w << r;
     if r != 0 && q + 1 < N {
         words[(q + 1) % N] |= w >> (64 - r);
-    }
-}
-
-#[inline(always)]
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -18,15 +18,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::ffi::c_void;
-use core::ptr::{addr_of, read_unaligned, read_volatile, write_unaligned};
+use core::ptr::read_unaligned;
 use filter_common::{
     reply::{REv, Replies},
     tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
     IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
 };
 
-use crate::maps::{CONNS, FILTER_CONFIG, REPLIES, REPLY_SCRATCH, STATS};
+use crate::maps::{CONNS, REPLIES, REPLY_SCRATCH};
 use crate::skb::load_into;
+use crate::util::{be16, copy_words, count, peek, port_inspected, seq_after};
 
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -42,55 +43,11 @@ pub fn run(ctx: &TcContext) -> i32 {
     PASS
 }
 
-#[inline(always)]
-fn count(reason: Reason) {
-    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-fn be16(a: u8, b: u8) -> u16 {
-    u16::from_be_bytes([a, b])
-}
-
-#[inline(always)]
-fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
-
-#[inline(always)]
-fn port_inspected(port: u16) -> bool {
-    let cfg = addr_of!(FILTER_CONFIG);
-    // Read through a volatile pointer: the loader rewrites this read-only global.
-    let word = unsafe {
-        read_volatile(
-            addr_of!((*cfg).ports)
-                .cast::<u64>()
-                .add((port >> 6) as usize),
-        )
-    };
-    word & (1u64 << (port & 63)) != 0
-}
-
-/// Copy a map-resident struct word by word (see `ingress::copy_words`).
-#[inline(always)]
-fn copy_words<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
-    let d = (dst as *mut T).cast::<u64>();
-    let s = (src as *const T).cast::<u64>();
-    let mut i = 0;
-    while i < core::mem::size_of::<T>() / 8 {
-        unsafe { write_unaligned(d.add(i), read_unaligned(s.add(i))) };
-        i += 1;
-    }
-}
-
 fn try_run(ctx: &TcContext) -> Result<(), ()> {
-    let eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| ())?;
+    let eth: [u8; ETH_HLEN] = peek(ctx, 0)?;
     let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+            let ip: [u8; IPV4_HLEN_MIN] = peek(ctx, ETH_HLEN)?;
             if ip[9] != IPPROTO_TCP || be16(ip[6], ip[7]) & 0x3fff != 0 {
                 // Not TCP, or a fragment: not followed (a gap then loses the connection).
                 return Err(());
@@ -106,7 +63,7 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
             )
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+            let ip: [u8; IPV6_HLEN] = peek(ctx, ETH_HLEN)?;
             // A server's segments carry no extension headers; one that does is not followed.
             if ip[6] != IPPROTO_TCP {
                 return Err(());
@@ -119,7 +76,7 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
         }
         _ => return Err(()),
     };
-    let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| ())?;
+    let tcp: [u8; TCP_HLEN_MIN] = peek(ctx, l4)?;
     // From an inspected port: checked before any map is touched.
     if !port_inspected(be16(tcp[0], tcp[1])) {
         return Err(());

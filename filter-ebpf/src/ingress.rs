@@ -38,9 +38,10 @@ use filter_common::{
 
 use crate::maps::{
     CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, REPLIES, RULES_A, RULES_B, SCRATCH,
-    SETTINGS, STATS,
+    SETTINGS,
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
+use crate::util::{be16, be32, copy_words, count, peek, port_inspected, seq_after};
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -82,58 +83,6 @@ fn finish(out: Out) -> i32 {
             }
         }
     }
-}
-
-#[inline(always)]
-fn count(reason: Reason) {
-    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-fn be16(a: u8, b: u8) -> u16 {
-    u16::from_be_bytes([a, b])
-}
-
-#[inline(always)]
-fn be32(b: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-/// `a` is after `b` in sequence space.
-#[inline(always)]
-fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
-
-#[inline(always)]
-fn port_inspected(port: u16) -> bool {
-    let cfg = addr_of!(FILTER_CONFIG);
-    // Read through a volatile pointer: the loader rewrites this read-only global, so the
-    // compiler must not fold the zeroed initialiser.
-    let word = unsafe {
-        read_volatile(
-            addr_of!((*cfg).ports)
-                .cast::<u64>()
-                .add((port >> 6) as usize),
-        )
-    };
-    word & (1u64 << (port & 63)) != 0
-}
-
-/// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
-/// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
-/// (a helper call, several times the cost of the whole early exit).
-#[inline(always)]
-fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + core::mem::size_of::<T>() <= end {
-        // SAFETY: the bytes are inside the packet, as just checked (the verifier checks it
-        // again).
-        return Ok(unsafe { read_unaligned((start + off) as *const T) });
-    }
-    ctx.load(off).map_err(|_| ())
 }
 
 /// Where the current segment's headers and payload are.
@@ -559,20 +508,6 @@ fn save(s: &mut Scratch, conn: &mut Stream, fin: bool) {
     copy_words(conn, &s.stream);
     if s.stream.path_in_progress() {
         let _ = PENDING.insert(&s.key, &s.raw, 0);
-    }
-}
-
-/// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy
-/// loop in BPF, which the verifier walks byte by byte).
-#[inline(always)]
-fn copy_words<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
-    let d = (dst as *mut T).cast::<u64>();
-    let s = (src as *const T).cast::<u64>();
-    let mut i = 0;
-    while i < core::mem::size_of::<T>() / 8 {
-        unsafe { write_unaligned(d.add(i), read_unaligned(s.add(i))) };
-        i += 1;
     }
 }
 

@@ -14,6 +14,7 @@ mod egress;
 mod ingress;
 mod maps;
 mod skb;
+mod util;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 

@@ -1,0 +1,29 @@
+//! Pieces both HTTP parsers (requests in `stream`, responses in `reply`) share: header names
+//! packed into words for comparison, and hexadecimal digits of chunk sizes.
+
+/// Words a header name is compared on (its first 24 bytes, lowercased).
+pub const NAME_WORDS: usize = 3;
+
+/// A lowercase header name as its length and its first 24 bytes packed little-endian into
+/// words, the form the parsers accumulate names in.
+pub const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
+    let b = s.as_bytes();
+    let mut w = [0u64; NAME_WORDS];
+    let mut i = 0;
+    while i < b.len() {
+        w[i / 8] |= (b[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    (b.len() as u8, w)
+}
+
+/// The value of a hexadecimal digit.
+#[inline(always)]
+pub fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
