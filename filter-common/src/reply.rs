@@ -21,7 +21,8 @@
 //! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
-use crate::token::{hex, pack, NAME_WORDS};
+use crate::swar;
+use crate::token::{hex, insert, pack, NAME_WORDS};
 
 /// Requests outstanding (sent, response not complete) that [`ReqView::head_ring`] can
 /// describe: the ingress side holds a new request rather than let more be outstanding.
@@ -359,23 +360,36 @@ impl Replies {
         }
     }
 
-    /// Eight bytes at once where only the end of the line matters: the rest of a status line,
-    /// or the value of a header the framing does not read. Takes them (as eight `step`s
-    /// would) and returns true, or leaves everything as it was and returns false (the
-    /// caller steps one byte).
+    /// The leading run of the eight bytes of `w` (first byte lowest) that only need counting
+    /// or storing: the rest of a status line up to its LF, the letters and `-` of a header
+    /// name, a value of a header the framing does not read up to its CR or LF. Takes them,
+    /// leaving exactly the state that as many [`Replies::step`] calls would, and returns how
+    /// many (0: the caller steps one byte).
     #[inline(always)]
-    pub fn step_word(&mut self, w: u64) -> bool {
-        let plain = self.phase == phase::STATUS_REST
-            || (self.phase == phase::HEADER_VALUE && self.header == header::OTHER);
-        if !plain
-            || self.count >= HEAD_LIMIT - 8
-            || (crate::swar::eq(w, b'\r') | crate::swar::eq(w, b'\n')) != 0
-        {
-            return false;
+    pub fn step_run(&mut self, w: u64) -> usize {
+        if self.count > HEAD_LIMIT - 8 {
+            return 0;
         }
-        self.pos = self.pos.wrapping_add(8);
-        self.count = self.count.wrapping_add(8);
-        true
+        let k = match self.phase {
+            phase::STATUS_REST => swar::leading(swar::eq(w, b'\n')),
+            phase::HEADER_NAME => {
+                let plain = swar::in_range(w, b'a', b'z')
+                    | swar::in_range(w, b'A', b'Z')
+                    | swar::eq(w, b'-');
+                let k = swar::leading(!plain & swar::HIGH);
+                let n = self.name_len;
+                insert(&mut self.name, n as usize, swar::lower(w) & swar::bytes(k));
+                self.name_len = n.saturating_add(k as u8);
+                k
+            }
+            phase::HEADER_VALUE if self.header == header::OTHER => {
+                swar::leading(swar::eq(w, b'\r') | swar::eq(w, b'\n'))
+            }
+            _ => 0,
+        };
+        self.pos = self.pos.wrapping_add(k as u32);
+        self.count = self.count.wrapping_add(k as u32);
+        k
     }
 
     /// `HTTP/1.x NNN` then anything up to the end of the line.
@@ -665,8 +679,8 @@ impl Replies {
 }
 
 /// Feed a whole byte run the way the egress classifier does: bulk runs consumed at once,
-/// eight bytes at once where [`Replies::step_word`] takes them, else byte by byte (host tests
-/// and fuzz targets compare it with [`feed_bytes`]).
+/// runs of plain bytes through [`Replies::step_run`] where eight bytes are left, else byte by
+/// byte (host tests and fuzz targets compare it with [`feed_bytes`]).
 pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
     let mut i = 0;
     while i < data.len() {
@@ -679,14 +693,17 @@ pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
             };
             r.consume(n);
             i += n as usize;
-        } else if i + 8 <= data.len()
-            && r.step_word(u64::from_le_bytes(data[i..i + 8].try_into().unwrap()))
-        {
-            i += 8;
-        } else {
-            r.step(data[i], req);
-            i += 1;
+            continue;
         }
+        if i + 8 <= data.len() {
+            let k = r.step_run(swar::word(data, i));
+            if k > 0 {
+                i += k;
+                continue;
+            }
+        }
+        r.step(data[i], req);
+        i += 1;
     }
 }
 

@@ -33,7 +33,7 @@
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
 use crate::reply::{ReqView, RING, SWITCH_CONNECT, SWITCH_NONE, SWITCH_UPGRADE};
-use crate::token::{hex, pack, NAME_WORDS};
+use crate::token::{hex, insert, pack, NAME_WORDS};
 use crate::{put, swar, Reason, PATH_MAX};
 
 /// Longest request line (method, target, version) the filter follows: 414 past it.
@@ -887,20 +887,6 @@ impl Stream {
         }
         self.phase = phase::CHUNK_DATA;
         Ev::Bulk
-    }
-}
-
-/// `words` (bytes in little-endian order) with the bytes of `w` ORed in from byte `n` on;
-/// bytes past the end are dropped (what `push_name` / `push_value` do byte by byte).
-#[inline(always)]
-fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
-    if n >= N * 8 {
-        return;
-    }
-    let (q, r) = (n / 8, (n % 8) * 8);
-    words[q % N] |= w << r;
-    if r != 0 && q + 1 < N {
-        words[(q + 1) % N] |= w >> (64 - r);
     }
 }
 

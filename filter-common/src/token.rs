@@ -27,3 +27,18 @@ pub fn hex(b: u8) -> Option<u8> {
         _ => None,
     }
 }
+
+/// `words` (bytes in little-endian order) with the bytes of `w` ORed in from byte `n` on;
+/// bytes past the end are dropped (what the parsers' `push_name` / `push_value` do byte by
+/// byte).
+#[inline(always)]
+pub fn insert<const N: usize>(words: &mut [u64; N], n: usize, w: u64) {
+    if n >= N * 8 {
+        return;
+    }
+    let (q, r) = (n / 8, (n % 8) * 8);
+    words[q % N] |= w << r;
+    if r != 0 && q + 1 < N {
+        words[(q + 1) % N] |= w >> (64 - r);
+    }
+}

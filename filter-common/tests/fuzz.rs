@@ -271,7 +271,7 @@ fn replies_are_segmentation_independent() {
                     7u32.wrapping_add(data.len() as u32)
                 )
             );
-            // The word fast path (`Replies::step_word`) leaves exactly the state that byte by
+            // The run fast path (`Replies::step_run`) leaves exactly the state that byte by
             // byte framing does.
             let mut words = Replies::new(7);
             feed(&mut words, &data, &req);

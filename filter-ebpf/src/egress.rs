@@ -247,8 +247,8 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
 const STEPS_PER_CALL: usize = 8;
 
 /// `bpf_loop` callback: frame the window from its cursor on, up to `STEPS_PER_CALL` steps:
-/// eight bytes at once where only the line's end matters (`Replies::step_word`: the rest of a
-/// status line, values of headers the framing does not read), a whole body run inside the
+/// a run of up to eight plain bytes (`Replies::step_run`: the rest of a status line, header
+/// name letters, values of headers the framing does not read), a whole body run inside the
 /// window (so small chunks cost no round each and body bytes are never stepped one by one),
 /// else one status/header/chunk-size byte. Returns 1 when the window is used up.
 unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
@@ -279,8 +279,9 @@ unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
         let at = i & (LINE_WINDOW - 1);
         if at + 8 <= len && at <= LINE_WINDOW - 8 {
             let word = unsafe { read_unaligned(s.window.as_ptr().add(at).cast::<u64>()) };
-            if s.replies.step_word(word) {
-                s.widx = at as u32 + 8;
+            let n = s.replies.step_run(word);
+            if n > 0 {
+                s.widx = (at + n) as u32;
                 continue;
             }
         }

@@ -274,6 +274,7 @@ fn words_frame_like_bytes() {
     // The word path really takes the plain runs.
     let mut r = Replies::new(0);
     feed_bytes(&mut r, b"HTTP/1.1 200 OK\r\nServer: ", &req);
-    assert!(r.step_word(u64::from_le_bytes(*b"nginx/1.")));
-    assert!(!r.step_word(u64::from_le_bytes(*b"22\r\nDate")));
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"nginx/1.")), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"22\r\nDate")), 2);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"\r\nDate: ")), 0);
 }

@@ -17,7 +17,7 @@ fn run(data: &[u8], cuts: &[usize]) -> Vec<Seen> {
     run_with(data, cuts, false)
 }
 
-/// [`run`], optionally taking eight bytes at a time through [`Stream::step_word`] wherever a
+/// [`run`], optionally taking eight bytes at a time through [`Stream::step_run`] wherever a
 /// segment has eight left (as the kernel does).
 fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
     let mut s = Stream::new(1000, flag::SYN);
