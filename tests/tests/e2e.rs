@@ -666,8 +666,11 @@ fn stats_count_rejections() {
 /// the connection table so the victim's state is evicted, then the victim sends the rest of
 /// the body with a disallowed request hidden behind it. Read as a request boundary, those
 /// bytes would pass (they are not HTTP) and the backend would read the DELETE; the filter
-/// answers 503 and resets the backend instead, and counts it. Meanwhile the table holds at
-/// most `--max-connections`, and closed connections give their state back.
+/// answers 503 and resets the backend instead, and counts it. The kernel's LRU is
+/// approximate (entries in use get a second chance; free entries move between per-CPU lists
+/// in batches), so the victim may survive one round of filling: then the filter still follows
+/// its body and refuses the DELETE with 405. The client tries up to five times and reports
+/// what each victim read.
 const EVICTION_CLIENT: &str = r#"
 import json, socket, sys, time
 host, fill = sys.argv[1], int(sys.argv[2])
@@ -688,28 +691,33 @@ def read_all(s):
     return out
 smuggled = b"DELETE /admin HTTP/1.1\r\nHost: x\r\n\r\n"
 rest = b"b" * 50
-victim = conn()
-victim.sendall(b"POST /api/items HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"a" * 10)
-time.sleep(0.2)
-# Each of the others is looked up as often as the victim was (the kernel's LRU gives entries
-# in use a second chance), and all stay open.
-others = []
-for _ in range(fill):
-    o = conn()
-    o.sendall(b"GET /api/items HTTP/1.1\r\nHost: x\r\n\r\n")
-    o.recv(65536)
-    others.append(o)
-time.sleep(0.2)
-victim.sendall(rest + smuggled)
-victim_read = read_all(victim)
-victim.close()
-for o in others:
-    o.close()
+attempts = []
+for attempt in range(5):
+    victim = conn()
+    victim.sendall(b"POST /api/items HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"a" * 10)
+    time.sleep(0.2)
+    # Each of the others is looked up as often as the victim was, and all stay open.
+    others = []
+    for _ in range(fill):
+        o = conn()
+        o.sendall(b"GET /api/items HTTP/1.1\r\nHost: x\r\n\r\n")
+        o.recv(65536)
+        others.append(o)
+    time.sleep(0.2)
+    victim.sendall(rest + smuggled)
+    got = read_all(victim)
+    victim.close()
+    for o in others:
+        o.close()
+    attempts.append(got.decode("latin-1"))
+    if got.startswith(b"HTTP/1.1 503"):
+        break
+    time.sleep(0.5)
 time.sleep(0.2)
 fresh = conn()
 fresh.sendall(b"GET /api/items HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 fresh_read = read_all(fresh)
-print(json.dumps({"victim": victim_read.decode("latin-1"), "fresh": fresh_read.decode("latin-1")}))
+print(json.dumps({"attempts": attempts, "fresh": fresh_read.decode("latin-1")}))
 "#;
 
 #[test]
@@ -740,17 +748,35 @@ fn a_connection_whose_state_was_evicted_is_refused() {
         ]))
         .unwrap_or_else(|e| panic!("eviction client over {}: {e:#}", family(addr)));
         let v: Value = serde_json::from_str(out.trim()).expect("the client's JSON");
-        let victim = v["victim"].as_str().unwrap();
+        let attempts: Vec<&str> = v["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        for got in &attempts {
+            // Evicted: 503 and the close. Not evicted: the POST's 200, then the 405.
+            let evicted = got.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && got.contains("Connection: close");
+            let followed = got.starts_with("HTTP/1.1 200")
+                && got.contains("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n");
+            assert!(
+                evicted || followed,
+                "over {}: a victim read {got:?}",
+                family(addr)
+            );
+        }
         assert!(
-            victim.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
-                && victim.contains("Connection: close"),
-            "over {}: the evicted connection got {victim:?}",
-            family(addr)
+            attempts
+                .last()
+                .is_some_and(|got| got.starts_with("HTTP/1.1 503")),
+            "over {}: no victim was evicted in {} attempts: {attempts:?}",
+            family(addr),
+            attempts.len()
         );
         let seen = backend_since(&s, mark);
         assert!(
-            seen.iter()
-                .all(|r| r.method != "DELETE" && r.method != "POST"),
+            seen.iter().all(|r| r.method != "DELETE"),
             "over {}: the backend read {seen:?}",
             family(addr)
         );
