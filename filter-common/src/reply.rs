@@ -62,6 +62,9 @@ mod phase {
     pub const SWITCHED: u8 = 15;
     /// Framing lost: nothing more to frame.
     pub const LOST: u8 = 16;
+    /// A header line the framing does not read (its name starts with neither `c` nor `t`,
+    /// so it is neither `Content-Length` nor `Transfer-Encoding`): skipped to its LF.
+    pub const SKIP_LINE: u8 = 17;
 }
 
 mod flag {
@@ -87,6 +90,9 @@ const CONTENT_LENGTH: (u8, [u64; NAME_WORDS]) = pack("content-length");
 const TRANSFER_ENCODING: (u8, [u64; NAME_WORDS]) = pack("transfer-encoding");
 /// `chunked` as the low 7 bytes of the value's tail register (last byte lowest).
 const CHUNKED_TAIL: u64 = u64::from_be_bytes([0, b'c', b'h', b'u', b'n', b'k', b'e', b'd']);
+
+/// `HTTP/1.` as the low seven bytes of a little-endian word.
+const STATUS_PREFIX: u64 = u64::from_le_bytes(*b"HTTP/1.\0");
 
 /// What the egress side knows about the requests the backend got, from the ingress state.
 #[repr(C)]
@@ -280,7 +286,8 @@ impl Replies {
             | phase::HEADER_NAME
             | phase::HEADER_VALUE
             | phase::HEADER_LF
-            | phase::HEADERS_END_LF => {
+            | phase::HEADERS_END_LF
+            | phase::SKIP_LINE => {
                 self.count = self.count.wrapping_add(1);
                 if self.count > HEAD_LIMIT {
                     self.lose();
@@ -371,7 +378,16 @@ impl Replies {
             return 0;
         }
         let k = match self.phase {
-            phase::STATUS_REST => swar::leading(swar::eq(w, b'\n')),
+            phase::STATUS if self.count == 0 => {
+                // `HTTP/1.` and the minor version's digit, as one word.
+                let minor = (w >> 56) as u8;
+                if w & 0x00ff_ffff_ffff_ffff == STATUS_PREFIX && minor.is_ascii_digit() {
+                    8
+                } else {
+                    0
+                }
+            }
+            phase::STATUS_REST | phase::SKIP_LINE => swar::leading(swar::eq(w, b'\n')),
             phase::HEADER_NAME => {
                 let plain = swar::in_range(w, b'a', b'z')
                     | swar::in_range(w, b'A', b'Z')
@@ -444,10 +460,15 @@ impl Replies {
                 } else if b == b'\n' {
                     self.end_head(req)
                 } else if crate::method::is_tchar(b) {
-                    self.name = [0; NAME_WORDS];
-                    self.name_len = 0;
-                    self.push_name(b);
-                    self.phase = phase::HEADER_NAME;
+                    if matches!(b | 0x20, b'c' | b't') {
+                        self.name = [0; NAME_WORDS];
+                        self.name_len = 0;
+                        self.push_name(b);
+                        self.phase = phase::HEADER_NAME;
+                    } else {
+                        self.header = header::OTHER;
+                        self.phase = phase::SKIP_LINE;
+                    }
                     REv::More
                 } else {
                     self.lose();
@@ -492,6 +513,13 @@ impl Replies {
                     self.end_field()
                 } else {
                     self.lose();
+                    REv::More
+                }
+            }
+            phase::SKIP_LINE => {
+                if b == b'\n' {
+                    self.end_field()
+                } else {
                     REv::More
                 }
             }
