@@ -215,9 +215,9 @@ impl Replies {
         }
     }
 
-    /// Consume `n <= bulk_left()` bulk bytes.
+    /// Consume up to `n` bulk bytes (no more than `bulk_left()`); returns how many.
     #[inline(always)]
-    pub fn consume(&mut self, n: u64) {
+    pub fn consume(&mut self, n: u64) -> u64 {
         let n = if n > self.bulk_left() {
             self.bulk_left()
         } else {
@@ -234,6 +234,7 @@ impl Replies {
                 }
             }
         }
+        n
     }
 
     /// The server's FIN at sequence number `seq` (after any payload of its segment): a body
@@ -710,20 +711,22 @@ impl Replies {
 /// runs of plain bytes through [`Replies::step_run`] where eight bytes are left, else byte by
 /// byte (host tests and fuzz targets compare it with [`feed_bytes`]).
 pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
+    feed_with(r, data, req, true);
+}
+
+/// As [`feed`], without the run fast path.
+pub fn feed_bytes(r: &mut Replies, data: &[u8], req: &ReqView) {
+    feed_with(r, data, req, false);
+}
+
+fn feed_with(r: &mut Replies, data: &[u8], req: &ReqView, runs: bool) {
     let mut i = 0;
     while i < data.len() {
         if r.in_bulk() {
-            let left = (data.len() - i) as u64;
-            let n = if r.bulk_left() < left {
-                r.bulk_left()
-            } else {
-                left
-            };
-            r.consume(n);
-            i += n as usize;
+            i += r.consume((data.len() - i) as u64) as usize;
             continue;
         }
-        if i + 8 <= data.len() {
+        if runs && i + 8 <= data.len() {
             let k = r.step_run(swar::word(data, i));
             if k > 0 {
                 i += k;
@@ -732,26 +735,6 @@ pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
         }
         r.step(data[i], req);
         i += 1;
-    }
-}
-
-/// As [`feed`], without the word fast path.
-pub fn feed_bytes(r: &mut Replies, data: &[u8], req: &ReqView) {
-    let mut i = 0;
-    while i < data.len() {
-        if r.in_bulk() {
-            let left = (data.len() - i) as u64;
-            let n = if r.bulk_left() < left {
-                r.bulk_left()
-            } else {
-                left
-            };
-            r.consume(n);
-            i += n as usize;
-        } else {
-            r.step(data[i], req);
-            i += 1;
-        }
     }
 }
 

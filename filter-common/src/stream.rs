@@ -381,9 +381,9 @@ impl Stream {
         self.rule_flags = rule_flags;
     }
 
-    /// Consume `n <= bulk_left()` body bytes.
+    /// Consume up to `n` body bytes (no more than `bulk_left()`); returns how many.
     #[inline(always)]
-    pub fn consume(&mut self, n: u64) {
+    pub fn consume(&mut self, n: u64) -> u64 {
         let n = if n > self.bulk_left() {
             self.bulk_left()
         } else {
@@ -398,6 +398,7 @@ impl Stream {
                 self.phase = phase::CHUNK_DATA_CR;
             }
         }
+        n
     }
 
     /// Feed one byte (not a body byte: see [`Stream::in_bulk`]). The request line's path is

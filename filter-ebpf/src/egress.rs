@@ -206,13 +206,7 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         return 1;
     }
     if s.replies.in_bulk() {
-        let left = (len - off) as u64;
-        let n = if s.replies.bulk_left() < left {
-            s.replies.bulk_left()
-        } else {
-            left
-        };
-        s.replies.consume(n);
+        let n = s.replies.consume((len - off) as u64);
         s.off = (off as u64 + n) as u32;
         return 0;
     }
@@ -265,13 +259,7 @@ unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
             return 1;
         }
         if s.replies.in_bulk() {
-            let rest = (len - i) as u64;
-            let n = if s.replies.bulk_left() < rest {
-                s.replies.bulk_left()
-            } else {
-                rest
-            };
-            s.replies.consume(n);
+            let n = s.replies.consume((len - i) as u64);
             s.widx = (i as u64 + n) as u32;
             continue;
         }

@@ -580,13 +580,7 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         return 1;
     }
     if s.stream.in_bulk() {
-        let left = (len - off) as u64;
-        let n = if s.stream.bulk_left() < left {
-            s.stream.bulk_left()
-        } else {
-            left
-        };
-        s.stream.consume(n);
+        let n = s.stream.consume((len - off) as u64);
         s.off = (off as u64 + n) as u32;
         return 0;
     }

@@ -208,7 +208,10 @@ fn unframeable_bytes_lose_the_connection() {
         // A bad name where it could be a framing header (lines whose name starts with neither
         // `c` nor `t` are skipped to their LF, unread).
         (&b"HTTP/1.1 200 OK\r\nContent Length: 5\r\n\r\n"[..], 1),
-        (&b"HTTP/1.1 200 OK\r\nTransfer Encoding: chunked\r\n\r\n"[..], 1),
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer Encoding: chunked\r\n\r\n"[..],
+            1,
+        ),
         (
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
             1,
