@@ -673,11 +673,13 @@ mod tests {
         let mut len = 0u16;
         let mut taken = 0;
         for i in 0..path.len() {
-            if i + 8 <= path.len() {
-                let w = crate::swar::word(path, i);
+            {
+                // Near the end, the word is padded with LF as the kernel pads it: the run must
+                // not take the padding.
+                let w = crate::swar::word_padded(path, i, b'\n');
                 let (mut fc, mut fout, mut flen) = (c, out, len);
                 let k = fc.push_run(w, &mut fout, &mut flen);
-                assert!(k <= 8);
+                assert!(k <= (path.len() - i).min(8));
                 let (mut sc, mut sout, mut slen) = (c, out, len);
                 for &b in &path[i..i + k] {
                     assert_eq!(sc.push(b, &mut sout, &mut slen), Ok(()), "{:?}", show(path));

@@ -164,6 +164,37 @@ impl LineParser {
         k
     }
 
+    /// The fast path of [`LineParser::step`] at the start of a request line: of the first
+    /// `avail` bytes of `w` (`avail <= 8`, the first byte in the low bits), takes the
+    /// method's leading upper-case letters (as many as its first word holds), then the SP
+    /// after them and the `/` that starts an origin-form path. Returns how many it took, 0 to
+    /// 8, with the state that many `step` calls would leave (each returning `More`).
+    #[inline(always)]
+    pub fn method_run(&mut self, w: u64, avail: usize, path: &mut [u8; PATH_MAX]) -> usize {
+        let n = self.method_len as usize;
+        if self.phase != phase::METHOD || n >= 8 {
+            return 0;
+        }
+        let upper = swar::in_range(w, b'A', b'Z') & swar::first(avail);
+        let k = swar::leading(!upper & swar::HIGH);
+        let k = if k < 8 - n { k } else { 8 - n };
+        self.w0 |= (w & swar::bytes(k)) << (8 * n);
+        self.method_len += k as u16;
+        if k == 0 || self.method_len == 0 || k >= avail || swar::skip(w, k) as u8 != b' ' {
+            return k;
+        }
+        self.phase = phase::TARGET_START;
+        if k + 1 >= avail || swar::skip(w, k + 1) as u8 != b'/' {
+            return k + 1;
+        }
+        self.phase = phase::PATH;
+        // `path_len` is 0 before a path starts: the byte fits.
+        match self.push_path(b'/', path) {
+            Step::More => k + 2,
+            _ => k + 1,
+        }
+    }
+
     /// The path is complete.
     #[inline(always)]
     fn end_path(&mut self, _path: &mut [u8; PATH_MAX]) -> Step {

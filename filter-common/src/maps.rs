@@ -231,7 +231,9 @@ pub struct Scratch {
     pub rep_done: u32,
     /// Raw path bytes the canonicalizer has taken so far (a word or a byte per callback).
     pub canon_pos: u32,
-    pub _pad4: u32,
+    /// Payload offset of `line`'s first byte (with `window_len`: the window a later round of
+    /// the same segment may go on in instead of loading it again).
+    pub win_off: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 
@@ -283,8 +285,9 @@ pub struct ReplyScratch {
 const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
 
 /// A connection, from the client's side. Addresses in network order (IPv4 in the first four
-/// bytes); ports in host order; zero padding.
-#[repr(C)]
+/// bytes); ports in host order; zero padding. 8-aligned, so the classifiers write it as five
+/// words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnKey {
     pub client_addr_be: [u8; 16],

@@ -22,7 +22,7 @@
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
 use crate::swar;
-use crate::token::{hex, insert, pack, NAME_WORDS};
+use crate::token::{hex, insert, pack, zero, NAME_WORDS};
 
 /// Requests outstanding (sent, response not complete) that [`ReqView::head_ring`] can
 /// describe: the ingress side holds a new request rather than let more be outstanding.
@@ -31,6 +31,8 @@ pub const RING: u32 = 64;
 pub const OUTSTANDING_MAX: u32 = RING - 1;
 /// Longest status line or header block followed; past it the state is lost.
 const HEAD_LIMIT: u32 = 65536;
+/// Pieces one [`Replies::step_run`] call takes at most (a piece ends where a phase does).
+const RUN_PARTS: usize = 4;
 /// Largest chunk size followed (1 TiB).
 const CHUNK_MAX: u64 = 1 << 40;
 
@@ -250,9 +252,9 @@ impl Replies {
     /// `Stream::next_request`).
     #[inline(always)]
     fn next_response(&mut self) {
-        self.body_left = 0;
-        self.cl = 0;
-        self.tail = 0;
+        zero(&mut self.body_left);
+        zero(&mut self.cl);
+        zero(&mut self.tail);
         self.count = 0;
         self.status = 0;
         self.name_len = 0;
@@ -368,27 +370,95 @@ impl Replies {
         }
     }
 
-    /// The leading run of the eight bytes of `w` (first byte lowest) that only need counting
-    /// or storing: the rest of a status line up to its LF, the letters and `-` of a header
-    /// name, a value of a header the framing does not read up to its CR or LF. Takes them,
-    /// leaving exactly the state that as many [`Replies::step`] calls would, and returns how
-    /// many (0: the caller steps one byte).
+    /// The leading run of the eight bytes of `w` (first byte lowest) that the framing takes
+    /// without looking at them one by one: `HTTP/1.x` and ` NNN ` of a status line, the rest
+    /// of a status line, a line the framing does not read (its name starts with neither `c`
+    /// nor `t`: see `SKIP_LINE`) through its LF and the first byte of the next line, the
+    /// letters and `-` of a header name, a value of a header the framing does not read
+    /// through its CRLF. Only the first `avail` bytes of `w` are read (`avail <= 8`; fewer at
+    /// the end of a window). Takes them, leaving exactly the state that as many
+    /// [`Replies::step`] calls would, and returns how many (0: the caller steps one byte).
     #[inline(always)]
-    pub fn step_run(&mut self, w: u64) -> usize {
+    pub fn step_run(&mut self, w: u64, avail: usize) -> usize {
         if self.count > HEAD_LIMIT - 8 {
             return 0;
         }
+        // The bytes past `avail` read as zero, which no run takes.
+        let w = w & swar::bytes(avail);
+        // Up to RUN_PARTS pieces, each ending where the next phase starts; `t` bytes taken.
+        let mut t = 0;
+        let mut j = 0;
+        while j < RUN_PARTS && t < avail {
+            j += 1;
+            let k = self.run_part(w >> (8 * t), avail - t);
+            if k == 0 {
+                break;
+            }
+            t += k;
+        }
+        t
+    }
+
+    /// One piece of [`Replies::step_run`]: the leading bytes of `w` (`avail` of them, first
+    /// byte lowest; the bytes above are zero) in the current phase, at most to where the next
+    /// phase starts. Returns how many it took.
+    #[inline(always)]
+    fn run_part(&mut self, w: u64, avail: usize) -> usize {
         let k = match self.phase {
             phase::STATUS if self.count == 0 => {
                 // `HTTP/1.` and the minor version's digit, as one word.
                 let minor = (w >> 56) as u8;
-                if w & 0x00ff_ffff_ffff_ffff == STATUS_PREFIX && minor.is_ascii_digit() {
+                if avail == 8 && w & 0x00ff_ffff_ffff_ffff == STATUS_PREFIX && minor.is_ascii_digit()
+                {
                     8
                 } else {
                     0
                 }
             }
-            phase::STATUS_REST | phase::SKIP_LINE => swar::leading(swar::eq(w, b'\n')),
+            phase::STATUS if self.count == 8 && avail >= 5 => {
+                // ` NNN` and the byte after the code, as `step_status` takes them.
+                let d = swar::in_range(w, b'0', b'9') & 0x0000_0000_8080_8000;
+                let after = (w >> 32) as u8;
+                if w as u8 != b' ' || d != 0x0000_0000_8080_8000 {
+                    0
+                } else if after == b' ' || after == b'\r' {
+                    self.status = (((w >> 8) as u8 - b'0') as u16) * 100
+                        + (((w >> 16) as u8 - b'0') as u16) * 10
+                        + ((w >> 24) as u8 - b'0') as u16;
+                    self.phase = phase::STATUS_REST;
+                    5
+                } else {
+                    0
+                }
+            }
+            phase::STATUS_REST | phase::SKIP_LINE => {
+                let lf = swar::leading(swar::eq(w, b'\n'));
+                if lf >= avail {
+                    avail
+                } else {
+                    // Through the LF: the status line or the field line ends.
+                    self.count = self.count.wrapping_add(lf as u32 + 1);
+                    self.pos = self.pos.wrapping_add(lf as u32 + 1);
+                    if self.phase == phase::STATUS_REST {
+                        self.start_headers();
+                    } else {
+                        // `end_field` of a header the framing does not read.
+                        self.phase = phase::HEADER_START;
+                    }
+                    return lf + 1;
+                }
+            }
+            phase::HEADER_START => {
+                let b = w as u8;
+                if !crate::method::is_tchar(b) || matches!(b | 0x20, b'c' | b't') {
+                    // An empty line, a line that could frame, or a byte that loses: `step`.
+                    0
+                } else {
+                    self.header = header::OTHER;
+                    self.phase = phase::SKIP_LINE;
+                    1
+                }
+            }
             phase::HEADER_NAME => {
                 let plain = swar::in_range(w, b'a', b'z')
                     | swar::in_range(w, b'A', b'Z')
@@ -400,7 +470,16 @@ impl Replies {
                 k
             }
             phase::HEADER_VALUE if self.header == header::OTHER => {
-                swar::leading(swar::eq(w, b'\r') | swar::eq(w, b'\n'))
+                let k = swar::leading(swar::eq(w, b'\r') | swar::eq(w, b'\n'));
+                let k = if k < avail { k } else { avail };
+                if k + 2 <= avail && (w >> (8 * k)) as u16 == u16::from_le_bytes(*b"\r\n") {
+                    // Through the CRLF: `end_field` of a header the framing does not read.
+                    self.count = self.count.wrapping_add(k as u32 + 2);
+                    self.pos = self.pos.wrapping_add(k as u32 + 2);
+                    self.phase = phase::HEADER_START;
+                    return k + 2;
+                }
+                k
             }
             _ => 0,
         };
@@ -462,7 +541,9 @@ impl Replies {
                     self.end_head(req)
                 } else if crate::method::is_tchar(b) {
                     if matches!(b | 0x20, b'c' | b't') {
-                        self.name = [0; NAME_WORDS];
+                        for w in self.name.iter_mut() {
+                            zero(w);
+                        }
                         self.name_len = 0;
                         self.push_name(b);
                         self.phase = phase::HEADER_NAME;
@@ -708,8 +789,8 @@ impl Replies {
 }
 
 /// Feed a whole byte run the way the egress classifier does: bulk runs consumed at once,
-/// runs of plain bytes through [`Replies::step_run`] where eight bytes are left, else byte by
-/// byte (host tests and fuzz targets compare it with [`feed_bytes`]).
+/// runs of plain bytes through [`Replies::step_run`] (up to eight bytes, fewer at the end),
+/// else byte by byte (host tests and fuzz targets compare it with [`feed_bytes`]).
 pub fn feed(r: &mut Replies, data: &[u8], req: &ReqView) {
     feed_with(r, data, req, true);
 }
@@ -726,8 +807,11 @@ fn feed_with(r: &mut Replies, data: &[u8], req: &ReqView, runs: bool) {
             i += r.consume((data.len() - i) as u64) as usize;
             continue;
         }
-        if runs && i + 8 <= data.len() {
-            let k = r.step_run(swar::word(data, i));
+        if runs {
+            // Past the end, letters (which a name run would take): `step_run` must not read
+            // beyond `avail`, as the kernel's window holds stale bytes there.
+            let avail = (data.len() - i).min(8);
+            let k = r.step_run(swar::word_padded(data, i, b'Z'), avail);
             if k > 0 {
                 i += k;
                 continue;

@@ -508,27 +508,96 @@ impl Stream {
         }
     }
 
-    /// The fast path of [`Stream::step`]: of the eight bytes of `w` (the first in the low
-    /// bits), takes the leading ones that would each make `step` return [`Ev::More`] while
-    /// changing only counters, the path, the header name or the header value (path bytes, the
-    /// rest of a request line, header names of letters and `-`, header value bytes other than
-    /// control bytes), and returns how many it took, 0 to 8. The state is then exactly what
-    /// that many `step` calls would have left; the caller steps the next byte with `step`.
+    /// The fast path of [`Stream::step`]: of the first `avail` bytes of `w` (`avail` may
+    /// exceed 8; the first byte in the low bits), takes the leading ones that would each make
+    /// `step` return [`Ev::More`] while changing only counters, the phase between lines, the
+    /// path, the header name or the header value: path bytes, the rest of a request line
+    /// through its LF, header names of letters and `-` (from a line's first byte), header
+    /// value bytes other than control bytes, and the CRLF after the value of a header the
+    /// filter does not act on. Returns how many it took, 0 to 8. The state is then exactly
+    /// what that many `step` calls would have left; the caller steps the next byte with
+    /// `step`.
     #[inline(always)]
-    pub fn step_run(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> usize {
+    pub fn step_run(&mut self, w: u64, avail: usize, path: &mut [u8; PATH_MAX]) -> usize {
+        let avail = if avail < 8 { avail } else { 8 };
+        // Past `avail`, LF: every run below stops there, and none takes it.
+        let w = swar::pad(w, avail, b'\n');
         let k = match self.phase {
             // `count != 0`: the request's first byte (which sets `req_start`) is behind.
             phase::LINE if self.count != 0 && self.count <= LINE_LIMIT - 8 => {
-                self.line.path_run(w, path)
+                let k = self.line.method_run(w, avail, path);
+                if k > 0 {
+                    k
+                } else {
+                    self.line.path_run(w, path)
+                }
             }
-            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => swar::leading(swar::eq(w, b'\n')),
+            phase::LINE if self.count == 0 => {
+                // The request's first byte: it sets `req_start`, as `step_line` does.
+                let k = self.line.method_run(w, avail, path);
+                if k > 0 {
+                    self.req_start = self.pos;
+                }
+                k
+            }
+            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => {
+                let lf = swar::leading(swar::eq(w, b'\n'));
+                if lf < avail {
+                    // Through the LF: the header block starts.
+                    self.pos = self.pos.wrapping_add(lf as u32 + 1);
+                    self.start_headers();
+                    return lf + 1 + self.name_start(swar::skip(w, lf + 1), avail - lf - 1);
+                }
+                lf
+            }
+            phase::HEADER_START if self.count <= HEADER_LIMIT - 8 => {
+                return self.name_start(w, avail);
+            }
             phase::HEADER_NAME if self.count <= HEADER_LIMIT - 8 => self.name_run(w),
-            phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => self.value_run(w),
+            phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => {
+                let k = self.value_run(w);
+                if self.header == header::OTHER
+                    && k + 2 <= avail
+                    && (w >> (8 * k)) as u16 == u16::from_le_bytes(*b"\r\n")
+                {
+                    // Through the CRLF of a header the filter does not act on (`end_field`
+                    // changes nothing else for it).
+                    self.pos = self.pos.wrapping_add(k as u32 + 2);
+                    self.count += k as u32 + 2;
+                    self.phase = phase::HEADER_START;
+                    return k + 2 + self.name_start(swar::skip(w, k + 2), avail - k - 2);
+                }
+                k
+            }
             _ => 0,
         };
         self.pos = self.pos.wrapping_add(k as u32);
         self.count += k as u32;
         k
+    }
+
+    /// At the start of a field line (`HEADER_START`, `count` at most `HEADER_LIMIT - 8` minus
+    /// the bytes of this word already taken): a first byte that is a letter starts the name
+    /// (as `step_header` does), and the letters and `-` after it are taken too. Returns how
+    /// many of the first `avail` bytes of `w` it took (0 when the line starts otherwise: an
+    /// empty line, another token character or a byte that fails go to `step`).
+    #[inline(always)]
+    fn name_start(&mut self, w: u64, avail: usize) -> usize {
+        let b = w as u8;
+        if avail == 0 || !b.is_ascii_alphabetic() {
+            return 0;
+        }
+        self.clear_name();
+        self.name_len = 0;
+        self.push_name(b);
+        self.phase = phase::HEADER_NAME;
+        self.pos = self.pos.wrapping_add(1);
+        self.count += 1;
+        // The bytes past `avail` are LF (see `step_run`), which ends a name run.
+        let k = self.name_run(w >> 8);
+        self.pos = self.pos.wrapping_add(k as u32);
+        self.count += k as u32;
+        1 + k
     }
 
     /// The leading letters and `-` of `w` as header-name bytes ([`Stream::push_name`] for

@@ -77,6 +77,34 @@ pub const fn bytes(k: usize) -> u64 {
     (first(k) >> 7).wrapping_mul(0xff)
 }
 
+/// `w` without its first `n` bytes (`n <= 8`; zero bytes come in at the top).
+#[inline(always)]
+pub const fn skip(w: u64, n: usize) -> u64 {
+    if n >= 8 {
+        0
+    } else {
+        w >> (8 * n)
+    }
+}
+
+/// `w` with its bytes from the `avail`-th on (`avail <= 8`) replaced by `fill`: the word at
+/// the end of a buffer, padded with a byte that ends every run reading it (`\n` for the
+/// request side's runs), so a run never takes bytes past the buffer.
+#[inline(always)]
+pub const fn pad(w: u64, avail: usize, fill: u8) -> u64 {
+    let keep = bytes(avail);
+    (w & keep) | ((fill as u64).wrapping_mul(ONES) & !keep)
+}
+
+/// The bytes of `b` from `off` (up to eight) as a little-endian word, padded with `fill`
+/// past the end of `b` (host and tests).
+pub fn word_padded(b: &[u8], off: usize, fill: u8) -> u64 {
+    let mut w = [fill; 8];
+    let n = (b.len() - off).min(8);
+    w[..n].copy_from_slice(&b[off..off + n]);
+    u64::from_le_bytes(w)
+}
+
 /// The eight bytes of `b` from `off` as a little-endian word (host and tests; the kernel
 /// loads its words from map memory itself).
 #[inline(always)]
@@ -108,6 +136,17 @@ mod tests {
                 assert_eq!(v, if i < k { 0xff } else { 0 });
             }
             assert_eq!(first(k), bytes(k) & HIGH);
+        }
+    }
+
+    #[test]
+    fn pad_keeps_the_first_bytes_and_fills_the_rest() {
+        let w = u64::from_le_bytes(*b"abcdefgh");
+        for k in 0..=8usize {
+            let mut want = *b"\n\n\n\n\n\n\n\n";
+            want[..k].copy_from_slice(&b"abcdefgh"[..k]);
+            assert_eq!(pad(w, k, b'\n').to_le_bytes(), want);
+            assert_eq!(word_padded(&b"abcdefgh"[..k], 0, b'\n').to_le_bytes(), want);
         }
     }
 

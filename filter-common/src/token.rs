@@ -17,6 +17,14 @@ pub const fn pack(s: &str) -> (u8, [u64; NAME_WORDS]) {
     (b.len() as u8, w)
 }
 
+/// Store zero in `*w` as a store of its own. Zero stores to neighbouring fields otherwise
+/// merge into a `memset` call, which BPF runs as a loop over single bytes.
+#[inline(always)]
+pub fn zero(w: &mut u64) {
+    // SAFETY: `w` is a valid, exclusive reference.
+    unsafe { core::ptr::write_volatile(w, 0) };
+}
+
 /// The value of a hexadecimal digit.
 #[inline(always)]
 pub fn hex(b: u8) -> Option<u8> {

@@ -18,7 +18,6 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::ffi::c_void;
-use core::ptr::read_unaligned;
 use filter_common::{
     reply::{REv, Replies},
     tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
@@ -27,7 +26,9 @@ use filter_common::{
 
 use crate::maps::{CONNS, REPLIES, REPLY_SCRATCH};
 use crate::skb::load_into;
-use crate::util::{be16, copy_words, count, peek, port_inspected, seq_after};
+use crate::util::{
+    be16, copy_words, count, key_tail, key_v4, peek, port_inspected, seq_after, word_at,
+};
 
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -86,19 +87,13 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     // The connection's key from the client's side: the server is the source here.
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-        s.key.client_addr_be = [0; 16];
-        s.key.server_addr_be = [0; 16];
-        s.key.server_addr_be[..4].copy_from_slice(&a[..4]);
-        s.key.client_addr_be[..4].copy_from_slice(&a[4..]);
+        key_v4(&mut s.key, [a[4], a[5], a[6], a[7]], [a[0], a[1], a[2], a[3]]);
     } else {
         let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
         s.key.server_addr_be.copy_from_slice(&a[..16]);
         s.key.client_addr_be.copy_from_slice(&a[16..]);
     }
-    s.key.server_port = be16(tcp[0], tcp[1]);
-    s.key.client_port = be16(tcp[2], tcp[3]);
-    s.key.family = family;
-    s.key._pad = [0; 3];
+    key_tail(&mut s.key, be16(tcp[2], tcp[3]), be16(tcp[0], tcp[1]), family);
     let flags = tcp[13];
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
 
@@ -237,6 +232,12 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     0
 }
 
+// `word_at` reads the window through an 8-aligned base.
+const _: () = {
+    assert!(core::mem::offset_of!(ReplyScratch, window).is_multiple_of(8));
+    assert!(core::mem::align_of::<ReplyScratch>() >= 8);
+};
+
 /// Steps (a word, a byte or a body run) one `frame` call takes.
 const STEPS_PER_CALL: usize = 8;
 
@@ -265,9 +266,12 @@ unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
         }
         // verifier: mask the index into the window.
         let at = i & (LINE_WINDOW - 1);
-        if at + 8 <= len && at <= LINE_WINDOW - 8 {
-            let word = unsafe { read_unaligned(s.window.as_ptr().add(at).cast::<u64>()) };
-            let n = s.replies.step_run(word);
+        if at <= LINE_WINDOW - 8 {
+            // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
+            // bytes before the window's end are read.
+            let word = word_at(s.window.as_ptr(), at);
+            let avail = if len - at < 8 { len - at } else { 8 };
+            let n = s.replies.step_run(word, avail);
             if n > 0 {
                 s.widx = (at + n) as u32;
                 continue;

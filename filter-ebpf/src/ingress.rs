@@ -28,6 +28,7 @@ use filter_common::reply::OUTSTANDING_MAX;
 use filter_common::{
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
+    swar,
     tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6,
     IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR,
@@ -41,7 +42,9 @@ use crate::maps::{
     SETTINGS,
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
-use crate::util::{be16, be32, copy_words, count, peek, port_inspected, seq_after};
+use crate::util::{
+    be16, be32, copy_words, count, key_tail, key_v4, peek, port_inspected, seq_after, word_at,
+};
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -199,16 +202,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(l3 + 12).map_err(|_| Reason::NotIp)?;
-        // Word stores of their own: merged, the zeroing becomes a byte-loop memset in BPF.
-        let k = addr_of_mut!(s.key).cast::<u64>();
-        let c = u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
-        let v = u64::from_ne_bytes([a[4], a[5], a[6], a[7], 0, 0, 0, 0]);
-        unsafe {
-            write_volatile(k, c);
-            write_volatile(k.add(1), 0);
-            write_volatile(k.add(2), v);
-            write_volatile(k.add(3), 0);
-        }
+        key_v4(&mut s.key, [a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]);
     } else {
         let a: [u8; 32] = ctx.load(l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
@@ -232,13 +226,12 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         )
     };
     let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
-    // The key's last word (ports, family, zero padding) as one store.
-    let (cp, sp) = (
-        be16(tcp[0], tcp[1]).to_ne_bytes(),
-        be16(tcp[2], tcp[3]).to_ne_bytes(),
+    key_tail(
+        &mut s.key,
+        be16(tcp[0], tcp[1]),
+        be16(tcp[2], tcp[3]),
+        family,
     );
-    let tail = u64::from_ne_bytes([cp[0], cp[1], sp[0], sp[1], family, 0, 0, 0]);
-    unsafe { write_volatile(addr_of_mut!(s.key).cast::<u64>().add(4), tail) };
     let flags = tcp[13];
     let mut seq = be32(&tcp, 4);
 
@@ -349,6 +342,8 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     s.off = off as u32;
     s.payload_off = payload as u32;
     s.payload_len = payload_len as u32;
+    // No window of this segment loaded yet.
+    s.window_len = 0;
     s.stop = STOP_NONE;
     s.decided = 0;
     s.rep_read = 0;
@@ -584,23 +579,32 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         s.off = (off as u64 + n) as u32;
         return 0;
     }
-    let w = if len - off < LINE_WINDOW {
-        len - off
+    let (win_off, win_len) = (s.win_off as usize, s.window_len as usize);
+    if off >= win_off && off - win_off < win_len {
+        // Still inside the window the previous round loaded (a decision or a body run
+        // stopped it there): go on in it.
+        s.consumed = (off - win_off) as u32;
     } else {
-        LINE_WINDOW
-    };
-    let ctx = TcContext::new(rc.skb);
-    if !load_into(&ctx, s.payload_off as usize + off, &mut s.line, w) {
-        s.stop = STOP_LOAD_FAILED;
-        return 1;
+        let w = if len - off < LINE_WINDOW {
+            len - off
+        } else {
+            LINE_WINDOW
+        };
+        let ctx = TcContext::new(rc.skb);
+        if !load_into(&ctx, s.payload_off as usize + off, &mut s.line, w) {
+            s.stop = STOP_LOAD_FAILED;
+            return 1;
+        }
+        s.win_off = off as u32;
+        s.window_len = w as u32;
+        s.consumed = 0;
     }
-    s.window_len = w as u32;
-    s.consumed = 0;
+    let (win_off, w) = (s.win_off as usize, s.window_len as usize);
     // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
     let mut sc = ScratchCtx::new(s);
     unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
     let consumed = s.consumed as usize;
-    s.off = (off + if consumed < w { consumed } else { w }) as u32;
+    s.off = (win_off + if consumed < w { consumed } else { w }) as u32;
     if s.stop == STOP_DECIDE {
         s.stop = STOP_NONE;
         // The request is counted under its verdict (or refused, and counted then).
@@ -630,21 +634,6 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     }
 }
 
-/// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
-/// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
-/// one holding `at` readable when `at` is not a multiple of 8.
-#[inline(always)]
-fn word_at(base: *const u8, at: usize) -> u64 {
-    let a = at & !7;
-    let r = (at & 7) * 8;
-    let lo = u64::from_le(unsafe { base.add(a).cast::<u64>().read() });
-    if r == 0 {
-        return lo;
-    }
-    let hi = u64::from_le(unsafe { base.add(a + 8).cast::<u64>().read() });
-    (lo >> r) | (hi << (64 - r))
-}
-
 // `word_at` reads the window and the raw path through 8-aligned bases.
 const _: () = {
     use core::mem::offset_of;
@@ -657,55 +646,67 @@ const _: () = {
 /// before it steps one byte.
 const WORDS_PER_CALL: usize = 8;
 
-/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: runs
-/// of ordinary bytes, up to `WORDS_PER_CALL` words of them (`Stream::step_run`), then one byte
-/// (`Stream::step`), deciding each request as its path completes. Returns 1 to stop (see
-/// `STOP_*`) or when the window is done; each call takes at least one byte, so `window_len`
-/// calls are enough.
+/// Bytes a canonicalizer callback steps (each after its run of words) before it returns: a
+/// callback call costs about as much as a byte step.
+const BYTES_PER_CALL: usize = 1;
+/// The same for the stream callback (whose byte step is much larger to verify).
+const STREAM_BYTES_PER_CALL: usize = 1;
+
+/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: up to
+/// `BYTES_PER_CALL` times, runs of ordinary bytes, up to `WORDS_PER_CALL` words of them
+/// (`Stream::step_run`), then one byte (`Stream::step`), deciding each request as its path
+/// completes. Returns 1 to stop (see `STOP_*`) or when the window is done; each call takes at
+/// least one byte, so `window_len` calls are enough.
 unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let s = unsafe { scratch(ctx) };
     let w = s.window_len as usize;
-    let mut i = s.consumed as usize;
-    let mut k = 0;
-    while k < WORDS_PER_CALL {
-        if i + 8 > w {
-            break;
+    let mut j = 0;
+    while j < STREAM_BYTES_PER_CALL {
+        j += 1;
+        let mut i = s.consumed as usize;
+        let mut k = 0;
+        while k < WORDS_PER_CALL {
+            if i >= w {
+                break;
+            }
+            // verifier: mask the index into the window (`i < w` already: no wrap).
+            let at = i & (LINE_WINDOW - 1);
+            if at > LINE_WINDOW - 8 {
+                break;
+            }
+            // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
+            // bytes before the window's end are read.
+            let word = word_at(s.line.as_ptr(), at);
+            let n = s.stream.step_run(word, w - at, &mut s.raw);
+            i = at + n;
+            if n < 8 {
+                // The next byte is not ordinary: `step` takes it.
+                break;
+            }
+            k += 1;
         }
-        // verifier: mask the index into the window (`i <= w - 8` already: no wrap).
-        let at = i & (LINE_WINDOW - 1);
-        if at > LINE_WINDOW - 8 {
-            break;
-        }
-        // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window.
-        let word = word_at(s.line.as_ptr(), at);
-        let n = s.stream.step_run(word, &mut s.raw);
-        i = at + n;
-        if n < 8 {
-            // The next byte is not ordinary: `step` takes it.
-            break;
-        }
-        k += 1;
-    }
-    if i >= w {
-        s.consumed = i as u32;
-        return 1;
-    }
-    // verifier: mask the index into the window.
-    let i = i & (LINE_WINDOW - 1);
-    s.consumed = i as u32 + 1;
-    let b = s.line[i];
-    match s.stream.step(b, &mut s.raw) {
-        Ev::More => 0,
-        Ev::Bulk => stop(s, STOP_BULK),
-        Ev::Tunnel => stop(s, STOP_TUNNEL),
-        Ev::Await => {
+        if i >= w {
             s.consumed = i as u32;
-            stop(s, STOP_AWAIT)
+            return 1;
         }
-        Ev::Fail(r) => refuse_stop(s, r, 0, Method::from_u8(s.stream.method)),
-        Ev::Decide => stop(s, STOP_DECIDE),
-        Ev::Override => stop(s, STOP_OVERRIDE),
+        // verifier: mask the index into the window.
+        let i = i & (LINE_WINDOW - 1);
+        s.consumed = i as u32 + 1;
+        let b = s.line[i];
+        match s.stream.step(b, &mut s.raw) {
+            Ev::More => {}
+            Ev::Bulk => return stop(s, STOP_BULK),
+            Ev::Tunnel => return stop(s, STOP_TUNNEL),
+            Ev::Await => {
+                s.consumed = i as u32;
+                return stop(s, STOP_AWAIT);
+            }
+            Ev::Fail(r) => return refuse_stop(s, r, 0, Method::from_u8(s.stream.method)),
+            Ev::Decide => return stop(s, STOP_DECIDE),
+            Ev::Override => return stop(s, STOP_OVERRIDE),
+        }
     }
+    0
 }
 
 #[inline(always)]
@@ -821,48 +822,52 @@ fn violation(s: &mut Scratch, allow: u32, method: Method, monitor: bool) -> i64 
     refuse_stop(s, Reason::Rejected, allow, method)
 }
 
-/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: runs of plain
-/// bytes, up to `WORDS_PER_CALL` words of them (`Canon::push_run`), then one byte
-/// (`Canon::push`). Each call takes at least one byte, so `canon_raw_len` calls are enough.
+/// `bpf_loop` callback: feed the raw path's next bytes to the canonicalizer: up to
+/// `BYTES_PER_CALL` times, runs of plain bytes, up to `WORDS_PER_CALL` words of them
+/// (`Canon::push_run`), then one byte (`Canon::push`). Each call takes at least one byte, so
+/// `canon_raw_len` calls are enough.
 unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let s = unsafe { scratch(ctx) };
     let n = s.canon_raw_len as usize;
-    let mut i = s.canon_pos as usize;
-    let mut k = 0;
-    while k < WORDS_PER_CALL {
-        if i + 8 > n {
-            break;
+    let mut j = 0;
+    while j < BYTES_PER_CALL {
+        j += 1;
+        let mut i = s.canon_pos as usize;
+        let mut k = 0;
+        while k < WORDS_PER_CALL {
+            if i >= n {
+                break;
+            }
+            // verifier: mask the index into the raw path (`i < n` already: no wrap).
+            let at = i & (PATH_MAX - 1);
+            if at > PATH_MAX - 8 {
+                break;
+            }
+            // `at <= PATH_MAX - 8`: the next aligned word is inside the raw path. Its bytes
+            // past the path's end read as LF, where every run stops.
+            let w = swar::pad(word_at(s.raw.as_ptr(), at), n - at, b'\n');
+            let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
+            i = at + taken;
+            if taken < 8 {
+                // The next byte is not plain: `push` takes it.
+                break;
+            }
+            k += 1;
         }
-        // verifier: mask the index into the raw path (`i <= n - 8` already: no wrap).
-        let at = i & (PATH_MAX - 1);
-        if at > PATH_MAX - 8 {
-            break;
+        if i >= n {
+            s.canon_pos = i as u32;
+            return 1;
         }
-        // `at <= PATH_MAX - 8`: the next aligned word is inside the raw path.
-        let w = word_at(s.raw.as_ptr(), at);
-        let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
-        i = at + taken;
-        if taken < 8 {
-            // The next byte is not plain: `push` takes it.
-            break;
-        }
-        k += 1;
-    }
-    if i >= n {
-        s.canon_pos = i as u32;
-        return 1;
-    }
-    // verifier: mask the index into the raw path.
-    let i = i & (PATH_MAX - 1);
-    s.canon_pos = i as u32 + 1;
-    let b = s.raw[i];
-    match s.canon.push(b, &mut s.path, &mut s.canon_len) {
-        Ok(()) => 0,
-        Err(r) => {
+        // verifier: mask the index into the raw path.
+        let i = i & (PATH_MAX - 1);
+        s.canon_pos = i as u32 + 1;
+        let b = s.raw[i];
+        if let Err(r) = s.canon.push(b, &mut s.path, &mut s.canon_len) {
             s.canon_err = r as u32;
-            1
+            return 1;
         }
     }
+    0
 }
 
 /// Path words hashed per `hash_words` callback.

@@ -2,8 +2,8 @@
 //! packet reads and word copies.
 
 use aya_ebpf::programs::TcContext;
-use core::ptr::{addr_of, read_unaligned, read_volatile, write_unaligned};
-use filter_common::Reason;
+use core::ptr::{addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile};
+use filter_common::{ConnKey, Reason};
 
 use crate::maps::{FILTER_CONFIG, STATS};
 
@@ -45,6 +45,40 @@ pub fn port_inspected(port: u16) -> bool {
     word & (1u64 << (port & 63)) != 0
 }
 
+/// An IPv4 connection's addresses in its key, the rest of both 16-byte fields zero. Word
+/// stores of their own: merged, the zeroing becomes a byte-loop memset in BPF.
+#[inline(always)]
+pub fn key_v4(key: &mut ConnKey, client: [u8; 4], server: [u8; 4]) {
+    let k = addr_of_mut!(*key).cast::<u64>();
+    let c = u64::from_ne_bytes([client[0], client[1], client[2], client[3], 0, 0, 0, 0]);
+    let v = u64::from_ne_bytes([server[0], server[1], server[2], server[3], 0, 0, 0, 0]);
+    unsafe {
+        write_volatile(k, c);
+        write_volatile(k.add(1), 0);
+        write_volatile(k.add(2), v);
+        write_volatile(k.add(3), 0);
+    }
+}
+
+/// The key's last word (ports, family, zero padding) as one store.
+#[inline(always)]
+pub fn key_tail(key: &mut ConnKey, client_port: u16, server_port: u16, family: u8) {
+    let (c, s) = (client_port.to_ne_bytes(), server_port.to_ne_bytes());
+    let tail = u64::from_ne_bytes([c[0], c[1], s[0], s[1], family, 0, 0, 0]);
+    unsafe { write_volatile(addr_of_mut!(*key).cast::<u64>().add(4), tail) };
+}
+
+// `key_v4` and `key_tail` write the key as five words.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(ConnKey, server_addr_be) == 16);
+    assert!(offset_of!(ConnKey, client_port) == 32);
+    assert!(offset_of!(ConnKey, server_port) == 34);
+    assert!(offset_of!(ConnKey, family) == 36);
+    assert!(core::mem::size_of::<ConnKey>() == 40);
+    assert!(core::mem::align_of::<ConnKey>() >= 8);
+};
+
 /// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
 /// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
 /// (a helper call, several times the cost of the whole early exit).
@@ -57,6 +91,21 @@ pub fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
         return Ok(unsafe { read_unaligned((start + off) as *const T) });
     }
     ctx.load(off).map_err(|_| ())
+}
+
+/// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
+/// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
+/// one holding `at` readable when `at` is not a multiple of 8.
+#[inline(always)]
+pub fn word_at(base: *const u8, at: usize) -> u64 {
+    let a = at & !7;
+    let r = (at & 7) * 8;
+    let lo = u64::from_le(unsafe { base.add(a).cast::<u64>().read() });
+    if r == 0 {
+        return lo;
+    }
+    let hi = u64::from_le(unsafe { base.add(a + 8).cast::<u64>().read() });
+    (lo >> r) | (hi << (64 - r))
 }
 
 /// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy

@@ -279,16 +279,100 @@ fn words_frame_like_bytes() {
     }
     // The word path really takes the plain runs.
     let mut r = Replies::new(0);
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"HTTP/1.1")), 8);
-    feed_bytes(&mut r, b" 200 OK\r\nServer: ", &req);
-    // A line the framing does not read, to its LF.
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"nginx/1.")), 8);
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"22\r\nDate")), 3);
-    feed_bytes(&mut r, b"\nContent-", &req);
-    // A name that could be a framing header, then a value it does not read, to its CR.
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"Type: te")), 4);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"HTTP/1.1"), 8), 8);
+    // The status code and the rest of the line, through its LF, then a line the framing
+    // does not read from its first byte.
+    assert_eq!(r.step_run(u64::from_le_bytes(*b" 200 OK\r"), 8), 8);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"\nServer:"), 8), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b" nginx/1"), 8), 8);
+    // Through its LF and into the next such line.
+    assert_eq!(r.step_run(u64::from_le_bytes(*b".22\r\nDat"), 8), 8);
+    assert_eq!(r.phase, phase::SKIP_LINE);
+    feed_bytes(&mut r, b"e: x\r\n", &req);
+    // A line that could frame stops the run at its first byte...
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"Content-"), 8), 0);
+    feed_bytes(&mut r, b"C", &req);
+    // ... its name is taken to the colon, a value it does not read through its CRLF.
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"ontent-T"), 8), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"ype: tex"), 8), 3);
     feed_bytes(&mut r, b": ", &req);
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"text/pla")), 8);
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"in\r\nDate")), 2);
-    assert_eq!(r.step_run(u64::from_le_bytes(*b"\r\nDate: ")), 0);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"text/pla"), 8), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"in\r\nDate"), 8), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b": x\r\n\r\nx"), 8), 5);
+    // The empty line ends the head: `step` takes it.
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"\r\nxxxxxx"), 8), 0);
+    // A status line that is not `HTTP/1.x NNN ` is left to `step` (which loses it).
+    let mut r = Replies::new(0);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b"HTTP/1.1"), 8), 8);
+    assert_eq!(r.step_run(u64::from_le_bytes(*b" 2x0 OK\r"), 8), 0);
+}
+
+/// Responses built line by line (status lines and header lines of every kind, CRLF or bare
+/// LF or a stray CR, then a few bytes changed at random): the run fast path crosses every
+/// phase boundary it can (status code, line ends, line starts, CRLF after values) and leaves
+/// exactly the state that byte by byte framing does, at every alignment.
+#[test]
+fn runs_frame_like_bytes_across_phase_boundaries() {
+    const STATUS: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.0 204 No Content",
+        b"HTTP/1.1 101 Switching Protocols",
+        b"HTTP/1.1 404",
+        b"HTTP/1.1 2x0 Bad",
+        b"HTTP/1.1 200\tOK",
+    ];
+    const FIELDS: &[&[u8]] = &[
+        b"Server: nginx/1.22.1",
+        b"Date: Thu, 26 Nov 2026 10:28:15 GMT",
+        b"Content-Length: 3",
+        b"content-length:3",
+        b"Transfer-Encoding: chunked",
+        b"Content-Type: text/plain",
+        b"Connection: keep-alive",
+        b"X: y",
+        b"t:",
+        b"A",
+        b" folded",
+    ];
+    const EOL: &[&[u8]] = &[b"\r\n", b"\r\n", b"\n", b"\r"];
+    const NOISE: &[u8] = b" \t\r\n:\x7f\0aZ-1";
+    let req = view(8, &[], 0);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    for _ in 0..4000 {
+        let mut data = Vec::new();
+        for _ in 0..1 + next(3) {
+            data.extend_from_slice(STATUS[next(STATUS.len())]);
+            data.extend_from_slice(EOL[next(EOL.len())]);
+            for _ in 0..next(6) {
+                data.extend_from_slice(FIELDS[next(FIELDS.len())]);
+                data.extend_from_slice(EOL[next(EOL.len())]);
+            }
+            data.extend_from_slice(EOL[next(EOL.len())]);
+            data.extend_from_slice(b"abc");
+        }
+        for _ in 0..next(3) {
+            let i = next(data.len());
+            data[i] = NOISE[next(NOISE.len())];
+        }
+        let mut bytes = Replies::new(5);
+        feed_bytes(&mut bytes, &data, &req);
+        for start in 0..8.min(data.len()) {
+            let mut words = Replies::new(5);
+            feed(&mut words, &data[..start], &req);
+            feed(&mut words, &data[start..], &req);
+            assert_eq!(
+                std::format!("{words:?}"),
+                std::format!("{bytes:?}"),
+                "start {start} of {:?}",
+                std::string::String::from_utf8_lossy(&data)
+            );
+        }
+    }
 }

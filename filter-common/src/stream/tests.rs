@@ -40,8 +40,11 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                 off += n;
                 continue;
             }
-            if words && off + 8 <= seg.len() {
-                let k = s.step_run(crate::swar::word(seg, off), &mut path);
+            if words {
+                // Past the segment's end, letters (which a name run would take): `step_run`
+                // must not read beyond `avail`, as the kernel's window holds stale bytes there.
+                let avail = seg.len() - off;
+                let k = s.step_run(crate::swar::word_padded(seg, off, b'Z'), avail, &mut path);
                 if k > 0 {
                     off += k;
                     continue;
@@ -379,11 +382,15 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> usize {
             off += n;
             continue;
         }
-        if off + 8 <= data.len() {
+        {
+            // Near the end, the word's bytes past the data are letters (stale bytes in the
+            // kernel's window): the run must not take them.
+            let avail = (data.len() - off).min(8);
             let (mut fast, mut fast_path) = (s, path);
-            let k = fast.step_run(crate::swar::word(data, off), &mut fast_path);
-            assert!(k <= 8);
-            let shown = String::from_utf8_lossy(&data[off..off + 8]);
+            let word = crate::swar::word_padded(data, off, b'Z');
+            let k = fast.step_run(word, data.len() - off, &mut fast_path);
+            assert!(k <= avail);
+            let shown = String::from_utf8_lossy(&data[off..off + avail]);
             let (mut slow, mut slow_path) = (s, path);
             for &b in &data[off..off + k] {
                 assert_eq!(slow.step(b, &mut slow_path), Ev::More, "{shown:?} in {s:?}");
