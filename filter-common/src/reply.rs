@@ -31,6 +31,8 @@ pub const RING: u32 = 64;
 pub const OUTSTANDING_MAX: u32 = RING - 1;
 /// Longest status line or header block followed; past it the state is lost.
 const HEAD_LIMIT: u32 = 65536;
+/// Bytes one [`Replies::skip_words`] call takes at most.
+pub const LINE_SKIP_MAX: u32 = 64;
 /// Pieces one [`Replies::step_run`] call takes at most (a piece ends where a phase does).
 const RUN_PARTS: usize = 4;
 /// Largest chunk size followed (1 TiB).
@@ -64,8 +66,8 @@ mod phase {
     pub const SWITCHED: u8 = 15;
     /// Framing lost: nothing more to frame.
     pub const LOST: u8 = 16;
-    /// A header line the framing does not read (its name starts with neither `c` nor `t`,
-    /// so it is neither `Content-Length` nor `Transfer-Encoding`): skipped to its LF.
+    /// A header line the framing does not read (its name so far is a prefix of neither
+    /// `Content-Length` nor `Transfer-Encoding`): skipped to its LF.
     pub const SKIP_LINE: u8 = 17;
 }
 
@@ -399,6 +401,25 @@ impl Replies {
         t
     }
 
+    /// Inside a line whose bytes the framing only counts up to its LF (the rest of a status
+    /// line, a line the framing does not read), with room for `LINE_SKIP_MAX` more bytes
+    /// before the head limit: whole words without an LF may be taken with
+    /// [`Replies::skip_words`].
+    #[inline(always)]
+    pub fn in_line_rest(&self) -> bool {
+        (self.phase == phase::SKIP_LINE || self.phase == phase::STATUS_REST)
+            && self.count <= HEAD_LIMIT - LINE_SKIP_MAX
+    }
+
+    /// Take `n` bytes (at most `LINE_SKIP_MAX`), none of them an LF, inside a line
+    /// ([`Replies::in_line_rest`]): what as many [`Replies::step`] calls would do.
+    #[inline(always)]
+    pub fn skip_words(&mut self, n: u32) {
+        let n = if n < LINE_SKIP_MAX { n } else { LINE_SKIP_MAX };
+        self.pos = self.pos.wrapping_add(n);
+        self.count = self.count.wrapping_add(n);
+    }
+
     /// One piece of [`Replies::step_run`]: the leading bytes of `w` (`avail` of them, first
     /// byte lowest; the bytes above are zero) in the current phase, at most to where the next
     /// phase starts. Returns how many it took.
@@ -408,7 +429,9 @@ impl Replies {
             phase::STATUS if self.count == 0 => {
                 // `HTTP/1.` and the minor version's digit, as one word.
                 let minor = (w >> 56) as u8;
-                if avail == 8 && w & 0x00ff_ffff_ffff_ffff == STATUS_PREFIX && minor.is_ascii_digit()
+                if avail == 8
+                    && w & 0x00ff_ffff_ffff_ffff == STATUS_PREFIX
+                    && minor.is_ascii_digit()
                 {
                     8
                 } else {
@@ -450,9 +473,13 @@ impl Replies {
             }
             phase::HEADER_START => {
                 let b = w as u8;
-                if !crate::method::is_tchar(b) || matches!(b | 0x20, b'c' | b't') {
-                    // An empty line, a line that could frame, or a byte that loses: `step`.
+                if !crate::method::is_tchar(b) {
+                    // An empty line or a byte that loses: `step`.
                     0
+                } else if matches!(b | 0x20, b'c' | b't') {
+                    // A name that could be a framing header's, as `step_header` starts it.
+                    self.start_name(b);
+                    1
                 } else {
                     self.header = header::OTHER;
                     self.phase = phase::SKIP_LINE;
@@ -467,6 +494,7 @@ impl Replies {
                 let n = self.name_len;
                 insert(&mut self.name, n as usize, swar::lower(w) & swar::bytes(k));
                 self.name_len = n.saturating_add(k as u8);
+                self.skip_unless_framing();
                 k
             }
             phase::HEADER_VALUE if self.header == header::OTHER => {
@@ -541,12 +569,7 @@ impl Replies {
                     self.end_head(req)
                 } else if crate::method::is_tchar(b) {
                     if matches!(b | 0x20, b'c' | b't') {
-                        for w in self.name.iter_mut() {
-                            zero(w);
-                        }
-                        self.name_len = 0;
-                        self.push_name(b);
-                        self.phase = phase::HEADER_NAME;
+                        self.start_name(b);
                     } else {
                         self.header = header::OTHER;
                         self.phase = phase::SKIP_LINE;
@@ -574,6 +597,7 @@ impl Replies {
                     self.phase = phase::HEADER_VALUE;
                 } else if crate::method::is_tchar(b) {
                     self.push_name(b);
+                    self.skip_unless_framing();
                 } else {
                     self.lose();
                 }
@@ -614,6 +638,42 @@ impl Replies {
                     REv::More
                 }
             }
+        }
+    }
+
+    /// A field line whose first byte is `b` (`c` or `t`): its name is read.
+    #[inline(always)]
+    fn start_name(&mut self, b: u8) {
+        for w in self.name.iter_mut() {
+            zero(w);
+        }
+        self.name_len = 0;
+        self.push_name(b);
+        self.phase = phase::HEADER_NAME;
+    }
+
+    /// Once the name read so far can no longer become `Content-Length` or
+    /// `Transfer-Encoding`, the line is skipped to its LF like any line the framing does not
+    /// read (its name is not checked further).
+    #[inline(always)]
+    fn skip_unless_framing(&mut self) {
+        let n = self.name_len as usize;
+        let prefix = |(len, w): (u8, [u64; NAME_WORDS])| {
+            // The name's bytes past `n` are zero: compare the pattern's first `n` bytes.
+            n <= len as usize
+                && self.name[0] == w[0] & swar::bytes(n)
+                && self.name[1] == w[1] & swar::bytes(n.saturating_sub(8))
+                && self.name[2] == w[2] & swar::bytes(n.saturating_sub(16))
+        };
+        if !prefix(CONTENT_LENGTH) && !prefix(TRANSFER_ENCODING) {
+            self.header = header::OTHER;
+            self.phase = phase::SKIP_LINE;
+            // The name is not read any more: forget it, so that a run that took more of its
+            // letters leaves the same state as byte steps.
+            for w in self.name.iter_mut() {
+                zero(w);
+            }
+            self.name_len = 0;
         }
     }
 
@@ -806,6 +866,21 @@ fn feed_with(r: &mut Replies, data: &[u8], req: &ReqView, runs: bool) {
         if r.in_bulk() {
             i += r.consume((data.len() - i) as u64) as usize;
             continue;
+        }
+        if runs && r.in_line_rest() {
+            // Whole words without an LF, as the egress classifier skips them.
+            let mut n = 0;
+            while n < LINE_SKIP_MAX as usize
+                && i + n + 8 <= data.len()
+                && swar::eq(swar::word(data, i + n), b'\n') == 0
+            {
+                n += 8;
+            }
+            if n > 0 {
+                r.skip_words(n as u32);
+                i += n;
+                continue;
+            }
         }
         if runs {
             // Past the end, letters (which a name run would take): `step_run` must not read

@@ -19,8 +19,8 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use filter_common::{
-    reply::{REv, Replies},
-    tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
+    reply::{REv, Replies, LINE_SKIP_MAX},
+    swar, tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
     IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
 };
 
@@ -87,13 +87,22 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     // The connection's key from the client's side: the server is the source here.
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-        key_v4(&mut s.key, [a[4], a[5], a[6], a[7]], [a[0], a[1], a[2], a[3]]);
+        key_v4(
+            &mut s.key,
+            [a[4], a[5], a[6], a[7]],
+            [a[0], a[1], a[2], a[3]],
+        );
     } else {
         let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
         s.key.server_addr_be.copy_from_slice(&a[..16]);
         s.key.client_addr_be.copy_from_slice(&a[16..]);
     }
-    key_tail(&mut s.key, be16(tcp[2], tcp[3]), be16(tcp[0], tcp[1]), family);
+    key_tail(
+        &mut s.key,
+        be16(tcp[2], tcp[3]),
+        be16(tcp[0], tcp[1]),
+        family,
+    );
     let flags = tcp[13];
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
 
@@ -137,6 +146,16 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
         // Nothing new (a retransmission or a bare ACK); a FIN right at the parser's position
         // ends a body delimited by the close.
         if fin && end == pos {
+            rep.fin();
+        }
+        return Ok(());
+    }
+    let new = end.wrapping_sub(pos) as u64;
+    if rep.in_bulk() && rep.bulk_left() >= new {
+        // Body bytes only (a download's segments): counted in place, with no request view,
+        // copy or loop.
+        rep.consume(new);
+        if fin {
             rep.fin();
         }
         return Ok(());
@@ -266,6 +285,25 @@ unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
         }
         // verifier: mask the index into the window.
         let at = i & (LINE_WINDOW - 1);
+        if s.replies.in_line_rest() {
+            // Inside a line counted to its LF: whole words without one, in a tight loop.
+            let mut n = 0;
+            while n < LINE_SKIP_MAX as usize {
+                let a = at + n;
+                if a + 8 > len || a > LINE_WINDOW - 8 {
+                    break;
+                }
+                if swar::eq(word_at(s.window.as_ptr(), a), b'\n') != 0 {
+                    break;
+                }
+                n += 8;
+            }
+            if n > 0 {
+                s.replies.skip_words(n as u32);
+                s.widx = (at + n) as u32;
+                continue;
+            }
+        }
         if at <= LINE_WINDOW - 8 {
             // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
             // bytes before the window's end are read.

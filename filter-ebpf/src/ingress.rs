@@ -28,13 +28,12 @@ use filter_common::reply::OUTSTANDING_MAX;
 use filter_common::{
     hash::{full_words, SipState},
     stream::{flag, Ev, Stream},
-    swar,
-    tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch, ETH_HLEN,
-    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4, FAMILY_V6,
-    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX, RULE_MONITOR,
-    SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_BULK,
-    STOP_DECIDE, STOP_HOLD, STOP_LOAD_FAILED, STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_REFUSE,
-    STOP_TUNNEL, TCP_HLEN_MIN,
+    swar, tcp_flags, Method, MethodSet, PrefixData, Reason, RejectEvent, RuleValue, Scratch,
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EVENT_LINE_MAX, FAMILY_V4,
+    FAMILY_V6, IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, PATH_MAX, PREFIX_MAX,
+    RULE_MONITOR, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, STOP_AWAIT,
+    STOP_BULK, STOP_DECIDE, STOP_HOLD, STOP_LOAD_FAILED, STOP_MONITOR, STOP_NONE, STOP_OVERRIDE,
+    STOP_REFUSE, STOP_TUNNEL, TCP_HLEN_MIN,
 };
 
 use crate::maps::{
@@ -202,7 +201,11 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
         let a: [u8; 8] = ctx.load(l3 + 12).map_err(|_| Reason::NotIp)?;
-        key_v4(&mut s.key, [a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]);
+        key_v4(
+            &mut s.key,
+            [a[0], a[1], a[2], a[3]],
+            [a[4], a[5], a[6], a[7]],
+        );
     } else {
         let a: [u8; 32] = ctx.load(l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);

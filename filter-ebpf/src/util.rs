@@ -2,7 +2,9 @@
 //! packet reads and word copies.
 
 use aya_ebpf::programs::TcContext;
-use core::ptr::{addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile};
+use core::ptr::{
+    addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
+};
 use filter_common::{ConnKey, Reason};
 
 use crate::maps::{FILTER_CONFIG, STATS};
