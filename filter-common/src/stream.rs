@@ -167,6 +167,11 @@ pub struct Stream {
     /// `reply::ReqView::unsure`).
     pub unsure: u8,
     _pad_e: [u8; 2],
+    /// Responses the server had completed when the ingress side last read the egress state
+    /// (`reply::Replies::done` only grows): while `reqs - done_seen` stays below
+    /// `reply::OUTSTANDING_MAX`, that limit cannot be reached and the egress state need not
+    /// be read again.
+    pub done_seen: u32,
     /// Bit `r % reply::RING`: request `r` was `HEAD`.
     pub head_ring: u64,
 }
@@ -197,6 +202,7 @@ impl Stream {
             switch: SWITCH_NONE,
             unsure: 0,
             _pad_e: [0; 2],
+            done_seen: 0,
             head_ring: 0,
         }
     }
@@ -244,6 +250,7 @@ impl Stream {
         put(&mut self.unsure, 0);
         put(&mut self._pad_e[0], 0);
         put(&mut self._pad_e[1], 0);
+        put(&mut self.done_seen, 0);
         put(&mut self.head_ring, 0);
         self.next_request();
     }

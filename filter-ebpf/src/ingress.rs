@@ -786,9 +786,16 @@ fn decide(s: &mut Scratch) -> i64 {
 }
 
 /// Whether `OUTSTANDING_MAX` requests already wait for their response (the egress side's ring
-/// of `HEAD` bits would wrap with one more). `REPLIES` is read once per segment.
+/// of `HEAD` bits would wrap with one more). `REPLIES` is read at most once per segment, and
+/// only when the responses counted at the last read (`Stream::done_seen`) leave the limit
+/// within reach, or to note that the connection's responses are followed (`REPLIES_SEEN`).
 #[inline(always)]
 fn too_many_outstanding(s: &mut Scratch) -> bool {
+    if s.stream.flags & flag::REPLIES_SEEN != 0
+        && s.stream.reqs.wrapping_sub(s.stream.done_seen) < OUTSTANDING_MAX
+    {
+        return false;
+    }
     if s.rep_read == 0 {
         s.rep_read = 1;
         if let Some(r) = unsafe { REPLIES.get(&s.key) } {
@@ -796,6 +803,7 @@ fn too_many_outstanding(s: &mut Scratch) -> bool {
             if !r.is_lost() && !r.is_switched() {
                 s.rep_read = 2;
                 s.rep_done = r.done;
+                s.stream.done_seen = r.done;
             }
         }
     }
