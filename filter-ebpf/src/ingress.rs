@@ -330,6 +330,15 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             Settled::Wait => return Err(Reason::Awaiting),
         }
     }
+    if conn.in_bulk()
+        && conn.bulk_left() > end.wrapping_sub(pos) as u64
+        && flags & tcp_flags::FIN == 0
+    {
+        // Body bytes only, and the body goes on after them (an upload's segments): counted
+        // in place, with no copy, event or loop.
+        conn.consume(end.wrapping_sub(pos) as u64);
+        return Err(Reason::MidStream);
+    }
     copy_words(&mut s.stream, conn);
     prepare_event(ctx, s, &eth, &tcp, &hdr);
     if s.stream.path_in_progress() {

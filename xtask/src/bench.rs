@@ -18,6 +18,7 @@ mod env;
 mod kernel;
 mod procs;
 mod report;
+mod steady;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -67,6 +67,9 @@ pub struct KernelResults {
     /// `bpftool prog show` for the daemon's classifier (JSON as bpftool printed it).
     pub prog: Value,
     pub test_runs: Vec<TestRun>,
+    /// Keep-alive connections' packets, one test run each (`steady`).
+    pub steady: Vec<super::steady::SteadyRun>,
+    pub steady_error: Option<String>,
     pub bpf_stats: Vec<StatsRun>,
     pub bpf_stats_error: Option<String>,
 }
@@ -321,19 +324,71 @@ pub fn request_frame(payload: &[u8]) -> Vec<u8> {
 }
 
 fn tcp_frame_flags(sport: u16, dport: u16, payload: &[u8], flags: u8) -> Vec<u8> {
+    let ends = (CLIENT_IP, SERVER_IP, CLIENT_MAC, SERVER_MAC);
+    tcp_segment(
+        ends,
+        (sport, dport),
+        0x1000_0000,
+        0x2000_0000,
+        flags,
+        payload,
+    )
+}
+
+/// Which way a segment of the lab's client connection goes.
+pub enum Dir {
+    /// Client to server (the ingress program's side).
+    In,
+    /// Server (port 80) to client (the egress program's side).
+    Out,
+}
+
+/// A segment of the connection between the client's `port` and the server's port 80.
+pub fn segment(dir: Dir, port: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    match dir {
+        Dir::In => tcp_segment(
+            (CLIENT_IP, SERVER_IP, CLIENT_MAC, SERVER_MAC),
+            (port, 80),
+            seq,
+            ack,
+            flags,
+            payload,
+        ),
+        Dir::Out => tcp_segment(
+            (SERVER_IP, CLIENT_IP, SERVER_MAC, CLIENT_MAC),
+            (80, port),
+            seq,
+            ack,
+            flags,
+            payload,
+        ),
+    }
+}
+
+/// An Ethernet + IPv4 + TCP (with a timestamp option) frame from `ends.0` to `ends.1` with
+/// valid checksums.
+fn tcp_segment(
+    ends: ([u8; 4], [u8; 4], [u8; 6], [u8; 6]),
+    (sport, dport): (u16, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (src, dst, src_mac, dst_mac) = ends;
     let mut l4 = Vec::with_capacity(32 + payload.len());
     l4.extend_from_slice(&sport.to_be_bytes());
     l4.extend_from_slice(&dport.to_be_bytes());
-    l4.extend_from_slice(&0x1000_0000u32.to_be_bytes());
-    l4.extend_from_slice(&0x2000_0000u32.to_be_bytes());
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
     l4.push(8 << 4);
     l4.push(flags);
     l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
     l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     l4.extend_from_slice(payload);
     let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&CLIENT_IP);
-    pseudo.extend_from_slice(&SERVER_IP);
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
     pseudo.extend_from_slice(&[0, 6]);
     pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     let c = csum_fold(csum_add(csum_add(0, &pseudo), &l4));
@@ -345,14 +400,14 @@ fn tcp_frame_flags(sport: u16, dport: u16, payload: &[u8], flags: u8) -> Vec<u8>
     ip[6] = 0x40;
     ip[8] = 64;
     ip[9] = 6;
-    ip[12..16].copy_from_slice(&CLIENT_IP);
-    ip[16..20].copy_from_slice(&SERVER_IP);
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
     let c = csum_fold(csum_add(0, &ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
 
     let mut f = Vec::with_capacity(14 + 20 + l4.len());
-    f.extend_from_slice(&SERVER_MAC);
-    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&l4);
@@ -450,6 +505,9 @@ pub fn section_kernel(
         fs::write(k.lab.dir().join(format!("frame-{i}.bin")), f)?;
     }
     let mut calibrated: BTreeMap<usize, u32> = BTreeMap::new();
+    let egress_id = prog_named(pid, "http_egress")
+        .ok()
+        .and_then(|p| p["id"].as_u64());
     for rules in [10usize, 100_000] {
         filter.ensure(FilterState::Rules(rules), results)?;
         let idx: Vec<usize> = (0..frames.len()).collect();
@@ -492,6 +550,30 @@ pub fn section_kernel(
                     retval,
                     reasons,
                 });
+            }
+            // Keep-alive connections in steady state, both programs.
+            let Some(egress_id) = egress_id else { continue };
+            if out.steady_error.is_some() {
+                continue;
+            }
+            let base = 45_000 + if rules == 10 { 0 } else { 500 } + 4 * round as u16;
+            match super::steady::round(id, egress_id, rules, round, base) {
+                Ok(runs) => {
+                    for r in &runs {
+                        progress(
+                            k.t0,
+                            format!(
+                                "  {rules} rules r{round} steady {}: p50 {:.0} ns, p10 {:.0} ns",
+                                r.kind, r.p50, r.p10
+                            ),
+                        );
+                    }
+                    out.steady.extend(runs);
+                }
+                Err(e) => {
+                    progress(k.t0, format!("  steady state failed: {e:#}"));
+                    out.steady_error = Some(format!("{e:#}"));
+                }
             }
         }
     }

@@ -616,6 +616,66 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
         }
     }
     let _ = writeln!(m);
+    if !k.steady.is_empty() {
+        let _ = writeln!(
+            m,
+            "Steady state: the packets of keep-alive connections, one `BPF_PROG_TEST_RUN` call each with the \
+             sequence numbers moving on as a real connection's do, so each takes the path it takes under traffic \
+             (a replayed frame is new only once). Both programs, {} packets per kind and round, interleaved; the \
+             figure is the median over a round's calls (the kernel's own timer around one run), then median \
+             `[min..max]` over rounds. `− floor` subtracts the same round's ARP median (the cost of one call).\n",
+            k.steady.first().map_or(0, |r| r.packets)
+        );
+        let _ = writeln!(
+            m,
+            "| packet | ns, 10 rules | − floor | ns, 100k rules |\n|---|---|---|---|"
+        );
+        let mut kinds: Vec<&str> = Vec::new();
+        for r in &k.steady {
+            if !kinds.contains(&r.kind.as_str()) {
+                kinds.push(&r.kind);
+            }
+        }
+        let floor = kinds.first().copied().unwrap_or("");
+        for kind in &kinds {
+            let sel = |rules: usize| -> Vec<&super::steady::SteadyRun> {
+                k.steady
+                    .iter()
+                    .filter(|r| r.kind == *kind && r.rules == rules)
+                    .collect()
+            };
+            let p50 = |v: &[&super::steady::SteadyRun]| {
+                spread(&v.iter().map(|r| r.p50).collect::<Vec<_>>())
+            };
+            let minus: Vec<f64> = sel(10)
+                .iter()
+                .filter_map(|r| {
+                    let f = k
+                        .steady
+                        .iter()
+                        .find(|f| f.kind == floor && f.rules == 10 && f.round == r.round)?;
+                    Some(r.p50 - f.p50)
+                })
+                .collect();
+            let _ = writeln!(
+                m,
+                "| {kind} | {} | {} | {} |",
+                fmt_spread(p50(&sel(10)), 0),
+                if *kind == floor {
+                    "0".into()
+                } else {
+                    fmt_spread(spread(&minus), 0)
+                },
+                fmt_spread(p50(&sel(100_000)), 0),
+            );
+        }
+        let _ = writeln!(m);
+    }
+    if let Some(e) = &k.steady_error {
+        notes.push(format!(
+            "The steady-state kernel figures could not be measured: `{e}`"
+        ));
+    }
     if !k.bpf_stats.is_empty() {
         let _ = writeln!(
             m,

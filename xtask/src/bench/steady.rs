@@ -1,0 +1,201 @@
+//! Steady-state kernel cost: packets of long-lived keep-alive connections, one
+//! `BPF_PROG_TEST_RUN` call each (`repeat` 1), with sequence numbers that move on as a real
+//! connection's do, so every packet takes the path it takes under traffic: a request read and
+//! decided on a followed connection, its response framed by the egress program, a body
+//! segment counted in bulk. (A frame replayed `repeat` times is new only once: after the first
+//! run the classifier has seen its bytes.)
+//!
+//! Each call's duration is what the kernel measured for that one run (ns, its own timer
+//! around the program); the figure per packet kind is the median over the packets of a round.
+//! An ARP frame, sent the same way, gives the floor of a call (the timer and the program's
+//! first check).
+//!
+//! Must not: send a frame the daemon refuses (it would answer someone), or leave connection
+//! state behind (every connection ends with the client's FIN).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::kernel::{arp_frame, segment, Dir};
+
+/// Connections' packets per round and kind.
+pub const PACKETS: usize = 2000;
+
+/// What wrk sends (its default request: no headers but `Host`).
+const REQUEST: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n";
+/// What the bench's nginx answers (its response head, a 3-byte body).
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 10:28:15 GMT\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
+/// An upload and a download whose bodies outlast the round.
+const UPLOAD: &[u8] =
+    b"POST /api/items HTTP/1.1\r\nHost: 10.77.0.2\r\nContent-Length: 1000000000\r\n\r\n";
+const DOWNLOAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+/// Body segment sizes: a request body of 512 B per segment, a response body of a full
+/// 1500-byte MTU's payload.
+const UP_SEGMENT: usize = 512;
+const DOWN_SEGMENT: usize = 1448;
+
+pub const KINDS: [&str; 5] = [
+    "ARP (floor of one call)",
+    "keep-alive GET (wrk's request), ingress",
+    "its response (nginx's 200, 3 B body), egress",
+    "request body segment (512 B), ingress",
+    "response body segment (1448 B), egress",
+];
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SteadyRun {
+    pub kind: String,
+    pub rules: usize,
+    pub round: usize,
+    pub packets: usize,
+    /// Median and 10th percentile of the per-call durations (ns).
+    pub p50: f64,
+    pub p10: f64,
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`.
+fn prog_fd(id: u64) -> Result<OwnedFd> {
+    let mut attr = [0u8; 16];
+    attr[..4].copy_from_slice(&(id as u32).to_ne_bytes());
+    // SAFETY: a bpf(2) call with an attribute buffer of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 13, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!(
+            "BPF_PROG_GET_FD_BY_ID {id}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One `BPF_PROG_TEST_RUN` of `data`, `repeat` 1: (return value, ns).
+fn run_once(fd: &OwnedFd, data: &[u8]) -> Result<(u32, u32)> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: a bpf(2) call whose buffers outlive it, with their sizes.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 10, attr.as_mut_ptr(), attr.len()) };
+    if r < 0 {
+        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    }
+    let word = |i: usize| u32::from_ne_bytes([attr[i], attr[i + 1], attr[i + 2], attr[i + 3]]);
+    Ok((word(4), word(36)))
+}
+
+/// A connection as the two programs see it: the client's next sequence number (ingress) and
+/// the server's (egress).
+struct Conn {
+    port: u16,
+    client: u32,
+    server: u32,
+}
+
+impl Conn {
+    /// SYN in, SYN|ACK out: followed from its first byte in both directions.
+    fn open(ingress: &OwnedFd, egress: &OwnedFd, port: u16) -> Result<Conn> {
+        let (client, server) = (0x1000_0000u32, 0x7000_0000u32);
+        run_once(ingress, &segment(Dir::In, port, client, 0, 0x02, &[]))?;
+        run_once(
+            egress,
+            &segment(Dir::Out, port, server, client.wrapping_add(1), 0x12, &[]),
+        )?;
+        Ok(Conn {
+            port,
+            client: client.wrapping_add(1),
+            server: server.wrapping_add(1),
+        })
+    }
+
+    /// Client bytes through the ingress program: (return value, ns).
+    fn send(&mut self, ingress: &OwnedFd, payload: &[u8]) -> Result<(u32, u32)> {
+        let f = segment(Dir::In, self.port, self.client, self.server, 0x18, payload);
+        self.client = self.client.wrapping_add(payload.len() as u32);
+        run_once(ingress, &f)
+    }
+
+    /// Server bytes through the egress program: ns.
+    fn answer(&mut self, egress: &OwnedFd, payload: &[u8]) -> Result<u32> {
+        let f = segment(Dir::Out, self.port, self.server, self.client, 0x18, payload);
+        self.server = self.server.wrapping_add(payload.len() as u32);
+        Ok(run_once(egress, &f)?.1)
+    }
+
+    /// The client's FIN: the classifier forgets the connection.
+    fn close(self, ingress: &OwnedFd) -> Result<()> {
+        run_once(
+            ingress,
+            &segment(Dir::In, self.port, self.client, self.server, 0x11, &[]),
+        )?;
+        Ok(())
+    }
+}
+
+/// `TC_ACT_UNSPEC` (pass, under TCX: next): what every frame here must get.
+const PASS: u32 = u32::MAX;
+
+fn passed(what: &str, ret: u32) -> Result<()> {
+    if ret != PASS {
+        bail!("steady state: {what} was not passed (return value {ret})");
+    }
+    Ok(())
+}
+
+fn quantile(v: &mut [u32], q: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q) as usize] as f64
+}
+
+/// One round: `PACKETS` of each kind, interleaved, on four connections (ports from `base`).
+pub fn round(
+    ingress_id: u64,
+    egress_id: u64,
+    rules: usize,
+    round: usize,
+    base: u16,
+) -> Result<Vec<SteadyRun>> {
+    let (ingress, egress) = (prog_fd(ingress_id)?, prog_fd(egress_id)?);
+    let mut keep = Conn::open(&ingress, &egress, base)?;
+    let mut up = Conn::open(&ingress, &egress, base + 1)?;
+    let mut down = Conn::open(&ingress, &egress, base + 2)?;
+    passed("the upload's head", up.send(&ingress, UPLOAD)?.0)?;
+    passed("the download's request", down.send(&ingress, REQUEST)?.0)?;
+    down.answer(&egress, DOWNLOAD)?;
+    let arp = arp_frame();
+    let up_body = vec![b'u'; UP_SEGMENT];
+    let down_body = vec![b'd'; DOWN_SEGMENT];
+    let mut ns: [Vec<u32>; 5] = Default::default();
+    for _ in 0..PACKETS {
+        ns[0].push(run_once(&ingress, &arp)?.1);
+        let (ret, t) = keep.send(&ingress, REQUEST)?;
+        passed("a keep-alive GET", ret)?;
+        ns[1].push(t);
+        ns[2].push(keep.answer(&egress, RESPONSE)?);
+        let (ret, t) = up.send(&ingress, &up_body)?;
+        passed("a request body segment", ret)?;
+        ns[3].push(t);
+        ns[4].push(down.answer(&egress, &down_body)?);
+    }
+    keep.close(&ingress)?;
+    up.close(&ingress)?;
+    down.close(&ingress)?;
+    Ok(ns
+        .iter_mut()
+        .zip(KINDS)
+        .map(|(v, kind)| SteadyRun {
+            kind: kind.to_owned(),
+            rules,
+            round,
+            packets: v.len(),
+            p50: quantile(v, 0.5),
+            p10: quantile(v, 0.1),
+        })
+        .collect())
+}
