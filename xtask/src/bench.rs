@@ -63,6 +63,11 @@ pub struct Args {
     /// Benchmark this filterd binary instead of building the workspace.
     #[arg(long)]
     pub filterd: Option<PathBuf>,
+    /// Another filterd binary (e.g. the previous commit's build): section 2's steady-state
+    /// packets alternate between its programs and the measured build's, in the same run
+    /// (new ÷ baseline per packet kind). Runs in a lab of its own, for section 2 only.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     /// Where BENCHMARKS.md and bench/ go (default: <workspace>/docs).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -290,10 +295,15 @@ pub const START_RULES: usize = 10;
 
 impl<'a> Filter<'a> {
     pub fn new(lab: &'a Lab, bin: &Path) -> Filter<'a> {
+        Filter::named(lab, bin, "")
+    }
+
+    /// A second daemon of the same run (its own pin directory).
+    pub fn named(lab: &'a Lab, bin: &Path, name: &str) -> Filter<'a> {
         Filter {
             lab,
             bin: bin.to_owned(),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/fwbench-{}", std::process::id())),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/fwbench-{}{name}", std::process::id())),
             daemon: None,
             rules: 0,
             files: BTreeMap::new(),
@@ -480,7 +490,21 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
     }
     if s.contains(&2) && filter_ok {
         filter.ensure(FilterState::Rules(START_RULES), results)?;
-        let k = kernel::section_kernel(&ctx_kernel(&ctx), &mut filter, results)?;
+        let k = match &args.baseline {
+            Some(bin) => {
+                let lab = Lab::new().context("building the baseline's lab")?;
+                let mut base = Filter::named(&lab, bin, "-baseline");
+                let k = kernel::section_kernel(
+                    &ctx_kernel(&ctx),
+                    &mut filter,
+                    Some(&mut base),
+                    results,
+                );
+                base.ensure(FilterState::Off, results)?;
+                k?
+            }
+            None => kernel::section_kernel(&ctx_kernel(&ctx), &mut filter, None, results)?,
+        };
         results.kernel = Some(k);
     }
     if s.contains(&5) && filter_ok {

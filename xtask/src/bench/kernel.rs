@@ -487,6 +487,7 @@ pub fn frames() -> Vec<(&'static str, Vec<u8>, u32)> {
 pub fn section_kernel(
     k: &KCtx,
     filter: &mut Filter,
+    mut baseline: Option<&mut Filter>,
     results: &mut Results,
 ) -> Result<KernelResults> {
     let mut out = KernelResults::default();
@@ -510,6 +511,19 @@ pub fn section_kernel(
         .and_then(|p| p["id"].as_u64());
     for rules in [10usize, 100_000] {
         filter.ensure(FilterState::Rules(rules), results)?;
+        // The baseline build's programs, for the steady-state comparison.
+        let base_ids = match baseline.as_deref_mut() {
+            Some(b) => {
+                b.ensure(FilterState::Rules(rules), results)?;
+                let pid = b.pid().context("the baseline filterd is not running")?;
+                let ingress = prog_of(pid)?["id"].as_u64().context("baseline prog id")?;
+                let egress = prog_named(pid, "http_egress")?["id"]
+                    .as_u64()
+                    .context("baseline egress prog id")?;
+                Some((ingress, egress))
+            }
+            None => None,
+        };
         let idx: Vec<usize> = (0..frames.len()).collect();
         for round in 0..k.rounds {
             for i in rotated(&idx, round) {
@@ -557,14 +571,18 @@ pub fn section_kernel(
                 continue;
             }
             let base = 45_000 + if rules == 10 { 0 } else { 500 } + 4 * round as u16;
-            match super::steady::round(id, egress_id, rules, round, base) {
+            let mut arms = vec![(super::steady::THIS_BUILD, id, egress_id)];
+            if let Some((i, e)) = base_ids {
+                arms.push((super::steady::BASELINE, i, e));
+            }
+            match super::steady::round(&arms, rules, round, base) {
                 Ok(runs) => {
                     for r in &runs {
                         progress(
                             k.t0,
                             format!(
-                                "  {rules} rules r{round} steady {}: p50 {:.0} ns, p10 {:.0} ns",
-                                r.kind, r.p50, r.p10
+                                "  {rules} rules r{round} steady {} ({}): p50 {:.0} ns, p10 {:.0} ns",
+                                r.kind, r.build, r.p50, r.p10
                             ),
                         );
                     }

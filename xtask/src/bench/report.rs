@@ -617,18 +617,32 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
     }
     let _ = writeln!(m);
     if !k.steady.is_empty() {
+        use super::steady::{SteadyRun, BASELINE, THIS_BUILD};
+        let with_base = k.steady.iter().any(|r| r.build == BASELINE);
         let _ = writeln!(
             m,
             "Steady state: the packets of keep-alive connections, one `BPF_PROG_TEST_RUN` call each with the \
              sequence numbers moving on as a real connection's do, so each takes the path it takes under traffic \
              (a replayed frame is new only once). Both programs, {} packets per kind and round, interleaved; the \
              figure is the median over a round's calls (the kernel's own timer around one run), then median \
-             `[min..max]` over rounds. `− floor` subtracts the same round's ARP median (the cost of one call).\n",
-            k.steady.first().map_or(0, |r| r.packets)
+             `[min..max]` over rounds. `− floor` subtracts the same round's ARP median (the cost of one call).{}\n",
+            k.steady.first().map_or(0, |r| r.packets),
+            if with_base {
+                " The baseline build (`--baseline`) ran in the same rounds, its packets alternating with this \
+                 build's one by one; `÷ baseline` is this build's `− floor` over the baseline's, per round."
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             m,
-            "| packet | ns, 10 rules | − floor | ns, 100k rules |\n|---|---|---|---|"
+            "| packet | ns, 10 rules | − floor | ns, 100k rules |{}\n|---|---|---|---|{}",
+            if with_base {
+                " baseline ns, 10 rules | ÷ baseline, 10 rules | ÷ baseline, 100k rules |"
+            } else {
+                ""
+            },
+            if with_base { "---|---|---|" } else { "" }
         );
         let mut kinds: Vec<&str> = Vec::new();
         for r in &k.steady {
@@ -637,37 +651,60 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
             }
         }
         let floor = kinds.first().copied().unwrap_or("");
-        for kind in &kinds {
-            let sel = |rules: usize| -> Vec<&super::steady::SteadyRun> {
-                k.steady
-                    .iter()
-                    .filter(|r| r.kind == *kind && r.rules == rules)
-                    .collect()
-            };
-            let p50 = |v: &[&super::steady::SteadyRun]| {
-                spread(&v.iter().map(|r| r.p50).collect::<Vec<_>>())
-            };
-            let minus: Vec<f64> = sel(10)
+        let sel = |kind: &str, build: &str, rules: usize| -> Vec<&SteadyRun> {
+            k.steady
+                .iter()
+                .filter(|r| r.kind == kind && r.build == build && r.rules == rules)
+                .collect()
+        };
+        // Per round: the median minus the same build's ARP median.
+        let net = |kind: &str, build: &str, rules: usize| -> Vec<(usize, f64)> {
+            sel(kind, build, rules)
                 .iter()
                 .filter_map(|r| {
-                    let f = k
-                        .steady
-                        .iter()
-                        .find(|f| f.kind == floor && f.rules == 10 && f.round == r.round)?;
-                    Some(r.p50 - f.p50)
+                    let f = sel(floor, build, rules)
+                        .into_iter()
+                        .find(|f| f.round == r.round)?;
+                    Some((r.round, r.p50 - f.p50))
                 })
-                .collect();
-            let _ = writeln!(
-                m,
+                .collect()
+        };
+        let p50 = |v: &[&SteadyRun]| spread(&v.iter().map(|r| r.p50).collect::<Vec<_>>());
+        for kind in &kinds {
+            let mut row = format!(
                 "| {kind} | {} | {} | {} |",
-                fmt_spread(p50(&sel(10)), 0),
+                fmt_spread(p50(&sel(kind, THIS_BUILD, 10)), 0),
                 if *kind == floor {
                     "0".into()
                 } else {
-                    fmt_spread(spread(&minus), 0)
+                    let v: Vec<f64> = net(kind, THIS_BUILD, 10).iter().map(|x| x.1).collect();
+                    fmt_spread(spread(&v), 0)
                 },
-                fmt_spread(p50(&sel(100_000)), 0),
+                fmt_spread(p50(&sel(kind, THIS_BUILD, 100_000)), 0),
             );
+            if with_base {
+                let ratio = |rules: usize| -> String {
+                    if *kind == floor {
+                        return "".into();
+                    }
+                    let base = net(kind, BASELINE, rules);
+                    let v: Vec<f64> = net(kind, THIS_BUILD, rules)
+                        .iter()
+                        .filter_map(|(round, n)| {
+                            let (_, b) = base.iter().find(|(r, _)| r == round)?;
+                            (*b > 0.0).then(|| n / b)
+                        })
+                        .collect();
+                    fmt_spread(spread(&v), 2)
+                };
+                row.push_str(&format!(
+                    " {} | {} | {} |",
+                    fmt_spread(p50(&sel(kind, BASELINE, 10)), 0),
+                    ratio(10),
+                    ratio(100_000)
+                ));
+            }
+            let _ = writeln!(m, "{row}");
         }
         let _ = writeln!(m);
     }

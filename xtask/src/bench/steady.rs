@@ -44,15 +44,26 @@ pub const KINDS: [&str; 5] = [
     "response body segment (1448 B), egress",
 ];
 
+/// The builds a round may alternate between (`--baseline`).
+pub const THIS_BUILD: &str = "this build";
+pub const BASELINE: &str = "baseline";
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SteadyRun {
     pub kind: String,
+    /// `THIS_BUILD` or `BASELINE`.
+    #[serde(default = "this_build")]
+    pub build: String,
     pub rules: usize,
     pub round: usize,
     pub packets: usize,
     /// Median and 10th percentile of the per-call durations (ns).
     pub p50: f64,
     pub p10: f64,
+}
+
+fn this_build() -> String {
+    THIS_BUILD.to_owned()
 }
 
 /// `BPF_PROG_GET_FD_BY_ID`.
@@ -153,49 +164,105 @@ fn quantile(v: &mut [u32], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q) as usize] as f64
 }
 
-/// One round: `PACKETS` of each kind, interleaved, on four connections (ports from `base`).
+/// One build's programs and connections during a round.
+struct Arm {
+    build: &'static str,
+    ingress: OwnedFd,
+    egress: OwnedFd,
+    keep: Conn,
+    up: Conn,
+    down: Conn,
+    ns: [Vec<u32>; 5],
+}
+
+impl Arm {
+    /// Open the connections: a keep-alive one, an upload and a download whose bodies outlast
+    /// the round (ports from `base`; each build has its own maps, so the ports may repeat).
+    fn open(build: &'static str, ingress_id: u64, egress_id: u64, base: u16) -> Result<Arm> {
+        let (ingress, egress) = (prog_fd(ingress_id)?, prog_fd(egress_id)?);
+        let keep = Conn::open(&ingress, &egress, base)?;
+        let mut up = Conn::open(&ingress, &egress, base + 1)?;
+        let mut down = Conn::open(&ingress, &egress, base + 2)?;
+        passed("the upload's head", up.send(&ingress, UPLOAD)?.0)?;
+        passed("the download's request", down.send(&ingress, REQUEST)?.0)?;
+        down.answer(&egress, DOWNLOAD)?;
+        Ok(Arm {
+            build,
+            ingress,
+            egress,
+            keep,
+            up,
+            down,
+            ns: Default::default(),
+        })
+    }
+
+    /// One packet of each kind.
+    fn step(&mut self, arp: &[u8], up_body: &[u8], down_body: &[u8]) -> Result<()> {
+        self.ns[0].push(run_once(&self.ingress, arp)?.1);
+        let (ret, t) = self.keep.send(&self.ingress, REQUEST)?;
+        passed("a keep-alive GET", ret)?;
+        self.ns[1].push(t);
+        self.ns[2].push(self.keep.answer(&self.egress, RESPONSE)?);
+        let (ret, t) = self.up.send(&self.ingress, up_body)?;
+        passed("a request body segment", ret)?;
+        self.ns[3].push(t);
+        self.ns[4].push(self.down.answer(&self.egress, down_body)?);
+        Ok(())
+    }
+
+    fn close(self, rules: usize, round: usize) -> Result<Vec<SteadyRun>> {
+        let Arm {
+            build,
+            ingress,
+            keep,
+            up,
+            down,
+            mut ns,
+            ..
+        } = self;
+        keep.close(&ingress)?;
+        up.close(&ingress)?;
+        down.close(&ingress)?;
+        Ok(ns
+            .iter_mut()
+            .zip(KINDS)
+            .map(|(v, kind)| SteadyRun {
+                kind: kind.to_owned(),
+                build: build.to_owned(),
+                rules,
+                round,
+                packets: v.len(),
+                p50: quantile(v, 0.5),
+                p10: quantile(v, 0.1),
+            })
+            .collect())
+    }
+}
+
+/// One round: `PACKETS` of each kind for each build in `arms` (build, ingress program id,
+/// egress program id), the builds alternating packet by packet.
 pub fn round(
-    ingress_id: u64,
-    egress_id: u64,
+    arms: &[(&'static str, u64, u64)],
     rules: usize,
     round: usize,
     base: u16,
 ) -> Result<Vec<SteadyRun>> {
-    let (ingress, egress) = (prog_fd(ingress_id)?, prog_fd(egress_id)?);
-    let mut keep = Conn::open(&ingress, &egress, base)?;
-    let mut up = Conn::open(&ingress, &egress, base + 1)?;
-    let mut down = Conn::open(&ingress, &egress, base + 2)?;
-    passed("the upload's head", up.send(&ingress, UPLOAD)?.0)?;
-    passed("the download's request", down.send(&ingress, REQUEST)?.0)?;
-    down.answer(&egress, DOWNLOAD)?;
+    let mut open = Vec::new();
+    for &(build, ingress, egress) in arms {
+        open.push(Arm::open(build, ingress, egress, base)?);
+    }
     let arp = arp_frame();
     let up_body = vec![b'u'; UP_SEGMENT];
     let down_body = vec![b'd'; DOWN_SEGMENT];
-    let mut ns: [Vec<u32>; 5] = Default::default();
     for _ in 0..PACKETS {
-        ns[0].push(run_once(&ingress, &arp)?.1);
-        let (ret, t) = keep.send(&ingress, REQUEST)?;
-        passed("a keep-alive GET", ret)?;
-        ns[1].push(t);
-        ns[2].push(keep.answer(&egress, RESPONSE)?);
-        let (ret, t) = up.send(&ingress, &up_body)?;
-        passed("a request body segment", ret)?;
-        ns[3].push(t);
-        ns[4].push(down.answer(&egress, &down_body)?);
+        for arm in open.iter_mut() {
+            arm.step(&arp, &up_body, &down_body)?;
+        }
     }
-    keep.close(&ingress)?;
-    up.close(&ingress)?;
-    down.close(&ingress)?;
-    Ok(ns
-        .iter_mut()
-        .zip(KINDS)
-        .map(|(v, kind)| SteadyRun {
-            kind: kind.to_owned(),
-            rules,
-            round,
-            packets: v.len(),
-            p50: quantile(v, 0.5),
-            p10: quantile(v, 0.1),
-        })
-        .collect())
+    let mut out = Vec::new();
+    for arm in open {
+        out.extend(arm.close(rules, round)?);
+    }
+    Ok(out)
 }
