@@ -600,17 +600,36 @@ async fn put_policy(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let doc: PolicyFile = parse_json(&body)?;
-    let next = Policy::from_file(&doc).map_err(|e| bad_request(e.to_string()))?;
-    let mut inner = state.lock();
-    check_revision(&headers, doc.revision, inner.revision)?;
-    let revision = inner.revision + 1;
-    commit(&mut inner, next, Change::Replace, revision)?;
-    Ok((
-        etag(inner.revision),
-        Json(inner.policy.to_file(Some(inner.revision))),
-    )
-        .into_response())
+    off_the_workers(move || {
+        let doc: PolicyFile = parse_json(&body)?;
+        let next = Policy::from_file(&doc).map_err(|e| bad_request(e.to_string()))?;
+        let mut inner = state.lock();
+        check_revision(&headers, doc.revision, inner.revision)?;
+        let revision = inner.revision + 1;
+        commit(&mut inner, next, Change::Replace, revision)?;
+        Ok((
+            etag(inner.revision),
+            Json(inner.policy.to_file(Some(inner.revision))),
+        )
+            .into_response())
+    })
+    .await
+}
+
+/// Run a policy change on a blocking thread: parsing, validating and writing a large policy
+/// takes hundreds of milliseconds, and an async worker busy with it would hold up the tasks
+/// queued behind it (the responder's 405s among them).
+async fn off_the_workers<F>(change: F) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Result<Response, ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(change).await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change did not complete: {e}"),
+        )),
+    }
 }
 
 fn rule_set(inner: &Inner) -> Response {
@@ -633,16 +652,19 @@ async fn replace_rules(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let spec: RuleSetSpec = parse_json(&body)?;
-    let mut inner = state.lock();
-    check_revision(&headers, spec.revision, inner.revision)?;
-    let next = inner
-        .policy
-        .with_rules(&spec.rules)
-        .map_err(|e| bad_request(e.to_string()))?;
-    let revision = inner.revision + 1;
-    commit(&mut inner, next, Change::Replace, revision)?;
-    Ok(rule_set(&inner))
+    off_the_workers(move || {
+        let spec: RuleSetSpec = parse_json(&body)?;
+        let mut inner = state.lock();
+        check_revision(&headers, spec.revision, inner.revision)?;
+        let next = inner
+            .policy
+            .with_rules(&spec.rules)
+            .map_err(|e| bad_request(e.to_string()))?;
+        let revision = inner.revision + 1;
+        commit(&mut inner, next, Change::Replace, revision)?;
+        Ok(rule_set(&inner))
+    })
+    .await
 }
 
 /// The answer to `POST /v1/rules`.
@@ -660,35 +682,38 @@ async fn upsert_rule(
     let spec: RuleSpec = parse_json(&body)?;
     let rule = Rule::from_spec(0, &spec)
         .map_err(|e| bad_request(e.to_string().replacen("rules[0].", "", 1)))?;
-    let mut inner = state.lock();
-    check_revision(&headers, None, inner.revision)?;
-    let key = rule.key();
-    let is_new = !inner.policy.rules.contains_key(&key);
-    let mut next = inner.policy.clone();
-    next.rules.insert(key, rule.clone());
-    if next.check_capacity().is_err() {
-        return Err(ApiError(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("the {} policy map is full", rule.kind),
-        ));
-    }
-    let revision = inner.revision + 1;
-    let out = rule.to_spec();
-    commit(&mut inner, next, Change::Upsert(rule), revision)?;
-    let status = if is_new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        etag(revision),
-        Json(RuleChange {
-            revision,
-            rule: out,
-        }),
-    )
-        .into_response())
+    off_the_workers(move || {
+        let mut inner = state.lock();
+        check_revision(&headers, None, inner.revision)?;
+        let key = rule.key();
+        let is_new = !inner.policy.rules.contains_key(&key);
+        let mut next = inner.policy.clone();
+        next.rules.insert(key, rule.clone());
+        if next.check_capacity().is_err() {
+            return Err(ApiError(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the {} policy map is full", rule.kind),
+            ));
+        }
+        let revision = inner.revision + 1;
+        let out = rule.to_spec();
+        commit(&mut inner, next, Change::Upsert(rule), revision)?;
+        let status = if is_new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok((
+            status,
+            etag(revision),
+            Json(RuleChange {
+                revision,
+                rule: out,
+            }),
+        )
+            .into_response())
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -717,19 +742,22 @@ async fn remove_rule(
     let path = policy::canonical_path(&path, kind)
         .map_err(|why| bad_request(format!("path {path:?}: {why}")))?;
     let key = RuleKey { path, kind };
-    let mut inner = state.lock();
-    check_revision(&headers, None, inner.revision)?;
-    if !inner.policy.rules.contains_key(&key) {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no {} rule for path {:?}", key.kind, key.path),
-        ));
-    }
-    let mut next = inner.policy.clone();
-    next.rules.remove(&key);
-    let revision = inner.revision + 1;
-    commit(&mut inner, next, Change::Remove(key), revision)?;
-    Ok((StatusCode::NO_CONTENT, etag(revision)).into_response())
+    off_the_workers(move || {
+        let mut inner = state.lock();
+        check_revision(&headers, None, inner.revision)?;
+        if !inner.policy.rules.contains_key(&key) {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no {} rule for path {:?}", key.kind, key.path),
+            ));
+        }
+        let mut next = inner.policy.clone();
+        next.rules.remove(&key);
+        let revision = inner.revision + 1;
+        commit(&mut inner, next, Change::Remove(key), revision)?;
+        Ok((StatusCode::NO_CONTENT, etag(revision)).into_response())
+    })
+    .await
 }
 
 async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
