@@ -226,9 +226,9 @@ pub struct Scratch {
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
     /// `REPLIES` as read once per segment (on the first request decided): 0 not read yet,
-    /// 1 no usable state, 2 `rep_done` holds its response count.
+    /// 1 no usable state, 2 `stream.done_seen` holds its response count.
     pub rep_read: u32,
-    pub rep_done: u32,
+    pub _pad3: u32,
     /// Raw path bytes the canonicalizer has taken so far (a word or a byte per callback).
     pub canon_pos: u32,
     /// Payload offset of `line`'s first byte (with `window_len`: the window a later round of

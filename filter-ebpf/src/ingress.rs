@@ -811,12 +811,11 @@ fn too_many_outstanding(s: &mut Scratch) -> bool {
             s.stream.flags |= flag::REPLIES_SEEN;
             if !r.is_lost() && !r.is_switched() {
                 s.rep_read = 2;
-                s.rep_done = r.done;
                 s.stream.done_seen = r.done;
             }
         }
     }
-    s.rep_read == 2 && s.stream.reqs.wrapping_sub(s.rep_done) >= OUTSTANDING_MAX
+    s.rep_read == 2 && s.stream.reqs.wrapping_sub(s.stream.done_seen) >= OUTSTANDING_MAX
 }
 
 /// A method-override header named a method: it must be allowed too.

@@ -15,6 +15,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use filter_common::csum;
 use filter_tests::lab::Lab;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -286,24 +287,6 @@ const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT_IP: [u8; 4] = [10, 77, 0, 1];
 const SERVER_IP: [u8; 4] = [10, 77, 0, 2];
 
-fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
-    }
-    sum
-}
-
-fn csum_fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// A TCP segment from 10.77.0.1:40000 to 10.77.0.2:`dport` with PSH|ACK (or ACK when empty).
 pub fn tcp_frame(dport: u16, payload: &[u8]) -> Vec<u8> {
     tcp_frame_flags(
@@ -386,12 +369,7 @@ fn tcp_segment(
     l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
     l4.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     l4.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src);
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    let c = csum_fold(csum_add(csum_add(0, &pseudo), &l4));
+    let c = csum::finish(csum::add(csum::pseudo_v4(&src, &dst, l4.len() as u16), &l4));
     l4[16..18].copy_from_slice(&c.to_be_bytes());
 
     let mut ip = vec![0u8; 20];
@@ -402,7 +380,7 @@ fn tcp_segment(
     ip[9] = 6;
     ip[12..16].copy_from_slice(&src);
     ip[16..20].copy_from_slice(&dst);
-    let c = csum_fold(csum_add(0, &ip));
+    let c = csum::finish(csum::add(0, &ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
 
     let mut f = Vec::with_capacity(14 + 20 + l4.len());
