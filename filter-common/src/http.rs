@@ -40,7 +40,9 @@ pub struct LineParser {
     method_len: u16,
     leading_eol: u16,
     phase: u8,
-    _pad: u8,
+    /// 1 once the path holds a byte the canonicalizer would change or check, else 0 (see
+    /// [`LineParser::plain_mask`]).
+    shape: u8,
 }
 const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 
@@ -82,7 +84,7 @@ impl LineParser {
             method_len: 0,
             leading_eol: 0,
             phase: phase::METHOD,
-            _pad: 0,
+            shape: 0,
         }
     }
 
@@ -96,7 +98,7 @@ impl LineParser {
         put(&mut self.method_len, 0);
         put(&mut self.leading_eol, 0);
         put(&mut self.phase, phase::METHOD);
-        put(&mut self._pad, 0);
+        put(&mut self.shape, 0);
     }
 
     pub fn method(&self) -> Method {
@@ -118,6 +120,36 @@ impl LineParser {
         self.path_len as usize
     }
 
+    /// All ones if the raw path is already canonical (it has no `%`, `;`, `\\`, control byte
+    /// or DEL, and no `/` followed by `/` or `.`: no escape to decode, parameter to drop,
+    /// empty or dot segment to resolve, nothing to refuse), else 0: the canonicalizer pass
+    /// can be skipped where it is all ones. Conservative: `/.well-known` is canonical but not
+    /// plain. A mask rather than a `bool`, so that callers can use it without a branch.
+    #[inline(always)]
+    pub fn plain_mask(&self) -> u64 {
+        (self.shape as u64 & 1).wrapping_sub(1)
+    }
+
+    /// Note the path bytes of `w` marked in `taken` (bit 7 of each: a leading run of bytes,
+    /// possibly none) in `shape`; `prev` is the path byte before `w`'s first (0 if none).
+    /// `ctrl`: also look for control bytes (which a word run never takes). Branch-free: it
+    /// runs inside the kernel's verified loops.
+    #[inline(always)]
+    fn note_path(&mut self, w: u64, prev: u8, taken: u64, ctrl: bool) {
+        // Each byte's predecessor.
+        let before = (w << 8) | prev as u64;
+        let z = |c: u8| swar::zero_from_low(w ^ swar::ONES.wrapping_mul(c as u64));
+        let mut odd = z(b'%') | z(b';') | z(b'\\') | z(0x7f);
+        odd |= swar::zero_from_low(before ^ swar::ONES.wrapping_mul(b'/' as u64))
+            & (z(b'/') | z(b'.'));
+        if ctrl {
+            odd |= swar::lt(w, 0x21);
+        }
+        // How many taken bytes are odd (0 to 8, summed into the top byte), as 0 or 1.
+        let count = ((odd & taken) >> 7).wrapping_mul(swar::ONES) >> 56;
+        self.shape |= ((count + 7) >> 3) as u8;
+    }
+
     /// Forget the path (a target with no path: `*`, `host:port`).
     pub fn clear_path(&mut self) {
         self.path_len = 0;
@@ -131,8 +163,13 @@ impl LineParser {
         if self.path_len as usize >= PATH_MAX {
             return Step::Fail(Reason::PathTooLong);
         }
-        path[self.path_len as usize & (PATH_MAX - 1)] = b;
+        let n = self.path_len as usize;
+        // The byte before, 0 for the first (`some`: 0 if `n` is 0, else all ones).
+        let some = ((n as u64).wrapping_sub(1) >> 63).wrapping_sub(1);
+        let prev = (path[n.wrapping_sub(1) & (PATH_MAX - 1)] as u64 & some) as u8;
+        path[n & (PATH_MAX - 1)] = b;
         self.path_len += 1;
+        self.note_path(b as u64, prev, 0x80, true);
         Step::More
     }
 
@@ -152,6 +189,10 @@ impl LineParser {
         // rare in a path: the run stops there too and `step` takes them.
         let ends = swar::lt(w, 0x21) | swar::eq(w, b'?') | swar::eq(w, b'#');
         let k = swar::leading(ends);
+        // Bit 7 of the bytes before the first end (of all eight if none).
+        let taken = (ends & ends.wrapping_neg()).wrapping_sub(1) & swar::HIGH;
+        // `n >= 1`: a path starts with the `/` that began this phase.
+        self.note_path(w, path[(n - 1) & (PATH_MAX - 1)], taken, false);
         // All eight bytes are written (no loop of run-time length for the verifier); those
         // past the new `path_len` are scratch, overwritten before the path grows over them.
         let b = w.to_le_bytes();
@@ -459,5 +500,113 @@ mod tests {
             }
             let _ = parse(&buf[..(state % 65) as usize]);
         }
+    }
+
+    /// Parse `GET <target> HTTP/1.1` byte by byte, or through `path_run` wherever eight bytes
+    /// are left (as the kernel does); returns the raw path and whether it was called plain.
+    fn plain_of(target: &[u8], words: bool) -> Option<(Vec<u8>, bool)> {
+        let mut line = Vec::from(&b"GET "[..]);
+        line.extend_from_slice(target);
+        line.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut p = LineParser::new();
+        let mut path = [0u8; PATH_MAX];
+        let mut i = 0;
+        while i < line.len() {
+            if words && i + 8 <= line.len() {
+                let k = p.path_run(crate::swar::word(&line, i), &mut path);
+                if k > 0 {
+                    i += k;
+                    continue;
+                }
+            }
+            match p.step(line[i], &mut path) {
+                Step::More => i += 1,
+                Step::Decided => {
+                    let mask = p.plain_mask();
+                    assert!(mask == 0 || mask == u64::MAX);
+                    return Some((path[..p.path_len()].to_vec(), mask != 0));
+                }
+                Step::Fail(_) => return None,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn plain_paths_are_exactly_the_ones_called_plain() {
+        let plain: &[&[u8]] = &[
+            b"/",
+            b"/api/items",
+            b"/api/items/",
+            b"/a.b/c..d/e.",
+            b"/x-y_z~/",
+            b"/\x80\xff/\"<>",
+            b"http://h.example/a/b",
+            b"/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/b",
+        ];
+        let odd: &[&[u8]] = &[
+            b"//",
+            b"/a//b",
+            b"/./a",
+            b"/a/.",
+            b"/a/..",
+            b"/.well-known",
+            b"/a%41",
+            b"/a;p=1",
+            b"/a\\b",
+            b"/a\x7fb",
+            b"/a\x01b",
+            b"/aaaaaaa/.aaaaaaaaaaaaaaaa",
+            b"/aaaaaaa/aaaaaaa//aaaaaaaaa",
+            b"/aaaaaaaaaaaaaaaaaaaaaa%2e",
+        ];
+        for words in [false, true] {
+            for t in plain {
+                let (_, is_plain) = plain_of(t, words).unwrap();
+                assert!(is_plain, "{:?} words={words}", String::from_utf8_lossy(t));
+            }
+            for t in odd {
+                let (_, is_plain) = plain_of(t, words).unwrap();
+                assert!(!is_plain, "{:?} words={words}", String::from_utf8_lossy(t));
+            }
+        }
+    }
+
+    /// What `plain_mask` promises: a path called plain canonicalizes to itself, so the
+    /// canonicalizer pass may be skipped. Generated paths over the bytes that matter, every
+    /// alignment, both drivers.
+    #[test]
+    fn a_plain_path_is_its_own_canonical_form() {
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        const ALPHABET: &[u8] = b"/././/ab.%2e;\\\x01\x7f\x80~-_zZ09";
+        let mut plain = 0;
+        for n in 0..40_000 {
+            let len = 1 + (next() % 40) as usize;
+            let mut t = Vec::from(&b"/"[..]);
+            for _ in 1..len {
+                let b = ALPHABET[(next() % ALPHABET.len() as u64) as usize];
+                t.push(b);
+            }
+            let words = n % 2 == 0;
+            let Some((raw, is_plain)) = plain_of(&t, words) else {
+                continue;
+            };
+            // The other driver agrees.
+            assert_eq!(plain_of(&t, !words).unwrap().1, is_plain);
+            if is_plain {
+                plain += 1;
+                let mut out = [0u8; PATH_MAX];
+                let got = crate::canon::canonicalize(&raw, &mut out).map(|n| out[..n].to_vec());
+                assert_eq!(got, Ok(raw.clone()), "{:?}", String::from_utf8_lossy(&raw));
+            }
+        }
+        // The sweep must reach plain paths of some length, or it proves little.
+        assert!(plain > 2_000, "{plain}");
     }
 }

@@ -223,6 +223,10 @@ pub struct Scratch {
     pub sip: crate::hash::SipState,
     pub sip_words: u32,
     pub _pad1: u32,
+    /// All ones when the current request's raw path is already canonical
+    /// (`LineParser::plain_mask`): the canonicalizer pass is skipped and the hash copies the
+    /// raw path's words into `path` as it reads them; else 0.
+    pub plain: u64,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
     /// `REPLIES` as read once per segment (on the first request decided): 0 not read yet,

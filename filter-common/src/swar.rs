@@ -20,6 +20,14 @@ pub const fn zero(x: u64) -> u64 {
 }
 
 /// Bit 7 of each byte of `x` equal to `c`.
+/// Bit 7 of each zero byte of `x`, and possibly of bytes above a zero byte (a borrow runs
+/// up from it), never of a byte below the lowest zero byte: cheaper than [`zero`], and exact
+/// for asking whether a leading run of bytes (a mask of its bytes' bit 7) holds a zero byte.
+#[inline(always)]
+pub const fn zero_from_low(x: u64) -> u64 {
+    x.wrapping_sub(ONES) & !x & HIGH
+}
+
 #[inline(always)]
 pub const fn eq(x: u64, c: u8) -> u64 {
     zero(x ^ ONES.wrapping_mul(c as u64))
@@ -147,6 +155,31 @@ mod tests {
             want[..k].copy_from_slice(&b"abcdefgh"[..k]);
             assert_eq!(pad(w, k, b'\n').to_le_bytes(), want);
             assert_eq!(word_padded(&b"abcdefgh"[..k], 0, b'\n').to_le_bytes(), want);
+        }
+    }
+
+    #[test]
+    fn zero_from_low_marks_every_zero_byte_and_nothing_below_the_lowest() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Bytes from a small alphabet, so that zero bytes and 0x01 (which a borrow can
+            // turn into a false mark) are common.
+            let w: [u8; 8] = core::array::from_fn(|i| {
+                [0u8, 1, 2, 0x80, 0x81, 0xff][((state >> (5 * i)) % 6) as usize]
+            });
+            let m = bytes_of(zero_from_low(u64::from_le_bytes(w)));
+            let lowest = w.iter().position(|&b| b == 0).unwrap_or(8);
+            for i in 0..8 {
+                if w[i] == 0 {
+                    assert!(m[i], "{w:?}");
+                }
+                if i < lowest {
+                    assert!(!m[i], "{w:?}");
+                }
+            }
         }
     }
 

@@ -747,15 +747,21 @@ fn decide(s: &mut Scratch) -> i64 {
         return stop(s, STOP_HOLD);
     }
     let method = s.stream.take_method();
-    // Canonicalize the raw path into `s.path`, a word or a byte per callback.
+    // Canonicalize the raw path into `s.path`, a word or a byte per callback; unless it is
+    // plain (already canonical): then no callback runs, `canon_len` is the raw length, and
+    // `finish` (of a fresh canonicalizer, after a `/`) changes nothing. Masks, not
+    // branches: the verifier walks what follows once.
+    let plain = s.stream.line.plain_mask();
+    s.plain = plain;
     s.canon.reset();
-    s.canon_len = 0;
     s.canon_err = u32::MAX;
     s.canon_raw_len = s.stream.line.path_len() as u32;
+    s.canon_len = (s.canon_raw_len & plain as u32) as u16;
     s.canon_pos = 0;
     if s.canon_raw_len > 0 {
         let mut sc = ScratchCtx::new(s);
-        unsafe { bpf_loop(s.canon_raw_len, canon_byte as *mut c_void, sc.ptr(), 0) };
+        let calls = s.canon_raw_len & !(plain as u32);
+        unsafe { bpf_loop(calls, canon_byte as *mut c_void, sc.ptr(), 0) };
         if s.canon_err == u32::MAX {
             if let Err(r) = s.canon.finish(&mut s.path, &mut s.canon_len) {
                 s.canon_err = r as u32;
@@ -903,15 +909,26 @@ unsafe extern "C" fn hash_words(i: u64, ctx: *mut c_void) -> i64 {
         if k >= s.sip_words as usize {
             return 1;
         }
-        // verifier: mask the byte offset into the path (`sip_words <= PATH_MAX / 8`). The path
-        // sits at an 8-aligned offset of the scratch, so this is one aligned load
-        // (little-endian, as `SipState::word` reads it).
+        // verifier: mask the byte offset into the path (`sip_words <= PATH_MAX / 8`).
         let off = (k * 8) & (PATH_MAX - 8);
-        let m = unsafe { s.path.as_ptr().add(off).cast::<u64>().read() };
+        let m = plain_word(s, off);
         s.sip.absorb(m);
         j += 1;
     }
     0
+}
+
+/// The canonical path's word at `off` (`off <= PATH_MAX - 8`, a multiple of 8): the raw
+/// path's if it is plain (also copied into `path`), else `path`'s. Both buffers sit at
+/// 8-aligned offsets of the scratch, so these are aligned loads (little-endian, as
+/// `SipState::word` reads them); a mask chooses, not a branch.
+#[inline(always)]
+fn plain_word(s: &mut Scratch, off: usize) -> u64 {
+    let raw = unsafe { s.raw.as_ptr().add(off).cast::<u64>().read() };
+    let path = unsafe { s.path.as_ptr().add(off).cast::<u64>().read() };
+    let m = (raw & s.plain) | (path & !s.plain);
+    unsafe { s.path.as_mut_ptr().add(off).cast::<u64>().write(m) };
+    m
 }
 
 /// The rule for the parsed path: an exact rule, else the longest prefix rule.
@@ -922,6 +939,8 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     s.sip_words = full_words(path_len) as u32;
     // verifier: the 128 words of a 1 KiB path through one callback verified once.
     let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
+    // The word after the full ones (the hash's last bytes) is not absorbed by the callback.
+    plain_word(s, (path_len & !7) & (PATH_MAX - 8));
     let mut sc = ScratchCtx::new(s);
     unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
     let hash = s.sip.finish(&s.path, path_len);

@@ -62,9 +62,17 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                     let p = if s.line.path_len() == 0 {
                         String::new()
                     } else {
-                        match crate::canon::canonicalize(&raw[..s.line.path_len()], &mut canon) {
-                            Ok(n) => String::from_utf8_lossy(&canon[..n]).into_owned(),
+                        let raw = &raw[..s.line.path_len()];
+                        match crate::canon::canonicalize(raw, &mut canon) {
+                            Ok(n) => {
+                                // The kernel skips this pass for a path called plain.
+                                if s.line.plain_mask() != 0 {
+                                    assert_eq!(&canon[..n], raw);
+                                }
+                                String::from_utf8_lossy(&canon[..n]).into_owned()
+                            }
                             Err(r) => {
+                                assert_eq!(s.line.plain_mask(), 0, "{r:?}");
                                 seen.push(Seen::Fail(r));
                                 return seen;
                             }

@@ -36,12 +36,16 @@ const DOWNLOAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n"
 const UP_SEGMENT: usize = 512;
 const DOWN_SEGMENT: usize = 1448;
 
-pub const KINDS: [&str; 5] = [
+/// The long request line's path: with `GET `, ` HTTP/1.1` and its CRLF, the line is 1 KiB.
+const LONG_PATH: usize = 1009;
+
+pub const KINDS: [&str; 6] = [
     "ARP (floor of one call)",
     "keep-alive GET (wrk's request), ingress",
     "its response (nginx's 200, 3 B body), egress",
     "request body segment (512 B), ingress",
     "response body segment (1448 B), egress",
+    "keep-alive GET, 1 KiB request line (1009 B path), ingress",
 ];
 
 /// The builds a round may alternate between (`--baseline`).
@@ -172,17 +176,20 @@ struct Arm {
     keep: Conn,
     up: Conn,
     down: Conn,
-    ns: [Vec<u32>; 5],
+    long: Conn,
+    ns: [Vec<u32>; 6],
 }
 
 impl Arm {
-    /// Open the connections: a keep-alive one, an upload and a download whose bodies outlast
-    /// the round (ports from `base`; each build has its own maps, so the ports may repeat).
+    /// Open the connections: two keep-alive ones (short and long request lines), an upload
+    /// and a download whose bodies outlast the round (ports from `base`; each build has its
+    /// own maps, so the ports may repeat).
     fn open(build: &'static str, ingress_id: u64, egress_id: u64, base: u16) -> Result<Arm> {
         let (ingress, egress) = (prog_fd(ingress_id)?, prog_fd(egress_id)?);
         let keep = Conn::open(&ingress, &egress, base)?;
         let mut up = Conn::open(&ingress, &egress, base + 1)?;
         let mut down = Conn::open(&ingress, &egress, base + 2)?;
+        let long = Conn::open(&ingress, &egress, base + 3)?;
         passed("the upload's head", up.send(&ingress, UPLOAD)?.0)?;
         passed("the download's request", down.send(&ingress, REQUEST)?.0)?;
         down.answer(&egress, DOWNLOAD)?;
@@ -193,12 +200,13 @@ impl Arm {
             keep,
             up,
             down,
+            long,
             ns: Default::default(),
         })
     }
 
     /// One packet of each kind.
-    fn step(&mut self, arp: &[u8], up_body: &[u8], down_body: &[u8]) -> Result<()> {
+    fn step(&mut self, arp: &[u8], up_body: &[u8], down_body: &[u8], long: &[u8]) -> Result<()> {
         self.ns[0].push(run_once(&self.ingress, arp)?.1);
         let (ret, t) = self.keep.send(&self.ingress, REQUEST)?;
         passed("a keep-alive GET", ret)?;
@@ -208,6 +216,11 @@ impl Arm {
         passed("a request body segment", ret)?;
         self.ns[3].push(t);
         self.ns[4].push(self.down.answer(&self.egress, down_body)?);
+        let (ret, t) = self.long.send(&self.ingress, long)?;
+        passed("a GET with a 1 KiB request line", ret)?;
+        self.ns[5].push(t);
+        // Answered (not measured), so that requests do not pile up unanswered.
+        self.long.answer(&self.egress, RESPONSE)?;
         Ok(())
     }
 
@@ -218,10 +231,12 @@ impl Arm {
             keep,
             up,
             down,
+            long,
             mut ns,
             ..
         } = self;
         keep.close(&ingress)?;
+        long.close(&ingress)?;
         up.close(&ingress)?;
         down.close(&ingress)?;
         Ok(ns
@@ -255,9 +270,10 @@ pub fn round(
     let arp = arp_frame();
     let up_body = vec![b'u'; UP_SEGMENT];
     let down_body = vec![b'd'; DOWN_SEGMENT];
+    let long = super::kernel::request(LONG_PATH);
     for _ in 0..PACKETS {
         for arm in open.iter_mut() {
-            arm.step(&arp, &up_body, &down_body)?;
+            arm.step(&arp, &up_body, &down_body, &long)?;
         }
     }
     let mut out = Vec::new();
