@@ -989,9 +989,27 @@ fn prepare_event(
     ev._pad0 = [0; 2];
     ev.client_mac.copy_from_slice(&eth[6..12]);
     ev.server_mac.copy_from_slice(&eth[0..6]);
-    ev.client_addr_be = s.key.client_addr_be;
-    ev.server_addr_be = s.key.server_addr_be;
+    // Both addresses, as four aligned words (a `[u8; 16]` assignment is byte by byte).
+    let src = addr_of!(s.key.client_addr_be).cast::<u64>();
+    let dst = addr_of_mut!(ev.client_addr_be).cast::<u64>();
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: 32 bytes from each (the client then the server address, in both structs),
+        // 8-aligned as asserted below.
+        unsafe { dst.add(i).write(src.add(i).read()) };
+        i += 1;
+    }
 }
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Scratch, event).is_multiple_of(8));
+    assert!(offset_of!(RejectEvent, client_addr_be).is_multiple_of(8));
+    assert!(
+        offset_of!(RejectEvent, server_addr_be) == offset_of!(RejectEvent, client_addr_be) + 16
+    );
+    assert!(offset_of!(filter_common::ConnKey, client_addr_be) == 0);
+    assert!(offset_of!(filter_common::ConnKey, server_addr_be) == 16);
+};
 
 /// Complete the prepared event with what to answer and the path, and hand it to the
 /// responder.
@@ -1096,7 +1114,7 @@ const _: () = {
     use core::mem::offset_of;
     use filter_common::ConnKey;
     assert!(offset_of!(Scratch, key).is_multiple_of(8));
-    assert!(offset_of!(ConnKey, server_addr_be) == 16);
+    assert!(offset_of!(filter_common::ConnKey, server_addr_be) == 16);
     assert!(offset_of!(ConnKey, client_port) == 32);
     assert!(offset_of!(ConnKey, server_port) == 34);
     assert!(offset_of!(ConnKey, family) == 36);

@@ -2,9 +2,7 @@
 //! packet reads and word copies.
 
 use aya_ebpf::programs::TcContext;
-use core::ptr::{
-    addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
-};
+use core::ptr::{addr_of, addr_of_mut, read_unaligned, read_volatile, write_volatile};
 use filter_common::{ConnKey, Reason};
 
 use crate::maps::{FILTER_CONFIG, STATS};
@@ -111,15 +109,19 @@ pub fn word_at(base: *const u8, at: usize) -> u64 {
 }
 
 /// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy
-/// loop in BPF, which the verifier walks byte by byte).
+/// loop in BPF, which the verifier walks byte by byte). The struct must be 8-aligned: these
+/// are aligned word loads and stores (an unaligned one is eight byte loads or stores in BPF).
 #[inline(always)]
 pub fn copy_words<T: Copy>(dst: &mut T, src: &T) {
     const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    const { assert!(core::mem::align_of::<T>() >= 8) };
     let d = (dst as *mut T).cast::<u64>();
     let s = (src as *const T).cast::<u64>();
     let mut i = 0;
     while i < core::mem::size_of::<T>() / 8 {
-        unsafe { write_unaligned(d.add(i), read_unaligned(s.add(i))) };
+        // SAFETY: both point to a whole `T`, 8-aligned (checked above), `size_of::<T>() / 8`
+        // words long.
+        unsafe { d.add(i).write(s.add(i).read()) };
         i += 1;
     }
 }
