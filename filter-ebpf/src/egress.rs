@@ -86,14 +86,14 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     let s = unsafe { &mut *s };
     // The connection's key from the client's side: the server is the source here.
     if family == FAMILY_V4 {
-        let a: [u8; 8] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
+        let a: [u8; 8] = peek(ctx, ETH_HLEN + 12)?;
         key_v4(
             &mut s.key,
             [a[4], a[5], a[6], a[7]],
             [a[0], a[1], a[2], a[3]],
         );
     } else {
-        let a: [u8; 32] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
+        let a: [u8; 32] = peek(ctx, ETH_HLEN + 8)?;
         s.key.server_addr_be.copy_from_slice(&a[..16]);
         s.key.client_addr_be.copy_from_slice(&a[16..]);
     }

@@ -103,6 +103,11 @@ const VLAN_TAGS_MAX: usize = 2;
 
 /// IPv6 extension headers walked before giving up (`unsupported_ip`).
 const V6_EXT_MAX: usize = 4;
+/// Bound of the TCP header's offset: past the Ethernet header, the VLAN tags, the IPv6 header
+/// and its extension headers (each at most 2048 bytes). A mask: the verifier establishes
+/// packet bounds only for offsets whose maximum plus the access stays within 64 KiB.
+const L4_MAX: usize = 0x3fff;
+const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX + IPV6_HLEN + 2048 * V6_EXT_MAX <= L4_MAX);
 
 /// The first fragment of a fragmented IP packet whose TCP header starts at `l4`: dropped when
 /// it is for an inspected port, since the filter cannot see the whole segment (fail-closed;
@@ -200,14 +205,14 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
-        let a: [u8; 8] = ctx.load(l3 + 12).map_err(|_| Reason::NotIp)?;
+        let a: [u8; 8] = peek(ctx, l3 + 12).map_err(|_| Reason::NotIp)?;
         key_v4(
             &mut s.key,
             [a[0], a[1], a[2], a[3]],
             [a[4], a[5], a[6], a[7]],
         );
     } else {
-        let a: [u8; 32] = ctx.load(l3 + 8).map_err(|_| Reason::NotIp)?;
+        let a: [u8; 32] = peek(ctx, l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
         s.key.server_addr_be.copy_from_slice(&a[16..]);
     }
@@ -223,12 +228,12 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let (l3, l4, ip_end, family) = unsafe {
         (
             read_volatile(addr_of!(s.hdr_l3)) as usize & 0xff,
-            read_volatile(addr_of!(s.hdr_l4)) as usize & 0xffff,
+            read_volatile(addr_of!(s.hdr_l4)) as usize & L4_MAX,
             read_volatile(addr_of!(s.hdr_ip_end)) as usize & 0xffff,
             read_volatile(addr_of!(s.hdr_family)) as u8,
         )
     };
-    let tcp: [u8; TCP_HLEN_MIN] = ctx.load(l4).map_err(|_| Reason::NotTcp)?;
+    let tcp: [u8; TCP_HLEN_MIN] = peek(ctx, l4).map_err(|_| Reason::NotTcp)?;
     key_tail(
         &mut s.key,
         be16(tcp[0], tcp[1]),
