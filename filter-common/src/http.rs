@@ -120,7 +120,7 @@ impl LineParser {
         self.path_len as usize
     }
 
-    /// All ones if the raw path is already canonical (it has no `%`, `;`, `\\`, control byte
+    /// All ones if the raw path is already canonical (it has no `%`, `;`, `\`, control byte
     /// or DEL, and no `/` followed by `/` or `.`: no escape to decode, parameter to drop,
     /// empty or dot segment to resolve, nothing to refuse), else 0: the canonicalizer pass
     /// can be skipped where it is all ones. Conservative: `/.well-known` is canonical but not

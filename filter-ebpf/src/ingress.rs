@@ -1012,8 +1012,7 @@ const _: () = {
     assert!(
         offset_of!(RejectEvent, server_addr_be) == offset_of!(RejectEvent, client_addr_be) + 16
     );
-    assert!(offset_of!(filter_common::ConnKey, client_addr_be) == 0);
-    assert!(offset_of!(filter_common::ConnKey, server_addr_be) == 16);
+    // The key's addresses: see the key's layout asserts below.
 };
 
 /// Complete the prepared event with what to answer and the path, and hand it to the
@@ -1119,7 +1118,8 @@ const _: () = {
     use core::mem::offset_of;
     use filter_common::ConnKey;
     assert!(offset_of!(Scratch, key).is_multiple_of(8));
-    assert!(offset_of!(filter_common::ConnKey, server_addr_be) == 16);
+    assert!(offset_of!(ConnKey, client_addr_be) == 0);
+    assert!(offset_of!(ConnKey, server_addr_be) == 16);
     assert!(offset_of!(ConnKey, client_port) == 32);
     assert!(offset_of!(ConnKey, server_port) == 34);
     assert!(offset_of!(ConnKey, family) == 36);
