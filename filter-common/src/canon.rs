@@ -611,13 +611,7 @@ mod tests {
     #[test]
     fn any_state_bytes_are_safe() {
         // Map memory may hold any pattern: no state may fault, whatever it is fed.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..2000 {
             let r = next();
             let mut c = Canon::new();
@@ -707,13 +701,7 @@ mod tests {
 
     #[test]
     fn word_fast_path_matches_byte_pushes() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
         let mut taken = 0;
         for _ in 0..50_000 {
             let mut p = random_path(&mut next);
@@ -748,13 +736,7 @@ mod tests {
 
     #[test]
     fn matches_the_reference_and_is_idempotent() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
         let (mut ok, mut total) = (0, 0);
         for _ in 0..100_000 {
             let p = random_path(&mut next);

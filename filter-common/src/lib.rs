@@ -13,6 +13,17 @@
 #[cfg(test)]
 extern crate std;
 
+/// A deterministic xorshift64 generator for the host tests' sweeps.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 pub mod canon;
 pub mod csum;
 pub mod hash;

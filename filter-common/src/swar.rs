@@ -19,7 +19,6 @@ pub const fn zero(x: u64) -> u64 {
     !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
 }
 
-/// Bit 7 of each byte of `x` equal to `c`.
 /// Bit 7 of each zero byte of `x`, and possibly of bytes above a zero byte (a borrow runs
 /// up from it), never of a byte below the lowest zero byte: cheaper than [`zero`], and exact
 /// for asking whether a leading run of bytes (a mask of its bytes' bit 7) holds a zero byte.
@@ -28,6 +27,13 @@ pub const fn zero_from_low(x: u64) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGH
 }
 
+/// [`zero_from_low`] for the bytes of `x` equal to `c`.
+#[inline(always)]
+pub const fn eq_from_low(x: u64, c: u8) -> u64 {
+    zero_from_low(x ^ ONES.wrapping_mul(c as u64))
+}
+
+/// Bit 7 of each byte of `x` equal to `c`.
 #[inline(always)]
 pub const fn eq(x: u64, c: u8) -> u64 {
     zero(x ^ ONES.wrapping_mul(c as u64))
@@ -160,11 +166,9 @@ mod tests {
 
     #[test]
     fn zero_from_low_marks_every_zero_byte_and_nothing_below_the_lowest() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = next();
             // Bytes from a small alphabet, so that zero bytes and 0x01 (which a borrow can
             // turn into a false mark) are common.
             let w: [u8; 8] = core::array::from_fn(|i| {

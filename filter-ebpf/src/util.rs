@@ -68,9 +68,11 @@ pub fn key_tail(key: &mut ConnKey, client_port: u16, server_port: u16, family: u
     unsafe { write_volatile(addr_of_mut!(*key).cast::<u64>().add(4), tail) };
 }
 
-// `key_v4` and `key_tail` write the key as five words.
+// `key_v4` and `key_tail` write the key as five words (little-endian): addresses, then
+// ports, family, padding; 8-aligned wherever it is embedded.
 const _: () = {
     use core::mem::offset_of;
+    assert!(offset_of!(ConnKey, client_addr_be) == 0);
     assert!(offset_of!(ConnKey, server_addr_be) == 16);
     assert!(offset_of!(ConnKey, client_port) == 32);
     assert!(offset_of!(ConnKey, server_port) == 34);

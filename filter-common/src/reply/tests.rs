@@ -356,13 +356,8 @@ fn runs_frame_like_bytes_across_phase_boundaries() {
     const EOL: &[&[u8]] = &[b"\r\n", b"\r\n", b"\n", b"\r"];
     const NOISE: &[u8] = b" \t\r\n:\x7f\0aZ-1";
     let req = view(8, &[], 0);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
-    };
+    let mut rng = crate::xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut next = |n: usize| (rng() % n as u64) as usize;
     for _ in 0..4000 {
         let mut data = Vec::new();
         for _ in 0..1 + next(3) {

@@ -440,13 +440,7 @@ fn word_fast_path_matches_byte_steps() {
     // The corpus must exercise the fast path, or this proves little.
     assert!(taken > 400, "{taken}");
     // Mutated copies, so that declines and odd states are covered too.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..20_000 {
         let mut d = WORD_CORPUS[(next() % WORD_CORPUS.len() as u64) as usize].to_vec();
         for _ in 0..(next() % 4) {
