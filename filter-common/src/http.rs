@@ -46,6 +46,27 @@ pub struct LineParser {
 }
 const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 
+/// Whether the eight bytes of `w` (the first in the low bits) can go on a path whose last
+/// byte is `prev` as the path's next bytes, leaving it plain: none of them ends the path or
+/// would be checked or changed by the canonicalizer. The test for a path's long run a whole
+/// word at a time ([`LineParser::add_path_words`]), so it is cheap rather than exact: it
+/// takes only the bytes most paths are made of, `-` to `~` except `;`, `?` and `\`, and no
+/// `/` or `.` after a `/`. A word with anything else (an end, `%`, a control byte, DEL,
+/// non-ASCII, or a rarer sub-delimiter such as `+` or `,`) goes through
+/// [`LineParser::path_run`] and `step`, which decide exactly.
+#[inline(always)]
+pub fn plain_path_word(w: u64, prev: u8) -> bool {
+    let before = (w << 8) | prev as u64;
+    // Whether a byte matches, not which (`eq_from_low` is exact for that, and cheaper).
+    let stop = swar::lt(w, b'-')
+        | swar::ge(w, 0x7f)
+        // `;` and `?` differ in bit 2 only, as `.` and `/` do in bit 0.
+        | swar::eq_from_low(w | swar::ONES.wrapping_mul(4), b'?')
+        | swar::eq_from_low(w, b'\\')
+        | (swar::eq_from_low(before, b'/') & swar::eq_from_low(w | swar::ONES, b'/'));
+    stop == 0
+}
+
 /// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
 pub const OUTCOME_PENDING: u32 = u32::MAX;
 pub const OUTCOME_DECIDED: u32 = u32::MAX - 1;
@@ -202,6 +223,39 @@ impl LineParser {
         }
         self.path_len += k as u16;
         k
+    }
+
+    /// Whether the parser is in the path (its next byte continues or ends it).
+    #[inline(always)]
+    pub fn in_path(&self) -> bool {
+        self.phase == phase::PATH
+    }
+
+    /// How many whole words [`LineParser::add_path_words`] may add now: 0 outside a path;
+    /// else as many as fit with eight bytes to spare after the last (so that a word can be
+    /// written as two aligned words, the second partly scratch).
+    #[inline(always)]
+    pub fn path_words_room(&self) -> usize {
+        let n = self.path_len as usize;
+        if self.phase != phase::PATH || n > PATH_MAX - 16 {
+            0
+        } else {
+            (PATH_MAX - 16 - n) / 8 + 1
+        }
+    }
+
+    /// The path's last byte (in a path, which starts with `/`, there is one).
+    #[inline(always)]
+    pub fn path_last(&self, path: &[u8; PATH_MAX]) -> u8 {
+        path[(self.path_len as usize).wrapping_sub(1) & (PATH_MAX - 1)]
+    }
+
+    /// The caller appended `k` words (each accepted by [`plain_path_word`], at most
+    /// [`LineParser::path_words_room`] in all) to `path` after the path's last byte: the
+    /// state is then what `8 * k` [`LineParser::step`] calls leave (`shape` unchanged).
+    #[inline(always)]
+    pub fn add_path_words(&mut self, k: usize) {
+        self.path_len += 8 * k as u16;
     }
 
     /// The fast path of [`LineParser::step`] at the start of a request line: of the first

@@ -515,6 +515,57 @@ impl Stream {
         }
     }
 
+    /// Whether the next byte is in a request line's path (two loads: a cheap test before
+    /// the path's word loop).
+    #[inline(always)]
+    pub fn in_path(&self) -> bool {
+        self.phase == phase::LINE && self.line.in_path()
+    }
+
+    /// How many whole words of a request line's path [`Stream::take_path_words`] may take now
+    /// (see [`LineParser::path_words_room`]): 0 outside a path, before the request's first
+    /// byte, or where eight more bytes might reach the line's limit.
+    #[inline(always)]
+    pub fn path_words_room(&self) -> usize {
+        if self.phase != phase::LINE || self.count == 0 || self.count > LINE_LIMIT - 8 {
+            return 0;
+        }
+        let by_line = (LINE_LIMIT - 8 - self.count) as usize / 8 + 1;
+        let by_path = self.line.path_words_room();
+        if by_line < by_path {
+            by_line
+        } else {
+            by_path
+        }
+    }
+
+    /// The fastest path of [`Stream::step`], for the long run of a path: the caller appended
+    /// `k` words to the path (each accepted by [`crate::http::plain_path_word`], at most
+    /// [`Stream::path_words_room`] in all); the state is then what `8 * k` `step` calls leave
+    /// (each returning [`Ev::More`]).
+    #[inline(always)]
+    pub fn take_path_words(&mut self, k: usize) {
+        self.pos = self.pos.wrapping_add(8 * k as u32);
+        self.count += 8 * k as u32;
+        self.line.add_path_words(k);
+    }
+
+    /// One word through [`Stream::take_path_words`], with the path written byte by byte: the
+    /// eight bytes of `w` if there is room and they pass [`crate::http::plain_path_word`]
+    /// (returns `true`), else nothing (`false`). The kernel does the same for many words at
+    /// once, writing aligned words.
+    pub fn path_word(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> bool {
+        if self.path_words_room() == 0
+            || !crate::http::plain_path_word(w, self.line.path_last(path))
+        {
+            return false;
+        }
+        let n = self.line.path_len();
+        path[n..n + 8].copy_from_slice(&w.to_le_bytes());
+        self.take_path_words(1);
+        true
+    }
+
     /// The fast path of [`Stream::step`]: of the first `avail` bytes of `w` (`avail` may
     /// exceed 8; the first byte in the low bits), takes the leading ones that would each make
     /// `step` return [`Ev::More`] while changing only counters, the phase between lines, the

@@ -44,7 +44,13 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                 // Past the segment's end, letters (which a name run would take): `step_run`
                 // must not read beyond `avail`, as the kernel's window holds stale bytes there.
                 let avail = seg.len() - off;
-                let k = s.step_run(crate::swar::word_padded(seg, off, b'Z'), avail, &mut path);
+                let word = crate::swar::word_padded(seg, off, b'Z');
+                // The kernel tries a whole path word first.
+                if avail >= 8 && s.path_word(word, &mut path) {
+                    off += 8;
+                    continue;
+                }
+                let k = s.step_run(word, avail, &mut path);
                 if k > 0 {
                     off += k;
                     continue;
@@ -101,6 +107,13 @@ use crate::MethodSet;
 
 fn req(m: Method, p: &str) -> Seen {
     Seen::Request(m, p.into())
+}
+
+/// A request for `/ppp…`, `len` bytes of path.
+fn req_of(m: Method, len: usize) -> Seen {
+    let mut p = String::from("/");
+    p.extend(core::iter::repeat_n('p', len - 1));
+    req(m, &p)
 }
 
 /// The same decisions whatever the segmentation: whole, every single cut, 1-byte segments.
@@ -247,6 +260,21 @@ fn limits() {
         run(&long_path, &[]).last(),
         Some(&Seen::Fail(Reason::LineTooLong))
     );
+    // Around the path's limit, whole words and single bytes agree (the word paths stop short
+    // of it and leave the last bytes to `step`).
+    for len in PATH_MAX - 24..=PATH_MAX + 2 {
+        let mut req = Vec::from(&b"GET /"[..]);
+        req.extend(core::iter::repeat_n(b'p', len - 1));
+        req.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+        let want = if len <= PATH_MAX {
+            req_of(Method::Get, len)
+        } else {
+            Seen::Fail(Reason::LineTooLong)
+        };
+        assert_eq!(run(&req, &[]).last(), Some(&want), "{len}");
+        assert_eq!(run_with(&req, &[], true).last(), Some(&want), "{len}");
+        assert_eq!(run_with(&req, &[7, 300], true).last(), Some(&want), "{len}");
+    }
     let mut headers = Vec::from(&b"GET / HTTP/1.1\r\n"[..]);
     for _ in 0..(HEADER_LIMIT / 10 + 1) {
         headers.extend_from_slice(b"A: 123456\r\n");
@@ -376,12 +404,13 @@ fn an_upgrade_request_awaits_the_answer_after_its_body() {
 
 /// At every offset of `data` (fed byte by byte from a fresh stream), [`Stream::step_run`]
 /// takes k bytes and leaves exactly the state and path (up to its length) of k
-/// [`Stream::step`] calls, each of which returns [`Ev::More`]. Returns how many bytes it took in
-/// all.
-fn word_fast_path_is_exact(data: &[u8], start: Stream) -> usize {
+/// [`Stream::step`] calls, each of which returns [`Ev::More`]; and [`Stream::path_word`], where
+/// eight bytes are left, takes all eight the same way or leaves the state alone. Returns how
+/// many bytes `step_run` took in all, and how many words `path_word` took.
+fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize) {
     let mut s = start;
     let mut path = [0x5au8; PATH_MAX];
-    let mut taken = 0;
+    let (mut taken, mut words) = (0, 0);
     let mut off = 0;
     while off < data.len() {
         if s.in_bulk() {
@@ -409,17 +438,37 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> usize {
             assert!(fast_path[..n] == slow_path[..n], "{k} of {shown:?}");
             taken += k;
         }
+        if data.len() - off >= 8 {
+            // The whole-word path: all eight bytes or none.
+            let (mut fast, mut fast_path) = (s, path);
+            let word = crate::swar::word_padded(data, off, b'Z');
+            let shown = String::from_utf8_lossy(&data[off..off + 8]);
+            if fast.path_word(word, &mut fast_path) {
+                let (mut slow, mut slow_path) = (s, path);
+                for &b in &data[off..off + 8] {
+                    assert_eq!(slow.step(b, &mut slow_path), Ev::More, "{shown:?} in {s:?}");
+                }
+                assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{shown:?}");
+                let n = slow.line.path_len();
+                assert!(fast_path[..n] == slow_path[..n], "{shown:?}");
+                // The kernel reckons the room once for a run of words.
+                assert_eq!(fast.path_words_room(), s.path_words_room() - 1);
+                words += 1;
+            } else {
+                assert_eq!(format!("{fast:?}"), format!("{s:?}"), "{shown:?}");
+            }
+        }
         match s.step(data[off], &mut path) {
             Ev::Decide => {
                 s.take_method();
                 s.set_verdict(MethodSet::ANY.0, 0);
             }
-            Ev::Fail(_) | Ev::Tunnel => return taken,
+            Ev::Fail(_) | Ev::Tunnel => return (taken, words),
             _ => {}
         }
         off += 1;
     }
-    taken
+    (taken, words)
 }
 
 use std::format;
@@ -433,19 +482,22 @@ const WORD_CORPUS: &[&[u8]] = &[
 
 #[test]
 fn word_fast_path_matches_byte_steps() {
-    let mut taken = 0;
+    let (mut taken, mut words) = (0, 0);
     for data in WORD_CORPUS {
-        taken += word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
+        let (t, w) = word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
+        taken += t;
+        words += w;
     }
-    // The corpus must exercise the fast path, or this proves little.
+    // The corpus must exercise the fast paths, or this proves little.
     assert!(taken > 400, "{taken}");
+    assert!(words > 20, "{words}");
     // Mutated copies, so that declines and odd states are covered too.
     let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..20_000 {
         let mut d = WORD_CORPUS[(next() % WORD_CORPUS.len() as u64) as usize].to_vec();
         for _ in 0..(next() % 4) {
             let i = (next() % d.len() as u64) as usize;
-            d[i] = b" \t\r\n:;/.%?#-aZ\x00\x7f\x80"[(next() % 17) as usize];
+            d[i] = b" \t\r\n:;/.%?#-aZ\x00\x7f\x80\\"[(next() % 18) as usize];
         }
         word_fast_path_is_exact(&d, Stream::new(1, flag::SYN));
     }
