@@ -690,7 +690,14 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         // A path's long run first, a whole word at a time with the least work per word; from
         // its second word on (a short path's one word costs less through the run below).
         if s.stream.in_path() && s.stream.line.path_len() >= 8 {
-            i = path_words(s, i, w);
+            let j = path_words(s, i, w);
+            if j >= i + 8 * PATH_WORDS_PER_CALL {
+                // A whole batch: the path likely goes on, and the next call takes it the same
+                // way rather than through the slower runs below.
+                s.consumed = j as u32;
+                return 0;
+            }
+            i = j;
         }
         let mut k = 0;
         while k < WORDS_PER_CALL {
