@@ -822,6 +822,136 @@ fn host_and_kernel_agree_on_generated_requests() {
     );
 }
 
+/// A path of `len` bytes, `/long/` then letters: plain, so the kernel takes it a whole word
+/// at a time from its second word on (`path_words`), the words written into the raw path at
+/// the alignment the path's length so far gives them.
+fn long_path(prefix: &str, len: usize) -> String {
+    let mut p = String::from(prefix);
+    while p.len() < len {
+        p.push((b'a' + (p.len() % 26) as u8) as char);
+    }
+    p.truncate(len);
+    p
+}
+
+/// Long paths hash in the kernel exactly as userspace hashed the rules: at every length modulo
+/// eight, and with the request line cut across two segments (the second goes on from the
+/// path saved between them), an exact rule on a long path decides its requests and a path one
+/// byte off does not; the same for a long prefix rule; and a doubled slash or a dot segment
+/// far into a path (where the kernel reads whole words) is still resolved to the rule's path.
+#[test]
+fn long_paths_match_their_rules() {
+    if !lab::e2e_enabled("kernel::long_paths_match_their_rules") {
+        return;
+    }
+    let lens: Vec<usize> = (72..=80).chain([300, 513, 1000, 1019]).collect();
+    // A prefix rule covers the subtree under it: its path ends in `/`.
+    let prefix = long_path("/pre/", 249) + "/";
+    let mut toml = String::from("default = [\"GET\"]\n");
+    for &len in &lens {
+        toml += &format!(
+            "[[rules]]\npath = \"{}\"\nmethods = [\"DELETE\"]\n",
+            long_path("/long/", len)
+        );
+    }
+    toml +=
+        &format!("[[rules]]\npath = \"{prefix}\"\nmatch = \"prefix\"\nmethods = [\"DELETE\"]\n");
+    // One byte changed: the letter after it in the alphabet (still plain).
+    let off_by_one = |p: &str, at: usize| {
+        let mut b = p.as_bytes().to_vec();
+        b[at] = if b[at] == b'z' { b'a' } else { b[at] + 1 };
+        String::from_utf8(b).unwrap()
+    };
+    let mut cases: Vec<(String, Reason)> = Vec::new();
+    for &len in &lens {
+        let p = long_path("/long/", len);
+        cases.push((p.clone(), Reason::AllowedByRule));
+        cases.push((off_by_one(&p, len - 1), Reason::Rejected));
+        cases.push((off_by_one(&p, len / 2), Reason::Rejected));
+        // One byte longer (`-`: the rules' paths are letters, so no other rule is hit).
+        cases.push((format!("{p}-"), Reason::Rejected));
+    }
+    // Dot segments and doubled slashes past the path's first 64 bytes, at every alignment:
+    // the word loop must leave them to the canonicalizer, which resolves them to the rule's
+    // path (`abcdef/` segments put the slashes at every offset modulo eight).
+    let mut sliced = String::from("/seg/");
+    while sliced.len() < 400 {
+        sliced += "abcdef/";
+    }
+    toml += &format!("[[rules]]\npath = \"{sliced}\"\nmethods = [\"DELETE\"]\n");
+    cases.push((sliced.clone(), Reason::AllowedByRule));
+    let slashes: Vec<usize> = sliced
+        .match_indices('/')
+        .map(|(i, _)| i)
+        .filter(|&i| i > 80)
+        .collect();
+    for &at in &slashes[..8] {
+        for extra in ["/", "./", "q/../"] {
+            let odd = format!("{}{extra}{}", &sliced[..=at], &sliced[at + 1..]);
+            cases.push((odd, Reason::AllowedByRule));
+        }
+    }
+    let under = long_path(&prefix, 900);
+    cases.push((under.clone(), Reason::AllowedByRule));
+    cases.push((off_by_one(&under, 200), Reason::Rejected));
+    cases.push((off_by_one(&under, 800), Reason::AllowedByRule));
+    let mut dp = load(&parse_toml(&toml).unwrap());
+    let _events = dp.take_events().expect("event ring");
+    let mut failures = Vec::new();
+    let mut sport = 40000u16;
+    for (path, want) in &cases {
+        let line = format!("DELETE {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        // Whole, and cut inside the path (before, around and after its first 64 bytes).
+        for cut in [0, 40, 100, path.len() / 2, path.len() + 3] {
+            // Cuts inside the path only ("DELETE " is 7 bytes): a first segment holding the
+            // whole line would be decided (and reset) on its own.
+            if cut >= path.len() + 7 {
+                continue;
+            }
+            sport += 1;
+            let syn = Frame {
+                seq: SEQ.wrapping_sub(1),
+                syn: true,
+                ip: Ip::V4,
+                sport,
+                proto: 6,
+                dport: 80,
+                payload: Vec::new(),
+            };
+            dp.test_run(&build(&syn), 1).unwrap();
+            let segs: Vec<(usize, &[u8])> = if cut == 0 {
+                vec![(0, &line[..])]
+            } else {
+                vec![(0, &line[..cut]), (cut, &line[cut..])]
+            };
+            let mut got = Vec::new();
+            for (off, payload) in segs {
+                let f = Frame {
+                    seq: SEQ.wrapping_add(off as u32),
+                    syn: false,
+                    ip: Ip::V4,
+                    sport,
+                    proto: 6,
+                    dport: 80,
+                    payload: payload.to_vec(),
+                };
+                let before = counters(&dp);
+                dp.test_run(&build(&f), 1).unwrap();
+                got.extend(delta(&before, &counters(&dp)).into_iter().map(|(r, _)| r));
+            }
+            // A first segment that ends inside the path is counted as mid-stream.
+            got.retain(|r| *r != Reason::MidStream);
+            if got != [*want] {
+                failures.push(format!(
+                    "{} B path, cut at {cut}: counted {got:?}, want {want:?}",
+                    path.len()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 /// A segment of one connection in either direction, for the egress tests: the client's to the
 /// ingress classifier, the server's to the egress one.
 fn conn_frame(
