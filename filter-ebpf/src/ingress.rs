@@ -687,8 +687,10 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     while j < STREAM_BYTES_PER_CALL {
         j += 1;
         let mut i = s.consumed as usize;
-        // A path's long run first, a whole word at a time with the least work per word; from
-        // its second word on (a short path's one word costs less through the run below).
+        // A path's long run first, a whole word at a time with the least work per word, once
+        // a call starts with eight or more path bytes behind it: in practice after the first
+        // ~65, which the calls before take through the runs below (a short path's words cost
+        // less there than a call into the loop).
         if s.stream.in_path() && s.stream.line.path_len() >= 8 {
             let j = path_words(s, i, w);
             if j >= i + 8 * PATH_WORDS_PER_CALL {
