@@ -56,15 +56,25 @@ const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 /// [`LineParser::path_run`] and `step`, which decide exactly.
 #[inline(always)]
 pub fn plain_path_word(w: u64, prev: u8) -> bool {
-    let before = (w << 8) | prev as u64;
     // Whether a byte matches, not which (`eq_from_low` is exact for that, and cheaper).
     let stop = swar::lt(w, b'-')
         | swar::ge(w, 0x7f)
-        // `;` and `?` differ in bit 2 only, as `.` and `/` do in bit 0.
+        // `;` and `?` differ in bit 2 only.
         | swar::eq_from_low(w | swar::ONES.wrapping_mul(4), b'?')
         | swar::eq_from_low(w, b'\\')
-        | (swar::eq_from_low(before, b'/') & swar::eq_from_low(w | swar::ONES, b'/'));
+        | dot_or_slash_after_slash(w, prev);
     stop == 0
+}
+
+/// Bit 7 of the bytes of `w` (the first in the low bits) that are `/` or `.` right after a
+/// `/` (an empty or dot segment starts there); `prev` is the path byte before `w`'s first.
+/// As [`swar::eq_from_low`], exact for whether a leading run of bytes holds one.
+#[inline(always)]
+fn dot_or_slash_after_slash(w: u64, prev: u8) -> u64 {
+    // Each byte's predecessor.
+    let before = (w << 8) | prev as u64;
+    // `.` and `/` differ in bit 0 only.
+    swar::eq_from_low(before, b'/') & swar::eq_from_low(w | swar::ONES, b'/')
 }
 
 /// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
@@ -157,11 +167,8 @@ impl LineParser {
     /// runs inside the kernel's verified loops.
     #[inline(always)]
     fn note_path(&mut self, w: u64, prev: u8, taken: u64, ctrl: bool) {
-        // Each byte's predecessor.
-        let before = (w << 8) | prev as u64;
         let z = |c: u8| swar::eq_from_low(w, c);
-        let mut odd = z(b'%') | z(b';') | z(b'\\') | z(0x7f);
-        odd |= swar::eq_from_low(before, b'/') & (z(b'/') | z(b'.'));
+        let mut odd = z(b'%') | z(b';') | z(b'\\') | z(0x7f) | dot_or_slash_after_slash(w, prev);
         if ctrl {
             odd |= swar::lt(w, 0x21);
         }

@@ -553,7 +553,9 @@ impl Stream {
     /// One word through [`Stream::take_path_words`], with the path written byte by byte: the
     /// eight bytes of `w` if there is room and they pass [`crate::http::plain_path_word`]
     /// (returns `true`), else nothing (`false`). The kernel does the same for many words at
-    /// once, writing aligned words.
+    /// once, writing aligned words (`path_words` in the kernel), so this is the tests'
+    /// reference.
+    #[cfg(test)]
     pub fn path_word(&mut self, w: u64, path: &mut [u8; PATH_MAX]) -> bool {
         if self.path_words_room() == 0
             || !crate::http::plain_path_word(w, self.line.path_last(path))

@@ -190,6 +190,42 @@ fn delta(before: &[(Reason, u64)], after: &[(Reason, u64)]) -> Vec<(Reason, u64)
         .collect()
 }
 
+/// The client's segment at byte `off` (from `SEQ`) of connection `sport` to :80.
+fn client_segment(ip: Ip, sport: u16, off: u32, payload: &[u8]) -> Frame {
+    Frame {
+        seq: SEQ.wrapping_add(off),
+        syn: false,
+        ip,
+        sport,
+        proto: 6,
+        dport: 80,
+        payload: payload.to_vec(),
+    }
+}
+
+/// Open connection `sport` to :80: its SYN through the classifier, so that its next segment
+/// (at `SEQ`) starts a followed stream.
+fn open_conn(dp: &mut Dataplane, ip: Ip, sport: u16) {
+    let syn = Frame {
+        seq: SEQ.wrapping_sub(1),
+        syn: true,
+        ..client_segment(ip, sport, 0, &[])
+    };
+    dp.test_run(&build(&syn), 1).unwrap();
+}
+
+/// `frame` through the classifier: the reasons it was counted under, and the frame that came
+/// out.
+fn run_counted(dp: &mut Dataplane, frame: &[u8]) -> (Vec<Reason>, Vec<u8>) {
+    let before = counters(dp);
+    let out = dp.test_run(frame, 1).unwrap().frame;
+    let reasons = delta(&before, &counters(dp))
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    (reasons, out)
+}
+
 /// Check the rewritten frame: a bare RST|ACK with the segment's sequence number, correct
 /// lengths and checksums.
 fn assert_reset(name: &str, input: &[u8], out: &[u8]) {
@@ -560,40 +596,17 @@ fn streams_table() {
     let mut failures = Vec::new();
     for (i, (name, segs)) in table.iter().enumerate() {
         let sport = 50000 + i as u16;
-        let syn = Frame {
-            seq: SEQ.wrapping_sub(1),
-            syn: true,
-            ip: Ip::V4,
-            sport,
-            proto: 6,
-            dport: 80,
-            payload: Vec::new(),
-        };
-        dp.test_run(&build(&syn), 1).unwrap();
+        open_conn(&mut dp, Ip::V4, sport);
         let mut next = 0u32;
         for (j, (off, payload, reasons, reset)) in segs.iter().enumerate() {
             let off = if *off == NEXT { next } else { *off };
             next = off + payload.len() as u32;
-            let f = Frame {
-                seq: SEQ.wrapping_add(off),
-                syn: false,
-                ip: Ip::V4,
-                sport,
-                proto: 6,
-                dport: 80,
-                payload: payload.to_vec(),
-            };
-            let frame = build(&f);
-            let before = counters(&dp);
-            let out = dp.test_run(&frame, 1).unwrap();
-            let got: Vec<Reason> = delta(&before, &counters(&dp))
-                .into_iter()
-                .map(|(r, _)| r)
-                .collect();
+            let frame = build(&client_segment(Ip::V4, sport, off, payload));
+            let (got, out) = run_counted(&mut dp, &frame);
             let mut want = reasons.to_vec();
             want.sort_by_key(|r| *r as u32);
-            let is_reset = out.frame.len() < frame.len()
-                && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0;
+            let is_reset =
+                out.len() < frame.len() && out[out.len() - 20 + 13] & tcp_flags::RST != 0;
             if got != want || is_reset != *reset {
                 failures.push(format!("{name}, segment {j}: counted {got:?} (want {want:?}), reset {is_reset} (want {reset})"));
             }
@@ -730,31 +743,11 @@ fn host_and_kernel_agree_on_generated_requests() {
     }));
     for (i, line) in lines.iter().enumerate() {
         let sport = 30000 + i as u16;
-        let syn = Frame {
-            seq: SEQ.wrapping_sub(1),
-            syn: true,
-            ip: Ip::V4,
-            sport,
-            proto: 6,
-            dport: 80,
-            payload: Vec::new(),
-        };
-        dp.test_run(&build(&syn), 1).unwrap();
-        let f = Frame {
-            seq: SEQ,
-            syn: false,
-            ip: Ip::V4,
-            sport,
-            proto: 6,
-            dport: 80,
-            payload: line.clone().into_bytes(),
-        };
-        let before = counters(&dp);
-        dp.test_run(&build(&f), 1).unwrap();
-        let kernel: Vec<Reason> = delta(&before, &counters(&dp))
-            .into_iter()
-            .map(|(r, _)| r)
-            .collect();
+        open_conn(&mut dp, Ip::V4, sport);
+        let (kernel, _) = run_counted(
+            &mut dp,
+            &build(&client_segment(Ip::V4, sport, 0, line.as_bytes())),
+        );
         let host = host_decision(&policy, line.as_bytes());
         if kernel != [host] {
             disagreements.push(format!(
@@ -778,31 +771,11 @@ fn host_and_kernel_agree_on_generated_requests() {
             headers[next(headers.len())]
         );
         let sport = 20000 + i as u16;
-        let syn = Frame {
-            seq: SEQ.wrapping_sub(1),
-            syn: true,
-            ip: Ip::V4,
-            sport,
-            proto: 6,
-            dport: 80,
-            payload: Vec::new(),
-        };
-        dp.test_run(&build(&syn), 1).unwrap();
-        let f = Frame {
-            seq: SEQ,
-            syn: false,
-            ip: Ip::V4,
-            sport,
-            proto: 6,
-            dport: 80,
-            payload: line.clone().into_bytes(),
-        };
-        let before = counters(&dp);
-        dp.test_run(&build(&f), 1).unwrap();
-        let kernel: Vec<Reason> = delta(&before, &counters(&dp))
-            .into_iter()
-            .map(|(r, _)| r)
-            .collect();
+        open_conn(&mut dp, Ip::V4, sport);
+        let (kernel, _) = run_counted(
+            &mut dp,
+            &build(&client_segment(Ip::V4, sport, 0, line.as_bytes())),
+        );
         let host = host_decision(&policy, line.as_bytes());
         seen.insert(host as u32);
         if kernel != [host] {
@@ -909,16 +882,7 @@ fn long_paths_match_their_rules() {
                 continue;
             }
             sport += 1;
-            let syn = Frame {
-                seq: SEQ.wrapping_sub(1),
-                syn: true,
-                ip: Ip::V4,
-                sport,
-                proto: 6,
-                dport: 80,
-                payload: Vec::new(),
-            };
-            dp.test_run(&build(&syn), 1).unwrap();
+            open_conn(&mut dp, Ip::V4, sport);
             let segs: Vec<(usize, &[u8])> = if cut == 0 {
                 vec![(0, &line[..])]
             } else {
@@ -926,18 +890,8 @@ fn long_paths_match_their_rules() {
             };
             let mut got = Vec::new();
             for (off, payload) in segs {
-                let f = Frame {
-                    seq: SEQ.wrapping_add(off as u32),
-                    syn: false,
-                    ip: Ip::V4,
-                    sport,
-                    proto: 6,
-                    dport: 80,
-                    payload: payload.to_vec(),
-                };
-                let before = counters(&dp);
-                dp.test_run(&build(&f), 1).unwrap();
-                got.extend(delta(&before, &counters(&dp)).into_iter().map(|(r, _)| r));
+                let f = client_segment(Ip::V4, sport, off as u32, payload);
+                got.extend(run_counted(&mut dp, &build(&f)).0);
             }
             // A first segment that ends inside the path is counted as mid-stream.
             got.retain(|r| *r != Reason::MidStream);
@@ -1333,27 +1287,10 @@ fn cut_segments_keep_valid_checksums() {
         for (j, kept) in kept.iter().enumerate() {
             let name = format!("ip #{i}, cut after {} bytes", kept.len());
             let sport = 51000 + (i * 10 + j) as u16;
-            let syn = Frame {
-                seq: SEQ.wrapping_sub(1),
-                syn: true,
-                ip,
-                sport,
-                proto: 6,
-                dport: 80,
-                payload: Vec::new(),
-            };
-            dp.test_run(&build(&syn), 1).unwrap();
+            open_conn(&mut dp, ip, sport);
             let mut payload = kept.to_vec();
             payload.extend_from_slice(refused);
-            let frame = build(&Frame {
-                seq: SEQ,
-                syn: false,
-                ip,
-                sport,
-                proto: 6,
-                dport: 80,
-                payload,
-            });
+            let frame = build(&client_segment(ip, sport, 0, &payload));
             let out = dp.test_run(&frame, 1).unwrap().frame;
             let v4 = !matches!(ip, Ip::V6);
             let l4 = if v4 {
