@@ -126,6 +126,13 @@ impl LoadConfig {
     }
 }
 
+/// `skb->mark` of the frames the responder sends (its packet socket's `SO_MARK`). The egress
+/// classifier passes them without a look: they are the filter's own answers, not the server's
+/// bytes, so its view of the server's stream (position, next sequence number) stays where the
+/// backend left it, and a client that lost the answer and sends the refused request again gets
+/// it again at the same sequence number. Other `tc` filters on the interface see this mark too.
+pub const RESPONDER_MARK: u32 = 0x4d05_f405;
+
 /// Address family tags in [`RejectEvent::family`].
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;

@@ -5,7 +5,7 @@
 //! number) and to settle `Upgrade` / `CONNECT` requests.
 //!
 //! Only TCP from an inspected source port is looked at (the port bitmap first, before any
-//! map). A connection's state is created at the server's SYN|ACK, when the ingress side
+//! map), and not the responder's own answers (`RESPONDER_MARK`). A connection's state is created at the server's SYN|ACK, when the ingress side
 //! follows the connection from its SYN, so positions are exact; any gap, unframeable response
 //! or more work than one pass allows makes it lost (counted `reply_lost`) for good. Segments
 //! may be GSO super-packets (64 KiB): bodies are skipped in bulk (a run inside a header window
@@ -21,7 +21,7 @@ use core::ffi::c_void;
 use filter_common::{
     reply::{REv, Replies, LINE_SKIP_MAX},
     swar, tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
-    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, RESPONDER_MARK, TCP_HLEN_MIN,
 };
 
 use crate::maps::{CONNS, REPLIES, REPLY_SCRATCH};
@@ -80,6 +80,10 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     let tcp: [u8; TCP_HLEN_MIN] = peek(ctx, l4)?;
     // From an inspected port: checked before any map is touched.
     if !port_inspected(be16(tcp[0], tcp[1])) {
+        return Err(());
+    }
+    // The responder's own answer: not the server's bytes.
+    if unsafe { (*ctx.skb.skb).mark } == RESPONDER_MARK {
         return Err(());
     }
     let s = REPLY_SCRATCH.get_ptr_mut(0).ok_or(())?;

@@ -857,7 +857,7 @@ impl Dataplane {
     /// Run one frame through the loaded classifier with `BPF_PROG_TEST_RUN` (no attachment
     /// needed): the kernel fixture tests and the per-packet cost benchmark use this.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutput, DataplaneError> {
-        self.test_run_prog(PROG_INGRESS, frame, repeat)
+        self.test_run_prog(PROG_INGRESS, frame, repeat, 0)
     }
 
     /// Forget the egress state (`REPLIES`) of every connection, as a full table's eviction
@@ -882,7 +882,17 @@ impl Dataplane {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
-        self.test_run_prog(PROG_EGRESS, frame, repeat)
+        self.test_run_prog(PROG_EGRESS, frame, repeat, 0)
+    }
+
+    /// As [`Dataplane::test_run_egress`], the frame carrying `skb->mark` = `mark` (the
+    /// responder marks its answers with [`filter_common::RESPONDER_MARK`]).
+    pub fn test_run_egress_marked(
+        &mut self,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<TestRunOutput, DataplaneError> {
+        self.test_run_prog(PROG_EGRESS, frame, 1, mark)
     }
 
     fn test_run_prog(
@@ -890,13 +900,18 @@ impl Dataplane {
         name: &'static str,
         frame: &[u8],
         repeat: u32,
+        mark: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
         use aya::programs::TestRun as _;
         let prog = self.program_named(name)?;
         let mut out = vec![0u8; frame.len() + 256];
+        // The head of a `struct __sk_buff`: `len` and `pkt_type` (must be zero), then `mark`.
+        let mut ctx = [0u8; 12];
+        ctx[8..].copy_from_slice(&mark.to_ne_bytes());
         let opts = aya::programs::TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: (mark != 0).then_some(&ctx[..]),
             repeat,
             ..Default::default()
         };

@@ -14,25 +14,14 @@ const TTL: u8 = 64;
 /// retransmitting the request and reads the response followed by a clean EOF. No TCP options:
 /// a segment without a timestamp is not subject to PAWS.
 pub fn response_frame(ev: &RejectEvent, payload: &[u8], ip_id: u16) -> Vec<u8> {
-    let seq = ev.ack;
-    let ack = ev.seq.wrapping_add(ev.payload_len);
-    let mut tcp = Vec::with_capacity(20 + payload.len());
-    tcp.extend_from_slice(&ev.server_port.to_be_bytes());
-    tcp.extend_from_slice(&ev.client_port.to_be_bytes());
-    tcp.extend_from_slice(&seq.to_be_bytes());
-    tcp.extend_from_slice(&ack.to_be_bytes());
-    tcp.push(5 << 4);
-    tcp.push(tcp_flags::FIN | tcp_flags::PSH | tcp_flags::ACK);
-    tcp.extend_from_slice(&WINDOW.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    tcp.extend_from_slice(payload);
-    let tcp_len = tcp.len();
-
-    let mut frame = Vec::with_capacity(14 + 40 + tcp_len);
+    let v4 = ev.family == FAMILY_V4;
+    let l4 = 14 + if v4 { 20 } else { 40 };
+    let tcp_len = 20 + payload.len();
+    let mut frame = Vec::with_capacity(l4 + tcp_len);
     frame.extend_from_slice(&ev.client_mac);
     frame.extend_from_slice(&ev.server_mac);
-    let pseudo = if ev.family == FAMILY_V4 {
-        let (src, dst) = (v4(&ev.server_addr_be), v4(&ev.client_addr_be));
+    let pseudo = if v4 {
+        let (src, dst) = (v4_addr(&ev.server_addr_be), v4_addr(&ev.client_addr_be));
         frame.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
         let mut ip = [0u8; 20];
         ip[0] = 0x45;
@@ -59,13 +48,21 @@ pub fn response_frame(ev: &RejectEvent, payload: &[u8], ip_id: u16) -> Vec<u8> {
         frame.extend_from_slice(&ip);
         csum::pseudo_v6(&ev.server_addr_be, &ev.client_addr_be, tcp_len as u32)
     };
-    let c = csum::finish(csum::add(pseudo, &tcp));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    frame.extend_from_slice(&tcp);
+    frame.extend_from_slice(&ev.server_port.to_be_bytes());
+    frame.extend_from_slice(&ev.client_port.to_be_bytes());
+    frame.extend_from_slice(&ev.ack.to_be_bytes());
+    frame.extend_from_slice(&ev.seq.wrapping_add(ev.payload_len).to_be_bytes());
+    frame.push(5 << 4);
+    frame.push(tcp_flags::FIN | tcp_flags::PSH | tcp_flags::ACK);
+    frame.extend_from_slice(&WINDOW.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    frame.extend_from_slice(payload);
+    let c = csum::finish(csum::add(pseudo, &frame[l4..]));
+    frame[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
     frame
 }
 
-fn v4(a: &[u8; 16]) -> [u8; 4] {
+fn v4_addr(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 

@@ -8,10 +8,13 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, RingBuf};
-use filter_common::{Method, MethodSet, Reason, RejectEvent, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4};
+use filter_common::{
+    Method, MethodSet, Reason, RejectEvent, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, RESPONDER_MARK,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
@@ -78,7 +81,8 @@ impl LogLimit {
     }
 }
 
-/// An `AF_PACKET` socket that only sends whole Ethernet frames.
+/// An `AF_PACKET` socket that only sends whole Ethernet frames, each marked
+/// [`RESPONDER_MARK`] so the egress classifier passes them without a look.
 struct PacketSocket(OwnedFd);
 
 impl PacketSocket {
@@ -88,7 +92,25 @@ impl PacketSocket {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(PacketSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let socket = PacketSocket(unsafe { OwnedFd::from_raw_fd(fd) });
+        let mark = RESPONDER_MARK;
+        let r = unsafe {
+            libc::setsockopt(
+                socket.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as u32,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("marking the responder's frames (SO_MARK): {e}"),
+            ));
+        }
+        Ok(socket)
     }
 
     fn send(&self, ifindex: u32, dst_mac: [u8; 6], ethertype: u16, frame: &[u8]) -> io::Result<()> {
@@ -120,6 +142,29 @@ pub struct Responder {
     stats: Arc<ResponderStats>,
     ip_id: u16,
     log_limit: LogLimit,
+    answers: Answers,
+}
+
+/// The answers built in the current second (their `Date` is the second's), so a flood of
+/// rejections formats each distinct answer once a second instead of once per request. Its
+/// size is bounded by the distinct (answer, `Allow`, method) triples one second brings.
+#[derive(Default)]
+struct Answers {
+    second: u64,
+    built: HashMap<(Answer, u32, u8), Vec<u8>>,
+}
+
+impl Answers {
+    fn get(&mut self, answer: Answer, allow: MethodSet, method: Method, now: SystemTime) -> &[u8] {
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            self.second = second;
+            self.built.clear();
+        }
+        self.built
+            .entry((answer, allow.0, method as u8))
+            .or_insert_with(|| response::build(answer, allow, method, now))
+    }
 }
 
 /// Rejection log lines per second.
@@ -132,6 +177,7 @@ impl Responder {
             log_limit: LogLimit::new(LOG_LINES_PER_SECOND, stats.clone()),
             stats,
             ip_id: std::process::id() as u16,
+            answers: Answers::default(),
         })
     }
 
@@ -167,9 +213,9 @@ impl Responder {
                 return;
             }
         };
-        let body = response::build(answer, allow, method, SystemTime::now());
+        let body = self.answers.get(answer, allow, method, SystemTime::now());
         self.ip_id = self.ip_id.wrapping_add(1);
-        let frame = packet::response_frame(ev, &body, self.ip_id);
+        let frame = packet::response_frame(ev, body, self.ip_id);
         let ethertype = if ev.family == FAMILY_V4 {
             ETH_P_IPV4
         } else {
@@ -263,4 +309,39 @@ fn event_path(ev: &RejectEvent) -> String {
     String::from_utf8_lossy(&line[..end])
         .escape_debug()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn answers_are_built_once_a_second_and_are_what_build_makes() {
+        let mut answers = Answers::default();
+        let t = UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        let items = MethodSet::EMPTY.with(Method::Get).with(Method::Post);
+        let admin = MethodSet::EMPTY.with(Method::Get);
+        let cases = [
+            (Answer::MethodNotAllowed, items, Method::Delete),
+            (Answer::MethodNotAllowed, items, Method::Put),
+            (Answer::MethodNotAllowed, admin, Method::Delete),
+            (Answer::MethodNotAllowed, items, Method::Head),
+            (Answer::BadRequest, items, Method::Delete),
+        ];
+        for later in [Duration::ZERO, Duration::from_millis(999)] {
+            for (answer, allow, method) in cases {
+                let want = response::build(answer, allow, method, t);
+                assert_eq!(answers.get(answer, allow, method, t + later), want);
+            }
+        }
+        assert_eq!(answers.built.len(), cases.len());
+        // The next second: built again, with its own Date.
+        let next = t + Duration::from_secs(1);
+        let (answer, allow, method) = cases[0];
+        let got = answers.get(answer, allow, method, next).to_vec();
+        assert_eq!(got, response::build(answer, allow, method, next));
+        assert_ne!(got, response::build(answer, allow, method, t));
+        assert_eq!(answers.built.len(), 1);
+    }
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use filter_common::{Method, MethodSet};
 
 /// What the responder answers, by the kernel's reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Answer {
     /// `405 Method Not Allowed` with `Allow` (RFC 9110 §15.5.6).
     MethodNotAllowed,
@@ -72,15 +72,21 @@ pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) 
         head += &format!("Allow: {allow_value}\r\n");
     }
     head += &format!("Date: {}\r\n", httpdate::fmt_http_date(now));
+    // RFC 9110 §9.3.2: a response to HEAD carries no content (a client reading one after it
+    // would take it for garbage); it may leave out Content-Length (§8.6), which would count
+    // the content a GET would get.
+    let content = method != Method::Head;
     // RFC 9110 §8.6: no Content-Length (and no content) in a 204.
     if answer != Answer::OptionsNoContent {
-        head += &format!(
-            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
-            body.len()
-        );
+        head += "Content-Type: text/plain; charset=utf-8\r\n";
+        if content {
+            head += &format!("Content-Length: {}\r\n", body.len());
+        }
     }
     head += "Connection: close\r\n\r\n";
-    head += &body;
+    if content {
+        head += &body;
+    }
     head.into_bytes()
 }
 
@@ -154,6 +160,29 @@ mod tests {
             } else {
                 assert!(!head.contains("Allow:"));
                 assert!(lines.contains(&format!("Content-Length: {}", body.len()).as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn answers_to_head_have_no_content() {
+        let allow = MethodSet::EMPTY.with(Method::Post);
+        for answer in [
+            Answer::MethodNotAllowed,
+            Answer::OptionsNoContent,
+            Answer::BadRequest,
+            Answer::UriTooLong,
+            Answer::HeadersTooLarge,
+            Answer::Unavailable,
+        ] {
+            let raw = build(answer, allow, Method::Head, SystemTime::now());
+            let (head, body) = head_and_body(&raw);
+            assert!(body.is_empty(), "{answer:?} to HEAD: content {body:?}");
+            assert!(!head.contains("Content-Length"), "{answer:?}: {head}");
+            assert!(head.contains("Connection: close"), "{answer:?}: {head}");
+            if answer == Answer::MethodNotAllowed {
+                assert!(head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+                assert!(head.split("\r\n").any(|l| l == "Allow: POST"));
             }
         }
     }

@@ -6,7 +6,9 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use filter_common::{csum, tcp_flags, Method, Reason, RejectEvent, FAMILY_V4, FAMILY_V6};
+use filter_common::{
+    csum, tcp_flags, Method, Reason, RejectEvent, FAMILY_V4, FAMILY_V6, RESPONDER_MARK,
+};
 use filter_tests::lab;
 use filter_userspace::dataplane::Dataplane;
 use filter_userspace::policy::{parse_toml, Policy};
@@ -996,6 +998,9 @@ enum Act {
 enum Step {
     C(u32, u32, &'static [u8], &'static [Reason], Act),
     S(u32, &'static [u8], bool, &'static [Reason]),
+    /// The responder's answer (marked `RESPONDER_MARK`, with FIN) at this sequence offset of
+    /// the server's bytes.
+    A(u32, &'static [u8]),
     /// The egress state is evicted (every connection's, as a churned table does).
     Evict,
 }
@@ -1008,6 +1013,8 @@ const SWITCHED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket
 const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
 const UPGRADE_LEN: u32 = UPGRADE.len() as u32;
 const DELETE_ADMIN: &[u8] = b"DELETE /admin HTTP/1.1\r\n\r\n";
+const ANSWER_405: &[u8] =
+    b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// The egress classifier follows the server's responses (opened with the server's SYN|ACK),
 /// and the ingress one times refusals and settles upgrades with what it saw.
@@ -1018,7 +1025,7 @@ fn egress_table() {
     }
     use Act::*;
     use Reason::*;
-    use Step::{Evict, C, S};
+    use Step::{Evict, A, C, S};
     let mut dp = load(&parse_toml(POLICY).unwrap());
     let mut events = dp.take_events().expect("event ring");
     let table: &[(&str, &[Step])] = &[
@@ -1117,6 +1124,13 @@ fn egress_table() {
             S(0, b"HTTP/1.1 200 Connection established\r\n\r\n", false, &[]),
             C(59, 39, DELETE_ADMIN, &[Tunnel], Pass),
         ]),
+        ("the answer lost, the refused request sent again: answered again at the same place", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, OK5, false, &[]),
+            C(23, OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(OK5_LEN)),
+            A(OK5_LEN, ANSWER_405),
+            C(23, OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(OK5_LEN)),
+        ]),
         ("unframeable responses: the old behaviour (answer at the client's ack)", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
             S(0, b"ICY 200 OK\r\n\r\n", false, &[ReplyLost]),
@@ -1189,6 +1203,27 @@ fn egress_table() {
                     dp.forget_replies().unwrap();
                     continue;
                 }
+                if let A(off, payload) = step {
+                    let before = counters(&dp);
+                    let f = conn_frame(
+                        ip,
+                        cport,
+                        false,
+                        ACK.wrapping_add(*off),
+                        SEQ,
+                        tcp_flags::FIN | tcp_flags::PSH | tcp_flags::ACK,
+                        payload,
+                    );
+                    let out = dp.test_run_egress_marked(&f, RESPONDER_MARK).unwrap();
+                    let got = delta(&before, &counters(&dp));
+                    if out.action != PASS || out.frame != f || !got.is_empty() {
+                        failures.push(format!(
+                            "{name} ({}), step {j}: the responder's answer was not passed untouched (counted {got:?})",
+                            ip_name(ip)
+                        ));
+                    }
+                    continue;
+                }
                 let before = counters(&dp);
                 let (out, frame, reasons, act) = match step {
                     C(off, ack, payload, reasons, act) => {
@@ -1217,7 +1252,7 @@ fn egress_table() {
                         );
                         (dp.test_run_egress(&f, 1).unwrap(), f, *reasons, None)
                     }
-                    Evict => unreachable!(),
+                    Evict | A(..) => unreachable!(),
                 };
                 let got: Vec<Reason> = delta(&before, &counters(&dp))
                     .into_iter()
