@@ -27,7 +27,8 @@ use filter_common::{
 use crate::maps::{CONNS, REPLIES, REPLY_SCRATCH};
 use crate::skb::load_into;
 use crate::util::{
-    be16, copy_words, count, key_tail, key_v4, peek, port_inspected, seq_after, word_at,
+    be16, copy_words, count, key_tail, key_v4, peek, peek_with, port_inspected, seq_after,
+    word_at,
 };
 
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
@@ -45,34 +46,33 @@ pub fn run(ctx: &TcContext) -> i32 {
 }
 
 fn try_run(ctx: &TcContext) -> Result<(), ()> {
-    let eth: [u8; ETH_HLEN] = peek(ctx, 0)?;
-    let (family, l4, ip_end) = match be16(eth[12], eth[13]) {
+    let ethertype = peek_with::<ETH_HLEN, _>(ctx, 0, |h| h.be16(12))?;
+    let (family, l4, ip_end) = match ethertype {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = peek(ctx, ETH_HLEN)?;
-            if ip[9] != IPPROTO_TCP || be16(ip[6], ip[7]) & 0x3fff != 0 {
+            let (proto, vihl, frag, total) = peek_with::<IPV4_HLEN_MIN, _>(ctx, ETH_HLEN, |ip| {
+                (ip.b(9), ip.b(0), ip.be16(6), ip.be16(2))
+            })?;
+            if proto != IPPROTO_TCP || frag & 0x3fff != 0 {
                 // Not TCP, or a fragment: not followed (a gap then loses the connection).
                 return Err(());
             }
-            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < IPV4_HLEN_MIN {
                 return Err(());
             }
-            (
-                FAMILY_V4,
-                ETH_HLEN + ihl,
-                ETH_HLEN + be16(ip[2], ip[3]) as usize,
-            )
+            (FAMILY_V4, ETH_HLEN + ihl, ETH_HLEN + total as usize)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = peek(ctx, ETH_HLEN)?;
+            let (next, payload_len) =
+                peek_with::<IPV6_HLEN, _>(ctx, ETH_HLEN, |ip| (ip.b(6), ip.be16(4)))?;
             // A server's segments carry no extension headers; one that does is not followed.
-            if ip[6] != IPPROTO_TCP {
+            if next != IPPROTO_TCP {
                 return Err(());
             }
             (
                 FAMILY_V6,
                 ETH_HLEN + IPV6_HLEN,
-                ETH_HLEN + IPV6_HLEN + be16(ip[4], ip[5]) as usize,
+                ETH_HLEN + IPV6_HLEN + payload_len as usize,
             )
         }
         _ => return Err(()),
@@ -90,12 +90,8 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     let s = unsafe { &mut *s };
     // The connection's key from the client's side: the server is the source here.
     if family == FAMILY_V4 {
-        let a: [u8; 8] = peek(ctx, ETH_HLEN + 12)?;
-        key_v4(
-            &mut s.key,
-            [a[4], a[5], a[6], a[7]],
-            [a[0], a[1], a[2], a[3]],
-        );
+        let (server, client) = peek_with::<8, _>(ctx, ETH_HLEN + 12, |a| (a.array(0), a.array(4)))?;
+        key_v4(&mut s.key, client, server);
     } else {
         let a: [u8; 32] = peek(ctx, ETH_HLEN + 8)?;
         s.key.server_addr_be.copy_from_slice(&a[..16]);

@@ -43,7 +43,8 @@ use crate::maps::{
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
 use crate::util::{
-    be16, be32, copy_words, count, key_tail, key_v4, peek, port_inspected, seq_after, word_at,
+    be16, be32, copy_words, count, key_tail, key_v4, peek, peek_with, port_inspected, seq_after,
+    word_at,
 };
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
@@ -122,7 +123,7 @@ fn first_fragment(ctx: &TcContext, l4: usize) -> Reason {
 }
 
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
-    let eth: [u8; ETH_HLEN] = peek(ctx, 0).map_err(|_| Reason::NotIp)?;
+    let ethertype = peek_with::<ETH_HLEN, _>(ctx, 0, |h| h.be16(12)).map_err(|_| Reason::NotIp)?;
     let skb = ctx.skb.skb;
     if unsafe { (*skb).vlan_present != 0 && (*skb).vlan_tci & 0x0fff != 0 } {
         // Tagged for a VLAN (the tag is already out of the frame): it belongs to a VLAN
@@ -132,7 +133,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     // VLAN tags left in the frame: the inner tag of QinQ once the outer one is offloaded, or
     // any tag when offload is off. A priority tag (VID 0) is read through; a VLAN's frame
     // passes untouched, as above.
-    let mut proto = be16(eth[12], eth[13]);
+    let mut proto = ethertype;
     let mut l3 = ETH_HLEN;
     let mut k = 0;
     while k < VLAN_TAGS_MAX && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
@@ -146,15 +147,17 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     }
     let (family, l4, ip_end) = match proto {
         ETH_P_IPV4 => {
-            let ip: [u8; IPV4_HLEN_MIN] = peek(ctx, l3).map_err(|_| Reason::NotIp)?;
-            if ip[9] != IPPROTO_TCP {
+            let (proto, vihl, frag, total) = peek_with::<IPV4_HLEN_MIN, _>(ctx, l3, |ip| {
+                (ip.b(9), ip.b(0), ip.be16(6), ip.be16(2))
+            })
+            .map_err(|_| Reason::NotIp)?;
+            if proto != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
-            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < IPV4_HLEN_MIN {
                 return Err(Reason::Unsupported);
             }
-            let frag = be16(ip[6], ip[7]);
             if frag & 0x1fff != 0 {
                 // A later fragment: no TCP header to judge; without its first fragment (dropped
                 // below when it is for an inspected port) it is never reassembled.
@@ -163,12 +166,14 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if frag & 0x2000 != 0 {
                 return Err(first_fragment(ctx, l3 + ihl));
             }
-            (FAMILY_V4, l3 + ihl, l3 + be16(ip[2], ip[3]) as usize)
+            (FAMILY_V4, l3 + ihl, l3 + total as usize)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_HLEN] = peek(ctx, l3).map_err(|_| Reason::NotIp)?;
+            let (next, payload_len) =
+                peek_with::<IPV6_HLEN, _>(ctx, l3, |ip| (ip.b(6), ip.be16(4)))
+                    .map_err(|_| Reason::NotIp)?;
             // Walk up to V6_EXT_MAX extension headers to the TCP header.
-            let mut next = ip[6];
+            let mut next = next;
             let mut l4 = l3 + IPV6_HLEN;
             let mut k = 0;
             while k < V6_EXT_MAX && next != IPPROTO_TCP {
@@ -194,24 +199,21 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if next != IPPROTO_TCP {
                 return Err(Reason::Unsupported);
             }
-            (FAMILY_V6, l4, l3 + IPV6_HLEN + be16(ip[4], ip[5]) as usize)
+            (FAMILY_V6, l4, l3 + IPV6_HLEN + payload_len as usize)
         }
         _ => return Err(Reason::NotIp),
     };
     // Everything else leaves here, before any map is touched.
-    let ports: [u8; 4] = peek(ctx, l4).map_err(|_| Reason::NotTcp)?;
-    if !port_inspected(be16(ports[2], ports[3])) {
+    let dport = peek_with::<4, _>(ctx, l4, |tcp| tcp.be16(2)).map_err(|_| Reason::NotTcp)?;
+    if !port_inspected(dport) {
         return Err(Reason::OtherPort);
     }
     let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::NotIp)?;
     let s = unsafe { &mut *s };
     if family == FAMILY_V4 {
-        let a: [u8; 8] = peek(ctx, l3 + 12).map_err(|_| Reason::NotIp)?;
-        key_v4(
-            &mut s.key,
-            [a[0], a[1], a[2], a[3]],
-            [a[4], a[5], a[6], a[7]],
-        );
+        let (client, server) = peek_with::<8, _>(ctx, l3 + 12, |a| (a.array(0), a.array(4)))
+            .map_err(|_| Reason::NotIp)?;
+        key_v4(&mut s.key, client, server);
     } else {
         let a: [u8; 32] = peek(ctx, l3 + 8).map_err(|_| Reason::NotIp)?;
         s.key.client_addr_be.copy_from_slice(&a[..16]);
@@ -283,7 +285,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if !adopting() {
                 // Its state was evicted (the table is full): this segment may sit inside a
                 // request or a body, so it cannot be read as a request boundary. Refuse it.
-                prepare_event(ctx, s, &eth, &tcp, &hdr);
+                prepare_event(ctx, s, &tcp, &hdr);
                 s.canon_len = 0;
                 return refuse(
                     ctx,
@@ -346,7 +348,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         return Err(Reason::MidStream);
     }
     copy_words(&mut s.stream, conn);
-    prepare_event(ctx, s, &eth, &tcp, &hdr);
+    prepare_event(ctx, s, &tcp, &hdr);
     if s.stream.path_in_progress() {
         match unsafe { PENDING.get(&s.key) } {
             Some(p) => copy_path(&mut s.raw, p),
@@ -1050,10 +1052,13 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
 fn prepare_event(
     ctx: &TcContext,
     s: &mut Scratch,
-    eth: &[u8; ETH_HLEN],
     tcp: &[u8; TCP_HLEN_MIN],
     hdr: &Headers,
 ) {
+    // The Ethernet header was read before (it cannot fail now).
+    let (client_mac, server_mac) =
+        peek_with::<ETH_HLEN, _>(ctx, 0, |eth| (eth.array(6), eth.array(0)))
+            .unwrap_or(([0; 6], [0; 6]));
     let ev: &mut RejectEvent = &mut s.event;
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     ev.seq = hdr.seq;
@@ -1063,8 +1068,8 @@ fn prepare_event(
     ev.server_port = s.key.server_port;
     ev.family = hdr.family;
     ev._pad0 = [0; 2];
-    ev.client_mac.copy_from_slice(&eth[6..12]);
-    ev.server_mac.copy_from_slice(&eth[0..6]);
+    ev.client_mac = client_mac;
+    ev.server_mac = server_mac;
     // Both addresses, as four aligned words (a `[u8; 16]` assignment is byte by byte).
     let src = addr_of!(s.key.client_addr_be).cast::<u64>();
     let dst = addr_of_mut!(ev.client_addr_be).cast::<u64>();

@@ -81,6 +81,54 @@ const _: () = {
     assert!(core::mem::align_of::<ConnKey>() >= 8);
 };
 
+/// `N` bytes of the frame read in place (packet or stack memory), a field at a time: single
+/// byte loads for just the bytes used. Reading a header into an array instead copies every
+/// byte of it (BPF has no unaligned loads).
+#[derive(Clone, Copy)]
+pub struct Hdr<const N: usize>(*const u8);
+
+impl<const N: usize> Hdr<N> {
+    #[inline(always)]
+    pub fn b(self, i: usize) -> u8 {
+        // SAFETY: `i < N` at every (constant) call site; `peek_with` checked the `N` bytes.
+        unsafe { *self.0.add(i) }
+    }
+
+    #[inline(always)]
+    pub fn be16(self, i: usize) -> u16 {
+        be16(self.b(i), self.b(i + 1))
+    }
+
+    /// `M` bytes from `i`.
+    #[inline(always)]
+    pub fn array<const M: usize>(self, i: usize) -> [u8; M] {
+        let mut a = [0u8; M];
+        let mut k = 0;
+        while k < M {
+            a[k] = self.b(i + k);
+            k += 1;
+        }
+        a
+    }
+}
+
+/// `f` applied to the `N` bytes of the frame at `off`: read in place when they are in the
+/// skb's linear data, else from a copy made with `bpf_skb_load_bytes`. `f` is inlined for both
+/// (it should read a few fields and return them).
+#[inline(always)]
+pub fn peek_with<const N: usize, R>(
+    ctx: &TcContext,
+    off: usize,
+    f: impl Fn(Hdr<N>) -> R,
+) -> Result<R, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + N <= end {
+        return Ok(f(Hdr((start + off) as *const u8)));
+    }
+    let copy: [u8; N] = ctx.load(off).map_err(|_| ())?;
+    Ok(f(Hdr(copy.as_ptr())))
+}
+
 /// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
 /// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
 /// (a helper call, several times the cost of the whole early exit).
