@@ -222,6 +222,77 @@ fn prog_run(lab: &Lab, id: u64, file: &std::path::Path, repeat: u32) -> Result<(
     Ok((ret as u32 as i32 as i64, ns))
 }
 
+/// A classifier that only returns `TC_ACT_UNSPEC` (`r0 = -1; exit`), loaded by the bench for
+/// the run: what the test-run loop and the kernel's call of any classifier cost, measured the
+/// same way as the daemon's program. It is the zero point of the per-packet figures: no
+/// classifier can measure below it.
+pub struct EmptyClassifier {
+    _fd: std::os::fd::OwnedFd,
+    pub id: u64,
+}
+
+/// The test-run frame name of the empty classifier's row.
+pub const EMPTY_CLASSIFIER: &str = "empty classifier (zero point; the other-port frame)";
+
+impl EmptyClassifier {
+    pub fn load() -> Result<EmptyClassifier> {
+        use std::os::fd::FromRawFd;
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+        // mov64 r0, -1; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, then zeros.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+        attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..59].copy_from_slice(b"bench_empty"); // prog_name
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                attr.as_mut_ptr(),
+                attr.len() as u32,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "loading the empty classifier: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // struct bpf_prog_info: type, id, ...
+        let mut info = [0u8; 256];
+        let mut attr = [0u8; 16];
+        attr[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                attr.as_mut_ptr(),
+                attr.len() as u32,
+            )
+        };
+        if r < 0 {
+            bail!(
+                "reading the empty classifier's id: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let id = u32::from_ne_bytes(info[4..8].try_into().unwrap()) as u64;
+        Ok(EmptyClassifier { _fd: fd, id })
+    }
+}
+
 fn counters(filter: &Filter) -> Result<BTreeMap<String, u64>> {
     let d = filter.daemon.as_ref().context("filterd is not running")?;
     let (code, body) = d.api("GET", "/v1/stats", None)?;
@@ -424,6 +495,9 @@ pub fn request_to(path: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Index in [`frames`] of the other-port frame (also run through the empty classifier).
+const OTHER_PORT_FRAME: usize = 1;
+
 /// The frames whose cost is reported, named as in the report, with their repeat divisor.
 pub fn frames() -> Vec<(&'static str, Vec<u8>, u32)> {
     let body: Vec<u8> = (0..512).map(|i| b"0123456789abcdef"[i % 16]).collect();
@@ -480,10 +554,14 @@ pub fn section_kernel(
         ),
     );
     let frames = frames();
+    anyhow::ensure!(frames[OTHER_PORT_FRAME].0.contains("other port"));
     for (i, (_, f, _)) in frames.iter().enumerate() {
         fs::write(k.lab.dir().join(format!("frame-{i}.bin")), f)?;
     }
     let mut calibrated: BTreeMap<usize, u32> = BTreeMap::new();
+    let empty = EmptyClassifier::load()
+        .map_err(|e| progress(k.t0, format!("  no empty classifier: {e:#}")))
+        .ok();
     let egress_id = prog_named(pid, "http_egress")
         .ok()
         .and_then(|p| p["id"].as_u64());
@@ -542,6 +620,23 @@ pub fn section_kernel(
                     retval,
                     reasons,
                 });
+                if i == OTHER_PORT_FRAME {
+                    if let Some(e) = &empty {
+                        // The same frame and repeat count through the empty classifier, right
+                        // after: the zero point of this round.
+                        let (retval, ns) = prog_run(k.lab, e.id, &file, repeat)?;
+                        out.test_runs.push(TestRun {
+                            frame: EMPTY_CLASSIFIER.to_owned(),
+                            frame_bytes: f.len(),
+                            rules,
+                            round,
+                            repeat,
+                            ns,
+                            retval,
+                            reasons: BTreeMap::new(),
+                        });
+                    }
+                }
             }
             // Keep-alive connections in steady state, both programs.
             let Some(egress_id) = egress_id else { continue };
