@@ -29,17 +29,18 @@ pub fn output_bounded(cmd: &mut Command, limit: Duration) -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {desc}"))?;
-    let (out, err, status) = wait_bounded(&mut child, limit)
+    let (out, err, status, _) = wait_bounded(&mut child, limit)
         .with_context(|| format!("{desc} did not finish within {limit:?}"))?;
     ensure!(status.success(), "{desc} failed ({status}): {}", err.trim());
     Ok(out)
 }
 
-/// Waits for `child` up to `limit` (SIGKILL and reap after it), collecting its output.
+/// Waits for `child` up to `limit` (SIGKILL and reap after it), collecting its output and the
+/// CPU it used (user + system seconds, from `wait4`'s resource usage).
 fn wait_bounded(
     child: &mut Child,
     limit: Duration,
-) -> Result<(String, String, std::process::ExitStatus)> {
+) -> Result<(String, String, std::process::ExitStatus, f64)> {
     // Readers on threads, so a chatty child cannot block on a full pipe.
     let mut so = child.stdout.take();
     let mut se = child.stderr.take();
@@ -58,9 +59,22 @@ fn wait_bounded(
         s
     });
     let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
+    let pid = child.id() as libc::pid_t;
+    let (status, cpu) = loop {
+        let mut raw = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // Reaps our own child, by PID, like `try_wait`, and reads what it used.
+        let r = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            use std::os::unix::process::ExitStatusExt as _;
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            break (
+                std::process::ExitStatus::from_raw(raw),
+                secs(usage.ru_utime) + secs(usage.ru_stime),
+            );
+        }
+        if r < 0 {
+            bail!("waiting for {pid}: {}", std::io::Error::last_os_error());
         }
         if Instant::now() >= deadline {
             let _ = child.kill(); // our own child, by PID
@@ -73,6 +87,7 @@ fn wait_bounded(
         ho.join().unwrap_or_default(),
         he.join().unwrap_or_default(),
         status,
+        cpu,
     ))
 }
 
@@ -457,6 +472,9 @@ pub struct WrkResult {
     pub p99_us: f64,
     pub max_us: f64,
     pub mean_us: f64,
+    /// CPU seconds (user + system) the wrk process used; softirq work done on its behalf
+    /// while another task ran is not in it.
+    pub cpu_s: f64,
 }
 
 impl WrkResult {
@@ -470,6 +488,10 @@ impl WrkResult {
     /// Non-2xx responses per second (405s in the rejection runs).
     pub fn non2xx_rps(&self) -> f64 {
         self.non2xx as f64 / self.seconds()
+    }
+    /// CPUs the load generator itself kept busy.
+    pub fn cores(&self) -> f64 {
+        self.cpu_s / self.seconds()
     }
     pub fn socket_errors(&self) -> u64 {
         self.err_connect + self.err_read + self.err_write + self.err_timeout
@@ -537,14 +559,17 @@ pub fn run_wrk_pair(
     let limit = Duration::from_secs(main.seconds.max(second.map_or(0, |s| s.seconds)) + 20);
     let ra = wait_bounded(&mut a, limit);
     let rb = b.as_mut().map(|c| wait_bounded(c, limit));
-    let (oa, ea, sa) = ra.context("wrk (main)")?;
+    let (oa, ea, sa, ca) = ra.context("wrk (main)")?;
     ensure!(sa.success(), "wrk failed ({sa}): {}", ea.trim());
-    let wa = parse_wrk(main, &oa, &ea)?;
+    let mut wa = parse_wrk(main, &oa, &ea)?;
+    wa.cpu_s = ca;
     let wb = match (rb, second) {
         (Some(r), Some(spec)) => {
-            let (ob, eb, sb) = r.context("wrk (second)")?;
+            let (ob, eb, sb, cb) = r.context("wrk (second)")?;
             ensure!(sb.success(), "wrk (second) failed ({sb}): {}", eb.trim());
-            Some(parse_wrk(spec, &ob, &eb)?)
+            let mut wb = parse_wrk(spec, &ob, &eb)?;
+            wb.cpu_s = cb;
+            Some(wb)
         }
         _ => None,
     };

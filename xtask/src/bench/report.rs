@@ -918,7 +918,7 @@ fn section_rejection(
     let _ = writeln!(m);
 }
 
-fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, _notes: &mut Vec<String>) {
+fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, notes: &mut Vec<String>) {
     let sec = "flood";
     let all = arms(r, sec);
     if all.is_empty() {
@@ -932,18 +932,19 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, _notes:
          either through `filterd` on :80 or to the nginx 405 front on :8081 (closing, same connection shape). \
          Note that on this 2-CPU machine the flood's own load generator competes with the allowed client and the \
          server for the same CPUs, so part of any drop is the generator's cost, not the filter's; the nginx arm \
-         shows what the same flood costs when a userspace server rejects it.\n"
+         shows what the same flood costs when a userspace server rejects it. `client cores` are the CPU time \
+         (user + system) of each wrk process over the run: what the load generators themselves took of the two CPUs.\n"
     );
     let _ = writeln!(
         m,
-        "| arm | allowed req/s | ratio vs clean | allowed p99 ms | flood 405/s | backend cores | filterd cores |\n|---|---|---|---|---|---|---|"
+        "| arm | allowed req/s | ratio vs clean | allowed p99 ms | flood 405/s | backend cores | filterd cores | allowed client cores | flood client cores |\n|---|---|---|---|---|---|---|---|---|"
     );
     let rps = w(WrkResult::rps);
     for arm in &all {
         let rr = spread(&ratios(r, sec, arm, base, &rps));
         let _ = writeln!(
             m,
-            "| {arm} | {} | {} | {} | {} | {} | {} |",
+            "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt_spread(spread(&values(r, sec, arm, &rps)), 0),
             if arm == base {
                 "1".into()
@@ -960,6 +961,12 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, _notes:
                 spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.filterd_cores))),
                 3
             ),
+            fmt_spread(spread(&values(r, sec, arm, &w(WrkResult::cores))), 2),
+            if arm == base {
+                "n/a".into()
+            } else {
+                fmt_spread(spread(&values(r, sec, arm, &fl(WrkResult::cores))), 2)
+            },
         );
         if arm.contains("filterd") {
             if let Some(s) = rr {
@@ -968,6 +975,22 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, _notes:
                     fmt_spread(Some(s), 3),
                     verdict_ratio(s, 0.9)
                 ));
+            }
+            let flood_client = spread(&values(r, sec, arm, &fl(WrkResult::cores)));
+            let busy = spread(&values(r, sec, base, &|x: &Run| {
+                Some(x.cpu.machine_busy_cores)
+            }));
+            let filterd = spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.filterd_cores)));
+            if let (Some(c), Some(b), Some(f)) = (flood_client, busy, filterd) {
+                if b.median > 0.0 && c.median > 0.0 {
+                    notes.push(format!(
+                        "Flood next to allowed traffic: the flood's own load generator took {:.2} cores of the {:.2} the clean run kept busy, so even a rejection that cost nothing would leave the allowed side at most {:.2} of its clean throughput on this machine; the rest of the drop is the rejection's (filterd {:.3} cores, and the kernel's handshakes, resets and answers). In a deployment the flood's clients are other machines.",
+                        c.median,
+                        b.median,
+                        (b.median - c.median) / b.median,
+                        f.median
+                    ));
+                }
             }
         }
     }
