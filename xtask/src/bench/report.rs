@@ -810,6 +810,40 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
             );
         }
         let _ = writeln!(m);
+        // What the two programs took of the machine under wrk's keep-alive GETs, per round:
+        // their run time over the run's wall time (cores), and per request (ns).
+        let per_round: Vec<(f64, f64)> = k
+            .bpf_stats
+            .iter()
+            .filter(|s| s.traffic == "allowed GET keep-alive")
+            .filter_map(|i| {
+                let e = k.bpf_stats.iter().find(|e| {
+                    e.round == i.round && e.traffic == "allowed GET keep-alive, egress (responses)"
+                })?;
+                let ns = (i.run_time_ns + e.run_time_ns) as f64;
+                Some((
+                    ns / (i.wrk.duration_us.max(1) as f64 * 1e3),
+                    ns / i.wrk.requests.max(1) as f64,
+                ))
+            })
+            .collect();
+        let cores = spread(&per_round.iter().map(|p| p.0).collect::<Vec<_>>());
+        let per_request = spread(&per_round.iter().map(|p| p.1).collect::<Vec<_>>());
+        let busy = spread(&values(r, "allowed", "no filter", &|x: &Run| {
+            Some(x.cpu.machine_busy_cores)
+        }));
+        if let (Some(c), Some(ns), Some(b)) = (cores, per_request, busy) {
+            if b.median > 0.0 && c.median > 0.0 {
+                notes.push(format!(
+                    "Allowed throughput: under wrk's keep-alive GETs the two programs took {:.3} cores (`bpf_stats`: their run time over the run's wall time, ingress and egress, {:.0} ns per request) of the {:.2} the no-filter run kept busy. wrk, nginx and the kernel saturate this machine's CPUs, so a filter that takes that much CPU keeps at most about {:.3} of the no-filter throughput; 0.98 needs the programs under 2 % of the machine: about {:.0} ns per request at this rate.",
+                    c.median,
+                    ns.median,
+                    b.median,
+                    1.0 - c.median / b.median,
+                    ns.median * 0.02 * b.median / c.median
+                ));
+            }
+        }
     }
     if let Some(e) = &k.bpf_stats_error {
         notes.push(format!("bpf_stats could not be measured: `{e}`"));
