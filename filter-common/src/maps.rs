@@ -12,14 +12,11 @@ pub const MAP_RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// the longest rule path that is a byte prefix of the request path wins. Prefix rule paths end
 /// in `/`, so a prefix rule covers exactly the subtree under it.
 pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
-/// `LruHashMap<ConnKey, stream::Stream>`: where each tracked connection's client stream is.
+/// `LruHashMap<ConnKey, Conn>`: each tracked connection's client stream (ingress) and server
+/// responses (egress).
 pub const MAP_CONNS: &str = "CONNS";
 /// `LruHashMap<ConnKey, [u8; PATH_MAX]>`: the path of a request line split across segments.
 pub const MAP_PENDING: &str = "PENDING";
-/// `LruHashMap<ConnKey, reply::Replies>`: where each tracked connection's server-to-client
-/// stream is (written by the egress classifier, read by the ingress one). Same key as
-/// `CONNS` (the client's side).
-pub const MAP_REPLIES: &str = "REPLIES";
 /// `PerCpuArray<ReplyScratch>` with one entry: the egress classifier's working memory.
 pub const MAP_REPLY_SCRATCH: &str = "REPLY_SCRATCH";
 /// Tracked connections (default; `filterd --max-connections` sets the table's size at load).
@@ -192,8 +189,9 @@ pub struct Scratch {
     pub raw: [u8; crate::PATH_MAX],
     pub event: RejectEvent,
     /// The connection's stream state while a segment is processed (copied in and out of
-    /// `CONNS`), stepped by the `bpf_loop` callback a word or a byte at a time.
-    pub stream: crate::stream::Stream,
+    /// `CONNS`), stepped by the `bpf_loop` callback a word or a byte at a time; `replies` is
+    /// only the not-followed state a new entry starts with (`CONNS` is inserted from here).
+    pub conn: Conn,
     /// The connection's key.
     pub key: ConnKey,
     /// Valid bytes in `line`.
@@ -238,7 +236,8 @@ pub struct Scratch {
     pub plain: u64,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
-    /// `REPLIES` as read once per segment (on the first request decided): 0 not read yet,
+    /// The responses' state (`CONNS`) as read once per segment (on the first request
+    /// decided): 0 not read yet,
     /// 1 no usable state, 2 `stream.done_seen` holds its response count.
     pub rep_read: u32,
     pub _pad3: u32,
@@ -273,6 +272,20 @@ pub const STOP_AWAIT: u32 = 8;
 /// are held.
 pub const STOP_HOLD: u32 = 9;
 
+/// A tracked connection (`CONNS`), keyed from the client's side: where the client's byte
+/// stream is (written by the ingress classifier) and where the server's responses are
+/// (written by the egress classifier, read by the ingress one to time refusals and settle
+/// upgrades). One entry, so one lookup per packet on each side and both halves evicted
+/// together; each side writes only its own half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub stream: crate::stream::Stream,
+    pub replies: crate::reply::Replies,
+}
+const _: () = assert!(core::mem::size_of::<Conn>().is_multiple_of(8));
+const _: () = assert!(core::mem::align_of::<Conn>() >= 8);
+
 /// The egress classifier's per-CPU working memory.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -280,7 +293,7 @@ pub struct ReplyScratch {
     /// A window of the server's payload.
     pub window: [u8; crate::LINE_WINDOW],
     /// The connection's response state while a segment is processed (copied in and out of
-    /// `REPLIES`).
+    /// its `CONNS` entry).
     pub replies: crate::reply::Replies,
     /// What the ingress state says about the requests the backend got.
     pub view: crate::reply::ReqView,

@@ -2,13 +2,14 @@
 //! ends: status line → headers → body (`Content-Length`, chunked, none, or until the server
 //! closes) → next response.
 //!
-//! [`Replies`] is the per-connection state the egress classifier keeps (`REPLIES`). It counts
+//! [`Replies`] is the per-connection state the egress classifier keeps (its half of the
+//! connection's `CONNS` entry, [`crate::Conn`]). It counts
 //! the final responses the server has completed ([`Replies::done`]) and the server's next
 //! sequence number ([`Replies::snd_nxt`]); the ingress classifier reads both to decide when a
 //! refused request may be answered (every earlier response complete and acknowledged) and
 //! whether an `Upgrade` / `CONNECT` request was accepted. Response `r` answers request `r`:
-//! [`ReqView`] is what the egress side reads from the connection's ingress state (`CONNS`)
-//! about the requests the backend got.
+//! [`ReqView`] is what the egress side reads from the connection's ingress half about the
+//! requests the backend got.
 //!
 //! The caller feeds the bytes of each in-order segment: [`Replies::step`] one byte at a time
 //! for status lines, headers and chunk-size lines, [`Replies::consume`] for body bytes in bulk.
@@ -69,6 +70,9 @@ mod phase {
     /// A header line the framing does not read (its name so far is a prefix of neither
     /// `Content-Length` nor `Transfer-Encoding`): skipped to its LF.
     pub const SKIP_LINE: u8 = 17;
+    /// Not followed: the connection was adopted mid-way, its server's SYN|ACK has not been
+    /// seen (it may leave through another interface), or the server reset it.
+    pub const NONE: u8 = 18;
 }
 
 mod flag {
@@ -180,6 +184,19 @@ impl Replies {
             _pad: 0,
             _pad2: 0,
         }
+    }
+
+    /// A connection whose responses are not followed (see [`Replies::followed`]).
+    pub const fn none() -> Replies {
+        let mut r = Replies::new(0);
+        r.phase = phase::NONE;
+        r
+    }
+
+    /// Whether the server's responses on this connection are followed (from its SYN|ACK on),
+    /// lost or not.
+    pub fn followed(&self) -> bool {
+        self.phase != phase::NONE
     }
 
     /// Give up framing this connection.

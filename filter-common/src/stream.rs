@@ -76,8 +76,8 @@ pub mod flag {
     const VALUE_SPACE: u8 = 1 << 5;
     pub(super) const VALUE_INNER_SPACE: u8 = 1 << 6;
     pub(super) const PENDING_SPACE: u8 = VALUE_SPACE;
-    /// The egress side's state for this connection (`REPLIES`) was seen: if it is missing
-    /// later, it was evicted, and what depends on it fails closed.
+    /// The egress side followed this connection's responses: if it stops (the server reset
+    /// the connection), what depends on them fails closed.
     pub const REPLIES_SEEN: u8 = 1 << 7;
     /// Flags that outlive a request.
     pub(super) const PERSISTENT: u8 = SYN | REPLIES_SEEN;

@@ -1,12 +1,13 @@
 //! The egress view: follow each tracked connection's server-to-client bytes far enough to
 //! know where every response ends (`filter_common::reply`), and the server's next sequence
 //! number. It never changes or drops a packet; the ingress classifier reads what it keeps
-//! (`REPLIES`) to time refusals (the 405 follows every earlier response, at the right sequence
+//! (the `replies` half of the connection's `CONNS` entry) to time refusals (the 405 follows every earlier response, at the right sequence
 //! number) and to settle `Upgrade` / `CONNECT` requests.
 //!
 //! Only TCP from an inspected source port is looked at (the port bitmap first, before any
-//! map), and not the responder's own answers (`RESPONDER_MARK`). A connection's state is created at the server's SYN|ACK, when the ingress side
-//! follows the connection from its SYN, so positions are exact; any gap, unframeable response
+//! map), and not the responder's own answers (`RESPONDER_MARK`). A connection's state is
+//! started at the server's SYN|ACK, when the ingress side follows the connection from its SYN,
+//! so positions are exact; any gap, unframeable response
 //! or more work than one pass allows makes it lost (counted `reply_lost`) for good. Segments
 //! may be GSO super-packets (64 KiB): bodies are skipped in bulk (a run inside a header window
 //! in one callback step too), status lines and headers go byte by byte through a `bpf_loop`
@@ -20,15 +21,15 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use filter_common::{
     reply::{REv, Replies, LINE_SKIP_MAX},
+    stream::flag as stream_flag,
     swar, tcp_flags, Reason, ReplyScratch, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
     IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, LINE_WINDOW, RESPONDER_MARK, TCP_HLEN_MIN,
 };
 
-use crate::maps::{CONNS, REPLIES, REPLY_SCRATCH};
+use crate::maps::{CONNS, REPLY_SCRATCH};
 use crate::skb::load_into;
 use crate::util::{
-    be16, copy_words, count, key_tail, key_v4, peek, peek_with, port_inspected, seq_after,
-    word_at,
+    be16, copy_words, count, key_tail, key_v4, peek, peek_with, port_inspected, seq_after, word_at,
 };
 
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
@@ -106,21 +107,27 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
     let flags = tcp[13];
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
 
+    // Only connections the ingress side follows (from the client's SYN, or adopted).
+    let conn = CONNS.get_ptr_mut(&s.key).ok_or(())?;
+    let conn = unsafe { &mut *conn };
     if flags & tcp_flags::RST != 0 {
-        let _ = REPLIES.remove(&s.key);
+        // The server reset the connection: its responses are no longer followed (what
+        // depends on them fails closed on the ingress side).
+        copy_words(&mut conn.replies, &Replies::none());
         return Ok(());
     }
     if flags & tcp_flags::SYN != 0 {
         // The server's SYN|ACK of a connection ingress follows from its SYN: positions are
-        // exact from here.
-        if unsafe { CONNS.get(&s.key) }.is_some() {
-            let r = Replies::new(seq.wrapping_add(1));
-            let _ = REPLIES.insert(&s.key, &r, 0);
+        // exact from here. (An adopted connection has no SYN|ACK: never followed.)
+        if conn.stream.flags & stream_flag::SYN != 0 {
+            copy_words(&mut conn.replies, &Replies::new(seq.wrapping_add(1)));
         }
         return Ok(());
     }
-    let rep = REPLIES.get_ptr_mut(&s.key).ok_or(())?;
-    let rep = unsafe { &mut *rep };
+    let rep = &mut conn.replies;
+    if !rep.followed() {
+        return Err(());
+    }
     let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
     let payload_len = ip_end.saturating_sub(payload) & 0x1ffff;
     let fin = flags & tcp_flags::FIN != 0;
@@ -160,12 +167,7 @@ fn try_run(ctx: &TcContext) -> Result<(), ()> {
         }
         return Ok(());
     }
-    let Some(conn) = (unsafe { CONNS.get(&s.key) }) else {
-        rep.lose();
-        count(Reason::ReplyLost);
-        return Ok(());
-    };
-    s.view = conn.req_view();
+    s.view = conn.stream.req_view();
     copy_words(&mut s.replies, rep);
     s.payload_off = payload as u32;
     s.payload_len = payload_len as u32;

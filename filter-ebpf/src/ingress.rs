@@ -24,7 +24,7 @@ use core::ffi::c_void;
 use core::ptr::{
     addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
 };
-use filter_common::reply::OUTSTANDING_MAX;
+use filter_common::reply::{Replies, OUTSTANDING_MAX};
 use filter_common::{
     hash::{full_words, SipState},
     http::plain_path_word,
@@ -38,8 +38,7 @@ use filter_common::{
 };
 
 use crate::maps::{
-    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, REPLIES, RULES_A, RULES_B, SCRATCH,
-    SETTINGS,
+    CONNS, EVENTS, FILTER_CONFIG, PENDING, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SCRATCH, SETTINGS,
 };
 use crate::skb::{load_into, trim_payload, turn_into_reset, Segment};
 use crate::util::{
@@ -253,13 +252,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     if flags & tcp_flags::SYN != 0 {
         // A new connection: its first byte is the one after the SYN.
         seq = seq.wrapping_add(1);
-        s.stream.reset(seq, flag::SYN);
-        if CONNS.insert(&s.key, &s.stream, 0).is_err() {
+        s.conn.stream.reset(seq, flag::SYN);
+        // The egress side starts following the responses at the server's SYN|ACK.
+        copy_words(&mut s.conn.replies, &Replies::none());
+        if CONNS.insert(&s.key, &s.conn, 0).is_err() {
             count(Reason::ConnTableFull);
         }
         let _ = PENDING.remove(&s.key);
-        // The egress side starts afresh at the server's SYN|ACK.
-        let _ = REPLIES.remove(&s.key);
     }
     let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
     if ip_end <= payload {
@@ -281,7 +280,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let conn = match CONNS.get_ptr_mut(&s.key) {
         Some(c) => c,
         None => {
-            s.stream.reset(seq, 0);
+            s.conn.stream.reset(seq, 0);
             if !adopting() {
                 // Its state was evicted (the table is full): this segment may sit inside a
                 // request or a body, so it cannot be read as a request boundary. Refuse it.
@@ -299,14 +298,16 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
                 );
             }
             // Open before the filter was loaded: start following it here, at a request
-            // boundary.
-            if CONNS.insert(&s.key, &s.stream, 0).is_err() {
+            // boundary (its responses are not followed: the egress side saw no SYN|ACK).
+            copy_words(&mut s.conn.replies, &Replies::none());
+            if CONNS.insert(&s.key, &s.conn, 0).is_err() {
                 count(Reason::ConnTableFull);
             }
             CONNS.get_ptr_mut(&s.key).ok_or(Reason::ConnTableFull)?
         }
     };
-    let conn = unsafe { &mut *conn };
+    let entry = unsafe { &mut *conn };
+    let (conn, replies) = (&mut entry.stream, &entry.replies);
     if conn.is_tunnel() {
         if flags & tcp_flags::FIN != 0 {
             forget(s);
@@ -325,7 +326,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     }
     if conn.is_awaiting() {
         // After an `Upgrade` / `CONNECT` request: nothing passes before the server's answer.
-        match settle_upgrade(s, conn) {
+        match settle_upgrade(conn, replies) {
             Settled::Tunnel => {
                 conn.tunnel();
                 count(Reason::Tunnel);
@@ -347,9 +348,9 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         conn.consume(end.wrapping_sub(pos) as u64);
         return Err(Reason::MidStream);
     }
-    copy_words(&mut s.stream, conn);
+    copy_words(&mut s.conn.stream, conn);
     prepare_event(ctx, s, &tcp, &hdr);
-    if s.stream.path_in_progress() {
+    if s.conn.stream.path_in_progress() {
         match unsafe { PENDING.get(&s.key) } {
             Some(p) => copy_path(&mut s.raw, p),
             // The saved path was evicted: the request cannot be decided, so refuse it.
@@ -385,7 +386,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let decided = s.decided != 0;
     match s.stop {
         STOP_TUNNEL => {
-            copy_words(conn, &s.stream);
+            copy_words(conn, &s.conn.stream);
             conn.tunnel();
             count(Reason::Tunnel);
             return Ok(Out::Counted(PASS));
@@ -394,14 +395,14 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             let reason = Reason::from_u32(s.stop_reason);
             let oversize = reason == Reason::LineTooLong || reason == Reason::HeadersTooLarge;
             if oversize && settings.flags & SETTINGS_OVERSIZE_PASS != 0 {
-                copy_words(conn, &s.stream);
+                copy_words(conn, &s.conn.stream);
                 conn.tunnel();
                 count(Reason::PathTooLong);
                 return Ok(Out::Counted(PASS));
             }
-            if reason == Reason::NotHttp && s.stream.flags & flag::SYN == 0 {
+            if reason == Reason::NotHttp && s.conn.stream.flags & flag::SYN == 0 {
                 // Joined mid-stream and not at a request boundary: nothing to decide on.
-                copy_words(conn, &s.stream);
+                copy_words(conn, &s.conn.stream);
                 conn.tunnel();
                 return Err(Reason::NotHttp);
             }
@@ -422,7 +423,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         STOP_AWAIT => {}
         STOP_HOLD => {
             // Too many requests outstanding: hold the current one, from its start.
-            let start = s.stream.req_start;
+            let start = s.conn.stream.req_start;
             if !seq_after(start, pos) {
                 return Err(Reason::Held);
             }
@@ -430,7 +431,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             if keep < payload_len && !trim_payload(ctx, s, &hdr, keep) {
                 return Err(Reason::ResetFailed);
             }
-            s.stream.restart_at(start);
+            s.conn.stream.restart_at(start);
             save(s, conn, false);
             count(Reason::Held);
             return Ok(Out::Counted(PASS));
@@ -478,17 +479,17 @@ enum Settled {
 }
 
 #[inline(always)]
-fn settle_upgrade(s: &Scratch, conn: &Stream) -> Settled {
-    let Some(rep) = (unsafe { REPLIES.get(&s.key) }) else {
+fn settle_upgrade(conn: &Stream, rep: &Replies) -> Settled {
+    if !rep.followed() {
         if conn.flags & flag::REPLIES_SEEN != 0 {
-            // Evicted (the table churned): the answer can no longer be known; fail closed,
-            // or a client could evict its own entry to get an unfiltered tunnel.
+            // Followed once, no longer (the server reset the connection): the answer can no
+            // longer be known; fail closed.
             return Settled::Wait;
         }
         // Never followed (the server's answers leave through another interface): what the
         // filter does without egress state.
         return Settled::Tunnel;
-    };
+    }
     let upgrade = conn.reqs.wrapping_sub(1);
     if rep.is_switched() && rep.switch_index == upgrade {
         return Settled::Tunnel;
@@ -505,11 +506,10 @@ fn settle_upgrade(s: &Scratch, conn: &Stream) -> Settled {
     Settled::Wait
 }
 
-/// Whether the server's responses are followed on this connection (egress state exists, lost
-/// or not).
+/// Whether the server's responses are followed on this connection (lost or not).
 #[inline(always)]
-fn replies_exist(s: &Scratch) -> bool {
-    unsafe { REPLIES.get(&s.key) }.is_some()
+fn replies_followed(s: &Scratch) -> bool {
+    unsafe { CONNS.get(&s.key) }.is_some_and(|c| c.replies.followed())
 }
 
 /// Write the stream back to the connection table, and the path if a request line is still
@@ -520,8 +520,8 @@ fn save(s: &mut Scratch, conn: &mut Stream, fin: bool) {
         forget(s);
         return;
     }
-    copy_words(conn, &s.stream);
-    if s.stream.path_in_progress() {
+    copy_words(conn, &s.conn.stream);
+    if s.conn.stream.path_in_progress() {
         let _ = PENDING.insert(&s.key, &s.raw, 0);
     }
 }
@@ -542,7 +542,6 @@ fn copy_path(dst: &mut [u8; PATH_MAX], src: &[u8; PATH_MAX]) {
 fn forget(s: &Scratch) {
     let _ = CONNS.remove(&s.key);
     let _ = PENDING.remove(&s.key);
-    let _ = REPLIES.remove(&s.key);
 }
 
 /// What the round callback needs from the main program: the skb and the scratch buffer
@@ -590,12 +589,12 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     if off >= len || s.stop != STOP_NONE {
         return 1;
     }
-    if s.stream.is_awaiting() {
+    if s.conn.stream.is_awaiting() {
         s.stop = STOP_AWAIT;
         return 1;
     }
-    if s.stream.in_bulk() {
-        let n = s.stream.consume((len - off) as u64);
+    if s.conn.stream.in_bulk() {
+        let n = s.conn.stream.consume((len - off) as u64);
         s.off = (off as u64 + n) as u32;
         return 0;
     }
@@ -636,12 +635,12 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     } else if s.stop == STOP_BULK {
         s.stop = STOP_NONE;
     } else if s.stop == STOP_TUNNEL
-        && (s.stream.flags & flag::REPLIES_SEEN != 0 || replies_exist(s))
+        && (s.conn.stream.flags & flag::REPLIES_SEEN != 0 || replies_followed(s))
     {
         // The connection's responses are followed: go on with the request's body, then wait
         // for the answer (for good if the responses can no longer be framed).
         s.stop = STOP_NONE;
-        s.stream.await_reply();
+        s.conn.stream.await_reply();
     }
     if s.stop == STOP_MONITOR {
         send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
@@ -693,7 +692,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         // a call starts with eight or more path bytes behind it: in practice after the first
         // ~65, which the calls before take through the runs below (a short path's words cost
         // less there than a call into the loop).
-        if s.stream.in_path() && s.stream.line.path_len() >= 8 {
+        if s.conn.stream.in_path() && s.conn.stream.line.path_len() >= 8 {
             let j = path_words(s, i, w);
             if j >= i + 8 * PATH_WORDS_PER_CALL {
                 // A whole batch: the path likely goes on, and the next call takes it the same
@@ -716,7 +715,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
             // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
             // bytes before the window's end are read.
             let word = word_at(s.line.as_ptr(), at);
-            let n = s.stream.step_run(word, w - at, &mut s.raw);
+            let n = s.conn.stream.step_run(word, w - at, &mut s.raw);
             i = at + n;
             if n < 8 {
                 // The next byte is not ordinary: `step` takes it.
@@ -732,7 +731,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         let i = i & (LINE_WINDOW - 1);
         s.consumed = i as u32 + 1;
         let b = s.line[i];
-        match s.stream.step(b, &mut s.raw) {
+        match s.conn.stream.step(b, &mut s.raw) {
             Ev::More => {}
             Ev::Bulk => return stop(s, STOP_BULK),
             Ev::Tunnel => return stop(s, STOP_TUNNEL),
@@ -740,7 +739,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
                 s.consumed = i as u32;
                 return stop(s, STOP_AWAIT);
             }
-            Ev::Fail(r) => return refuse_stop(s, r, 0, Method::from_u8(s.stream.method)),
+            Ev::Fail(r) => return refuse_stop(s, r, 0, Method::from_u8(s.conn.stream.method)),
             Ev::Decide => return stop(s, STOP_DECIDE),
             Ev::Override => return stop(s, STOP_OVERRIDE),
         }
@@ -754,7 +753,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
 /// (`swar::splice`). Returns the offset after them.
 #[inline(never)]
 fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
-    let room = s.stream.path_words_room();
+    let room = s.conn.stream.path_words_room();
     if room == 0 || i + 8 > w {
         return i;
     }
@@ -765,8 +764,8 @@ fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
     if limit > PATH_WORDS_PER_CALL {
         limit = PATH_WORDS_PER_CALL;
     }
-    let n = s.stream.line.path_len();
-    let mut prev = s.stream.line.path_last(&s.raw);
+    let n = s.conn.stream.line.path_len();
+    let mut prev = s.conn.stream.line.path_last(&s.raw);
     let (mut at, mut a) = (i, n);
     let mut taken = 0;
     while taken < limit {
@@ -795,7 +794,7 @@ fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
         a = a_m + 8;
         taken += 1;
     }
-    s.stream.take_path_words(taken);
+    s.conn.stream.take_path_words(taken);
     at
 }
 
@@ -824,16 +823,16 @@ fn decide(s: &mut Scratch) -> i64 {
     if too_many_outstanding(s) {
         return stop(s, STOP_HOLD);
     }
-    let method = s.stream.take_method();
+    let method = s.conn.stream.take_method();
     // Canonicalize the raw path into `s.path`, a word or a byte per callback; unless it is
     // plain (already canonical): then no callback runs, `canon_len` is the raw length, and
     // `finish` (of a fresh canonicalizer, after a `/`) changes nothing. Masks, not
     // branches: the verifier walks what follows once.
-    let plain = s.stream.line.plain_mask();
+    let plain = s.conn.stream.line.plain_mask();
     s.plain = plain;
     s.canon.reset();
     s.canon_err = u32::MAX;
-    s.canon_raw_len = s.stream.line.path_len() as u32;
+    s.canon_raw_len = s.conn.stream.line.path_len() as u32;
     s.canon_len = (s.canon_raw_len & plain as u32) as u16;
     s.canon_pos = 0;
     if s.canon_raw_len > 0 {
@@ -865,11 +864,12 @@ fn decide(s: &mut Scratch) -> i64 {
             return refuse_stop(s, Reason::OptionsAnswered, allow, method);
         }
         count(Reason::OptionsPassed);
-        s.stream.set_verdict(MethodSet::ANY.0, rule_flags);
+        s.conn.stream.set_verdict(MethodSet::ANY.0, rule_flags);
         return 0;
     }
     let monitor = rule_flags & RULE_MONITOR != 0 || settings.flags & SETTINGS_DRY_RUN != 0;
-    s.stream
+    s.conn
+        .stream
         .set_verdict(allow, rule_flags | if monitor { RULE_MONITOR } else { 0 });
     if allow & method.bit() != 0 {
         count(verdict);
@@ -884,34 +884,37 @@ fn decide(s: &mut Scratch) -> i64 {
 /// within reach, or to note that the connection's responses are followed (`REPLIES_SEEN`).
 #[inline(always)]
 fn too_many_outstanding(s: &mut Scratch) -> bool {
-    if s.stream.flags & flag::REPLIES_SEEN != 0
-        && s.stream.reqs.wrapping_sub(s.stream.done_seen) < OUTSTANDING_MAX
+    if s.conn.stream.flags & flag::REPLIES_SEEN != 0
+        && s.conn.stream.reqs.wrapping_sub(s.conn.stream.done_seen) < OUTSTANDING_MAX
     {
         return false;
     }
     if s.rep_read == 0 {
         s.rep_read = 1;
-        if let Some(r) = unsafe { REPLIES.get(&s.key) } {
-            s.stream.flags |= flag::REPLIES_SEEN;
+        if let Some(r) = unsafe { CONNS.get(&s.key) }
+            .map(|c| &c.replies)
+            .filter(|r| r.followed())
+        {
+            s.conn.stream.flags |= flag::REPLIES_SEEN;
             if !r.is_lost() && !r.is_switched() {
                 s.rep_read = 2;
-                s.stream.done_seen = r.done;
+                s.conn.stream.done_seen = r.done;
             }
         }
     }
-    s.rep_read == 2 && s.stream.reqs.wrapping_sub(s.stream.done_seen) >= OUTSTANDING_MAX
+    s.rep_read == 2 && s.conn.stream.reqs.wrapping_sub(s.conn.stream.done_seen) >= OUTSTANDING_MAX
 }
 
 /// A method-override header named a method: it must be allowed too.
 #[inline(never)]
 fn check_override(s: &mut Scratch) -> i64 {
-    let m = s.stream.override_method();
-    s.stream.note_override(m);
-    let allow = s.stream.allow;
+    let m = s.conn.stream.override_method();
+    s.conn.stream.note_override(m);
+    let allow = s.conn.stream.allow;
     if allow & m.bit() != 0 {
         return 0;
     }
-    violation(s, allow, m, s.stream.rule_flags & RULE_MONITOR != 0)
+    violation(s, allow, m, s.conn.stream.rule_flags & RULE_MONITOR != 0)
 }
 
 #[inline(always)]
@@ -1049,12 +1052,7 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
 
 /// Fill the per-segment part of the event (where to answer) in the scratch buffer.
 #[inline(always)]
-fn prepare_event(
-    ctx: &TcContext,
-    s: &mut Scratch,
-    tcp: &[u8; TCP_HLEN_MIN],
-    hdr: &Headers,
-) {
+fn prepare_event(ctx: &TcContext, s: &mut Scratch, tcp: &[u8; TCP_HLEN_MIN], hdr: &Headers) {
     // The Ethernet header was read before (it cannot fail now).
     let (client_mac, server_mac) =
         peek_with::<ETH_HLEN, _>(ctx, 0, |eth| (eth.array(6), eth.array(0)))
@@ -1135,26 +1133,28 @@ fn refuse(
     allow: u32,
     method: Method,
 ) -> Result<Out, Reason> {
-    let start = s.stream.req_start;
+    let entry = CONNS.get_ptr_mut(&s.key);
+    let start = s.conn.stream.req_start;
     if seq_after(start, pos) {
         let keep = start.wrapping_sub(hdr.seq) as usize;
         if keep < hdr.payload_len {
             if !trim_payload(ctx, s, hdr, keep) {
                 return Err(Reason::ResetFailed);
             }
-            s.stream.restart_at(start);
-            if let Some(conn) = CONNS.get_ptr_mut(&s.key) {
-                copy_words(unsafe { &mut *conn }, &s.stream);
+            s.conn.stream.restart_at(start);
+            if let Some(e) = entry {
+                copy_words(unsafe { &mut (*e).stream }, &s.conn.stream);
             }
             return Ok(Out::Counted(PASS));
         }
     }
-    if let Some(rep) = unsafe { REPLIES.get(&s.key) } {
-        if !rep.is_lost() {
+    if let Some(e) = entry {
+        let rep = unsafe { &(*e).replies };
+        if rep.followed() && !rep.is_lost() {
             // Answer only after every earlier response is complete and acknowledged: the
             // backend finishes them, the client gets them intact, and the answer follows them
             // at the server's next sequence number.
-            let before = s.stream.reqs_before_current();
+            let before = s.conn.stream.reqs_before_current();
             let pending = !rep.fin_seen() && (rep.done.wrapping_sub(before) as i32) < 0;
             if pending || seq_after(rep.snd_nxt, s.event.ack) {
                 return Err(Reason::Held);
@@ -1167,9 +1167,9 @@ fn refuse(
     // again (if the answer was lost): keep following it from the refused request, so a resent
     // copy gets the same answer. Its FIN or the table's eviction releases the state.
     let _ = PENDING.remove(&s.key);
-    if let Some(conn) = CONNS.get_ptr_mut(&s.key) {
-        s.stream.restart_at(pos);
-        copy_words(unsafe { &mut *conn }, &s.stream);
+    if let Some(e) = entry {
+        s.conn.stream.restart_at(pos);
+        copy_words(unsafe { &mut (*e).stream }, &s.conn.stream);
     }
     let seg = Segment {
         family: hdr.family,

@@ -7,9 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use filter_common::{
-    reply::Replies, stream::Stream, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue,
-    Scratch, Settings, CONNS_MAX, EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX,
-    STATS_SLOTS,
+    Conn, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue, Scratch, Settings, CONNS_MAX,
+    EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX, STATS_SLOTS,
 };
 
 /// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
@@ -35,19 +34,15 @@ pub static PREFIX_A: LpmTrie<PrefixData, RuleValue> =
 pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
     LpmTrie::with_max_entries(PREFIX_RULES_MAX, 0);
 
-/// Connection table: key `ConnKey`, value `Stream` (where the client's byte stream is: next
-/// sequence number, parse state, current request's verdict). Written and read by the
-/// classifier only; LRU so that a full table evicts the stalest connection.
+/// Connection table: key `ConnKey` (the client's side), value `Conn`: the client's byte
+/// stream (next sequence number, parse state, current request's verdict), written by the
+/// ingress classifier, which creates the entry at the client's SYN and removes it at its FIN
+/// or RST; and the server's responses (next sequence number, responses completed, framing
+/// state), written by the egress classifier from the server's SYN|ACK on and read by the
+/// ingress one to time refusals and settle upgrades. LRU so that a full table evicts the
+/// stalest connection, both halves together.
 #[map]
-pub static CONNS: LruHashMap<ConnKey, Stream> = LruHashMap::with_max_entries(CONNS_MAX, 0);
-
-/// Response table: key `ConnKey` (the client's side, as `CONNS`), value `Replies` (the
-/// server's next sequence number, responses completed, framing state). Created by the egress
-/// classifier at the server's SYN|ACK of a connection `CONNS` follows, written by it for every
-/// server segment; read by the ingress classifier to time refusals and settle upgrades, which
-/// removes it with the connection. LRU, `CONNS_MAX`: one per tracked connection.
-#[map]
-pub static REPLIES: LruHashMap<ConnKey, Replies> = LruHashMap::with_max_entries(CONNS_MAX, 0);
+pub static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(CONNS_MAX, 0);
 
 /// One `ReplyScratch` per CPU: the egress classifier's payload window and state copy.
 #[map]

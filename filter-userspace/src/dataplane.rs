@@ -35,11 +35,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    hash, reply::Replies, stream::Stream, ConnKey, LoadConfig, PrefixData, Reason, RuleValue,
-    Settings, CONNS_MAX, GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_REPLIES, MAP_RULES,
-    MAP_SETTINGS, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT,
-    RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER,
-    SETTINGS_OVERSIZE_PASS,
+    hash, Conn, ConnKey, LoadConfig, PrefixData, Reason, RuleValue, Settings, CONNS_MAX,
+    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS,
+    PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR,
+    RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
@@ -216,7 +215,7 @@ pub struct Dataplane {
     /// The switches last written, so a dry-run change keeps them.
     settings_now: Settings,
     /// The connection table, read for its fill level.
-    conns: HashMap<MapData, ConnKey, [u8; size_of::<Stream>()]>,
+    conns: HashMap<MapData, ConnKey, [u8; size_of::<Conn>()]>,
     max_connections: u32,
     dry_run: bool,
     /// Entries in the active maps: exact, prefix.
@@ -319,7 +318,6 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_CONFIG, &*config, true);
         loader.map_max_entries(MAP_CONNS, opts.max_connections);
-        loader.map_max_entries(MAP_REPLIES, opts.max_connections);
         let stats_pin;
         if let Some(root) = pin_root {
             ensure_pin_dir(root)?;
@@ -858,22 +856,6 @@ impl Dataplane {
     /// needed): the kernel fixture tests and the per-packet cost benchmark use this.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutput, DataplaneError> {
         self.test_run_prog(PROG_INGRESS, frame, repeat, 0)
-    }
-
-    /// Forget the egress state (`REPLIES`) of every connection, as a full table's eviction
-    /// does to one: the kernel tests check what fails closed then. Returns how many.
-    pub fn forget_replies(&mut self) -> Result<usize, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_REPLIES)
-            .ok_or(DataplaneError::Missing(MAP_REPLIES))?;
-        let mut replies: HashMap<&mut MapData, ConnKey, [u8; size_of::<Replies>()]> =
-            HashMap::try_from(map).map_err(map_err(MAP_REPLIES))?;
-        let keys: Vec<ConnKey> = replies.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = replies.remove(k);
-        }
-        Ok(keys.len())
     }
 
     /// As [`Dataplane::test_run`], through the egress classifier (a server-to-client frame).

@@ -4,11 +4,11 @@
 //! rejected segment into a reset to the backend. It also counts every 405 and every
 //! monitor-mode hit under the rule that matched ([`crate::hits`]) and logs them, rate-limited.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, RingBuf};

@@ -1001,8 +1001,9 @@ enum Step {
     /// The responder's answer (marked `RESPONDER_MARK`, with FIN) at this sequence offset of
     /// the server's bytes.
     A(u32, &'static [u8]),
-    /// The egress state is evicted (every connection's, as a churned table does).
-    Evict,
+    /// The server resets the connection (RST at this sequence offset of its bytes): its
+    /// responses are no longer followed, while a client may still send on it.
+    ServerReset(u32),
 }
 
 const OK5: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
@@ -1025,7 +1026,7 @@ fn egress_table() {
     }
     use Act::*;
     use Reason::*;
-    use Step::{Evict, A, C, S};
+    use Step::{ServerReset, A, C, S};
     let mut dp = load(&parse_toml(POLICY).unwrap());
     let mut events = dp.take_events().expect("event ring");
     let table: &[(&str, &[Step])] = &[
@@ -1107,16 +1108,16 @@ fn egress_table() {
             S(9, b"", true, &[]),
             C(UPGRADE_LEN, 10, DELETE_ADMIN, &[UpgradeRefused, Rejected], Reset(10)),
         ]),
-        ("evicted egress state: an upgrade on a connection it followed waits (fail closed)", &[
+        ("the server reset the connection: an upgrade on it waits (fail closed)", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
             S(0, OK5, false, &[]),
-            Evict,
+            ServerReset(OK5_LEN),
             C(23, OK5_LEN, UPGRADE, &[AllowedByDefault], Pass),
             C(23 + UPGRADE_LEN, OK5_LEN, DELETE_ADMIN, &[Awaiting], Drop),
         ]),
-        ("evicted egress state: a refusal is answered at the client's ack", &[
+        ("the server reset the connection: a refusal is answered at the client's ack", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
-            Evict,
+            ServerReset(0),
             C(23, 0, DELETE_ADMIN, &[Rejected], Reset(0)),
         ]),
         ("CONNECT: 200 switches", &[
@@ -1199,8 +1200,18 @@ fn egress_table() {
             );
             dp.test_run_egress(&synack, 1).unwrap();
             for (j, step) in steps.iter().enumerate() {
-                if let Evict = step {
-                    dp.forget_replies().unwrap();
+                if let ServerReset(off) = step {
+                    let f = conn_frame(
+                        ip,
+                        cport,
+                        false,
+                        ACK.wrapping_add(*off),
+                        SEQ,
+                        tcp_flags::RST | tcp_flags::ACK,
+                        b"",
+                    );
+                    let out = dp.test_run_egress(&f, 1).unwrap();
+                    assert_eq!(out.action, PASS, "{name}: egress changed a server RST's verdict");
                     continue;
                 }
                 if let A(off, payload) = step {
@@ -1252,7 +1263,7 @@ fn egress_table() {
                         );
                         (dp.test_run_egress(&f, 1).unwrap(), f, *reasons, None)
                     }
-                    Evict | A(..) => unreachable!(),
+                    ServerReset(_) | A(..) => unreachable!(),
                 };
                 let got: Vec<Reason> = delta(&before, &counters(&dp))
                     .into_iter()
