@@ -1,14 +1,15 @@
 //! The egress view: follow each tracked connection's server-to-client bytes far enough to
 //! know where every response ends (`filter_common::reply`), and the server's next sequence
 //! number. It never changes or drops a packet; the ingress classifier reads what it keeps
-//! (the `replies` half of the connection's `CONNS` entry) to time refusals (the 405 follows every earlier response, at the right sequence
-//! number) and to settle `Upgrade` / `CONNECT` requests.
+//! (the `replies` half of the connection's `CONNS` entry) to time refusals (the 405 follows
+//! every earlier response, at the right sequence number) and to settle `Upgrade` / `CONNECT`
+//! requests.
 //!
 //! Only TCP from an inspected source port is looked at (the port bitmap first, before any
-//! map), and not the responder's own answers (`RESPONDER_MARK`). A connection's state is
-//! started at the server's SYN|ACK, when the ingress side follows the connection from its SYN,
-//! so positions are exact; any gap, unframeable response
-//! or more work than one pass allows makes it lost (counted `reply_lost`) for good. Segments
+//! map), and not the responder's own answers (`RESPONDER_MARK`). A connection's responses are
+//! followed from the server's SYN|ACK when the ingress side follows the connection from its
+//! SYN, so positions are exact; any gap, unframeable response or more work than one pass
+//! allows makes them lost (counted `reply_lost`) for good. Segments
 //! may be GSO super-packets (64 KiB): bodies are skipped in bulk (a run inside a header window
 //! in one callback step too), status lines and headers go byte by byte through a `bpf_loop`
 //! callback, as on ingress.

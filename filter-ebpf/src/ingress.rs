@@ -879,7 +879,8 @@ fn decide(s: &mut Scratch) -> i64 {
 }
 
 /// Whether `OUTSTANDING_MAX` requests already wait for their response (the egress side's ring
-/// of `HEAD` bits would wrap with one more). `REPLIES` is read at most once per segment, and
+/// of `HEAD` bits would wrap with one more). The responses' half of the connection's entry is
+/// read (a `CONNS` lookup from the callback) at most once per segment, and
 /// only when the responses counted at the last read (`Stream::done_seen`) leave the limit
 /// within reach, or to note that the connection's responses are followed (`REPLIES_SEEN`).
 #[inline(always)]

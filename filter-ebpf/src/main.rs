@@ -25,7 +25,7 @@ pub fn http_ingress(ctx: TcContext) -> i32 {
 }
 
 /// Egress classifier, attached to the same interfaces: frames the server's responses for the
-/// ingress side (`REPLIES`); never changes a packet.
+/// ingress side (the `replies` half of each `CONNS` entry); never changes a packet.
 #[classifier]
 pub fn http_egress(ctx: TcContext) -> i32 {
     egress::run(&ctx)
