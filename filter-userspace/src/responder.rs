@@ -146,13 +146,20 @@ pub struct Responder {
 }
 
 /// The answers built in the current second (their `Date` is the second's), so a flood of
-/// rejections formats each distinct answer once a second instead of once per request. Its
-/// size is bounded by the distinct (answer, `Allow`, method) triples one second brings.
+/// rejections formats each distinct answer once a second instead of once per request. At most
+/// `ANSWERS_KEPT` are kept a second; others are built each time.
 #[derive(Default)]
 struct Answers {
     second: u64,
     built: HashMap<(Answer, u32, u8), Vec<u8>>,
+    /// An answer built past the limit.
+    spare: Vec<u8>,
 }
+
+/// Distinct (answer, `Allow`, method) triples kept per second: far more than a policy's
+/// distinct `Allow` sets times the methods clients use, and a bound on what a client that
+/// cycles through them can make the responder hold.
+const ANSWERS_KEPT: usize = 256;
 
 impl Answers {
     fn get(&mut self, answer: Answer, allow: MethodSet, method: Method, now: SystemTime) -> &[u8] {
@@ -161,8 +168,13 @@ impl Answers {
             self.second = second;
             self.built.clear();
         }
+        let key = (answer, allow.0, method as u8);
+        if self.built.len() >= ANSWERS_KEPT && !self.built.contains_key(&key) {
+            self.spare = response::build(answer, allow, method, now);
+            return &self.spare;
+        }
         self.built
-            .entry((answer, allow.0, method as u8))
+            .entry(key)
             .or_insert_with(|| response::build(answer, allow, method, now))
     }
 }
@@ -343,5 +355,17 @@ mod tests {
         assert_eq!(got, response::build(answer, allow, method, next));
         assert_ne!(got, response::build(answer, allow, method, t));
         assert_eq!(answers.built.len(), 1);
+    }
+
+    #[test]
+    fn answers_kept_per_second_are_bounded_and_the_rest_still_right() {
+        let mut answers = Answers::default();
+        let t = UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        for allow in 0..(ANSWERS_KEPT as u32 + 50) {
+            let allow = MethodSet(allow);
+            let got = answers.get(Answer::MethodNotAllowed, allow, Method::Delete, t).to_vec();
+            assert_eq!(got, response::build(Answer::MethodNotAllowed, allow, Method::Delete, t));
+        }
+        assert_eq!(answers.built.len(), ANSWERS_KEPT);
     }
 }
