@@ -363,8 +363,13 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_784_000_000);
         for allow in 0..(ANSWERS_KEPT as u32 + 50) {
             let allow = MethodSet(allow);
-            let got = answers.get(Answer::MethodNotAllowed, allow, Method::Delete, t).to_vec();
-            assert_eq!(got, response::build(Answer::MethodNotAllowed, allow, Method::Delete, t));
+            let got = answers
+                .get(Answer::MethodNotAllowed, allow, Method::Delete, t)
+                .to_vec();
+            assert_eq!(
+                got,
+                response::build(Answer::MethodNotAllowed, allow, Method::Delete, t)
+            );
         }
         assert_eq!(answers.built.len(), ANSWERS_KEPT);
     }

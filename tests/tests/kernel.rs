@@ -1211,7 +1211,10 @@ fn egress_table() {
                         b"",
                     );
                     let out = dp.test_run_egress(&f, 1).unwrap();
-                    assert_eq!(out.action, PASS, "{name}: egress changed a server RST's verdict");
+                    assert_eq!(
+                        out.action, PASS,
+                        "{name}: egress changed a server RST's verdict"
+                    );
                     continue;
                 }
                 if let A(off, payload) = step {
