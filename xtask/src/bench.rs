@@ -17,6 +17,7 @@
 mod env;
 mod kernel;
 mod procs;
+mod profile;
 mod report;
 mod steady;
 
@@ -83,6 +84,10 @@ pub struct Args {
     /// A note to print in the report (repeatable), e.g. what was observed about another build.
     #[arg(long)]
     pub note: Vec<String>,
+    /// Instead of the benchmarks: profile the programs on this traffic (`perf record -a`,
+    /// samples mapped to BPF functions and source lines) and print where the time goes.
+    #[arg(long, value_enum)]
+    pub profile: Option<steady::Traffic>,
 }
 
 /// One measured run of one arm.
@@ -169,6 +174,11 @@ pub fn main(args: &Args) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::build::build_all()?.filterd,
     };
+    if let Some(traffic) = args.profile {
+        env::ensure_tools(!args.no_install)?;
+        lab::install_ctrlc_cleanup()?;
+        return profile::run(&filterd, traffic);
+    }
     let out = args
         .out
         .clone()

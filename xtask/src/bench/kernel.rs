@@ -150,7 +150,7 @@ pub fn prog_of(pid: u32) -> Result<Value> {
 }
 
 /// The daemon's program named `name` (the first 15 bytes of its symbol) in `bpftool prog show`.
-fn prog_named(pid: u32, name: &str) -> Result<Value> {
+pub fn prog_named(pid: u32, name: &str) -> Result<Value> {
     let mut found = Vec::new();
     for id in prog_ids_of(pid) {
         let mut p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;

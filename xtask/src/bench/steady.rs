@@ -71,7 +71,7 @@ fn this_build() -> String {
 }
 
 /// `BPF_PROG_GET_FD_BY_ID`.
-fn prog_fd(id: u64) -> Result<OwnedFd> {
+pub(super) fn prog_fd(id: u64) -> Result<OwnedFd> {
     let mut attr = [0u8; 16];
     attr[..4].copy_from_slice(&(id as u32).to_ne_bytes());
     // SAFETY: a bpf(2) call with an attribute buffer of the size passed.
@@ -253,6 +253,57 @@ impl Arm {
             })
             .collect())
     }
+}
+
+/// Traffic `--profile` can sample: one kind of steady-state packet, sent over and over.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// wrk's keep-alive GET (ingress) and nginx's 200 to it (egress).
+    Get,
+    /// A GET with a 1 KiB request line (ingress), answered (egress).
+    Long,
+    /// Request body segments of an upload (ingress).
+    Upload,
+    /// Response body segments of a download (egress).
+    Download,
+}
+
+/// `packets` packets of `traffic` through the programs, unmeasured (what `--profile` samples).
+pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) -> Result<()> {
+    let mut arm = Arm::open(THIS_BUILD, ingress_id, egress_id, 47_000)?;
+    let up_body = vec![b'u'; UP_SEGMENT];
+    let down_body = vec![b'd'; DOWN_SEGMENT];
+    let long = super::kernel::request(LONG_PATH);
+    for _ in 0..packets {
+        match traffic {
+            Traffic::Get => {
+                passed("a keep-alive GET", arm.keep.send(&arm.ingress, REQUEST)?.0)?;
+                arm.keep.answer(&arm.egress, RESPONSE)?;
+            }
+            Traffic::Long => {
+                passed("a GET with a 1 KiB request line", arm.long.send(&arm.ingress, &long)?.0)?;
+                arm.long.answer(&arm.egress, RESPONSE)?;
+            }
+            Traffic::Upload => {
+                passed("a request body segment", arm.up.send(&arm.ingress, &up_body)?.0)?;
+            }
+            Traffic::Download => {
+                arm.down.answer(&arm.egress, &down_body)?;
+            }
+        }
+    }
+    let Arm {
+        ingress,
+        keep,
+        up,
+        down,
+        long,
+        ..
+    } = arm;
+    for conn in [keep, long, up, down] {
+        conn.close(&ingress)?;
+    }
+    Ok(())
 }
 
 /// One round: `PACKETS` of each kind for each build in `arms` (build, ingress program id,
