@@ -254,10 +254,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         seq = seq.wrapping_add(1);
         s.conn.stream.reset(seq, flag::SYN);
         // The egress side starts following the responses at the server's SYN|ACK.
-        copy_words(&mut s.conn.replies, &Replies::none());
-        if CONNS.insert(&s.key, &s.conn, 0).is_err() {
-            count(Reason::ConnTableFull);
-        }
+        track(s);
         let _ = PENDING.remove(&s.key);
     }
     let payload = l4 + ((tcp[12] >> 4) as usize) * 4;
@@ -299,10 +296,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             }
             // Open before the filter was loaded: start following it here, at a request
             // boundary (its responses are not followed: the egress side saw no SYN|ACK).
-            copy_words(&mut s.conn.replies, &Replies::none());
-            if CONNS.insert(&s.key, &s.conn, 0).is_err() {
-                count(Reason::ConnTableFull);
-            }
+            track(s);
             CONNS.get_ptr_mut(&s.key).ok_or(Reason::ConnTableFull)?
         }
     };
@@ -506,10 +500,23 @@ fn settle_upgrade(conn: &Stream, rep: &Replies) -> Settled {
     Settled::Wait
 }
 
-/// Whether the server's responses are followed on this connection (lost or not).
+/// Start following the connection: its `CONNS` entry from the scratch's stream, its
+/// responses not followed until the egress side sees the server's SYN|ACK.
 #[inline(always)]
-fn replies_followed(s: &Scratch) -> bool {
-    unsafe { CONNS.get(&s.key) }.is_some_and(|c| c.replies.followed())
+fn track(s: &mut Scratch) {
+    copy_words(&mut s.conn.replies, &Replies::none());
+    if CONNS.insert(&s.key, &s.conn, 0).is_err() {
+        count(Reason::ConnTableFull);
+    }
+}
+
+/// The connection's responses, if the egress side follows them (lost or not). A lookup of its
+/// own, for the callbacks (which have only the scratch).
+#[inline(always)]
+fn followed_replies(s: &Scratch) -> Option<&'static Replies> {
+    unsafe { CONNS.get(&s.key) }
+        .map(|c| &c.replies)
+        .filter(|r| r.followed())
 }
 
 /// Write the stream back to the connection table, and the path if a request line is still
@@ -635,7 +642,7 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     } else if s.stop == STOP_BULK {
         s.stop = STOP_NONE;
     } else if s.stop == STOP_TUNNEL
-        && (s.conn.stream.flags & flag::REPLIES_SEEN != 0 || replies_followed(s))
+        && (s.conn.stream.flags & flag::REPLIES_SEEN != 0 || followed_replies(s).is_some())
     {
         // The connection's responses are followed: go on with the request's body, then wait
         // for the answer (for good if the responses can no longer be framed).
@@ -892,10 +899,7 @@ fn too_many_outstanding(s: &mut Scratch) -> bool {
     }
     if s.rep_read == 0 {
         s.rep_read = 1;
-        if let Some(r) = unsafe { CONNS.get(&s.key) }
-            .map(|c| &c.replies)
-            .filter(|r| r.followed())
-        {
+        if let Some(r) = followed_replies(s) {
             s.conn.stream.flags |= flag::REPLIES_SEEN;
             if !r.is_lost() && !r.is_switched() {
                 s.rep_read = 2;

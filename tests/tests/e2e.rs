@@ -454,6 +454,12 @@ fn rejected_counter(s: &Setup) -> u64 {
     counter(s, "rejected")
 }
 
+/// `POST /v1/rules` with `rule` (JSON); it must be accepted.
+fn add_rule(s: &Setup, rule: &str) {
+    let (st, body) = api(s, "POST", "/v1/rules", Some(rule));
+    assert_2xx(st, &body, &format!("POST /v1/rules {rule}"));
+}
+
 fn assert_2xx(status: u16, body: &str, what: &str) {
     assert!(
         (200..300).contains(&status),
@@ -500,13 +506,7 @@ fn the_405_is_byte_exact_and_ends_with_a_clean_close() {
     let Some(s) = setup("the_405_is_byte_exact_and_ends_with_a_clean_close") else {
         return;
     };
-    let (st, body) = api(
-        &s,
-        "POST",
-        "/v1/rules",
-        Some(r#"{"path":"/upload","methods":["POST"]}"#),
-    );
-    assert_2xx(st, &body, "POST /v1/rules /upload");
+    add_rule(&s, r#"{"path":"/upload","methods":["POST"]}"#);
     for addr in s.lab.server_addrs() {
         assert_strict_405(&s, addr, "DELETE", "/api/items", ITEMS_ALLOW);
         assert_strict_405(&s, addr, "PUT", "/admin", ADMIN_ALLOW);
@@ -557,13 +557,7 @@ fn api_adds_lists_and_deletes_a_rule() {
         return;
     };
     for addr in s.lab.server_addrs() {
-        let (st, body) = api(
-            &s,
-            "POST",
-            "/v1/rules",
-            Some(r#"{"path":"/new","methods":["GET"]}"#),
-        );
-        assert_2xx(st, &body, "POST /v1/rules /new");
+        add_rule(&s, r#"{"path":"/new","methods":["GET"]}"#);
         expect_rejected(&s, Client::Curl, addr, "DELETE", "/new", "GET, HEAD");
         let listed = rules(&s);
         assert!(

@@ -1199,17 +1199,13 @@ fn egress_table() {
                 b"",
             );
             dp.test_run_egress(&synack, 1).unwrap();
+            // The server's segment at `off` in its byte stream.
+            let server = |off: u32, flags: u8, payload: &[u8]| {
+                conn_frame(ip, cport, false, ACK.wrapping_add(off), SEQ, flags, payload)
+            };
             for (j, step) in steps.iter().enumerate() {
                 if let ServerReset(off) = step {
-                    let f = conn_frame(
-                        ip,
-                        cport,
-                        false,
-                        ACK.wrapping_add(*off),
-                        SEQ,
-                        tcp_flags::RST | tcp_flags::ACK,
-                        b"",
-                    );
+                    let f = server(*off, tcp_flags::RST | tcp_flags::ACK, b"");
                     let out = dp.test_run_egress(&f, 1).unwrap();
                     assert_eq!(
                         out.action, PASS,
@@ -1219,12 +1215,8 @@ fn egress_table() {
                 }
                 if let A(off, payload) = step {
                     let before = counters(&dp);
-                    let f = conn_frame(
-                        ip,
-                        cport,
-                        false,
-                        ACK.wrapping_add(*off),
-                        SEQ,
+                    let f = server(
+                        *off,
                         tcp_flags::FIN | tcp_flags::PSH | tcp_flags::ACK,
                         payload,
                     );
@@ -1255,15 +1247,7 @@ fn egress_table() {
                     S(off, payload, fin, reasons) => {
                         let flags =
                             tcp_flags::PSH | tcp_flags::ACK | if *fin { tcp_flags::FIN } else { 0 };
-                        let f = conn_frame(
-                            ip,
-                            cport,
-                            false,
-                            ACK.wrapping_add(*off),
-                            SEQ,
-                            flags,
-                            payload,
-                        );
+                        let f = server(*off, flags, payload);
                         (dp.test_run_egress(&f, 1).unwrap(), f, *reasons, None)
                     }
                     ServerReset(_) | A(..) => unreachable!(),

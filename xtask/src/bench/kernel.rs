@@ -238,7 +238,6 @@ impl EmptyClassifier {
     pub fn load() -> Result<EmptyClassifier> {
         use std::os::fd::FromRawFd;
         const BPF_PROG_LOAD: libc::c_long = 5;
-        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
         const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
         // mov64 r0, -1; exit
         let insns: [u64; 2] = [
@@ -253,41 +252,12 @@ impl EmptyClassifier {
         attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
         attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
         attr[48..59].copy_from_slice(b"bench_empty"); // prog_name
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                attr.as_mut_ptr(),
-                attr.len() as u32,
-            )
-        };
-        if fd < 0 {
-            bail!(
-                "loading the empty classifier: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let fd = super::steady::bpf(BPF_PROG_LOAD, &mut attr, "loading the empty classifier")?;
+        // SAFETY: the kernel just returned this descriptor to us.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
         // struct bpf_prog_info: type, id, ...
         let mut info = [0u8; 256];
-        let mut attr = [0u8; 16];
-        attr[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32).to_ne_bytes());
-        attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
-        attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET_INFO_BY_FD,
-                attr.as_mut_ptr(),
-                attr.len() as u32,
-            )
-        };
-        if r < 0 {
-            bail!(
-                "reading the empty classifier's id: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        super::steady::prog_info(&fd, &mut info)?;
         let id = u32::from_ne_bytes(info[4..8].try_into().unwrap()) as u64;
         Ok(EmptyClassifier { _fd: fd, id })
     }

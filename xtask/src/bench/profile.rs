@@ -10,17 +10,16 @@
 //! Must not: leave perf running (it is stopped with SIGINT, by PID, and reaped).
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use filter_tests::lab::Lab;
 
 use super::kernel::{prog_named, prog_of};
 use super::procs::output_bounded;
-use super::steady::{drive, prog_fd, Traffic};
+use super::steady::{drive, prog_fd, prog_info, Traffic};
 use super::{Filter, FilterState, Results};
 
 /// Packets sent while perf samples (a few seconds of test runs).
@@ -46,7 +45,10 @@ pub fn run(filterd: &Path, traffic: Traffic) -> Result<()> {
     filter.ensure(FilterState::Rules(10), &mut results)?;
     let pid = filter.pid().context("filterd is not running")?;
     let programs = [
-        ("http_ingress", prog_of(pid)?["id"].as_u64().context("prog id")?),
+        (
+            "http_ingress",
+            prog_of(pid)?["id"].as_u64().context("prog id")?,
+        ),
         (
             "http_egress",
             prog_named(pid, "http_egress")?["id"]
@@ -96,7 +98,10 @@ pub fn run(filterd: &Path, traffic: Traffic) -> Result<()> {
     );
     for (name, id) in programs {
         let prog = JitMap::load(id)?;
-        let mine: Vec<&(u64, &str)> = samples.iter().filter(|(ip, _)| prog.contains(*ip)).collect();
+        let mine: Vec<&(u64, &str)> = samples
+            .iter()
+            .filter(|(ip, _)| prog.contains(*ip))
+            .collect();
         println!("\n{name} (id {id}): {} samples", mine.len());
         if mine.is_empty() {
             continue;
@@ -163,7 +168,7 @@ impl JitMap {
     fn load(id: u64) -> Result<JitMap> {
         let fd = prog_fd(id)?;
         let mut info = [0u8; INFO_LEN];
-        get_info(&fd, &mut info)?;
+        prog_info(&fd, &mut info)?;
         let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
         let (nks, nfl) = (
             u32_at(&info, NR_JITED_KSYMS) as usize,
@@ -189,8 +194,7 @@ impl JitMap {
         let put32 = |b: &mut [u8], o: usize, v: usize| {
             b[o..o + 4].copy_from_slice(&(v as u32).to_ne_bytes())
         };
-        let put64 =
-            |b: &mut [u8], o: usize, p: u64| b[o..o + 8].copy_from_slice(&p.to_ne_bytes());
+        let put64 = |b: &mut [u8], o: usize, p: u64| b[o..o + 8].copy_from_slice(&p.to_ne_bytes());
         put32(&mut ask, NR_JITED_KSYMS, nks);
         put32(&mut ask, NR_JITED_FUNC_LENS, nfl);
         put64(&mut ask, JITED_KSYMS, ksyms.as_mut_ptr() as u64);
@@ -201,7 +205,7 @@ impl JitMap {
         put32(&mut ask, NR_JITED_LINE_INFO, njli);
         put32(&mut ask, LINE_INFO_REC_SIZE, lrs);
         put32(&mut ask, JITED_LINE_INFO_REC_SIZE, jlrs);
-        get_info(&fd, &mut ask)?;
+        prog_info(&fd, &mut ask)?;
         let ranges = ksyms
             .iter()
             .zip(&lens)
@@ -231,20 +235,6 @@ impl JitMap {
         let k = self.lines.partition_point(|&(a, _)| a <= ip);
         k.checked_sub(1).map(|k| self.lines[k].1)
     }
-}
-
-/// `BPF_OBJ_GET_INFO_BY_FD` into `info`.
-fn get_info(fd: &OwnedFd, info: &mut [u8; INFO_LEN]) -> Result<()> {
-    let mut attr = [0u8; 16];
-    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(INFO_LEN as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    // SAFETY: a bpf(2) call whose buffers (and those `info` points to) outlive it.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        bail!("BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Each translated instruction's source line, from `bpftool prog dump xlated` (a `; line`

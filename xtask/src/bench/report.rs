@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::kernel::{TestRun, EMPTY_CLASSIFIER};
-use super::procs::WrkResult;
+use super::procs::{CpuSnapshot, WrkResult};
 use super::{Results, Run};
 
 // ---------------------------------------------------------------------------
@@ -101,6 +101,10 @@ fn w(f: fn(&WrkResult) -> f64) -> impl Fn(&Run) -> Option<f64> {
 
 fn fl(f: fn(&WrkResult) -> f64) -> impl Fn(&Run) -> Option<f64> {
     move |x: &Run| x.flood.as_ref().map(f)
+}
+
+fn cpu(f: fn(&CpuSnapshot) -> f64) -> impl Fn(&Run) -> Option<f64> {
+    move |x: &Run| Some(f(&x.cpu))
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -486,10 +490,7 @@ fn section_allowed(
             } else {
                 fmt_spread(spread(&ratios(r, sec, arm, base, &p99)), 2)
             },
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.backend_cores))),
-                2
-            ),
+            fmt_spread(spread(&values(r, sec, arm, &cpu(|c| c.backend_cores))), 2),
         );
         if non2xx > 0 {
             notes.push(format!(
@@ -829,9 +830,12 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
             .collect();
         let cores = spread(&per_round.iter().map(|p| p.0).collect::<Vec<_>>());
         let per_request = spread(&per_round.iter().map(|p| p.1).collect::<Vec<_>>());
-        let busy = spread(&values(r, "allowed", "no filter", &|x: &Run| {
-            Some(x.cpu.machine_busy_cores)
-        }));
+        let busy = spread(&values(
+            r,
+            "allowed",
+            "no filter",
+            &cpu(|c| c.machine_busy_cores),
+        ));
         if let (Some(c), Some(ns), Some(b)) = (cores, per_request, busy) {
             if b.median > 0.0 && c.median > 0.0 {
                 notes.push(format!(
@@ -895,18 +899,9 @@ fn section_rejection(
             fmt_spread(vs_close, 2),
             fmt_spread(spread(&values(r, sec, arm, &w(|x| x.p50_us / 1e3))), 2),
             fmt_spread(spread(&values(r, sec, arm, &w(|x| x.p99_us / 1e3))), 2),
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.backend_cores))),
-                3
-            ),
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.front_cores))),
-                3
-            ),
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.filterd_cores))),
-                3
-            ),
+            fmt_spread(spread(&values(r, sec, arm, &cpu(|c| c.backend_cores))), 3),
+            fmt_spread(spread(&values(r, sec, arm, &cpu(|c| c.front_cores))), 3),
+            fmt_spread(spread(&values(r, sec, arm, &cpu(|c| c.filterd_cores))), 3),
         );
         if arm.starts_with("filterd") {
             if leaked > 0 {
@@ -928,10 +923,13 @@ fn section_rejection(
                     verdict_ratio(s, 1.0)
                 ));
             }
-            let be = spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.backend_cores)));
-            let allowed_be = spread(&values(r, "allowed", "no filter", &|x: &Run| {
-                Some(x.cpu.backend_cores)
-            }));
+            let be = spread(&values(r, sec, arm, &cpu(|c| c.backend_cores)));
+            let allowed_be = spread(&values(
+                r,
+                "allowed",
+                "no filter",
+                &cpu(|c| c.backend_cores),
+            ));
             if let Some(be) = be {
                 targets.push(format!(
                     "| backend CPU stays flat under a 405 flood | {:.3} cores (allowed traffic: {}) | {} |",
@@ -976,6 +974,8 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, notes: 
     let rps = w(WrkResult::rps);
     for arm in &all {
         let rr = spread(&ratios(r, sec, arm, base, &rps));
+        let filterd = spread(&values(r, sec, arm, &cpu(|c| c.filterd_cores)));
+        let flood_client = spread(&values(r, sec, arm, &fl(WrkResult::cores)));
         let _ = writeln!(
             m,
             "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -987,19 +987,13 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, notes: 
             },
             fmt_spread(spread(&values(r, sec, arm, &w(|x| x.p99_us / 1e3))), 2),
             fmt_spread(spread(&values(r, sec, arm, &fl(WrkResult::non2xx_rps))), 0),
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.backend_cores))),
-                2
-            ),
-            fmt_spread(
-                spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.filterd_cores))),
-                3
-            ),
+            fmt_spread(spread(&values(r, sec, arm, &cpu(|c| c.backend_cores))), 2),
+            fmt_spread(filterd, 3),
             fmt_spread(spread(&values(r, sec, arm, &w(WrkResult::cores))), 2),
             if arm == base {
                 "n/a".into()
             } else {
-                fmt_spread(spread(&values(r, sec, arm, &fl(WrkResult::cores))), 2)
+                fmt_spread(flood_client, 2)
             },
         );
         if arm.contains("filterd") {
@@ -1010,11 +1004,7 @@ fn section_flood(r: &Results, m: &mut String, targets: &mut Vec<String>, notes: 
                     verdict_ratio(s, 0.9)
                 ));
             }
-            let flood_client = spread(&values(r, sec, arm, &fl(WrkResult::cores)));
-            let busy = spread(&values(r, sec, base, &|x: &Run| {
-                Some(x.cpu.machine_busy_cores)
-            }));
-            let filterd = spread(&values(r, sec, arm, &|x: &Run| Some(x.cpu.filterd_cores)));
+            let busy = spread(&values(r, sec, base, &cpu(|c| c.machine_busy_cores)));
             if let (Some(c), Some(b), Some(f)) = (flood_client, busy, filterd) {
                 if b.median > 0.0 && c.median > 0.0 {
                     notes.push(format!(

@@ -70,20 +70,35 @@ fn this_build() -> String {
     THIS_BUILD.to_owned()
 }
 
+/// bpf(2) `cmd` with `attr` as its attribute buffer (every pointer in it to memory that
+/// outlives the call); `what` names the call in the error.
+pub(super) fn bpf(cmd: libc::c_long, attr: &mut [u8], what: &str) -> Result<i64> {
+    // SAFETY: a bpf(2) call with an attribute buffer of the size passed; the caller keeps the
+    // buffers it points to alive.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if r < 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 /// `BPF_PROG_GET_FD_BY_ID`.
 pub(super) fn prog_fd(id: u64) -> Result<OwnedFd> {
     let mut attr = [0u8; 16];
     attr[..4].copy_from_slice(&(id as u32).to_ne_bytes());
-    // SAFETY: a bpf(2) call with an attribute buffer of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 13, attr.as_mut_ptr(), attr.len()) };
-    if fd < 0 {
-        bail!(
-            "BPF_PROG_GET_FD_BY_ID {id}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let fd = bpf(13, &mut attr, &format!("BPF_PROG_GET_FD_BY_ID {id}"))?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (a `struct bpf_prog_info`; any array pointers and
+/// counts the caller set in it are filled too).
+pub(super) fn prog_info(fd: &OwnedFd, info: &mut [u8]) -> Result<()> {
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(15, &mut attr, "BPF_OBJ_GET_INFO_BY_FD").map(|_| ())
 }
 
 /// One `BPF_PROG_TEST_RUN` of `data`, `repeat` 1: (return value, ns).
@@ -96,11 +111,7 @@ fn run_once(fd: &OwnedFd, data: &[u8]) -> Result<(u32, u32)> {
     attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
     attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
     attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
-    // SAFETY: a bpf(2) call whose buffers outlive it, with their sizes.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 10, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    }
+    bpf(10, &mut attr, "BPF_PROG_TEST_RUN")?;
     let word = |i: usize| u32::from_ne_bytes([attr[i], attr[i + 1], attr[i + 2], attr[i + 3]]);
     Ok((word(4), word(36)))
 }
@@ -281,11 +292,17 @@ pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) 
                 arm.keep.answer(&arm.egress, RESPONSE)?;
             }
             Traffic::Long => {
-                passed("a GET with a 1 KiB request line", arm.long.send(&arm.ingress, &long)?.0)?;
+                passed(
+                    "a GET with a 1 KiB request line",
+                    arm.long.send(&arm.ingress, &long)?.0,
+                )?;
                 arm.long.answer(&arm.egress, RESPONSE)?;
             }
             Traffic::Upload => {
-                passed("a request body segment", arm.up.send(&arm.ingress, &up_body)?.0)?;
+                passed(
+                    "a request body segment",
+                    arm.up.send(&arm.ingress, &up_body)?.0,
+                )?;
             }
             Traffic::Download => {
                 arm.down.answer(&arm.egress, &down_body)?;
