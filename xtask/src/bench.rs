@@ -248,8 +248,14 @@ fn rotated<T: Clone>(arms: &[T], round: usize) -> Vec<T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterState {
     Off,
+    /// No daemon; only an empty classifier (`r0 = -1; exit`) attached where the daemon attaches
+    /// its programs: what having any classifier there costs.
+    Empty,
     Rules(usize),
 }
+
+/// Section 1's arm with only the empty classifier attached.
+pub const EMPTY_ARM: &str = "empty classifier";
 
 pub struct Filter<'a> {
     lab: &'a Lab,
@@ -259,6 +265,9 @@ pub struct Filter<'a> {
     pub daemon: Option<Filterd>,
     pub rules: usize,
     files: BTreeMap<usize, PathBuf>,
+    /// `FilterState::Empty`: the program (loaded once) and its attachments while in that state.
+    empty: Option<kernel::EmptyClassifier>,
+    empty_links: Vec<std::os::fd::OwnedFd>,
 }
 
 /// The rule set with `n` rules: `/api/items` (GET, POST) first, then `/r/NNNNNN/items` (GET).
@@ -317,14 +326,27 @@ impl<'a> Filter<'a> {
             daemon: None,
             rules: 0,
             files: BTreeMap::new(),
+            empty: None,
+            empty_links: Vec::new(),
         }
     }
 
     pub fn ensure(&mut self, want: FilterState, results: &mut Results) -> Result<()> {
+        if want != FilterState::Empty {
+            // Dropping the links detaches the empty classifier.
+            self.empty_links.clear();
+        }
         match want {
-            FilterState::Off => {
-                if let Some(mut d) = self.daemon.take() {
-                    d.stop().context("stopping filterd")?;
+            FilterState::Off => self.stop_daemon()?,
+            FilterState::Empty => {
+                self.stop_daemon()?;
+                if self.empty_links.is_empty() {
+                    if self.empty.is_none() {
+                        self.empty = Some(kernel::EmptyClassifier::load()?);
+                    }
+                    let prog = self.empty.as_ref().context("empty classifier")?;
+                    self.empty_links =
+                        prog.attach(self.lab.server_netns(), self.lab.server_iface())?;
                 }
             }
             FilterState::Rules(n) => {
@@ -346,6 +368,13 @@ impl<'a> Filter<'a> {
                     self.apply(n, "arm change", results)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn stop_daemon(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop().context("stopping filterd")?;
         }
         Ok(())
     }
@@ -606,7 +635,10 @@ fn section_allowed(
     results: &mut Results,
     filter_ok: bool,
 ) -> Result<()> {
-    let mut arms = vec![("no filter", FilterState::Off)];
+    let mut arms = vec![
+        ("no filter", FilterState::Off),
+        (EMPTY_ARM, FilterState::Empty),
+    ];
     if filter_ok {
         arms.push(("10 rules", FilterState::Rules(10)));
         arms.push(("100k rules", FilterState::Rules(100_000)));

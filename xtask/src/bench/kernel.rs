@@ -227,7 +227,7 @@ fn prog_run(lab: &Lab, id: u64, file: &std::path::Path, repeat: u32) -> Result<(
 /// same way as the daemon's program. It is the zero point of the per-packet figures: no
 /// classifier can measure below it.
 pub struct EmptyClassifier {
-    _fd: std::os::fd::OwnedFd,
+    fd: std::os::fd::OwnedFd,
     pub id: u64,
 }
 
@@ -259,7 +259,57 @@ impl EmptyClassifier {
         let mut info = [0u8; 256];
         super::steady::prog_info(&fd, &mut info)?;
         let id = u32::from_ne_bytes(info[4..8].try_into().unwrap()) as u64;
-        Ok(EmptyClassifier { _fd: fd, id })
+        Ok(EmptyClassifier { fd, id })
+    }
+
+    /// Attach it (TCX, as `filterd` attaches) to the ingress and the egress of `iface` in the
+    /// network namespace `netns`: section 1's "empty classifier" arm, what any TC classifier
+    /// on both hooks costs the allowed traffic. The attachments last as long as the returned
+    /// links.
+    pub fn attach(&self, netns: &str, iface: &str) -> Result<Vec<std::os::fd::OwnedFd>> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_TCX_INGRESS: u32 = 46;
+        const BPF_TCX_EGRESS: u32 = 47;
+        let prog = self.fd.as_raw_fd() as u32;
+        // setns(2) moves only the calling thread: a thread of its own, which ends with it.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<Vec<std::os::fd::OwnedFd>> {
+                    let ns = fs::File::open(format!("/run/netns/{netns}"))
+                        .with_context(|| format!("opening network namespace {netns}"))?;
+                    // SAFETY: setns on a descriptor we own, for this thread only.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!("entering {netns}: {}", std::io::Error::last_os_error());
+                    }
+                    let name = std::ffi::CString::new(iface)?;
+                    // SAFETY: a NUL-terminated name.
+                    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                    if ifindex == 0 {
+                        bail!("no interface {iface} in {netns}");
+                    }
+                    [BPF_TCX_INGRESS, BPF_TCX_EGRESS]
+                        .into_iter()
+                        .map(|hook| {
+                            // link_create: prog_fd, target_ifindex, attach_type, flags, then
+                            // the TCX fields (relative_fd, expected_revision) left at zero.
+                            let mut attr = [0u8; 64];
+                            attr[0..4].copy_from_slice(&prog.to_ne_bytes());
+                            attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+                            attr[8..12].copy_from_slice(&hook.to_ne_bytes());
+                            let fd = super::steady::bpf(
+                                BPF_LINK_CREATE,
+                                &mut attr,
+                                &format!("attaching the empty classifier to {iface} (TCX {hook})"),
+                            )?;
+                            // SAFETY: the kernel just returned this descriptor to us.
+                            Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+                        })
+                        .collect()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+        })
     }
 }
 
@@ -535,7 +585,13 @@ pub fn section_kernel(
     let egress_id = prog_named(pid, "http_egress")
         .ok()
         .and_then(|p| p["id"].as_u64());
-    for rules in [10usize, 100_000] {
+    // Both rule counts in every round (their order rotated), so that the machine's state at
+    // one moment does not pass for a difference between them.
+    for (round, rules) in (0..k.rounds).flat_map(|round| {
+        rotated(&[10usize, 100_000], round)
+            .into_iter()
+            .map(move |rules| (round, rules))
+    }) {
         filter.ensure(FilterState::Rules(rules), results)?;
         // The baseline build's programs, for the steady-state comparison.
         let base_ids = match baseline.as_deref_mut() {
@@ -551,90 +607,88 @@ pub fn section_kernel(
             None => None,
         };
         let idx: Vec<usize> = (0..frames.len()).collect();
-        for round in 0..k.rounds {
-            for i in rotated(&idx, round) {
-                let (name, f, div) = &frames[i];
-                let file = k.lab.dir().join(format!("frame-{i}.bin"));
-                // Calibrate once per frame so that one call takes about CALL_BUDGET: a frame
-                // that costs 10 us would otherwise take 10 s per million repeats.
-                let repeat = match calibrated.get(&i) {
-                    Some(&r) => r,
-                    None => {
-                        let (_, ns) = prog_run(k.lab, id, &file, CALIBRATE_REPEAT)?;
-                        let fit = (CALL_BUDGET.as_nanos() as u64 / ns.max(1)) as u32;
-                        let r = fit.clamp(CALIBRATE_REPEAT, (k.repeat / div).max(1));
-                        calibrated.insert(i, r);
-                        r
-                    }
-                };
-                let before = counters(filter)?;
-                let (retval, ns) = prog_run(
-                    k.lab,
-                    id,
-                    &k.lab.dir().join(format!("frame-{i}.bin")),
-                    repeat,
-                )?;
-                let after = counters(filter)?;
-                let reasons = moved(&before, &after);
-                progress(
-                    k.t0,
-                    format!("  {rules} rules r{round} {name}: {ns} ns (ret {retval}, {reasons:?})"),
-                );
-                out.test_runs.push(TestRun {
-                    frame: (*name).to_owned(),
-                    frame_bytes: f.len(),
-                    rules,
-                    round,
-                    repeat,
-                    ns,
-                    retval,
-                    reasons,
-                });
-                if i == OTHER_PORT_FRAME {
-                    if let Some(e) = &empty {
-                        // The same frame and repeat count through the empty classifier, right
-                        // after: the zero point of this round.
-                        let (retval, ns) = prog_run(k.lab, e.id, &file, repeat)?;
-                        out.test_runs.push(TestRun {
-                            frame: EMPTY_CLASSIFIER.to_owned(),
-                            frame_bytes: f.len(),
-                            rules,
-                            round,
-                            repeat,
-                            ns,
-                            retval,
-                            reasons: BTreeMap::new(),
-                        });
-                    }
+        for i in rotated(&idx, round) {
+            let (name, f, div) = &frames[i];
+            let file = k.lab.dir().join(format!("frame-{i}.bin"));
+            // Calibrate once per frame so that one call takes about CALL_BUDGET: a frame
+            // that costs 10 us would otherwise take 10 s per million repeats.
+            let repeat = match calibrated.get(&i) {
+                Some(&r) => r,
+                None => {
+                    let (_, ns) = prog_run(k.lab, id, &file, CALIBRATE_REPEAT)?;
+                    let fit = (CALL_BUDGET.as_nanos() as u64 / ns.max(1)) as u32;
+                    let r = fit.clamp(CALIBRATE_REPEAT, (k.repeat / div).max(1));
+                    calibrated.insert(i, r);
+                    r
+                }
+            };
+            let before = counters(filter)?;
+            let (retval, ns) = prog_run(
+                k.lab,
+                id,
+                &k.lab.dir().join(format!("frame-{i}.bin")),
+                repeat,
+            )?;
+            let after = counters(filter)?;
+            let reasons = moved(&before, &after);
+            progress(
+                k.t0,
+                format!("  {rules} rules r{round} {name}: {ns} ns (ret {retval}, {reasons:?})"),
+            );
+            out.test_runs.push(TestRun {
+                frame: (*name).to_owned(),
+                frame_bytes: f.len(),
+                rules,
+                round,
+                repeat,
+                ns,
+                retval,
+                reasons,
+            });
+            if i == OTHER_PORT_FRAME {
+                if let Some(e) = &empty {
+                    // The same frame and repeat count through the empty classifier, right
+                    // after: the zero point of this round.
+                    let (retval, ns) = prog_run(k.lab, e.id, &file, repeat)?;
+                    out.test_runs.push(TestRun {
+                        frame: EMPTY_CLASSIFIER.to_owned(),
+                        frame_bytes: f.len(),
+                        rules,
+                        round,
+                        repeat,
+                        ns,
+                        retval,
+                        reasons: BTreeMap::new(),
+                    });
                 }
             }
-            // Keep-alive connections in steady state, both programs.
-            let Some(egress_id) = egress_id else { continue };
-            if out.steady_error.is_some() {
-                continue;
-            }
-            let base = 45_000 + if rules == 10 { 0 } else { 500 } + 4 * round as u16;
-            let mut arms = vec![(super::steady::THIS_BUILD, id, egress_id)];
-            if let Some((i, e)) = base_ids {
-                arms.push((super::steady::BASELINE, i, e));
-            }
-            match super::steady::round(&arms, rules, round, base) {
-                Ok(runs) => {
-                    for r in &runs {
-                        progress(
-                            k.t0,
-                            format!(
-                                "  {rules} rules r{round} steady {} ({}): p50 {:.0} ns, p10 {:.0} ns",
-                                r.kind, r.build, r.p50, r.p10
-                            ),
-                        );
-                    }
-                    out.steady.extend(runs);
+        }
+        // Keep-alive connections in steady state, both programs.
+        let Some(egress_id) = egress_id else { continue };
+        if out.steady_error.is_some() {
+            continue;
+        }
+        let base = 45_000 + if rules == 10 { 0 } else { 500 } + 4 * round as u16;
+        let mut arms = vec![(super::steady::THIS_BUILD, id, egress_id)];
+        if let Some((i, e)) = base_ids {
+            arms.push((super::steady::BASELINE, i, e));
+        }
+        match super::steady::round(&arms, rules, round, base) {
+            Ok(runs) => {
+                for r in &runs {
+                    progress(
+                        k.t0,
+                        format!(
+                            "  {rules} rules r{round} steady {} ({}): p50 {:.0} ns, p10 {:.0} ns",
+                            r.kind, r.build, r.p50, r.p10
+                        ),
+                    );
                 }
-                Err(e) => {
-                    progress(k.t0, format!("  steady state failed: {e:#}"));
-                    out.steady_error = Some(format!("{e:#}"));
-                }
+                out.steady.extend(runs);
+            }
+            Err(e) => {
+                progress(k.t0, format!("  steady state failed: {e:#}"));
+                out.steady_error = Some(format!("{e:#}"));
             }
         }
     }

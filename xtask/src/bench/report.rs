@@ -497,7 +497,7 @@ fn section_allowed(
                 "Allowed traffic, {arm}: {non2xx} responses were not 2xx/3xx (expected none)."
             ));
         }
-        if arm != base {
+        if arm != base && arm != super::EMPTY_ARM {
             if let Some(s) = rr {
                 targets.push(format!(
                     "| allowed throughput, {arm}, ≥ 0.98 × no filter | {} | {} |",
@@ -505,6 +505,32 @@ fn section_allowed(
                     verdict_ratio(s, 0.98)
                 ));
             }
+        }
+    }
+    if all.iter().any(|a| a == super::EMPTY_ARM) {
+        let _ = writeln!(
+            m,
+            "\n`{}`: no daemon, only a classifier that returns at once (`r0 = -1; exit`) attached \
+             with TCX to the same hooks as `filterd`'s programs (the server veth's ingress and egress): \
+             what any TC classifier there costs this traffic, the floor no filter on these hooks goes below.",
+            super::EMPTY_ARM
+        );
+        let rps = w(WrkResult::rps);
+        let empty = spread(&ratios(r, sec, super::EMPTY_ARM, base, &rps));
+        let above: Vec<String> = all
+            .iter()
+            .filter(|a| *a != base && *a != super::EMPTY_ARM)
+            .filter_map(|a| {
+                let s = spread(&ratios(r, sec, a, super::EMPTY_ARM, &rps))?;
+                Some(format!("{a} {}", fmt_spread(Some(s), 3)))
+            })
+            .collect();
+        if let Some(e) = empty {
+            notes.push(format!(
+                "Allowed throughput with only an empty classifier attached (ingress and egress): {} of no filter; the filter's arms against that arm in the same rounds: {}.",
+                fmt_spread(Some(e), 3),
+                if above.is_empty() { "n/a".into() } else { above.join(", ") }
+            ));
         }
     }
     let _ = writeln!(m);
