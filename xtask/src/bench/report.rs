@@ -285,8 +285,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         m,
         "- Two network namespaces joined by a veth pair (`filter_tests::lab`): wrk in the client namespace, \
-         nginx and `filterd` in the server namespace; `filterd` attaches its TC classifier (TCX) to the \
-         server's veth ingress, port 80.\n\
+         nginx and `filterd` in the server namespace; `filterd` attaches its TC classifiers (TCX) to the \
+         server veth's ingress (requests to port 80) and egress (their responses).\n\
          - Backend: nginx {} (2 workers, own config in the lab's temp dir) answering `200 ok` (3-byte body) on :80, \
          listening with `deferred` (TCP_DEFER_ACCEPT, as README advises behind the filter). Its CPU is the utime+stime of its master and workers from `/proc/<pid>/stat`.\n\
          - 405 front for comparison: a second nginx answering `405` with `Allow: GET, HEAD, POST` for any other \
