@@ -341,12 +341,8 @@ impl<'a> Filter<'a> {
             FilterState::Empty => {
                 self.stop_daemon()?;
                 if self.empty_links.is_empty() {
-                    if self.empty.is_none() {
-                        self.empty = Some(kernel::EmptyClassifier::load()?);
-                    }
-                    let prog = self.empty.as_ref().context("empty classifier")?;
-                    self.empty_links =
-                        prog.attach(self.lab.server_netns(), self.lab.server_iface())?;
+                    let (netns, iface) = (self.lab.server_netns(), self.lab.server_iface());
+                    self.empty_links = self.empty_classifier()?.attach(netns, iface)?;
                 }
             }
             FilterState::Rules(n) => {
@@ -370,6 +366,15 @@ impl<'a> Filter<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The bench's empty classifier, loaded on first use and kept for the run: section 1
+    /// attaches it, section 2 test-runs it.
+    pub fn empty_classifier(&mut self) -> Result<&kernel::EmptyClassifier> {
+        if self.empty.is_none() {
+            self.empty = Some(kernel::EmptyClassifier::load()?);
+        }
+        self.empty.as_ref().context("empty classifier")
     }
 
     fn stop_daemon(&mut self) -> Result<()> {

@@ -579,7 +579,9 @@ pub fn section_kernel(
         fs::write(k.lab.dir().join(format!("frame-{i}.bin")), f)?;
     }
     let mut calibrated: BTreeMap<usize, u32> = BTreeMap::new();
-    let empty = EmptyClassifier::load()
+    let empty_id = filter
+        .empty_classifier()
+        .map(|e| e.id)
         .map_err(|e| progress(k.t0, format!("  no empty classifier: {e:#}")))
         .ok();
     let egress_id = prog_named(pid, "http_egress")
@@ -622,21 +624,9 @@ pub fn section_kernel(
                     r
                 }
             };
-            let before = counters(filter)?;
-            let (retval, ns) = prog_run(
-                k.lab,
-                id,
-                &k.lab.dir().join(format!("frame-{i}.bin")),
-                repeat,
-            )?;
-            let after = counters(filter)?;
-            let reasons = moved(&before, &after);
-            progress(
-                k.t0,
-                format!("  {rules} rules r{round} {name}: {ns} ns (ret {retval}, {reasons:?})"),
-            );
-            out.test_runs.push(TestRun {
-                frame: (*name).to_owned(),
+            // One row of the table: this frame through a program, `repeat` runs.
+            let row = |frame: &str, (retval, ns): (i64, u64), reasons| TestRun {
+                frame: frame.to_owned(),
                 frame_bytes: f.len(),
                 rules,
                 round,
@@ -644,23 +634,22 @@ pub fn section_kernel(
                 ns,
                 retval,
                 reasons,
-            });
-            if i == OTHER_PORT_FRAME {
-                if let Some(e) = &empty {
-                    // The same frame and repeat count through the empty classifier, right
-                    // after: the zero point of this round.
-                    let (retval, ns) = prog_run(k.lab, e.id, &file, repeat)?;
-                    out.test_runs.push(TestRun {
-                        frame: EMPTY_CLASSIFIER.to_owned(),
-                        frame_bytes: f.len(),
-                        rules,
-                        round,
-                        repeat,
-                        ns,
-                        retval,
-                        reasons: BTreeMap::new(),
-                    });
-                }
+            };
+            let before = counters(filter)?;
+            let (retval, ns) = prog_run(k.lab, id, &file, repeat)?;
+            let after = counters(filter)?;
+            let reasons = moved(&before, &after);
+            progress(
+                k.t0,
+                format!("  {rules} rules r{round} {name}: {ns} ns (ret {retval}, {reasons:?})"),
+            );
+            out.test_runs.push(row(name, (retval, ns), reasons));
+            if let (OTHER_PORT_FRAME, Some(empty)) = (i, empty_id) {
+                // The same frame and repeat count through the empty classifier, right after:
+                // the zero point of this round.
+                let run = prog_run(k.lab, empty, &file, repeat)?;
+                out.test_runs
+                    .push(row(EMPTY_CLASSIFIER, run, BTreeMap::new()));
             }
         }
         // Keep-alive connections in steady state, both programs.
