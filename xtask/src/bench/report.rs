@@ -2,8 +2,9 @@
 //!
 //! Every throughput and latency figure is reported as the median and the spread (min..max)
 //! over rounds of the per-round ratio against the baseline arm of the same round; absolute
-//! figures are shown beside them. Targets are judged on the median ratio and said plainly; a
-//! miss is noise-bound only when the upper quartile reaches the target.
+//! figures are shown beside them. Targets are judged on the median ratio and said plainly, with
+//! the median's distribution-free confidence interval: a verdict is established only when the
+//! whole interval is on its side of the target.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,9 +21,10 @@ pub struct Spread {
     pub median: f64,
     pub min: f64,
     pub max: f64,
-    /// The quartiles (linear interpolation between the sorted values).
-    pub q1: f64,
-    pub q3: f64,
+    /// The median's confidence interval (`median_ci`) and its coverage.
+    pub ci_lo: f64,
+    pub ci_hi: f64,
+    pub ci_level: f64,
     pub n: usize,
 }
 
@@ -41,23 +43,61 @@ pub fn spread(v: &[f64]) -> Option<Spread> {
             None => v[i],
         }
     };
+    let (ci_lo, ci_hi, ci_level) = median_ci(&v);
     Some(Spread {
         median: at(0.5),
         min: v[0],
         max: v[n - 1],
-        q1: at(0.25),
-        q3: at(0.75),
+        ci_lo,
+        ci_hi,
+        ci_level,
         n,
     })
 }
 
-/// A ratio target's figure: the median and spread, and the middle half of the rounds.
+/// The distribution-free confidence interval of the median of `sorted` (ascending, not
+/// empty): the order statistics `x(k)..x(n+1-k)` (1-based) for the largest `k` whose coverage,
+/// `1 - 2 P(B < k)` with `B ~ Binomial(n, 1/2)`, is at least 95 %. It assumes only that the
+/// rounds are independent draws. Below six rounds no `k` reaches 95 %: the interval is then
+/// the whole range, at its own coverage (93.75 % for five rounds, 0 for one). Returns
+/// `(low, high, coverage)`.
+fn median_ci(sorted: &[f64]) -> (f64, f64, f64) {
+    let n = sorted.len();
+    let p = 0.5f64.powi(n as i32);
+    // k = 1: P(B < 1) = P(B = 0) = p.
+    let (mut k, mut coverage) = (1, 1.0 - 2.0 * p);
+    let (mut choose, mut below) = (1.0, p);
+    for i in 1..n / 2 {
+        // k = i + 1: P(B < k) = P(B <= i).
+        choose = choose * (n - i + 1) as f64 / i as f64;
+        below += choose * p;
+        let c = 1.0 - 2.0 * below;
+        if c < 0.95 {
+            break;
+        }
+        (k, coverage) = (i + 1, c);
+    }
+    (sorted[k - 1], sorted[n - k], coverage)
+}
+
+/// A confidence level as the report says it: `95 %`, `93.8 %`.
+fn level(c: f64) -> String {
+    let pct = c * 100.0;
+    if (pct - pct.round()).abs() < 0.05 {
+        format!("{pct:.0} %")
+    } else {
+        format!("{pct:.1} %")
+    }
+}
+
+/// A ratio target's figure: the median and spread, and the median's confidence interval.
 fn fmt_target(s: Spread, digits: usize) -> String {
     format!(
-        "{}, middle half {:.d$}–{:.d$}",
+        "{}, median's {} CI {:.d$}–{:.d$}",
         fmt_spread(Some(s), digits),
-        s.q1,
-        s.q3,
+        level(s.ci_level),
+        s.ci_lo,
+        s.ci_hi,
         d = digits
     )
 }
@@ -135,22 +175,19 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// A ratio target judged on the median. A miss is called noise-bound (not established) when
-/// the upper quartile still reaches the target, i.e. a quarter or more of the rounds do; the
-/// extremes alone do not make it so (over many rounds one lucky round always reaches it).
+/// A ratio target judged on the median, and established only when the median's confidence
+/// interval is on the same side of the target: with a few noisy rounds a miss (or a pass) can
+/// be the machine's luck, and the verdict says so rather than counting it either way.
 fn verdict_ratio(s: Spread, target: f64) -> String {
-    if s.median >= target {
-        "**met**".into()
-    } else if s.q3 >= target {
-        format!(
-            "**MISSED on the median**, but the upper quartile ({:.3}) reaches the target: noise-bound, not established",
-            s.q3
-        )
-    } else {
-        format!(
-            "**MISSED**: three quarters of the rounds below it (upper quartile {:.3})",
-            s.q3
-        )
+    match (s.median >= target, s.ci_lo >= target, s.ci_hi >= target) {
+        (true, true, _) => "**met** (the whole interval is above the target)".into(),
+        (true, false, _) => {
+            "**met on the median**, not established: the interval reaches below the target".into()
+        }
+        (false, _, true) => {
+            "**MISSED on the median**, not established: the interval reaches the target".into()
+        }
+        (false, _, false) => "**MISSED** (the whole interval is below the target)".into(),
     }
 }
 
@@ -284,8 +321,9 @@ pub fn markdown(r: &Results) -> String {
          Absolute figures move by tens of percent from run to run. The arms of a section are therefore \
          interleaved within each round (order rotated per round), and every figure is given as the median \
          and the spread `[min..max]` of the per-round ratio against the baseline arm of the same round; \
-         ratio targets also give the middle half of the rounds (the quartiles), and a miss is called \
-         noise-bound only when a quarter or more of the rounds reach the target. \
+         ratio targets also give the median's confidence interval (distribution-free, from the order \
+         statistics: 95 % where there are at least six rounds, else the whole range at its own coverage), \
+         and a verdict is called established only when that whole interval is on its side of the target. \
          The `machine` and `steal` columns in the CSV show how busy the whole machine was during each run.\n"
     );
 
@@ -323,7 +361,7 @@ pub fn markdown(r: &Results) -> String {
          answer, the same connection shape as `filterd`'s 405 + FIN).\n\
          - Policy: `{}` allows GET and POST (HEAD implied); 10 rules = that plus 9 others; 100k rules = that plus \
          99,999 others, applied with `PUT /v1/rules`. Load: wrk, keep-alive, `-t{} -c{} -d{}s`, \
-         `--timeout 2s`, one run per arm per round, {} rounds.\n\
+         `--timeout 2s`, one run per arm per round, {} rounds{}.\n\
          - Kernel cost: `bpftool prog run` (`BPF_PROG_TEST_RUN`) on the program the running daemon loaded, \
          with its real maps, up to {} repeats per call (the count of each call is in `results.json`); the daemon's verdict counters before and after tell which \
          path each frame took. `bpf_stats` (`kernel.bpf_stats_enabled=1`, restored afterwards): \
@@ -339,6 +377,14 @@ pub fn markdown(r: &Results) -> String {
         r.connections,
         r.duration_s,
         r.rounds,
+        if r.allowed_rounds > 0 {
+            format!(
+                " (section 1: {} rounds of `-d{}s` runs)",
+                r.allowed_rounds, r.allowed_duration_s
+            )
+        } else {
+            String::new()
+        },
         r.repeat
     );
 
@@ -410,7 +456,7 @@ pub fn markdown(r: &Results) -> String {
                  (this bench itself accounts for about {} of it), so other work took CPU from the client, the server \
                  and the packet path at random moments. Per-round ratios of throughput therefore spread widely; \
                  a difference of a few percent (the 0.98 target) cannot be resolved in such a run. Rerun on a quiet \
-                 machine, or with more and shorter rounds (`--rounds 15 --duration 4`) to pair the arms closer in time.",
+                 machine, or with more rounds (`--allowed-rounds 30 --allowed-duration 3`) to narrow the intervals.",
                 fmt_spread(Some(load), 1),
                 r.env.cpus,
                 cpus as u64 + 1
@@ -556,8 +602,13 @@ fn section_allowed(
             .collect();
         if let Some(e) = empty {
             notes.push(format!(
-                "Allowed throughput with only an empty classifier attached (ingress and egress): {} of no filter; the filter's arms against that arm in the same rounds: {}.",
-                fmt_spread(Some(e), 3),
+                "Allowed throughput with only an empty classifier attached (ingress and egress): {} of no filter ({}); the filter's arms against that arm in the same rounds: {}.",
+                fmt_target(e, 3),
+                if e.ci_hi >= 1.0 {
+                    "its interval reaches 1: no cost of the hooks themselves is resolved"
+                } else {
+                    "its interval is below 1: the hooks themselves cost this traffic something"
+                },
                 if above.is_empty() { "n/a".into() } else { above.join(", ") }
             ));
         }
@@ -1176,35 +1227,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spread_gives_median_and_quartiles_by_interpolation() {
+    fn spread_gives_median_and_range() {
         let s = spread(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
-        assert_eq!(
-            (s.min, s.q1, s.median, s.q3, s.max),
-            (1.0, 2.0, 3.0, 4.0, 5.0)
-        );
+        assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 5.0));
         let s = spread(&[1.0, 2.0, 3.0, 4.0]).unwrap();
-        assert_eq!((s.q1, s.median, s.q3), (1.75, 2.5, 3.25));
+        assert_eq!(s.median, 2.5);
         let s = spread(&[7.0, f64::NAN]).unwrap();
-        assert_eq!(
-            (s.n, s.min, s.q1, s.median, s.q3, s.max),
-            (1, 7.0, 7.0, 7.0, 7.0, 7.0)
-        );
+        assert_eq!((s.n, s.min, s.median, s.max), (1, 7.0, 7.0, 7.0));
+        assert_eq!((s.ci_lo, s.ci_hi, s.ci_level), (7.0, 7.0, 0.0));
         assert!(spread(&[]).is_none());
     }
 
     #[test]
-    fn a_miss_is_noise_bound_only_when_a_quarter_of_the_rounds_reach_the_target() {
-        // 30 rounds, one of them lucky: still a plain miss.
+    fn the_median_interval_is_the_order_statistics_of_the_binomial_table() {
+        let ci = |n: usize| {
+            let v: Vec<f64> = (1..=n).map(|i| i as f64).collect();
+            median_ci(&v)
+        };
+        // Five rounds: no interval reaches 95 %; the whole range covers 1 - 2/32.
+        assert_eq!(ci(5), (1.0, 5.0, 0.9375));
+        // Published tables: n = 10 -> x(2)..x(9) (97.9 %), 15 -> x(4)..x(12) (96.5 %),
+        // 30 -> x(10)..x(21) (95.7 %).
+        let (lo, hi, c) = ci(10);
+        assert_eq!((lo, hi), (2.0, 9.0));
+        assert!((c - 0.9785).abs() < 1e-3, "{c}");
+        let (lo, hi, c) = ci(15);
+        assert_eq!((lo, hi), (4.0, 12.0));
+        assert!((c - 0.9648).abs() < 1e-3, "{c}");
+        let (lo, hi, c) = ci(30);
+        assert_eq!((lo, hi), (10.0, 21.0));
+        assert!((c - 0.9572).abs() < 1e-3, "{c}");
+        assert_eq!(level(0.9375), "93.8 %");
+        assert_eq!(level(0.95), "95 %");
+    }
+
+    #[test]
+    fn a_verdict_is_established_only_when_the_interval_is_on_its_side() {
+        // 30 rounds, one of them lucky: a miss all the same.
         let mut v = vec![0.9; 29];
         v.push(1.2);
-        let s = spread(&v).unwrap();
-        assert!(verdict_ratio(s, 0.98).starts_with("**MISSED**: three quarters"));
-        // A quarter of the rounds at the target: within the noise.
-        let v = [0.9, 0.9, 0.95, 0.99, 1.0];
-        assert!(verdict_ratio(spread(&v).unwrap(), 0.98).contains("noise-bound"));
-        assert_eq!(
-            verdict_ratio(spread(&[0.98, 0.99]).unwrap(), 0.98),
-            "**met**"
-        );
+        assert!(verdict_ratio(spread(&v).unwrap(), 0.98).starts_with("**MISSED** ("));
+        // Five rounds whose best reaches the target: the median misses, not established.
+        let v = [0.9, 0.9, 0.95, 0.96, 1.0];
+        assert!(verdict_ratio(spread(&v).unwrap(), 0.98)
+            .starts_with("**MISSED on the median**, not established"));
+        // Met on every round of fifteen: established.
+        let v = [1.0; 15];
+        assert!(verdict_ratio(spread(&v).unwrap(), 0.98).starts_with("**met** ("));
+        // Met on the median of two, one of them below.
+        assert!(verdict_ratio(spread(&[0.97, 0.99]).unwrap(), 0.98)
+            .starts_with("**met on the median**"));
     }
 }
