@@ -46,7 +46,7 @@ pub struct Args {
     /// Rounds of sections 2 to 4; the arms of a section are interleaved inside each round.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Seconds per wrk run.
+    /// Seconds per wrk run in sections 2 to 4 (section 2: its `bpf_stats` runs, at most 8).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
     /// Rounds of section 1 (allowed traffic), whose 0.98 target needs a narrower interval than
