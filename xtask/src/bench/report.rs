@@ -786,7 +786,8 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
             m,
             "Steady state: the packets of keep-alive connections, one `BPF_PROG_TEST_RUN` call each with the \
              sequence numbers moving on as a real connection's do, so each takes the path it takes under traffic \
-             (a replayed frame is new only once). Both programs, {} packets per kind and round, interleaved; the \
+             (a replayed frame is new only once). Both programs, {} packets per kind and round, interleaved (the kinds \
+             in an order rotated at every step: the first packet after the bench's own code meets colder caches); the \
              figure is the median over a round's calls (the kernel's own timer around one run), then median \
              `[min..max]` over rounds. `− floor` subtracts the same round's ARP median (the cost of one call).{}\n",
             k.steady.first().map_or(0, |r| r.packets),
@@ -870,6 +871,41 @@ fn section_kernel(r: &Results, m: &mut String, targets: &mut Vec<String>, notes:
             let _ = writeln!(m, "{row}");
         }
         let _ = writeln!(m);
+        // The rows that differ by one part of a request or a response, per round.
+        use super::steady::{kind, KINDS};
+        let part = |a: usize, b: Option<usize>| -> String {
+            let (a, b) = (
+                net(KINDS[a], THIS_BUILD, 10),
+                b.map(|b| net(KINDS[b], THIS_BUILD, 10)),
+            );
+            let v: Vec<f64> = a
+                .iter()
+                .filter_map(|(round, x)| match &b {
+                    None => Some(*x),
+                    Some(b) => b.iter().find(|(r, _)| r == round).map(|(_, y)| x - y),
+                })
+                .collect();
+            fmt_spread(spread(&v), 0)
+        };
+        if !net(KINDS[kind::LINE_ONLY], THIS_BUILD, 10).is_empty() {
+            let _ = writeln!(
+                m,
+                "Where a request's and a response's cost goes (10 rules, ns, per-round differences of the rows \
+                 above, median `[min..max]`). Ingress: every packet of a followed connection (the request body \
+                 segment's row) {}; the request line and its decision (wrk's line alone, minus that) {}; wrk's \
+                 `Host` header line (its request minus its line alone) {}. Egress: every packet (the response \
+                 body segment's row) {}; a status line and the end of the head (the 204, minus that) {}; a \
+                 `Content-Length` line and a 3-byte body (the 200 with only that header, minus the 204) {}; \
+                 nginx's five other header lines (its response minus that) {}.\n",
+                part(kind::UP, None),
+                part(kind::LINE_ONLY, Some(kind::UP)),
+                part(kind::GET, Some(kind::LINE_ONLY)),
+                part(kind::DOWN, None),
+                part(kind::STATUS_ONLY, Some(kind::DOWN)),
+                part(kind::LENGTH_ONLY, Some(kind::STATUS_ONLY)),
+                part(kind::RESPONSE, Some(kind::LENGTH_ONLY)),
+            );
+        }
     }
     if let Some(e) = &k.steady_error {
         notes.push(format!(

@@ -31,6 +31,12 @@ const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 
 const UPLOAD: &[u8] =
     b"POST /api/items HTTP/1.1\r\nHost: 10.77.0.2\r\nContent-Length: 1000000000\r\n\r\n";
 const DOWNLOAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+/// wrk's request line without its `Host` header, and responses with fewer header lines than
+/// nginx's: with the rows above they split a request's and a response's cost into the
+/// per-packet part, the request or status line, and the header lines.
+const LINE_ONLY: &[u8] = b"GET /api/items HTTP/1.1\r\n\r\n";
+const STATUS_ONLY: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+const LENGTH_ONLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
 /// Body segment sizes: a request body of 512 B per segment, a response body of a full
 /// 1500-byte MTU's payload.
 const UP_SEGMENT: usize = 512;
@@ -39,14 +45,27 @@ const DOWN_SEGMENT: usize = 1448;
 /// The long request line's path: with `GET `, ` HTTP/1.1` and its CRLF, the line is 1 KiB.
 const LONG_PATH: usize = 1009;
 
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 9] = [
     "ARP (floor of one call)",
     "keep-alive GET (wrk's request), ingress",
     "its response (nginx's 200, 3 B body), egress",
     "request body segment (512 B), ingress",
     "response body segment (1448 B), egress",
     "keep-alive GET, 1 KiB request line (1009 B path), ingress",
+    "wrk's request line alone (no `Host`), ingress",
+    "a 204's status line alone (no header), egress",
+    "a 200 with only `Content-Length` (3 B body), egress",
 ];
+/// Indices in [`KINDS`] of the rows the report splits a request's and a response's cost with.
+pub mod kind {
+    pub const GET: usize = 1;
+    pub const RESPONSE: usize = 2;
+    pub const UP: usize = 3;
+    pub const DOWN: usize = 4;
+    pub const LINE_ONLY: usize = 6;
+    pub const STATUS_ONLY: usize = 7;
+    pub const LENGTH_ONLY: usize = 8;
+}
 
 /// The builds a round may alternate between (`--baseline`).
 pub const THIS_BUILD: &str = "this build";
@@ -188,8 +207,18 @@ struct Arm {
     up: Conn,
     down: Conn,
     long: Conn,
-    ns: [Vec<u32>; 6],
+    /// Keep-alive connections for the rows that split the costs (`LINE_ONLY`, `STATUS_ONLY`,
+    /// `LENGTH_ONLY`).
+    line: Conn,
+    status: Conn,
+    length: Conn,
+    ns: [Vec<u32>; KINDS.len()],
 }
+
+/// Groups of packets in one [`Arm::step`] (each a connection's request and response, a body
+/// segment, or the ARP frame), sent in an order rotated at every step: the first packet after
+/// the bench's own code runs on colder caches than the ones after it.
+const GROUPS: usize = 8;
 
 impl Arm {
     /// Open the connections: two keep-alive ones (short and long request lines), an upload
@@ -201,6 +230,9 @@ impl Arm {
         let mut up = Conn::open(&ingress, &egress, base + 1)?;
         let mut down = Conn::open(&ingress, &egress, base + 2)?;
         let long = Conn::open(&ingress, &egress, base + 3)?;
+        let line = Conn::open(&ingress, &egress, base + 4)?;
+        let status = Conn::open(&ingress, &egress, base + 5)?;
+        let length = Conn::open(&ingress, &egress, base + 6)?;
         passed("the upload's head", up.send(&ingress, UPLOAD)?.0)?;
         passed("the download's request", down.send(&ingress, REQUEST)?.0)?;
         down.answer(&egress, DOWNLOAD)?;
@@ -212,26 +244,61 @@ impl Arm {
             up,
             down,
             long,
+            line,
+            status,
+            length,
             ns: Default::default(),
         })
     }
 
-    /// One packet of each kind.
-    fn step(&mut self, arp: &[u8], up_body: &[u8], down_body: &[u8], long: &[u8]) -> Result<()> {
-        self.ns[0].push(run_once(&self.ingress, arp)?.1);
-        let (ret, t) = self.keep.send(&self.ingress, REQUEST)?;
-        passed("a keep-alive GET", ret)?;
-        self.ns[1].push(t);
-        self.ns[2].push(self.keep.answer(&self.egress, RESPONSE)?);
-        let (ret, t) = self.up.send(&self.ingress, up_body)?;
-        passed("a request body segment", ret)?;
-        self.ns[3].push(t);
-        self.ns[4].push(self.down.answer(&self.egress, down_body)?);
-        let (ret, t) = self.long.send(&self.ingress, long)?;
-        passed("a GET with a 1 KiB request line", ret)?;
-        self.ns[5].push(t);
-        // Answered (not measured), so that requests do not pile up unanswered.
-        self.long.answer(&self.egress, RESPONSE)?;
+    /// One packet of each kind, the groups in the order `rotation` gives.
+    fn step(&mut self, f: &Frames, rotation: usize) -> Result<()> {
+        for g in 0..GROUPS {
+            match (g + rotation) % GROUPS {
+                0 => self.ns[0].push(run_once(&self.ingress, &f.arp)?.1),
+                1 => {
+                    let (ret, t) = self.keep.send(&self.ingress, REQUEST)?;
+                    passed("a keep-alive GET", ret)?;
+                    self.ns[kind::GET].push(t);
+                    self.ns[kind::RESPONSE].push(self.keep.answer(&self.egress, RESPONSE)?);
+                }
+                2 => {
+                    let (ret, t) = self.up.send(&self.ingress, &f.up_body)?;
+                    passed("a request body segment", ret)?;
+                    self.ns[kind::UP].push(t);
+                }
+                3 => self.ns[kind::DOWN].push(self.down.answer(&self.egress, &f.down_body)?),
+                4 => {
+                    let (ret, t) = self.long.send(&self.ingress, &f.long)?;
+                    passed("a GET with a 1 KiB request line", ret)?;
+                    self.ns[5].push(t);
+                    // Answered (not measured), so that requests do not pile up unanswered.
+                    self.long.answer(&self.egress, RESPONSE)?;
+                }
+                5 => {
+                    let (ret, t) = self.line.send(&self.ingress, LINE_ONLY)?;
+                    passed("a GET without headers", ret)?;
+                    self.ns[kind::LINE_ONLY].push(t);
+                    self.line.answer(&self.egress, RESPONSE)?;
+                }
+                6 => {
+                    passed(
+                        "a keep-alive GET",
+                        self.status.send(&self.ingress, REQUEST)?.0,
+                    )?;
+                    let t = self.status.answer(&self.egress, STATUS_ONLY)?;
+                    self.ns[kind::STATUS_ONLY].push(t);
+                }
+                _ => {
+                    passed(
+                        "a keep-alive GET",
+                        self.length.send(&self.ingress, REQUEST)?.0,
+                    )?;
+                    let t = self.length.answer(&self.egress, LENGTH_ONLY)?;
+                    self.ns[kind::LENGTH_ONLY].push(t);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -243,13 +310,15 @@ impl Arm {
             up,
             down,
             long,
+            line,
+            status,
+            length,
             mut ns,
             ..
         } = self;
-        keep.close(&ingress)?;
-        long.close(&ingress)?;
-        up.close(&ingress)?;
-        down.close(&ingress)?;
+        for conn in [keep, long, up, down, line, status, length] {
+            conn.close(&ingress)?;
+        }
         Ok(ns
             .iter_mut()
             .zip(KINDS)
@@ -282,9 +351,7 @@ pub enum Traffic {
 /// `packets` packets of `traffic` through the programs, unmeasured (what `--profile` samples).
 pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) -> Result<()> {
     let mut arm = Arm::open(THIS_BUILD, ingress_id, egress_id, 47_000)?;
-    let up_body = vec![b'u'; UP_SEGMENT];
-    let down_body = vec![b'd'; DOWN_SEGMENT];
-    let long = super::kernel::request(LONG_PATH);
+    let f = Frames::new();
     for _ in 0..packets {
         match traffic {
             Traffic::Get => {
@@ -294,18 +361,18 @@ pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) 
             Traffic::Long => {
                 passed(
                     "a GET with a 1 KiB request line",
-                    arm.long.send(&arm.ingress, &long)?.0,
+                    arm.long.send(&arm.ingress, &f.long)?.0,
                 )?;
                 arm.long.answer(&arm.egress, RESPONSE)?;
             }
             Traffic::Upload => {
                 passed(
                     "a request body segment",
-                    arm.up.send(&arm.ingress, &up_body)?.0,
+                    arm.up.send(&arm.ingress, &f.up_body)?.0,
                 )?;
             }
             Traffic::Download => {
-                arm.down.answer(&arm.egress, &down_body)?;
+                arm.down.answer(&arm.egress, &f.down_body)?;
             }
         }
     }
@@ -315,12 +382,34 @@ pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) 
         up,
         down,
         long,
+        line,
+        status,
+        length,
         ..
     } = arm;
-    for conn in [keep, long, up, down] {
+    for conn in [keep, long, up, down, line, status, length] {
         conn.close(&ingress)?;
     }
     Ok(())
+}
+
+/// The frames a step sends besides the constant ones.
+struct Frames {
+    arp: Vec<u8>,
+    up_body: Vec<u8>,
+    down_body: Vec<u8>,
+    long: Vec<u8>,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            arp: arp_frame(),
+            up_body: vec![b'u'; UP_SEGMENT],
+            down_body: vec![b'd'; DOWN_SEGMENT],
+            long: super::kernel::request(LONG_PATH),
+        }
+    }
 }
 
 /// One round: `PACKETS` of each kind for each build in `arms` (build, ingress program id,
@@ -335,13 +424,10 @@ pub fn round(
     for &(build, ingress, egress) in arms {
         open.push(Arm::open(build, ingress, egress, base)?);
     }
-    let arp = arp_frame();
-    let up_body = vec![b'u'; UP_SEGMENT];
-    let down_body = vec![b'd'; DOWN_SEGMENT];
-    let long = super::kernel::request(LONG_PATH);
-    for _ in 0..PACKETS {
+    let frames = Frames::new();
+    for i in 0..PACKETS {
         for arm in open.iter_mut() {
-            arm.step(&arp, &up_body, &down_body, &long)?;
+            arm.step(&frames, i)?;
         }
     }
     let mut out = Vec::new();
