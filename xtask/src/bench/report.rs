@@ -605,9 +605,9 @@ fn section_allowed(
                 "Allowed throughput with only an empty classifier attached (ingress and egress): {} of no filter ({}); the filter's arms against that arm in the same rounds: {}.",
                 fmt_target(e, 3),
                 if e.ci_hi >= 1.0 {
-                    "its interval reaches 1: no cost of the hooks themselves is resolved"
+                    "its interval reaches 1: this run resolves no cost of the hooks themselves"
                 } else {
-                    "its interval is below 1: the hooks themselves cost this traffic something"
+                    "its interval lies below 1: in this run the hooks themselves cost something"
                 },
                 if above.is_empty() { "n/a".into() } else { above.join(", ") }
             ));
