@@ -340,6 +340,8 @@ impl Arm {
 pub enum Traffic {
     /// wrk's keep-alive GET (ingress) and nginx's 200 to it (egress).
     Get,
+    /// wrk's request line alone, no header (ingress), and a 204 with no header (egress).
+    Line,
     /// A GET with a 1 KiB request line (ingress), answered (egress).
     Long,
     /// Request body segments of an upload (ingress).
@@ -357,6 +359,13 @@ pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) 
             Traffic::Get => {
                 passed("a keep-alive GET", arm.keep.send(&arm.ingress, REQUEST)?.0)?;
                 arm.keep.answer(&arm.egress, RESPONSE)?;
+            }
+            Traffic::Line => {
+                passed(
+                    "a GET without headers",
+                    arm.line.send(&arm.ingress, LINE_ONLY)?.0,
+                )?;
+                arm.line.answer(&arm.egress, STATUS_ONLY)?;
             }
             Traffic::Long => {
                 passed(
