@@ -84,6 +84,11 @@ pub struct Args {
     /// Only rewrite BENCHMARKS.md and the CSV from an earlier run's results.json (no root).
     #[arg(long)]
     pub report_from: Option<PathBuf>,
+    /// Instead of the benchmarks: section 1's ratios of several earlier runs' results.json,
+    /// per run and pooled over all their rounds (median and its 95 % interval), as a
+    /// Markdown table on stdout. Pool only runs of the same programs.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub pool: Vec<PathBuf>,
     /// Do not apt-get install missing tools; fail naming them instead.
     #[arg(long)]
     pub no_install: bool,
@@ -156,12 +161,25 @@ pub struct Results {
     pub memory: Option<kernel::Memory>,
 }
 
+/// An earlier run's results.json.
+fn load_results(json: &Path) -> Result<Results> {
+    let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a bench results.json", json.display()))
+}
+
 pub fn main(args: &Args) -> Result<()> {
+    if !args.pool.is_empty() {
+        let runs = args
+            .pool
+            .iter()
+            .map(|p| Ok((p.display().to_string(), load_results(p)?)))
+            .collect::<Result<Vec<_>>>()?;
+        print!("{}", report::pooled_allowed(&runs));
+        return Ok(());
+    }
     if let Some(json) = &args.report_from {
-        let text =
-            fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let results: Results = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a bench results.json", json.display()))?;
+        let results = load_results(json)?;
         let out = args
             .out
             .clone()

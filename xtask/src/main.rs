@@ -33,7 +33,7 @@ enum Command {
     /// Build, then run every test tier (host unit tests, kernel fixtures, end to end).
     Test,
     /// Build, then run the benchmarks and write docs/BENCHMARKS.md and docs/bench/ (~12 min, root).
-    Bench(bench::Args),
+    Bench(Box<bench::Args>),
 }
 
 fn main() {

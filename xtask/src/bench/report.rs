@@ -191,6 +191,67 @@ fn verdict_ratio(s: Spread, target: f64) -> String {
     }
 }
 
+/// Section 1's throughput ratios of several runs (`--pool`): each arm against `no filter` (and
+/// the filter's arms against the empty classifier), per run and over all the runs' rounds
+/// together, as the median and its confidence interval.
+pub fn pooled_allowed(runs: &[(String, Results)]) -> String {
+    let sec = "allowed";
+    let base = "no filter";
+    let mut columns: Vec<(String, String)> = Vec::new();
+    for (_, r) in runs {
+        for arm in arms(r, sec) {
+            let mut add = |a: &str, b: &str| {
+                let c = (a.to_owned(), b.to_owned());
+                if a != b && !columns.contains(&c) {
+                    columns.push(c);
+                }
+            };
+            add(&arm, base);
+            if arm != super::EMPTY_ARM && arm != base {
+                add(&arm, super::EMPTY_ARM);
+            }
+        }
+    }
+    let rps = w(WrkResult::rps);
+    let cell = |v: &[f64]| match spread(v) {
+        Some(s) => format!(
+            "{:.3}, {:.3}–{:.3} ({}, n = {})",
+            s.median,
+            s.ci_lo,
+            s.ci_hi,
+            level(s.ci_level),
+            s.n
+        ),
+        None => "n/a".into(),
+    };
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "Throughput ratios of section 1: median, its confidence interval (coverage, rounds).\n"
+    );
+    let _ = write!(m, "| run |");
+    for (a, b) in &columns {
+        let _ = write!(m, " {a} ÷ {b} |");
+    }
+    let _ = writeln!(m, "\n|---|{}", "---|".repeat(columns.len()));
+    let mut all: Vec<Vec<f64>> = vec![Vec::new(); columns.len()];
+    for (name, r) in runs {
+        let _ = write!(m, "| {name} |");
+        for (i, (a, b)) in columns.iter().enumerate() {
+            let v = ratios(r, sec, a, b, &rps);
+            let _ = write!(m, " {} |", cell(&v));
+            all[i].extend(v);
+        }
+        let _ = writeln!(m);
+    }
+    let _ = write!(m, "| **pooled** |");
+    for v in &all {
+        let _ = write!(m, " **{}** |", cell(v));
+    }
+    let _ = writeln!(m);
+    m
+}
+
 /// One progress line for a run.
 pub fn run_line(x: &Run) -> String {
     if let Some(e) = &x.error {
@@ -1313,5 +1374,44 @@ mod tests {
         // Met on the median of two, one of them below.
         assert!(verdict_ratio(spread(&[0.97, 0.99]).unwrap(), 0.98)
             .starts_with("**met on the median**"));
+    }
+
+    /// A results.json with section 1 runs: (arm, round, requests in one second).
+    fn allowed(runs: &[(&str, usize, u64)]) -> Results {
+        let runs: Vec<String> = runs
+            .iter()
+            .map(|(arm, round, n)| {
+                format!(
+                    r#"{{"section": "allowed", "arm": "{arm}", "round": {round},
+                        "wrk": {{"duration_us": 1000000, "requests": {n}}}}}"#
+                )
+            })
+            .collect();
+        serde_json::from_str(&format!(r#"{{"runs": [{}]}}"#, runs.join(","))).unwrap()
+    }
+
+    #[test]
+    fn pooling_takes_every_round_of_every_run() {
+        let a = allowed(&[
+            ("no filter", 0, 100),
+            ("10 rules", 0, 90),
+            ("no filter", 1, 100),
+            ("10 rules", 1, 80),
+        ]);
+        let b = allowed(&[("no filter", 0, 200), ("10 rules", 0, 140)]);
+        let md = pooled_allowed(&[("a".into(), a), ("b".into(), b)]);
+        // Per run: medians 0.85 (two rounds) and 0.70; pooled over 0.9, 0.8, 0.7: 0.8.
+        assert!(
+            md.contains("| a | 0.850, 0.800–0.900 (50 %, n = 2) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| b | 0.700, 0.700–0.700 (0 %, n = 1) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| **pooled** | **0.800, 0.700–0.900 (75 %, n = 3)** |"),
+            "{md}"
+        );
     }
 }
