@@ -56,12 +56,14 @@ pub const KINDS: [&str; 9] = [
     "a 204's status line alone (no header), egress",
     "a 200 with only `Content-Length` (3 B body), egress",
 ];
-/// Indices in [`KINDS`] of the rows the report splits a request's and a response's cost with.
+/// Indices in [`KINDS`] (the report splits a request's and a response's cost with them).
 pub mod kind {
+    pub const ARP: usize = 0;
     pub const GET: usize = 1;
     pub const RESPONSE: usize = 2;
     pub const UP: usize = 3;
     pub const DOWN: usize = 4;
+    pub const LONG: usize = 5;
     pub const LINE_ONLY: usize = 6;
     pub const STATUS_ONLY: usize = 7;
     pub const LENGTH_ONLY: usize = 8;
@@ -173,6 +175,20 @@ impl Conn {
         Ok(run_once(egress, &f)?.1)
     }
 
+    /// A request (`what`, which must pass) and its answer: the ns of each.
+    fn exchange(
+        &mut self,
+        ingress: &OwnedFd,
+        egress: &OwnedFd,
+        what: &str,
+        request: &[u8],
+        response: &[u8],
+    ) -> Result<(u32, u32)> {
+        let (ret, t) = self.send(ingress, request)?;
+        passed(what, ret)?;
+        Ok((t, self.answer(egress, response)?))
+    }
+
     /// The client's FIN: the classifier forgets the connection.
     fn close(self, ingress: &OwnedFd) -> Result<()> {
         run_once(
@@ -255,12 +271,17 @@ impl Arm {
     fn step(&mut self, f: &Frames, rotation: usize) -> Result<()> {
         for g in 0..GROUPS {
             match (g + rotation) % GROUPS {
-                0 => self.ns[0].push(run_once(&self.ingress, &f.arp)?.1),
+                0 => self.ns[kind::ARP].push(run_once(&self.ingress, &f.arp)?.1),
                 1 => {
-                    let (ret, t) = self.keep.send(&self.ingress, REQUEST)?;
-                    passed("a keep-alive GET", ret)?;
-                    self.ns[kind::GET].push(t);
-                    self.ns[kind::RESPONSE].push(self.keep.answer(&self.egress, RESPONSE)?);
+                    let (get, response) = self.keep.exchange(
+                        &self.ingress,
+                        &self.egress,
+                        "a keep-alive GET",
+                        REQUEST,
+                        RESPONSE,
+                    )?;
+                    self.ns[kind::GET].push(get);
+                    self.ns[kind::RESPONSE].push(response);
                 }
                 2 => {
                     let (ret, t) = self.up.send(&self.ingress, &f.up_body)?;
@@ -268,33 +289,46 @@ impl Arm {
                     self.ns[kind::UP].push(t);
                 }
                 3 => self.ns[kind::DOWN].push(self.down.answer(&self.egress, &f.down_body)?),
+                // The answers of the next two are not measured: they are there so that
+                // requests do not pile up unanswered.
                 4 => {
-                    let (ret, t) = self.long.send(&self.ingress, &f.long)?;
-                    passed("a GET with a 1 KiB request line", ret)?;
-                    self.ns[5].push(t);
-                    // Answered (not measured), so that requests do not pile up unanswered.
-                    self.long.answer(&self.egress, RESPONSE)?;
+                    let (t, _) = self.long.exchange(
+                        &self.ingress,
+                        &self.egress,
+                        "a GET with a 1 KiB request line",
+                        &f.long,
+                        RESPONSE,
+                    )?;
+                    self.ns[kind::LONG].push(t);
                 }
                 5 => {
-                    let (ret, t) = self.line.send(&self.ingress, LINE_ONLY)?;
-                    passed("a GET without headers", ret)?;
+                    let (t, _) = self.line.exchange(
+                        &self.ingress,
+                        &self.egress,
+                        "a GET without headers",
+                        LINE_ONLY,
+                        RESPONSE,
+                    )?;
                     self.ns[kind::LINE_ONLY].push(t);
-                    self.line.answer(&self.egress, RESPONSE)?;
                 }
                 6 => {
-                    passed(
+                    let (_, t) = self.status.exchange(
+                        &self.ingress,
+                        &self.egress,
                         "a keep-alive GET",
-                        self.status.send(&self.ingress, REQUEST)?.0,
+                        REQUEST,
+                        STATUS_ONLY,
                     )?;
-                    let t = self.status.answer(&self.egress, STATUS_ONLY)?;
                     self.ns[kind::STATUS_ONLY].push(t);
                 }
                 _ => {
-                    passed(
+                    let (_, t) = self.length.exchange(
+                        &self.ingress,
+                        &self.egress,
                         "a keep-alive GET",
-                        self.length.send(&self.ingress, REQUEST)?.0,
+                        REQUEST,
+                        LENGTH_ONLY,
                     )?;
-                    let t = self.length.answer(&self.egress, LENGTH_ONLY)?;
                     self.ns[kind::LENGTH_ONLY].push(t);
                 }
             }
@@ -357,22 +391,19 @@ pub fn drive(ingress_id: u64, egress_id: u64, traffic: Traffic, packets: usize) 
     for _ in 0..packets {
         match traffic {
             Traffic::Get => {
-                passed("a keep-alive GET", arm.keep.send(&arm.ingress, REQUEST)?.0)?;
-                arm.keep.answer(&arm.egress, RESPONSE)?;
+                let (a, b) = (&arm.ingress, &arm.egress);
+                arm.keep
+                    .exchange(a, b, "a keep-alive GET", REQUEST, RESPONSE)?;
             }
             Traffic::Line => {
-                passed(
-                    "a GET without headers",
-                    arm.line.send(&arm.ingress, LINE_ONLY)?.0,
-                )?;
-                arm.line.answer(&arm.egress, STATUS_ONLY)?;
+                let (a, b) = (&arm.ingress, &arm.egress);
+                arm.line
+                    .exchange(a, b, "a GET without headers", LINE_ONLY, STATUS_ONLY)?;
             }
             Traffic::Long => {
-                passed(
-                    "a GET with a 1 KiB request line",
-                    arm.long.send(&arm.ingress, &f.long)?.0,
-                )?;
-                arm.long.answer(&arm.egress, RESPONSE)?;
+                let (a, b) = (&arm.ingress, &arm.egress);
+                arm.long
+                    .exchange(a, b, "a GET with a 1 KiB request line", &f.long, RESPONSE)?;
             }
             Traffic::Upload => {
                 passed(
