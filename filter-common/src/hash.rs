@@ -76,19 +76,17 @@ impl SipState {
     }
 
     /// Absorb the tail (the `len % 8` bytes after the full words) and the length; the hash.
+    /// Branch-free: the tail is the word after the full ones, masked to its `len % 8` bytes
+    /// (in the kernel, a loop over the tail's bytes multiplies the states the verifier walks
+    /// through the rest of the caller by eight).
     #[inline(always)]
     pub fn finish(mut self, buf: &[u8; PATH_MAX], len: usize) -> u64 {
         let len = clamp(len);
-        let base = (len / 8) * 8;
-        let mut b = (len as u64) << 56;
-        let mut j = 0;
-        while j < 7 {
-            if j >= len & 7 {
-                break;
-            }
-            b |= (buf[(base + j) & MASK] as u64) << (8 * j);
-            j += 1;
-        }
+        let tail = len & 7;
+        // `len == PATH_MAX` has no tail: the masked word is then empty whatever is read.
+        let word = word_at(buf, (len & !7) & (PATH_MAX - 8));
+        let keep = (1u64 << (8 * tail)).wrapping_sub(1);
+        let b = ((len as u64) << 56) | (word & keep);
         let v = &mut self.v;
         v[3] ^= b;
         sipround(v);

@@ -30,6 +30,7 @@ pub mod hash;
 pub mod http;
 pub mod maps;
 pub mod method;
+pub mod packet;
 pub mod reason;
 pub mod reply;
 pub mod stream;

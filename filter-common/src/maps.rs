@@ -38,6 +38,40 @@ pub const PROG_INGRESS: &str = "http_ingress";
 /// The egress classifier's program name (frames the server's responses).
 pub const PROG_EGRESS: &str = "http_egress";
 
+/// `ProgramArray` of the classifiers' later stages, indexed by [`stage`]: each stage is a
+/// program of its own, verified on its own, entered with a tail call. The daemon fills it
+/// after loading the programs; a missing stage fails closed ([`crate::Reason::StageFailed`]).
+pub const MAP_STAGES: &str = "STAGES";
+
+/// Indices of [`MAP_STAGES`], and the program each holds ([`STAGE_PROGS`]).
+pub mod stage {
+    /// The client's new bytes through the stream parser, window by window; each request's
+    /// path hashed and looked up, and the request judged.
+    pub const INGRESS_PARSE: u32 = 0;
+    /// A request path that is not plain canonicalized (then back to `INGRESS_PARSE`).
+    pub const INGRESS_CANON: u32 = 1;
+    /// The segment's verdict applied: passed, cut, held or turned into a reset; the stream
+    /// state saved.
+    pub const INGRESS_FINISH: u32 = 2;
+    /// The server's new bytes framed into responses.
+    pub const EGRESS_FRAME: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// The stage programs by [`stage`] index (their Rust function names).
+pub const STAGE_PROGS: [&str; stage::COUNT as usize] = [
+    "ingress_parse",
+    "ingress_canon",
+    "ingress_finish",
+    "egress_frame",
+];
+
+/// Request paths canonicalized per segment. Each costs two tail calls (into `INGRESS_CANON`
+/// and back into the parser) of the 33 the kernel allows a packet; a segment that starts more
+/// requests with paths that are not plain is cut before the next one, which the client sends
+/// again. (Plain paths, the common case, cost no tail call.)
+pub const CANONS_MAX: u32 = 14;
+
 /// Capacity of each policy map.
 pub const RULES_MAX: u32 = 131_072;
 /// Capacity of each prefix-rule map.
@@ -202,12 +236,8 @@ pub struct Scratch {
     /// length, how far processing got, and whether a window was parsed.
     pub payload_off: u32,
     pub payload_len: u32,
-    /// Header offsets of the current packet (TCP header, end of IP payload) and its family,
-    /// parked here so the verifier sees one state after the IP parsing.
-    pub hdr_l4: u32,
-    pub hdr_ip_end: u32,
-    pub hdr_family: u32,
-    pub hdr_l3: u32,
+    /// Where the current segment's headers are.
+    pub hdr: HdrSlots,
     pub off: u32,
     pub decided: u32,
     /// Why the callback stopped (`STOP_*`), and for refusals the reason, method and allow set.
@@ -246,6 +276,17 @@ pub struct Scratch {
     /// Payload offset of `line`'s first byte (with `window_len`: the window a later round of
     /// the same segment may go on in instead of loading it again).
     pub win_off: u32,
+    /// The segment's TCP header as received (a refusal rewrites it into the reset).
+    pub tcp: [u8; crate::TCP_HLEN_MIN],
+    /// Sequence number of the segment's first payload byte (after a SYN's own).
+    pub seg_seq: u32,
+    /// The connection's next expected byte when the segment arrived: the backend's `rcv_nxt`.
+    pub seg_pos: u32,
+    /// The segment's TCP flags.
+    pub seg_flags: u32,
+    /// Paths canonicalized in this segment so far (see [`CANONS_MAX`]).
+    pub canons: u32,
+    pub _pad4: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 
@@ -271,6 +312,11 @@ pub const STOP_AWAIT: u32 = 8;
 /// The current request must wait (too many requests outstanding): the bytes from its start
 /// are held.
 pub const STOP_HOLD: u32 = 9;
+/// The current request's path is not plain: canonicalize it (stage `INGRESS_CANON`), then
+/// judge it.
+pub const STOP_CANON: u32 = 10;
+/// The current request's path is canonical in `Scratch::path`: judge it, then go on.
+pub const STOP_JUDGE: u32 = 11;
 
 /// A tracked connection (`CONNS`), keyed from the client's side: where the client's byte
 /// stream is (written by the ingress classifier) and where the server's responses are
@@ -306,9 +352,27 @@ pub struct ReplyScratch {
     pub window_len: u32,
     /// The byte callback's position in `window` (a body run moves it by the run's length).
     pub widx: u32,
-    pub _pad: u32,
+    /// Non-zero when the segment carries the server's FIN.
+    pub fin: u32,
+    /// Where the current segment's headers are.
+    pub hdr: HdrSlots,
 }
 const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
+
+/// Where a segment's headers are (`crate::packet::Segment`), parked in a classifier's scratch:
+/// written after the header walk and read back, so that every layout the walk can take (VLAN
+/// tags, IPv4 options, IPv6 extension headers) reaches the rest of the program as one state
+/// for the verifier, and so later stages find them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HdrSlots {
+    pub l3: u32,
+    pub l4: u32,
+    pub ip_end: u32,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<HdrSlots>() == 16);
 
 /// A connection, from the client's side. Addresses in network order (IPv4 in the first four
 /// bytes); ports in host order; zero padding. 8-aligned, so the classifiers write it as five

@@ -5,7 +5,7 @@
 //! Append-only, like cilium's drop reasons: a retired value stays reserved.
 
 /// Counter slots in `STATS`.
-pub const REASON_COUNT: usize = 32;
+pub const REASON_COUNT: usize = 64;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,10 +92,14 @@ pub enum Reason {
     /// Extra count: the egress classifier could not frame a connection's responses; the
     /// connection falls back to what the filter does without egress state.
     ReplyLost = 30,
+    /// The classifier could not pass a segment to its next stage (a tail call failed: the
+    /// stage is missing from `STAGES`, or the chain ran too long): dropped on ingress (the
+    /// client sends it again), the connection's responses lost on egress.
+    StageFailed = 31,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 32] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -127,6 +131,7 @@ impl Reason {
         Reason::Awaiting,
         Reason::UpgradeRefused,
         Reason::ReplyLost,
+        Reason::StageFailed,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -174,6 +179,7 @@ impl Reason {
             Reason::Awaiting => "awaiting_upgrade",
             Reason::UpgradeRefused => "upgrade_refused",
             Reason::ReplyLost => "reply_lost",
+            Reason::StageFailed => "stage_failed",
         }
     }
 }

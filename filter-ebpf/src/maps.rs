@@ -4,12 +4,19 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use filter_common::{
     Conn, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue, Scratch, Settings, CONNS_MAX,
     EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX, STATS_SLOTS,
 };
+
+/// The classifiers' later stages, index `filter_common::stage::*` → program. Filled by the
+/// daemon's `Dataplane` after loading; read by every `tail_call`. Pinned with the links (a
+/// program array loses its entries when the last user-space reference goes, and the filter
+/// must keep enforcing after the daemon exits).
+#[map]
+pub static STAGES: ProgramArray = ProgramArray::with_max_entries(filter_common::stage::COUNT, 0);
 
 /// Policy A: key `u64` path hash, value `RuleValue`. Written by the daemon's `Dataplane`,
 /// read by the classifier when `SETTINGS.active_rules == 0`. `RULES_MAX` entries: room for

@@ -12,9 +12,36 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use core::ptr::null_mut;
-use filter_common::{csum, tcp_flags, Scratch, FAMILY_V4, IPV6_HLEN, TCP_HLEN_MIN};
+use filter_common::{
+    csum, packet::L4_MAX, tcp_flags, HdrSlots, FAMILY_V4, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+};
 
-use crate::ingress::Headers;
+/// Where the segment being rewritten is in the frame.
+pub struct Layout {
+    pub family: u8,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
+    /// Offset of the TCP payload, and its length.
+    pub payload: usize,
+    pub payload_len: usize,
+}
+
+impl Layout {
+    /// From the parked header offsets (`frame::parked`) and the payload's place, bounded.
+    #[inline(always)]
+    pub fn new(hdr: &HdrSlots, payload_off: u32, payload_len: u32) -> Layout {
+        Layout {
+            family: hdr.family as u8,
+            l3: hdr.l3 as usize,
+            l4: hdr.l4 as usize,
+            // verifier: the TCP header's offset plus at most 60 bytes of it.
+            payload: payload_off as usize & (2 * L4_MAX + 1),
+            payload_len: payload_len as usize & 0x1ffff,
+        }
+    }
+}
 
 /// Bytes summed per step when cutting a segment (a multiple of 4 for `bpf_csum_diff`, with
 /// room for padding in the 1 KiB window).
@@ -26,7 +53,12 @@ const CUT_CHUNKS: usize = 65;
 /// take the removed bytes and the new length out of the TCP checksum (`bpf_l4_csum_replace`
 /// applies each change the way the skb's checksum state needs it).
 #[inline(always)]
-pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize) -> bool {
+pub fn trim_payload(
+    ctx: &TcContext,
+    buf: &mut [u8; LINE_WINDOW],
+    hdr: &Layout,
+    keep: usize,
+) -> bool {
     let skb = ctx.skb.skb;
     if keep >= hdr.payload_len {
         return true;
@@ -50,27 +82,20 @@ pub fn trim_payload(ctx: &TcContext, s: &mut Scratch, hdr: &Headers, keep: usize
         }
         let rest = hdr.payload_len - start;
         let n = if rest < CUT_CHUNK { rest } else { CUT_CHUNK };
-        if !load_into(ctx, hdr.payload + start, &mut s.line, n) {
+        if !load_into(ctx, hdr.payload + start, buf, n) {
             return false;
         }
         // Pad to a multiple of 4 with zeros, which add nothing to the sum.
-        s.line[n & 1023] = 0;
-        s.line[(n + 1) & 1023] = 0;
-        s.line[(n + 2) & 1023] = 0;
+        buf[n & (LINE_WINDOW - 1)] = 0;
+        buf[(n + 1) & (LINE_WINDOW - 1)] = 0;
+        buf[(n + 2) & (LINE_WINDOW - 1)] = 0;
         let n4 = ((n + 3) & !3) as i64;
         // verifier: bounded, non-zero size for bpf_csum_diff.
         if !check_bounds_signed(n4, 4, (CUT_CHUNK + 4) as i64) {
             return false;
         }
-        let r = unsafe {
-            bpf_csum_diff(
-                s.line.as_mut_ptr() as *mut u32,
-                n4 as u32,
-                null_mut(),
-                0,
-                diff,
-            )
-        };
+        let r =
+            unsafe { bpf_csum_diff(buf.as_mut_ptr() as *mut u32, n4 as u32, null_mut(), 0, diff) };
         if r < 0 {
             return false;
         }
@@ -185,13 +210,8 @@ pub fn load_into<const N: usize>(
     r >= 0
 }
 
-/// Where the headers of the segment being rewritten are.
-pub struct Segment<'a> {
-    pub family: u8,
-    /// Offset of the IP header from the start of the frame.
-    pub l3: usize,
-    /// Offset of the TCP header from the start of the frame.
-    pub l4: usize,
+/// What the reset is made of, besides the segment's place ([`Layout`]).
+pub struct Reset<'a> {
     /// Sequence number the reset carries: the backend's next expected byte.
     pub seq: u32,
     /// The first 20 bytes of the TCP header as received.
@@ -204,7 +224,7 @@ pub struct Segment<'a> {
 /// or options, with correct lengths and checksums. The backend's `rcv_nxt` is exactly that
 /// sequence number (the rejected bytes never reach it), so Linux accepts it (RFC 5961).
 #[inline(always)]
-pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
+pub fn turn_into_reset(ctx: &TcContext, at: &Layout, seg: &Reset) -> bool {
     let skb = ctx.skb.skb;
     let mut h = *seg.tcp;
     h[4..8].copy_from_slice(&seg.seq.to_be_bytes());
@@ -217,13 +237,13 @@ pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
     h[18] = 0; // urgent pointer
     h[19] = 0;
 
-    if unsafe { bpf_skb_change_tail(skb, (seg.l4 + TCP_HLEN_MIN) as u32, 0) } < 0 {
+    if unsafe { bpf_skb_change_tail(skb, (at.l4 + TCP_HLEN_MIN) as u32, 0) } < 0 {
         return false;
     }
-    if !set_ip_len(ctx, seg.family, seg.l3, seg.l4, TCP_HLEN_MIN) {
+    if !set_ip_len(ctx, at.family, at.l3, at.l4, TCP_HLEN_MIN) {
         return false;
     }
-    let pseudo = if seg.family == FAMILY_V4 {
+    let pseudo = if at.family == FAMILY_V4 {
         let mut src = [0u8; 4];
         let mut dst = [0u8; 4];
         src.copy_from_slice(&seg.client[..4]);
@@ -238,7 +258,7 @@ pub fn turn_into_reset(ctx: &TcContext, seg: &Segment) -> bool {
     unsafe {
         bpf_skb_store_bytes(
             skb,
-            seg.l4 as u32,
+            at.l4 as u32,
             h.as_ptr() as *const c_void,
             TCP_HLEN_MIN as u32,
             BPF_F_RECOMPUTE_CSUM as u64,

@@ -2,9 +2,13 @@
 //! packet reads and word copies.
 
 use aya_ebpf::programs::TcContext;
-use core::ptr::{addr_of, addr_of_mut, read_unaligned, read_volatile, write_volatile};
-use filter_common::{ConnKey, Reason};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use filter_common::{
+    packet::{Dir, Frame},
+    ConnKey, HdrSlots, Reason, FAMILY_V4,
+};
 
+use crate::frame::Skb;
 use crate::maps::{FILTER_CONFIG, STATS};
 
 #[inline(always)]
@@ -12,16 +16,6 @@ pub fn count(reason: Reason) {
     if let Some(c) = STATS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
-}
-
-#[inline(always)]
-pub fn be16(a: u8, b: u8) -> u16 {
-    u16::from_be_bytes([a, b])
-}
-
-#[inline(always)]
-pub fn be32(b: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// `a` is after `b` in sequence space.
@@ -68,6 +62,44 @@ pub fn key_tail(key: &mut ConnKey, client_port: u16, server_port: u16, family: u
     unsafe { write_volatile(addr_of_mut!(*key).cast::<u64>().add(4), tail) };
 }
 
+/// The connection's key (from the client's side, whichever way the frame goes) from the
+/// parked header offsets and the TCP ports. `Err` if the addresses cannot be read (they
+/// were, by the header walk: it does not happen).
+#[inline(always)]
+pub fn conn_key(
+    ctx: &TcContext,
+    key: &mut ConnKey,
+    hdr: &HdrSlots,
+    dir: Dir,
+    sport: u16,
+    dport: u16,
+) -> Result<(), ()> {
+    let frame = Skb(ctx);
+    let (client_port, server_port) = match dir {
+        Dir::ToServer => (sport, dport),
+        Dir::FromServer => (dport, sport),
+    };
+    if hdr.family as u8 == FAMILY_V4 {
+        let a = frame.bytes::<8>(hdr.l3 as usize + 12).ok_or(())?;
+        let (src, dst) = ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]);
+        match dir {
+            Dir::ToServer => key_v4(key, src, dst),
+            Dir::FromServer => key_v4(key, dst, src),
+        }
+    } else {
+        let a = frame.bytes::<32>(hdr.l3 as usize + 8).ok_or(())?;
+        // The frame's source address, then its destination.
+        let (src, dst) = match dir {
+            Dir::ToServer => (&mut key.client_addr_be, &mut key.server_addr_be),
+            Dir::FromServer => (&mut key.server_addr_be, &mut key.client_addr_be),
+        };
+        src.copy_from_slice(&a[..16]);
+        dst.copy_from_slice(&a[16..]);
+    }
+    key_tail(key, client_port, server_port, hdr.family as u8);
+    Ok(())
+}
+
 // `key_v4` and `key_tail` write the key as five words (little-endian): addresses, then
 // ports, family, padding; 8-aligned wherever it is embedded.
 const _: () = {
@@ -80,68 +112,6 @@ const _: () = {
     assert!(core::mem::size_of::<ConnKey>() == 40);
     assert!(core::mem::align_of::<ConnKey>() >= 8);
 };
-
-/// `N` bytes of the frame read in place (packet or stack memory), a field at a time: single
-/// byte loads for just the bytes used. Reading a header into an array instead copies every
-/// byte of it (BPF has no unaligned loads).
-#[derive(Clone, Copy)]
-pub struct Hdr<const N: usize>(*const u8);
-
-impl<const N: usize> Hdr<N> {
-    #[inline(always)]
-    pub fn b(self, i: usize) -> u8 {
-        // SAFETY: `i < N` at every (constant) call site; `peek_with` checked the `N` bytes.
-        unsafe { *self.0.add(i) }
-    }
-
-    #[inline(always)]
-    pub fn be16(self, i: usize) -> u16 {
-        be16(self.b(i), self.b(i + 1))
-    }
-
-    /// `M` bytes from `i`.
-    #[inline(always)]
-    pub fn array<const M: usize>(self, i: usize) -> [u8; M] {
-        let mut a = [0u8; M];
-        let mut k = 0;
-        while k < M {
-            a[k] = self.b(i + k);
-            k += 1;
-        }
-        a
-    }
-}
-
-/// `f` applied to the `N` bytes of the frame at `off`: read in place when they are in the
-/// skb's linear data, else from a copy made with `bpf_skb_load_bytes`. `f` is inlined for both
-/// (it should read a few fields and return them).
-#[inline(always)]
-pub fn peek_with<const N: usize, R>(
-    ctx: &TcContext,
-    off: usize,
-    f: impl Fn(Hdr<N>) -> R,
-) -> Result<R, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + N <= end {
-        return Ok(f(Hdr((start + off) as *const u8)));
-    }
-    let copy: [u8; N] = ctx.load(off).map_err(|_| ())?;
-    Ok(f(Hdr(copy.as_ptr())))
-}
-
-/// `size_of::<T>()` bytes of the frame at `off`: read in place when they are in the skb's
-/// linear data (a bounds check and plain loads), else copied out with `bpf_skb_load_bytes`
-/// (a helper call, several times the cost of the whole early exit).
-#[inline(always)]
-pub fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + core::mem::size_of::<T>() <= end {
-        // SAFETY: the bytes are inside the packet, as just checked (the verifier checks it
-        // again).
-        return Ok(unsafe { read_unaligned((start + off) as *const T) });
-    }
-    ctx.load(off).map_err(|_| ())
-}
 
 /// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
 /// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
@@ -163,7 +133,7 @@ pub fn word_at(base: *const u8, at: usize) -> u64 {
 /// are aligned word loads and stores (an unaligned one is eight byte loads or stores in BPF).
 #[inline(always)]
 pub fn copy_words<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
     const { assert!(core::mem::align_of::<T>() >= 8) };
     let d = (dst as *mut T).cast::<u64>();
     let s = (src as *const T).cast::<u64>();

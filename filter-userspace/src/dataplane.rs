@@ -26,7 +26,10 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray,
+        RingBuf,
+    },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
@@ -36,9 +39,10 @@ use aya::{
 };
 use filter_common::{
     hash, Conn, ConnKey, LoadConfig, PrefixData, Reason, RuleValue, Settings, CONNS_MAX,
-    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STATS,
-    PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR,
-    RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
+    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STAGES,
+    MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT, RULES_MAX,
+    RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
+    STAGE_PROGS,
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
@@ -66,6 +70,26 @@ const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (PROG_EGRESS, TcAttachType::Egress, "links-egress"),
 ];
 const LINK_DIRS: [&str; 2] = [PROGRAMS[0].2, PROGRAMS[1].2];
+
+/// Directory (under the pin root) of the pinned stage tables (`STAGES`), one per load, named
+/// after the load's ingress program id. A program array loses its entries when its last
+/// user-space reference goes, so the table of the programs in the pinned links is pinned as
+/// long as they are attached: then the filter keeps all its stages after the daemon exits.
+const STAGES_DIR: &str = "stages";
+
+/// Every program of the object: the two attached classifiers, then their tail-call stages
+/// (`filter_common::stage`).
+pub const ALL_PROGRAMS: [&str; 2 + STAGE_PROGS.len()] = {
+    let mut all = [""; 2 + STAGE_PROGS.len()];
+    all[0] = PROGRAMS[0].0;
+    all[1] = PROGRAMS[1].0;
+    let mut i = 0;
+    while i < STAGE_PROGS.len() {
+        all[2 + i] = STAGE_PROGS[i];
+        i += 1;
+    }
+    all
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter-ebpf.o"));
 
@@ -224,6 +248,10 @@ pub struct Dataplane {
     write_failures: u64,
     pin_root: Option<PathBuf>,
     attached: Vec<Attached>,
+    /// The stage table (a `ProgramArray`), held so its entries stay (see [`STAGES_DIR`]).
+    stages: aya::maps::Map,
+    /// Where this load pinned it, once a link was pinned.
+    stages_pin: Option<PathBuf>,
 }
 
 fn bpffs(path: &Path) -> Option<bool> {
@@ -331,33 +359,10 @@ impl Dataplane {
             loader.map_pin_path(MAP_STATS, stats_pin.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
-        for (name, _, _) in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(|e| match e {
-                ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } => {
-                    // The log's tail says why; the whole log can run to megabytes.
-                    let log = verifier_log.to_string();
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-                    DataplaneError::Verifier {
-                        prog: name,
-                        io_error,
-                        log,
-                    }
-                }
-                source => DataplaneError::Program {
-                    what: name.into(),
-                    source,
-                },
-            })?;
+        for name in ALL_PROGRAMS {
+            load_program(&mut ebpf, name)?;
         }
+        let stages = fill_stages(&mut ebpf)?;
 
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
@@ -404,6 +409,8 @@ impl Dataplane {
             write_failures: 0,
             pin_root: pin_root.map(Path::to_owned),
             attached: Vec::new(),
+            stages,
+            stages_pin: None,
         };
         dp.apply(&Policy::default())?;
         Ok(dp)
@@ -450,6 +457,7 @@ impl Dataplane {
     /// egress link goes first, so the ingress program never runs on an interface without it.
     /// Returns how the ingress link was attached.
     pub fn attach_pinned(&mut self, iface: &str) -> Result<Adoption, DataplaneError> {
+        self.pin_stages()?;
         let egress = self.attach_pinned_one(iface, PROGRAMS[1])?;
         let ingress = self.attach_pinned_one(iface, PROGRAMS[0])?;
         if egress != ingress {
@@ -550,12 +558,53 @@ impl Dataplane {
         Ok(fd)
     }
 
+    /// Pin this load's stage table (once), before the first pinned link runs its programs.
+    fn pin_stages(&mut self) -> Result<(), DataplaneError> {
+        if self.stages_pin.is_some() {
+            return Ok(());
+        }
+        let root = self
+            .pin_root
+            .as_ref()
+            .ok_or_else(|| DataplaneError::PinDir {
+                path: PathBuf::new(),
+                why: "no pin directory configured".into(),
+            })?;
+        let dir = root.join(STAGES_DIR);
+        let err = |why: String| DataplaneError::PinDir {
+            path: dir.clone(),
+            why,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+        let id = self
+            .program_named(PROG_INGRESS)?
+            .info()
+            .map_err(prog_err(PROG_INGRESS))?
+            .id();
+        let path = dir.join(id.to_string());
+        let _ = std::fs::remove_file(&path);
+        self.stages
+            .pin(&path)
+            .map_err(|e| err(format!("cannot pin {MAP_STAGES}: {e}")))?;
+        self.stages_pin = Some(path);
+        Ok(())
+    }
+
     /// Detach pinned links under the pin root for interfaces not in `keep` (the configuration
-    /// no longer filters them). Returns the interfaces detached.
+    /// no longer filters them), and unpin the stage tables of earlier loads (once every kept
+    /// link runs this load's programs, nothing uses them). Returns the interfaces detached.
     pub fn unpin_others(&self, keep: &[String]) -> Vec<String> {
         let Some(root) = &self.pin_root else {
             return Vec::new();
         };
+        if let (Some(ours), Ok(dir)) = (&self.stages_pin, std::fs::read_dir(root.join(STAGES_DIR)))
+        {
+            for entry in dir.flatten() {
+                if entry.path() != *ours {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let mut gone = Vec::new();
         for links in LINK_DIRS {
             let Ok(dir) = std::fs::read_dir(root.join(links)) else {
@@ -578,6 +627,9 @@ impl Dataplane {
     /// detaches as the process exits. Otherwise the pinned links keep enforcing the last
     /// policy until a restarted daemon adopts them or an operator removes the pins.
     pub fn release(mut self, fail_open: bool) {
+        if let (true, Some(pin)) = (fail_open, self.stages_pin.take()) {
+            let _ = std::fs::remove_file(pin);
+        }
         for a in self.attached.drain(..) {
             if let (true, Some(pin)) = (fail_open, &a.pin) {
                 if let Err(e) = std::fs::remove_file(pin) {
@@ -591,6 +643,9 @@ impl Dataplane {
     /// Remove the pin of every attached link now (the links stay while this process holds
     /// them): `--fail-open` after adopting a pinned link from a fail-closed run.
     pub fn unpin_attached(&mut self) {
+        if let Some(pin) = self.stages_pin.take() {
+            let _ = std::fs::remove_file(pin);
+        }
         for a in &mut self.attached {
             if let Some(pin) = a.pin.take() {
                 let _ = std::fs::remove_file(pin);
@@ -916,7 +971,9 @@ impl Dataplane {
         self.verified_instructions_of(PROG_EGRESS)
     }
 
-    fn verified_instructions_of(&self, name: &'static str) -> Result<u32, DataplaneError> {
+    /// Instructions the verifier processed to accept program `name` (one of
+    /// [`ALL_PROGRAMS`]).
+    pub fn verified_instructions_of(&self, name: &'static str) -> Result<u32, DataplaneError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)
@@ -943,6 +1000,56 @@ impl Dataplane {
             })
             .collect()
     }
+}
+
+/// Load (verify) one program of the object.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing(name))?
+        .try_into()
+        .map_err(prog_err(name))?;
+    prog.load().map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            // The log's tail says why; the whole log can run to megabytes.
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+            DataplaneError::Verifier {
+                prog: name,
+                io_error,
+                log,
+            }
+        }
+        source => DataplaneError::Program {
+            what: name.into(),
+            source,
+        },
+    })
+}
+
+/// Put the loaded stage programs into the stage table (`STAGES`, by `filter_common::stage`
+/// index), where the classifiers' tail calls find them.
+fn fill_stages(ebpf: &mut Ebpf) -> Result<aya::maps::Map, DataplaneError> {
+    let mut map = ebpf
+        .take_map(MAP_STAGES)
+        .ok_or(DataplaneError::Missing(MAP_STAGES))?;
+    let mut stages = ProgramArray::try_from(&mut map).map_err(map_err(MAP_STAGES))?;
+    for (index, name) in STAGE_PROGS.into_iter().enumerate() {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .ok_or(DataplaneError::Missing(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let fd = prog.fd().map_err(prog_err(name))?;
+        stages
+            .set(index as u32, fd, 0)
+            .map_err(map_err(MAP_STAGES))?;
+    }
+    Ok(map)
 }
 
 /// Remove pinned-map directories of other layout versions: their maps stay alive for as long

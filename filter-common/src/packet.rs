@@ -1,0 +1,284 @@
+//! Ethernet, VLAN, IPv4, IPv6 and TCP headers: the one parser both classifiers use (the
+//! ingress one for the client's segments, the egress one for the server's) and the host tests
+//! check.
+//!
+//! [`parse`] walks a frame through any [`Frame`] (the kernel's skb, or a byte slice on the
+//! host) to the TCP header of a segment for an inspected port, and says why it stopped
+//! otherwise. It reads only fixed-size pieces at known offsets: no slice of run-time length,
+//! loops bounded by constants ([`VLAN_TAGS_MAX`] priority tags, [`V6_EXT_MAX`] IPv6 extension
+//! headers). It touches no map: a segment for another port costs only the header reads.
+
+use crate::{
+    Reason, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
+    IPPROTO_TCP, IPV4_HLEN_MIN, IPV6_HLEN, TCP_HLEN_MIN,
+};
+
+/// VLAN tags read through inside the frame (each must be a priority tag, VID 0).
+pub const VLAN_TAGS_MAX: usize = 2;
+/// IPv6 extension headers walked to the TCP header.
+pub const V6_EXT_MAX: usize = 4;
+/// Bound of the TCP header's offset: past the Ethernet header, the VLAN tags, the IPv6 header
+/// and its extension headers (each at most 2048 bytes). A mask as well: the verifier
+/// establishes packet bounds only for offsets whose maximum plus the access stays within
+/// 64 KiB.
+pub const L4_MAX: usize = 0x3fff;
+const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX + IPV6_HLEN + 2048 * V6_EXT_MAX <= L4_MAX);
+/// Bound of the IP header's offset (Ethernet header and VLAN tags), also a mask.
+pub const L3_MAX: usize = 0xff;
+const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX <= L3_MAX);
+
+/// Read access to a frame.
+pub trait Frame {
+    /// The `N` bytes at `off`, or `None` if the frame ends before them.
+    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+
+    /// The VLAN tag control information the driver took out of the frame (the skb's
+    /// `vlan_tci`), if there was a tag.
+    fn offloaded_vlan(&self) -> Option<u16> {
+        None
+    }
+}
+
+impl Frame for [u8] {
+    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let end = off.checked_add(N)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.get(off..end)?);
+        Some(out)
+    }
+}
+
+/// Which end of the connection the frame comes from, so which port is the inspected one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to server (ingress): the destination port is the server's.
+    ToServer,
+    /// Server to client (egress): the source port is the server's.
+    FromServer,
+}
+
+/// Where a TCP segment's headers are, and its TCP header's fixed part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Offset of the IP header (after any VLAN tags left in the frame), at most [`L3_MAX`].
+    pub l3: usize,
+    /// Offset of the TCP header, at most [`L4_MAX`].
+    pub l4: usize,
+    /// Offset of the end of the IP payload (from the IP length field).
+    pub ip_end: usize,
+    /// The first 20 bytes of the TCP header.
+    pub tcp: Tcp,
+}
+
+impl Segment {
+    /// Offset of the source address: 4 bytes for IPv4, 16 for IPv6; the destination's
+    /// follows it.
+    pub fn addrs(&self) -> usize {
+        if self.family == FAMILY_V4 {
+            self.l3 + 12
+        } else {
+            self.l3 + 8
+        }
+    }
+
+    /// Offset of the TCP payload.
+    pub fn payload(&self) -> usize {
+        self.l4 + self.tcp.header_len()
+    }
+
+    /// Bytes of TCP payload (0 if the lengths do not leave room for any).
+    pub fn payload_len(&self) -> usize {
+        self.ip_end.saturating_sub(self.payload())
+    }
+}
+
+/// The fixed part of a TCP header, as sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Tcp(pub [u8; TCP_HLEN_MIN]);
+
+impl Tcp {
+    #[inline(always)]
+    fn be16(&self, i: usize) -> u16 {
+        u16::from_be_bytes([self.0[i], self.0[i + 1]])
+    }
+
+    #[inline(always)]
+    fn be32(&self, i: usize) -> u32 {
+        u32::from_be_bytes([self.0[i], self.0[i + 1], self.0[i + 2], self.0[i + 3]])
+    }
+
+    pub fn sport(&self) -> u16 {
+        self.be16(0)
+    }
+
+    pub fn dport(&self) -> u16 {
+        self.be16(2)
+    }
+
+    pub fn seq(&self) -> u32 {
+        self.be32(4)
+    }
+
+    pub fn ack(&self) -> u32 {
+        self.be32(8)
+    }
+
+    /// Header length in bytes (data offset), options included.
+    pub fn header_len(&self) -> usize {
+        ((self.0[12] >> 4) as usize) * 4
+    }
+
+    /// [`crate::tcp_flags`] bits.
+    pub fn flags(&self) -> u8 {
+        self.0[13]
+    }
+
+    pub fn window(&self) -> u16 {
+        self.be16(14)
+    }
+
+    pub fn urgent(&self) -> u16 {
+        self.be16(18)
+    }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Walk `frame` to the TCP header of a segment whose server port (`dir`) `inspected` accepts.
+///
+/// Stops with the reason the classifier counts otherwise:
+/// * [`Reason::NotIp`]: neither IPv4 nor IPv6 (or the frame ends in the Ethernet header);
+/// * [`Reason::Unsupported`]: tagged for a VLAN (VID ≠ 0, offloaded or in the frame: it belongs
+///   to the VLAN's interface), a later IP fragment, more priority tags or IPv6 extension
+///   headers than are walked, an IPv4 header length below 20;
+/// * [`Reason::NotTcp`]: not TCP, or the frame ends before the TCP ports;
+/// * [`Reason::Fragment`]: the first fragment of a fragmented packet for an inspected port (its
+///   segment cannot be seen whole);
+/// * [`Reason::OtherPort`]: TCP for a port that is not inspected.
+#[inline(always)]
+pub fn parse<F: Frame + ?Sized>(
+    frame: &F,
+    dir: Dir,
+    inspected: impl Fn(u16) -> bool,
+) -> Result<Segment, Reason> {
+    let ethertype = be16(frame.bytes::<2>(12).ok_or(Reason::NotIp)?);
+    if let Some(tci) = frame.offloaded_vlan() {
+        if tci & 0x0fff != 0 {
+            return Err(Reason::Unsupported);
+        }
+    }
+    // VLAN tags left in the frame: the inner tag of QinQ once the outer one is offloaded, or
+    // any tag when offload is off. A priority tag (VID 0) is read through.
+    let mut proto = ethertype;
+    let mut l3 = ETH_HLEN;
+    let mut k = 0;
+    while k < VLAN_TAGS_MAX && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
+        let tag = frame.bytes::<4>(l3).ok_or(Reason::NotIp)?;
+        if be16([tag[0], tag[1]]) & 0x0fff != 0 {
+            return Err(Reason::Unsupported);
+        }
+        proto = be16([tag[2], tag[3]]);
+        l3 += 4;
+        k += 1;
+    }
+    let (family, l4, ip_end) = match proto {
+        ETH_P_IPV4 => {
+            let ip = frame.bytes::<IPV4_HLEN_MIN>(l3).ok_or(Reason::NotIp)?;
+            if ip[9] != IPPROTO_TCP {
+                return Err(Reason::NotTcp);
+            }
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            if ihl < IPV4_HLEN_MIN {
+                return Err(Reason::Unsupported);
+            }
+            let frag = be16([ip[6], ip[7]]);
+            if frag & 0x1fff != 0 {
+                // A later fragment: no TCP header to judge; without its first fragment
+                // (dropped when it is for an inspected port) it is never reassembled.
+                return Err(Reason::Unsupported);
+            }
+            if frag & 0x2000 != 0 {
+                return Err(first_fragment(frame, l3 + ihl, dir, &inspected));
+            }
+            let total = be16([ip[2], ip[3]]) as usize;
+            (FAMILY_V4, l3 + ihl, l3 + total)
+        }
+        ETH_P_IPV6 => {
+            let ip = frame.bytes::<8>(l3).ok_or(Reason::NotIp)?;
+            let payload_len = be16([ip[4], ip[5]]) as usize;
+            let mut next = ip[6];
+            let mut l4 = l3 + IPV6_HLEN;
+            let mut k = 0;
+            while k < V6_EXT_MAX && next != IPPROTO_TCP {
+                let ext = frame.bytes::<4>(l4).ok_or(Reason::Unsupported)?;
+                match next {
+                    // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+                    0 | 43 | 60 => l4 += (ext[1] as usize + 1) * 8,
+                    // Authentication header: (len + 2) * 4 bytes.
+                    51 => l4 += (ext[1] as usize + 2) * 4,
+                    // Fragment header: a first fragment for an inspected port is dropped; a
+                    // later one carries no TCP header and is never reassembled without it.
+                    44 => {
+                        if be16([ext[2], ext[3]]) & 0xfff8 == 0 && ext[0] == IPPROTO_TCP {
+                            return Err(first_fragment(frame, l4 + 8, dir, &inspected));
+                        }
+                        return Err(Reason::Unsupported);
+                    }
+                    _ => return Err(Reason::NotTcp),
+                }
+                next = ext[0];
+                k += 1;
+            }
+            if next != IPPROTO_TCP {
+                return Err(Reason::Unsupported);
+            }
+            (FAMILY_V6, l4, l3 + IPV6_HLEN + payload_len)
+        }
+        _ => return Err(Reason::NotIp),
+    };
+    let ports = frame.bytes::<4>(l4).ok_or(Reason::NotTcp)?;
+    if !inspected(server_port(ports, dir)) {
+        return Err(Reason::OtherPort);
+    }
+    let tcp = Tcp(frame.bytes::<TCP_HLEN_MIN>(l4).ok_or(Reason::NotTcp)?);
+    Ok(Segment {
+        family,
+        l3,
+        l4,
+        ip_end,
+        tcp,
+    })
+}
+
+#[inline(always)]
+fn server_port(ports: [u8; 4], dir: Dir) -> u16 {
+    match dir {
+        Dir::ToServer => be16([ports[2], ports[3]]),
+        Dir::FromServer => be16([ports[0], ports[1]]),
+    }
+}
+
+/// The first fragment of a fragmented IP packet whose TCP header starts at `l4`: dropped when
+/// it is for an inspected port, since the filter cannot see the whole segment (fail-closed;
+/// TCP stacks avoid fragmentation with path MTU discovery).
+#[inline(always)]
+fn first_fragment<F: Frame + ?Sized>(
+    frame: &F,
+    l4: usize,
+    dir: Dir,
+    inspected: &impl Fn(u16) -> bool,
+) -> Reason {
+    match frame.bytes::<4>(l4) {
+        Some(ports) if inspected(server_port(ports, dir)) => Reason::Fragment,
+        _ => Reason::Unsupported,
+    }
+}
+
+#[cfg(test)]
+mod tests;

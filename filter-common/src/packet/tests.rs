@@ -1,0 +1,269 @@
+use super::*;
+use std::vec;
+use std::vec::Vec;
+
+const HTTP: u16 = 80;
+
+fn inspected(p: u16) -> bool {
+    p == HTTP
+}
+
+/// A TCP header from `sport` to `dport` with `opts` bytes of options (a multiple of 4).
+fn tcp_header(sport: u16, dport: u16, opts: usize) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    t.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes());
+    t.push((((TCP_HLEN_MIN + opts) / 4) as u8) << 4);
+    t.push(crate::tcp_flags::ACK | crate::tcp_flags::PSH);
+    t.extend_from_slice(&[0x20, 0x00, 0, 0, 0, 7]);
+    t.resize(TCP_HLEN_MIN + opts, 1);
+    t
+}
+
+/// Ethernet header with `tags` (TPID, TCI) and the final EtherType.
+fn eth(tags: &[(u16, u16)], ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0xaa; 12];
+    for (tpid, tci) in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&tci.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn v4(mut f: Vec<u8>, ihl_words: u8, frag: u16, proto: u8, l4: &[u8], payload: usize) -> Vec<u8> {
+    let hl = ihl_words as usize * 4;
+    let total = (hl.max(20) + l4.len() + payload) as u16;
+    f.push(0x40 | ihl_words);
+    f.push(0);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 1]);
+    f.extend_from_slice(&frag.to_be_bytes());
+    f.extend_from_slice(&[64, proto, 0, 0]);
+    f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    f.resize(f.len() + hl.saturating_sub(20), 1); // options (NOPs)
+    f.extend_from_slice(l4);
+    f.resize(f.len() + payload, b'x');
+    f
+}
+
+/// IPv6 with extension headers `exts` (next header, bytes), then `l4`.
+fn v6(mut f: Vec<u8>, exts: &[(u8, Vec<u8>)], last: u8, l4: &[u8], payload: usize) -> Vec<u8> {
+    let ext_len: usize = exts.iter().map(|(_, b)| b.len()).sum();
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((ext_len + l4.len() + payload) as u16).to_be_bytes());
+    f.push(exts.first().map_or(last, |(n, _)| *n));
+    f.push(64);
+    f.extend_from_slice(&[0x20; 16]);
+    f.extend_from_slice(&[0x21; 16]);
+    for (i, (_, body)) in exts.iter().enumerate() {
+        let mut b = body.clone();
+        b[0] = exts.get(i + 1).map_or(last, |(n, _)| *n);
+        f.extend_from_slice(&b);
+    }
+    f.extend_from_slice(l4);
+    f.resize(f.len() + payload, b'x');
+    f
+}
+
+/// An extension header of `len8` eight-byte units (hop-by-hop, routing, destination options).
+fn opts_ext(len8: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len8 * 8];
+    b[1] = (len8 - 1) as u8;
+    b
+}
+
+#[test]
+fn ipv4_segment_to_an_inspected_port() {
+    let t = tcp_header(40000, HTTP, 12);
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0x4000, 6, &t, 100);
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!(s.family, FAMILY_V4);
+    assert_eq!((s.l3, s.l4), (14, 34));
+    assert_eq!(s.addrs(), 26);
+    assert_eq!(s.payload(), 34 + 32);
+    assert_eq!(s.payload_len(), 100);
+    assert_eq!(s.ip_end, f.len());
+    assert_eq!((s.tcp.sport(), s.tcp.dport()), (40000, HTTP));
+    assert_eq!((s.tcp.seq(), s.tcp.ack()), (0x0102_0304, 0x0a0b_0c0d));
+    assert_eq!(s.tcp.header_len(), 32);
+    assert_eq!(s.tcp.window(), 0x2000);
+    assert_eq!(s.tcp.urgent(), 7);
+    // The server's answer on the same connection, seen from the egress side.
+    let t = tcp_header(HTTP, 40000, 0);
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 0);
+    let s = parse(f.as_slice(), Dir::FromServer, inspected).unwrap();
+    assert_eq!(s.payload_len(), 0);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::OtherPort)
+    );
+}
+
+#[test]
+fn ipv4_options_and_bad_lengths() {
+    let t = tcp_header(40000, HTTP, 0);
+    let f = v4(eth(&[], ETH_P_IPV4), 8, 0, 6, &t, 5);
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!((s.l4, s.payload_len()), (14 + 32, 5));
+    let f = v4(eth(&[], ETH_P_IPV4), 4, 0, 6, &t, 5);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+}
+
+#[test]
+fn fragments() {
+    let t = tcp_header(40000, HTTP, 0);
+    // First fragment (MF set, offset 0): dropped for an inspected port only.
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0x2000, 6, &t, 10);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Fragment)
+    );
+    let other = tcp_header(40000, 81, 0);
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0x2000, 6, &other, 10);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+    // A later fragment.
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0x0010, 6, &t, 10);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+    // IPv6 fragment header, offset 0, TCP next.
+    let frag = vec![0u8; 8];
+    let f = v6(eth(&[], ETH_P_IPV6), &[(44, frag.clone())], 6, &t, 10);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Fragment)
+    );
+    let mut later = frag;
+    later[3] = 0x10;
+    let f = v6(eth(&[], ETH_P_IPV6), &[(44, later)], 6, &t, 10);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+}
+
+#[test]
+fn ipv6_extension_headers() {
+    let t = tcp_header(40000, HTTP, 0);
+    let f = v6(eth(&[], ETH_P_IPV6), &[], 6, &t, 7);
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!(
+        (s.family, s.l4, s.addrs(), s.payload_len()),
+        (FAMILY_V6, 54, 22, 7)
+    );
+    let mut ah = vec![0u8; 12];
+    ah[1] = 1; // (1 + 2) * 4 bytes
+    let exts = [
+        (0, opts_ext(1)),
+        (43, opts_ext(2)),
+        (51, ah),
+        (60, opts_ext(1)),
+    ];
+    let f = v6(eth(&[], ETH_P_IPV6), &exts, 6, &t, 7);
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!((s.l4, s.payload_len()), (54 + 8 + 16 + 12 + 8, 7));
+    assert_eq!(s.ip_end, f.len());
+    // One more than is walked.
+    let exts = [
+        (0, opts_ext(1)),
+        (60, opts_ext(1)),
+        (60, opts_ext(1)),
+        (60, opts_ext(1)),
+        (60, opts_ext(1)),
+    ];
+    let f = v6(eth(&[], ETH_P_IPV6), &exts, 6, &t, 7);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+    // UDP behind an extension header; an unknown extension.
+    let f = v6(eth(&[], ETH_P_IPV6), &[(0, opts_ext(1))], 17, &t, 7);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::NotTcp)
+    );
+    let f = v6(eth(&[], ETH_P_IPV6), &[(135, opts_ext(1))], 6, &t, 7);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::NotTcp)
+    );
+}
+
+#[test]
+fn vlan_tags() {
+    let t = tcp_header(40000, HTTP, 0);
+    // Two priority tags are read through.
+    let f = v4(
+        eth(&[(ETH_P_8021AD, 0x2000), (ETH_P_8021Q, 0x6000)], ETH_P_IPV4),
+        5,
+        0,
+        6,
+        &t,
+        3,
+    );
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!((s.l3, s.payload_len()), (22, 3));
+    // A VLAN's frame belongs to the VLAN interface.
+    let f = v4(eth(&[(ETH_P_8021Q, 0x0005)], ETH_P_IPV4), 5, 0, 6, &t, 3);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+    // Three priority tags: not walked.
+    let tags = [(ETH_P_8021Q, 0), (ETH_P_8021Q, 0), (ETH_P_8021Q, 0)];
+    let f = v4(eth(&tags, ETH_P_IPV4), 5, 0, 6, &t, 3);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::NotIp)
+    );
+}
+
+#[test]
+fn offloaded_vlan_tag() {
+    struct Tagged<'a>(&'a [u8], u16);
+    impl Frame for Tagged<'_> {
+        fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+            self.0.bytes(off)
+        }
+        fn offloaded_vlan(&self) -> Option<u16> {
+            Some(self.1)
+        }
+    }
+    let t = tcp_header(40000, HTTP, 0);
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 3);
+    assert!(parse(&Tagged(&f, 0x6000), Dir::ToServer, inspected).is_ok());
+    assert_eq!(
+        parse(&Tagged(&f, 0x6007), Dir::ToServer, inspected),
+        Err(Reason::Unsupported)
+    );
+}
+
+#[test]
+fn other_protocols_and_short_frames() {
+    let t = tcp_header(40000, HTTP, 0);
+    let f = v4(eth(&[], ETH_P_IPV4), 5, 0, 17, &t, 3);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::NotTcp)
+    );
+    assert_eq!(
+        parse(eth(&[], 0x0806).as_slice(), Dir::ToServer, inspected),
+        Err(Reason::NotIp)
+    );
+    // Every truncation of a good frame stops with a reason, never a segment past the end.
+    let f = v6(eth(&[], ETH_P_IPV6), &[(0, opts_ext(1))], 6, &t, 0);
+    for n in 0..f.len() {
+        assert!(parse(&f[..n], Dir::ToServer, inspected).is_err(), "{n}");
+    }
+    assert!(parse(f.as_slice(), Dir::ToServer, inspected).is_ok());
+}

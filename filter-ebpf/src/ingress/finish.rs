@@ -1,0 +1,182 @@
+//! Stage `INGRESS_FINISH`: the segment's verdict applied, from what the earlier stages left
+//! in the scratch (`s.stop` and the stream state): pass it, cut it before a request that must
+//! wait or be refused (the client sends the rest again), hold it, or turn it into a reset to
+//! the backend and tell the responder; then save the stream state (`CONNS`, and `PENDING` for
+//! a request line still in flight).
+
+use aya_ebpf::programs::TcContext;
+use filter_common::{
+    stream::{flag, Stream},
+    tcp_flags, Method, Reason, Scratch, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_HOLD, STOP_NONE,
+    STOP_REFUSE, STOP_TUNNEL,
+};
+
+use super::{finish, forget, scratch, send_event, Out, PASS};
+use crate::frame::parked;
+use crate::maps::{CONNS, PENDING, SETTINGS};
+use crate::skb::{trim_payload, turn_into_reset, Layout, Reset};
+use crate::util::{copy_words, count, seq_after};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    finish(ctx, try_run(ctx))
+}
+
+#[inline(always)]
+fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
+    let s = scratch()?;
+    let at = Layout::new(&parked(&s.hdr), s.payload_off, s.payload_len);
+    let (seq, pos) = (s.seg_seq, s.seg_pos);
+    let fin = s.seg_flags & tcp_flags::FIN as u32 != 0;
+    let off = s.off as usize;
+    // The connection's entry, unless it was evicted meanwhile (then nothing is saved: its
+    // next segment is refused as one without state).
+    let conn = CONNS
+        .get_ptr_mut(&s.key)
+        // SAFETY: a valid map value for this run.
+        .map(|c| unsafe { &mut (*c).stream });
+    match s.stop {
+        STOP_TUNNEL => {
+            save_tunnel(s, conn);
+            count(Reason::Tunnel);
+            return Ok(Out::Counted(PASS));
+        }
+        STOP_REFUSE => {
+            let reason = Reason::from_u32(s.stop_reason);
+            let oversize = reason == Reason::LineTooLong || reason == Reason::HeadersTooLarge;
+            let settings_flags = SETTINGS.get(0).map_or(0, |st| st.flags);
+            if oversize && settings_flags & SETTINGS_OVERSIZE_PASS != 0 {
+                save_tunnel(s, conn);
+                count(Reason::PathTooLong);
+                return Ok(Out::Counted(PASS));
+            }
+            if reason == Reason::NotHttp && s.conn.stream.flags & flag::SYN == 0 {
+                // Joined mid-stream and not at a request boundary: nothing to decide on.
+                save_tunnel(s, conn);
+                return Err(Reason::NotHttp);
+            }
+            return refuse(ctx, s, &at, reason);
+        }
+        STOP_NONE => {}
+        // Waiting for the server's answer to an upgrade from here: the rest is held (cut
+        // off; the client sends it again).
+        STOP_AWAIT => {}
+        STOP_HOLD => {
+            // Too many requests outstanding (or decided in this segment): hold the current
+            // one, from its start.
+            let start = s.conn.stream.req_start;
+            if !seq_after(start, pos) {
+                return Err(Reason::Held);
+            }
+            let keep = start.wrapping_sub(seq) as usize;
+            if keep < at.payload_len && !trim_payload(ctx, &mut s.line, &at, keep) {
+                return Err(Reason::ResetFailed);
+            }
+            s.conn.stream.restart_at(start);
+            save(s, conn, false);
+            count(Reason::Held);
+            return Ok(Out::Counted(PASS));
+        }
+        // A window that could not be loaded.
+        _ => return Err(Reason::NoPayload),
+    }
+
+    if off < at.payload_len {
+        // More windows than one pass follows: let the processed part through, cut the rest;
+        // the client sends it again and the next segment goes on from here.
+        if !trim_payload(ctx, &mut s.line, &at, off) {
+            return Err(Reason::ResetFailed);
+        }
+    }
+    save(s, conn, fin);
+    if s.decided != 0 {
+        // The requests this segment started were counted one by one.
+        Ok(Out::Counted(PASS))
+    } else {
+        Err(Reason::MidStream)
+    }
+}
+
+/// The connection is no longer followed: its further bytes pass untouched.
+#[inline(always)]
+fn save_tunnel(s: &Scratch, conn: Option<&mut Stream>) {
+    if let Some(conn) = conn {
+        copy_words(conn, &s.conn.stream);
+        conn.tunnel();
+    }
+}
+
+/// Write the stream back to the connection table, and the path if a request line is still
+/// in flight; forget the connection after the client's FIN.
+#[inline(always)]
+fn save(s: &mut Scratch, conn: Option<&mut Stream>, fin: bool) {
+    if fin {
+        forget(s);
+        return;
+    }
+    if let Some(conn) = conn {
+        copy_words(conn, &s.conn.stream);
+    }
+    if s.conn.stream.path_in_progress() {
+        let _ = PENDING.insert(&s.key, &s.raw, 0);
+    }
+}
+
+/// Refuse the current request. If it starts after new bytes of this segment, cut the segment
+/// there (those bytes pass; the refused request comes again and is refused then). Otherwise
+/// tell the responder what to answer and turn the segment into a reset to the backend, whose
+/// next expected byte is the segment's `seg_pos`.
+#[inline(always)]
+fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Result<Out, Reason> {
+    let (seq, pos) = (s.seg_seq, s.seg_pos);
+    let (allow, method) = (s.stop_allow, Method::from_u8(s.stop_method as u8));
+    let entry = CONNS.get_ptr_mut(&s.key);
+    let start = s.conn.stream.req_start;
+    if seq_after(start, pos) {
+        let keep = start.wrapping_sub(seq) as usize;
+        if keep < at.payload_len {
+            if !trim_payload(ctx, &mut s.line, at, keep) {
+                return Err(Reason::ResetFailed);
+            }
+            s.conn.stream.restart_at(start);
+            if let Some(e) = entry {
+                copy_words(unsafe { &mut (*e).stream }, &s.conn.stream);
+            }
+            return Ok(Out::Counted(PASS));
+        }
+    }
+    if let Some(e) = entry {
+        let rep = unsafe { &(*e).replies };
+        if rep.followed() && !rep.is_lost() {
+            // Answer only after every earlier response is complete and acknowledged: the
+            // backend finishes them, the client gets them intact, and the answer follows them
+            // at the server's next sequence number.
+            let before = s.conn.stream.reqs_before_current();
+            let pending = !rep.fin_seen() && (rep.done.wrapping_sub(before) as i32) < 0;
+            if pending || seq_after(rep.snd_nxt, s.event.ack) {
+                return Err(Reason::Held);
+            }
+            s.event.ack = rep.snd_nxt;
+        }
+    }
+    send_event(s, reason as u32, allow, method as u32);
+    // The connection is over for the backend, but the client may send the refused request
+    // again (if the answer was lost): keep following it from the refused request, so a resent
+    // copy gets the same answer. Its FIN or the table's eviction releases the state.
+    let _ = PENDING.remove(&s.key);
+    if let Some(e) = entry {
+        s.conn.stream.restart_at(pos);
+        copy_words(unsafe { &mut (*e).stream }, &s.conn.stream);
+    }
+    let reset = Reset {
+        seq: pos,
+        tcp: &s.tcp,
+        client: &s.key.client_addr_be,
+        server: &s.key.server_addr_be,
+    };
+    if !turn_into_reset(ctx, at, &reset) {
+        return Err(Reason::ResetFailed);
+    }
+    count(reason);
+    Ok(Out::Counted(PASS))
+}

@@ -1,0 +1,323 @@
+//! Stage `INGRESS_PARSE`: the segment's new bytes through the connection's stream parser
+//! (`filter_common::stream`) in `bpf_loop` callbacks: eight bytes at a time where they are
+//! ordinary (path, rest of the request line, header names and values), byte by byte elsewhere,
+//! in bulk for bodies. Each request is judged as its path completes ([`super::judge`]), and
+//! again at each method-override header. A path that is not plain goes to `INGRESS_CANON`
+//! first, which comes back here; the segment's end, or a stop its verdict depends on, goes to
+//! `INGRESS_FINISH`.
+
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_loop, programs::TcContext};
+use core::ffi::c_void;
+use filter_common::{
+    http::plain_path_word,
+    stage,
+    stream::{flag, Ev},
+    swar, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, RULE_MONITOR, STOP_AWAIT,
+    STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED, STOP_MONITOR,
+    STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
+};
+
+use super::judge::judge;
+use super::{
+    finish, followed_replies, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out,
+    ScratchCtx,
+};
+use crate::skb::load_into;
+use crate::util::word_at;
+
+/// Rounds (a window of request line and headers, or a body run) per pass. A segment with
+/// more is cut after the last one processed, and the client sends the rest again.
+const MAX_ROUNDS: u32 = 32;
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    finish(ctx, try_run(ctx))
+}
+
+#[inline(always)]
+fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
+    let s = scratch()?;
+    let mut rc = RoundCtx {
+        skb: ctx.skb.skb,
+        s: s as *mut Scratch,
+    };
+    // verifier: the pass body (the judgement, the round loop) verified once.
+    unsafe {
+        bpf_loop(
+            MAX_PASSES,
+            pass as *mut c_void,
+            (&mut rc as *mut RoundCtx).cast(),
+            0,
+        )
+    };
+    if s.stop == STOP_DECIDE {
+        // Out of passes with a request still to judge: hold it (the segment is cut before
+        // it; the client sends it again).
+        s.stop = STOP_HOLD;
+    }
+    if s.stop != STOP_CANON {
+        return Ok(Out::Stage(stage::INGRESS_FINISH));
+    }
+    if s.canons >= CANONS_MAX {
+        // No tail calls left for this request: hold it, as above.
+        s.stop = STOP_HOLD;
+        return Ok(Out::Stage(stage::INGRESS_FINISH));
+    }
+    s.canons += 1;
+    Ok(Out::Stage(stage::INGRESS_CANON))
+}
+
+/// Passes (each: judge the request whose path just completed, then rounds until the next one)
+/// per entry into this stage.
+const MAX_PASSES: u32 = 32;
+
+/// `bpf_loop` callback: one pass: judge the current request if its path is complete
+/// (`STOP_DECIDE` from the rounds, `STOP_JUDGE` back from `INGRESS_CANON`), then rounds over
+/// the segment's bytes until the next request's path completes (return 0: the next pass judges
+/// it) or anything else stops them (return 1).
+unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
+    let s = unsafe { &mut *(*(rc as *const RoundCtx)).s };
+    if s.stop == STOP_DECIDE || s.stop == STOP_JUDGE {
+        let canonical = s.stop == STOP_JUDGE;
+        s.stop = STOP_NONE;
+        // The request is counted under its verdict (or refused, and counted then).
+        s.decided = 1;
+        judge(s, canonical);
+        if s.stop == STOP_MONITOR {
+            send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
+            s.stop = STOP_NONE;
+        }
+        if s.stop != STOP_NONE {
+            return 1;
+        }
+    }
+    // verifier: the round body (window parse, bulk body) verified once, not once per round.
+    unsafe { bpf_loop(MAX_ROUNDS, round as *mut c_void, rc, 0) };
+    if s.stop == STOP_DECIDE {
+        0
+    } else {
+        1
+    }
+}
+
+/// What the round callback needs: the skb and the scratch buffer (spilled pointers the
+/// verifier follows into the callback, so no callback looks the scratch up again).
+#[repr(C)]
+struct RoundCtx {
+    skb: *mut __sk_buff,
+    s: *mut Scratch,
+}
+
+/// `bpf_loop` callback: one round over the segment's new bytes: a body run consumed in bulk, or
+/// a window of request line / headers parsed. Returns 1 (stop) at the segment's end or when
+/// `s.stop` is set for the stage to act on.
+unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
+    let rc = unsafe { &*(rc as *const RoundCtx) };
+    let s = unsafe { &mut *rc.s };
+    let (off, len) = (s.off as usize, s.payload_len as usize);
+    if off >= len || s.stop != STOP_NONE {
+        return 1;
+    }
+    if s.conn.stream.is_awaiting() {
+        s.stop = STOP_AWAIT;
+        return 1;
+    }
+    if s.conn.stream.in_bulk() {
+        let n = s.conn.stream.consume((len - off) as u64);
+        s.off = (off as u64 + n) as u32;
+        return 0;
+    }
+    let (win_off, win_len) = (s.win_off as usize, s.window_len as usize);
+    if off >= win_off && off - win_off < win_len {
+        // Still inside the window an earlier round loaded (a decision or a body run stopped
+        // it there): go on in it.
+        s.consumed = (off - win_off) as u32;
+    } else {
+        let w = if len - off < LINE_WINDOW {
+            len - off
+        } else {
+            LINE_WINDOW
+        };
+        let ctx = TcContext::new(rc.skb);
+        if !load_into(&ctx, s.payload_off as usize + off, &mut s.line, w) {
+            s.stop = STOP_LOAD_FAILED;
+            return 1;
+        }
+        s.win_off = off as u32;
+        s.window_len = w as u32;
+        s.consumed = 0;
+    }
+    let (win_off, w) = (s.win_off as usize, s.window_len as usize);
+    // verifier: one callback verified once, instead of a 1 KiB loop walked byte by byte.
+    let mut sc = ScratchCtx::new(s);
+    unsafe { bpf_loop(w as u32, stream_byte as *mut c_void, sc.ptr(), 0) };
+    let consumed = s.consumed as usize;
+    s.off = (win_off + if consumed < w { consumed } else { w }) as u32;
+    if s.stop == STOP_OVERRIDE {
+        s.stop = STOP_NONE;
+        check_override(s);
+    } else if s.stop == STOP_BULK {
+        s.stop = STOP_NONE;
+    } else if s.stop == STOP_TUNNEL
+        && (s.conn.stream.flags & flag::REPLIES_SEEN != 0 || followed_replies(s).is_some())
+    {
+        // The connection's responses are followed: go on with the request's body, then wait
+        // for the answer (for good if the responses can no longer be framed).
+        s.stop = STOP_NONE;
+        s.conn.stream.await_reply();
+    }
+    if s.stop == STOP_MONITOR {
+        send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
+        s.stop = STOP_NONE;
+    }
+    if s.stop == STOP_NONE {
+        0
+    } else {
+        1
+    }
+}
+
+/// A method-override header named a method: it must be allowed too.
+#[inline(never)]
+fn check_override(s: &mut Scratch) -> i64 {
+    let m = s.conn.stream.override_method();
+    s.conn.stream.note_override(m);
+    let allow = s.conn.stream.allow;
+    if allow & m.bit() != 0 {
+        return 0;
+    }
+    violation(s, allow, m, s.conn.stream.rule_flags & RULE_MONITOR != 0)
+}
+
+// `word_at` reads the window and the raw path through 8-aligned bases.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Scratch, line).is_multiple_of(8));
+    assert!(offset_of!(Scratch, raw).is_multiple_of(8));
+    assert!(core::mem::align_of::<Scratch>() >= 8);
+};
+
+/// Words (eight bytes each) a stream callback may take through the fast path before it steps
+/// one byte.
+const WORDS_PER_CALL: usize = 1;
+
+/// Whole path words a stream callback may take (`path_words`) before the runs and the byte
+/// below: a 1 KiB path is 128 words.
+const PATH_WORDS_PER_CALL: usize = 32;
+
+/// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: whole
+/// words of a path (up to `PATH_WORDS_PER_CALL`, `path_words`), runs of ordinary bytes, up to
+/// `WORDS_PER_CALL` words of them (`Stream::step_run`), then one byte (`Stream::step`).
+/// Returns 1 to stop (see `STOP_*`) or when the window is done; each call takes at least one
+/// byte, so `window_len` calls are enough.
+unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { from_ctx(ctx) };
+    let w = s.window_len as usize;
+    let mut i = s.consumed as usize;
+    // A path's long run first, a whole word at a time with the least work per word, once a
+    // call starts with eight or more path bytes behind it: in practice after the first ~65,
+    // which the calls before take through the runs below (a short path's words cost less
+    // there than a call into the loop).
+    if s.conn.stream.in_path() && s.conn.stream.line.path_len() >= 8 {
+        let j = path_words(s, i, w);
+        if j >= i + 8 * PATH_WORDS_PER_CALL {
+            // A whole batch: the path likely goes on, and the next call takes it the same way
+            // rather than through the slower runs below.
+            s.consumed = j as u32;
+            return 0;
+        }
+        i = j;
+    }
+    let mut k = 0;
+    while k < WORDS_PER_CALL {
+        if i >= w {
+            break;
+        }
+        // verifier: mask the index into the window (`i < w` already: no wrap).
+        let at = i & (LINE_WINDOW - 1);
+        if at > LINE_WINDOW - 8 {
+            break;
+        }
+        // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
+        // bytes before the window's end are read.
+        let word = word_at(s.line.as_ptr(), at);
+        let n = s.conn.stream.step_run(word, w - at, &mut s.raw);
+        i = at + n;
+        if n < 8 {
+            // The next byte is not ordinary: `step` takes it.
+            break;
+        }
+        k += 1;
+    }
+    if i >= w {
+        s.consumed = i as u32;
+        return 1;
+    }
+    // verifier: mask the index into the window.
+    let i = i & (LINE_WINDOW - 1);
+    s.consumed = i as u32 + 1;
+    let b = s.line[i];
+    match s.conn.stream.step(b, &mut s.raw) {
+        Ev::More => 0,
+        Ev::Bulk => stop(s, STOP_BULK),
+        Ev::Tunnel => stop(s, STOP_TUNNEL),
+        Ev::Await => {
+            s.consumed = i as u32;
+            stop(s, STOP_AWAIT)
+        }
+        Ev::Fail(r) => refuse_stop(s, r, 0, Method::from_u8(s.conn.stream.method)),
+        Ev::Decide => stop(s, STOP_DECIDE),
+        Ev::Override => stop(s, STOP_OVERRIDE),
+    }
+}
+
+/// Take whole words of a request line's path from window offset `i` (up to
+/// `PATH_WORDS_PER_CALL`, while `http::plain_path_word` accepts them and the stream has room:
+/// `Stream::path_words_room`), writing each into the raw path as two aligned words
+/// (`swar::splice`). Returns the offset after them.
+#[inline(never)]
+fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
+    let room = s.conn.stream.path_words_room();
+    if room == 0 || i + 8 > w {
+        return i;
+    }
+    let mut limit = (w - i) / 8;
+    if limit > room {
+        limit = room;
+    }
+    if limit > PATH_WORDS_PER_CALL {
+        limit = PATH_WORDS_PER_CALL;
+    }
+    let n = s.conn.stream.line.path_len();
+    let mut prev = s.conn.stream.line.path_last(&s.raw);
+    let (mut at, mut a) = (i, n);
+    let mut taken = 0;
+    while taken < limit {
+        // verifier: the window's word, and the aligned word the path's end is in and the
+        // next, inside their buffers (`limit` keeps them there already).
+        let at_m = at & (LINE_WINDOW - 1);
+        let a_m = a & (PATH_MAX - 8);
+        if at_m > LINE_WINDOW - 8 || a_m > PATH_MAX - 16 {
+            break;
+        }
+        let word = word_at(s.line.as_ptr(), at_m);
+        if !plain_path_word(word, prev) {
+            break;
+        }
+        let base = s.raw.as_mut_ptr();
+        // SAFETY: `a_m` and `a_m + 8` are 8-aligned offsets of `raw` (itself 8-aligned in the
+        // scratch, asserted above) with eight bytes each inside it.
+        unsafe {
+            let lo = base.add(a_m).cast::<u64>();
+            let (new_lo, hi) = swar::splice(lo.read(), word, n);
+            lo.write(new_lo);
+            base.add(a_m + 8).cast::<u64>().write(hi);
+        }
+        prev = (word >> 56) as u8;
+        at = at_m + 8;
+        a = a_m + 8;
+        taken += 1;
+    }
+    s.conn.stream.take_path_words(taken);
+    at
+}
