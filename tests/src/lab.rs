@@ -145,11 +145,7 @@ pub fn e2e_enabled(test: &str) -> bool {
 
 /// Checks the tools the lab needs; an error names what is missing.
 pub fn check_prerequisites() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "the lab needs root (network namespaces, veth, TC); run `cargo xtask test`"
-    );
+    check_root()?;
     for (tool, args) in [
         ("ip", &["-V"][..]),
         ("ss", &["-V"][..]),
@@ -169,6 +165,17 @@ pub fn check_prerequisites() -> Result<()> {
             args.join(" ")
         );
     }
+    Ok(())
+}
+
+/// What the kernel tiers need (loading programs, `BPF_PROG_TEST_RUN`): root, nothing else (they
+/// also run inside the kernel matrix's guests, which have no Python packages).
+pub fn check_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the lab needs root (eBPF, network namespaces, veth, TC); run `cargo xtask test`"
+    );
     Ok(())
 }
 

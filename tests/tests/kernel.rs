@@ -287,7 +287,7 @@ fn assert_reset(name: &str, input: &[u8], out: &[u8]) {
 }
 
 fn load(policy: &Policy) -> Dataplane {
-    lab::check_prerequisites().expect("prerequisites");
+    lab::check_root().expect("prerequisites");
     let mut dp = Dataplane::load(&[80, 8080]).expect("the classifier loads and verifies");
     dp.apply(policy).expect("policy applies");
     dp
