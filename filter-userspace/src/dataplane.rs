@@ -1083,3 +1083,71 @@ fn remove_all<K>(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// The verifier's answer for every program (the verifier test, the kernel matrix).
+
+/// What the verifier said about one program of the kernel object.
+#[derive(Debug)]
+pub struct ProgramVerdict {
+    /// The program's name in the object (`http_ingress`, …).
+    pub program: String,
+    /// Accepted: the instructions the verifier processed (`bpf_prog_info.verified_insns`).
+    /// Refused: the error and the last lines of the verifier's log.
+    pub result: Result<u32, String>,
+}
+
+/// Load every program of the embedded object on its own (the classifiers and their stages:
+/// [`ALL_PROGRAMS`] first, in its order, then any other), with the load-time globals
+/// [`Dataplane::load`] gives them, and report what the verifier said about each. Unlike
+/// `load`, a refused program does not keep the others from being tried. Nothing is attached
+/// or joined by tail calls, and the programs are unloaded again on return.
+pub fn verify_each(ports: &[u16]) -> Result<Vec<ProgramVerdict>, DataplaneError> {
+    if OBJECT.is_empty() {
+        return Err(DataplaneError::NoObject);
+    }
+    // The verifier reads the globals (they are frozen rodata), so they are those of a real
+    // load; the hash key's value does not matter to it.
+    let mut config = Box::new(LoadConfig::zeroed());
+    for &p in ports {
+        config.add_port(p);
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_CONFIG, &*config, true)
+        .load(OBJECT)
+        .map_err(DataplaneError::Load)?;
+    // Every program of the object, those of `ALL_PROGRAMS` first in its order.
+    let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    names.sort_by_key(|n| {
+        let known = ALL_PROGRAMS.iter().position(|p| p == n);
+        (known.unwrap_or(usize::MAX), n.clone())
+    });
+    let mut verdicts = Vec::new();
+    for program in names {
+        let result = match ebpf.program_mut(&program) {
+            Some(aya::programs::Program::SchedClassifier(prog)) => match prog.load() {
+                Ok(()) => prog
+                    .info()
+                    .map(|info| info.verified_instruction_count().unwrap_or(0))
+                    .map_err(|e| format!("accepted, but its program info is unreadable: {e}")),
+                Err(ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                }) => {
+                    let log = verifier_log.to_string();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    Err(format!("{io_error}\n{}", tail.join("\n")))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Some(other) => Err(format!(
+                "program type {:?} is not handled here (only TC classifiers)",
+                other.prog_type()
+            )),
+            None => Err("missing from the object".into()),
+        };
+        verdicts.push(ProgramVerdict { program, result });
+    }
+    Ok(verdicts)
+}
