@@ -9,3 +9,4 @@
 //! namespaces it names uniquely and deletes again.
 
 pub mod lab;
+pub mod verifier;
