@@ -11,8 +11,10 @@ mod build;
 mod demo;
 mod kernels;
 mod test;
+mod verifier_table;
 mod vm;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -35,8 +37,19 @@ enum Command {
     },
     /// Build, then show the filter working between two throwaway network namespaces.
     Demo,
-    /// Build, then run every test tier (host unit tests, kernel fixtures, end to end).
-    Test,
+    /// Build, then run every test tier on the host and the verifier and kernel fixture tiers
+    /// on the kernel matrix (6.1 and 6.12 under QEMU): what CI runs.
+    Test {
+        /// Only these kernels: `host` (every tier on the running kernel), `6.1`, `6.12` or the
+        /// path of a kernel image (the verifier and kernel fixture tiers in a QEMU guest), `all`
+        /// (6.1, 6.12, host: the default). Repeatable, or a comma list.
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Vec<String>,
+        /// Deadline of one guest, boot to power-off, in seconds; a guest still running then is
+        /// killed and reported.
+        #[arg(long, value_name = "SECS", default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
+        vm_timeout: u64,
+    },
     /// Boot a kernel under QEMU and run a command in it (the host's files, read-only but /tmp;
     /// no network): `cargo xtask vm --kernel 6.1 -- uname -r`. One argument is a shell command
     /// line; several are a command and its arguments. Prints its output and exits with its
@@ -51,6 +64,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// Render the verifier records of `cargo xtask test` (target/verifier/*.jsonl, or FILES)
+    /// as one table (program x kernel) and write it into ARCHITECTURE.md.
+    VerifierTable {
+        /// Print the table only; leave ARCHITECTURE.md alone.
+        #[arg(long)]
+        print: bool,
+        files: Vec<PathBuf>,
+    },
     /// Build, then run the benchmarks and write docs/BENCHMARKS.md and docs/bench/ (~12 min, root).
     Bench(Box<bench::Args>),
 }
@@ -63,7 +84,9 @@ fn main() {
             build::build_all().and_then(|b| build::run_as_root(&b.filterd, &args))
         }
         Command::Demo => build::build_all().and_then(|b| demo::run(&b)),
-        Command::Test => build::build_all().and_then(|b| test::run(&b)),
+        Command::Test { kernel, vm_timeout } => {
+            build::build_all().and_then(|b| test::run(&b, &kernel, Duration::from_secs(vm_timeout)))
+        }
         Command::Vm {
             kernel,
             timeout,
@@ -72,6 +95,9 @@ fn main() {
             Ok(status) => std::process::exit(status),
             Err(e) => Err(e),
         },
+        Command::VerifierTable { print, files } => {
+            verifier_table::main(&build::workspace_root(), &files, print)
+        }
         Command::Bench(args) => bench::main(&args),
     };
     if let Err(e) = result {
