@@ -35,6 +35,7 @@ pub mod reason;
 pub mod reply;
 pub mod stream;
 pub mod swar;
+pub mod tcp;
 pub mod token;
 
 pub use maps::*;
@@ -82,4 +83,5 @@ pub mod tcp_flags {
     pub const RST: u8 = 0x04;
     pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
 }

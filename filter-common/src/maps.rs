@@ -17,6 +17,13 @@ pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
 pub const MAP_CONNS: &str = "CONNS";
 /// `LruHashMap<ConnKey, [u8; PATH_MAX]>`: the path of a request line split across segments.
 pub const MAP_PENDING: &str = "PENDING";
+/// `LruHashMap<ConnKey, tcp::Handshake>`: handshakes under way, from the client's SYN to the
+/// ACK that completes them (then the connection gets its `CONNS` entry). Separate from
+/// `CONNS`, so that a flood of SYNs (spoofed or not) evicts only other half-open handshakes,
+/// never an established connection's state.
+pub const MAP_SYNS: &str = "SYNS";
+/// Handshakes under way at once.
+pub const SYNS_MAX: u32 = 65_536;
 /// `PerCpuArray<ReplyScratch>` with one entry: the egress classifier's working memory.
 pub const MAP_REPLY_SCRATCH: &str = "REPLY_SCRATCH";
 /// Tracked connections (default; `filterd --max-connections` sets the table's size at load).
@@ -287,6 +294,12 @@ pub struct Scratch {
     /// Paths canonicalized in this segment so far (see [`CANONS_MAX`]).
     pub canons: u32,
     pub _pad4: u32,
+    /// The segment's TCP option block, and the walk over it.
+    pub opts: [u8; crate::tcp::OPTIONS_MAX],
+    pub walk: crate::tcp::OptionWalk,
+    pub _pad5: u32,
+    /// The running sum of a checksum over the segment (`bpf_loop` over chunks of `line`).
+    pub sum: SumJob,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 
@@ -328,6 +341,10 @@ pub const STOP_JUDGE: u32 = 11;
 pub struct Conn {
     pub stream: crate::stream::Stream,
     pub replies: crate::reply::Replies,
+    /// What the server's TCP knows of the client (ingress side; see [`crate::tcp`]).
+    pub client: crate::tcp::ClientView,
+    /// The server's receive window (egress side).
+    pub server: crate::tcp::ServerView,
 }
 const _: () = assert!(core::mem::size_of::<Conn>().is_multiple_of(8));
 const _: () = assert!(core::mem::align_of::<Conn>() >= 8);
@@ -356,8 +373,25 @@ pub struct ReplyScratch {
     pub fin: u32,
     /// Where the current segment's headers are.
     pub hdr: HdrSlots,
+    /// The segment's TCP option block, and the walk over it (the server's SYN|ACK).
+    pub opts: [u8; crate::tcp::OPTIONS_MAX],
+    pub walk: crate::tcp::OptionWalk,
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<ReplyScratch>().is_multiple_of(8));
+
+/// A one's-complement sum over part of the frame, chunk by chunk (a `bpf_loop` in the kernel):
+/// where the part starts and how long it is, and the sum so far.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SumJob {
+    pub off: u32,
+    pub len: u32,
+    /// `bpf_csum_diff`'s running value (byte order as the helper keeps it).
+    pub sum: u32,
+    /// 0 while good; 1 once a chunk could not be read or summed.
+    pub failed: u32,
+}
 
 /// Where a segment's headers are (`crate::packet::Segment`), parked in a classifier's scratch:
 /// written after the header walk and read back, so that every layout the walk can take (VLAN

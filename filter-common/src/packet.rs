@@ -7,6 +7,12 @@
 //! otherwise. It reads only fixed-size pieces at known offsets: no slice of run-time length,
 //! loops bounded by constants ([`VLAN_TAGS_MAX`] priority tags, [`V6_EXT_MAX`] IPv6 extension
 //! headers). It touches no map: a segment for another port costs only the header reads.
+//!
+//! It fails closed where it cannot finish: a frame whose headers it cannot walk to a TCP
+//! header (more priority tags or extension headers than it reads) might be a segment for an
+//! inspected port, so it is dropped ([`Reason::Unwalkable`]); and a segment for an inspected
+//! port whose IP or TCP header the host would discard is dropped too ([`Reason::BadHeader`]),
+//! so that the filter never follows bytes the server's TCP does not read.
 
 use crate::{
     Reason, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
@@ -16,12 +22,15 @@ use crate::{
 /// VLAN tags read through inside the frame (each must be a priority tag, VID 0).
 pub const VLAN_TAGS_MAX: usize = 2;
 /// IPv6 extension headers walked to the TCP header.
-pub const V6_EXT_MAX: usize = 4;
+pub const V6_EXT_MAX: usize = 6;
 /// Bound of the TCP header's offset: past the Ethernet header, the VLAN tags, the IPv6 header
 /// and its extension headers (each at most 2048 bytes). A mask as well: the verifier
 /// establishes packet bounds only for offsets whose maximum plus the access stays within
 /// 64 KiB.
 pub const L4_MAX: usize = 0x3fff;
+/// Bound of the end of the IP payload (a GRO super-packet with BIG TCP may exceed 64 KiB),
+/// also a mask.
+pub const IP_END_MAX: usize = 0xf_ffff;
 const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX + IPV6_HLEN + 2048 * V6_EXT_MAX <= L4_MAX);
 /// Bound of the IP header's offset (Ethernet header and VLAN tags), also a mask.
 pub const L3_MAX: usize = 0xff;
@@ -31,6 +40,9 @@ const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX <= L3_MAX);
 pub trait Frame {
     /// The `N` bytes at `off`, or `None` if the frame ends before them.
     fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+
+    /// The frame's length in bytes.
+    fn frame_len(&self) -> usize;
 
     /// The VLAN tag control information the driver took out of the frame (the skb's
     /// `vlan_tci`), if there was a tag.
@@ -45,6 +57,10 @@ impl Frame for [u8] {
         let mut out = [0u8; N];
         out.copy_from_slice(self.get(off..end)?);
         Some(out)
+    }
+
+    fn frame_len(&self) -> usize {
+        self.len()
     }
 }
 
@@ -155,12 +171,20 @@ fn be16(b: [u8; 2]) -> u16 {
 /// Stops with the reason the classifier counts otherwise:
 /// * [`Reason::NotIp`]: neither IPv4 nor IPv6 (or the frame ends in the Ethernet header);
 /// * [`Reason::Unsupported`]: tagged for a VLAN (VID ≠ 0, offloaded or in the frame: it belongs
-///   to the VLAN's interface), a later IP fragment, more priority tags or IPv6 extension
-///   headers than are walked, an IPv4 header length below 20;
-/// * [`Reason::NotTcp`]: not TCP, or the frame ends before the TCP ports;
+///   to the VLAN's interface), a later IP fragment;
+/// * [`Reason::Unwalkable`]: more priority tags or IPv6 extension headers than are walked, or
+///   a frame that ends inside them (the classifier drops it: it could be for an inspected
+///   port);
+/// * [`Reason::NotTcp`]: not TCP (an IPv6 extension the walk does not know counts as another
+///   protocol, as it does for the host, which has no handler for it);
 /// * [`Reason::Fragment`]: the first fragment of a fragmented packet for an inspected port (its
 ///   segment cannot be seen whole);
-/// * [`Reason::OtherPort`]: TCP for a port that is not inspected.
+/// * [`Reason::OtherPort`]: TCP for a port that is not inspected;
+/// * [`Reason::BadHeader`]: for an inspected port, an IP or TCP header the host discards: a
+///   wrong IP version, an IPv4 header length below 20, a header checksum or length that does
+///   not add up, a TCP header shorter than 20 bytes or longer than the segment.
+///
+/// An IP length of 0 (a GRO super-packet with BIG TCP) means the frame's own length.
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(
     frame: &F,
@@ -178,8 +202,8 @@ pub fn parse<F: Frame + ?Sized>(
     let mut proto = ethertype;
     let mut l3 = ETH_HLEN;
     let mut k = 0;
-    while k < VLAN_TAGS_MAX && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
-        let tag = frame.bytes::<4>(l3).ok_or(Reason::NotIp)?;
+    while k < VLAN_TAGS_MAX && is_vlan(proto) {
+        let tag = frame.bytes::<4>(l3).ok_or(Reason::Unwalkable)?;
         if be16([tag[0], tag[1]]) & 0x0fff != 0 {
             return Err(Reason::Unsupported);
         }
@@ -187,15 +211,22 @@ pub fn parse<F: Frame + ?Sized>(
         l3 += 4;
         k += 1;
     }
+    if is_vlan(proto) {
+        return Err(Reason::Unwalkable);
+    }
+    let frame_len = frame.frame_len();
     let (family, l4, ip_end) = match proto {
         ETH_P_IPV4 => {
             let ip = frame.bytes::<IPV4_HLEN_MIN>(l3).ok_or(Reason::NotIp)?;
+            if ip[0] >> 4 != 4 {
+                return Err(Reason::BadHeader);
+            }
             if ip[9] != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
             if ihl < IPV4_HLEN_MIN {
-                return Err(Reason::Unsupported);
+                return Err(Reason::BadHeader);
             }
             let frag = be16([ip[6], ip[7]]);
             if frag & 0x1fff != 0 {
@@ -207,28 +238,47 @@ pub fn parse<F: Frame + ?Sized>(
                 return Err(first_fragment(frame, l3 + ihl, dir, &inspected));
             }
             let total = be16([ip[2], ip[3]]) as usize;
-            (FAMILY_V4, l3 + ihl, l3 + total)
+            let ip_end = if total == 0 { frame_len } else { l3 + total };
+            if !v4_header_ok(frame, l3, ihl, ip_end, frame_len) {
+                return Err(reason_for(
+                    frame,
+                    l3 + ihl,
+                    dir,
+                    &inspected,
+                    Reason::BadHeader,
+                ));
+            }
+            (FAMILY_V4, l3 + ihl, ip_end)
         }
         ETH_P_IPV6 => {
             let ip = frame.bytes::<8>(l3).ok_or(Reason::NotIp)?;
+            if ip[0] >> 4 != 6 {
+                return Err(Reason::BadHeader);
+            }
             let payload_len = be16([ip[4], ip[5]]) as usize;
             let mut next = ip[6];
             let mut l4 = l3 + IPV6_HLEN;
             let mut k = 0;
             while k < V6_EXT_MAX && next != IPPROTO_TCP {
-                let ext = frame.bytes::<4>(l4).ok_or(Reason::Unsupported)?;
+                let ext = frame.bytes::<4>(l4).ok_or(Reason::Unwalkable)?;
                 match next {
                     // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
                     0 | 43 | 60 => l4 += (ext[1] as usize + 1) * 8,
                     // Authentication header: (len + 2) * 4 bytes.
                     51 => l4 += (ext[1] as usize + 2) * 4,
-                    // Fragment header: a first fragment for an inspected port is dropped; a
-                    // later one carries no TCP header and is never reassembled without it.
+                    // Fragment header. An atomic fragment (offset 0, no more fragments) is a
+                    // whole packet (RFC 8200 §4.5; the host reads it so): walk on. A first
+                    // fragment for an inspected port is dropped; a later one carries no TCP
+                    // header and is never reassembled without it.
                     44 => {
-                        if be16([ext[2], ext[3]]) & 0xfff8 == 0 && ext[0] == IPPROTO_TCP {
-                            return Err(first_fragment(frame, l4 + 8, dir, &inspected));
+                        let off_m = be16([ext[2], ext[3]]);
+                        if off_m & 0xfff9 != 0 || ext[0] != IPPROTO_TCP {
+                            if off_m & 0xfff8 == 0 && ext[0] == IPPROTO_TCP {
+                                return Err(first_fragment(frame, l4 + 8, dir, &inspected));
+                            }
+                            return Err(Reason::Unsupported);
                         }
-                        return Err(Reason::Unsupported);
+                        l4 += 8;
                     }
                     _ => return Err(Reason::NotTcp),
                 }
@@ -236,9 +286,17 @@ pub fn parse<F: Frame + ?Sized>(
                 k += 1;
             }
             if next != IPPROTO_TCP {
-                return Err(Reason::Unsupported);
+                return Err(Reason::Unwalkable);
             }
-            (FAMILY_V6, l4, l3 + IPV6_HLEN + payload_len)
+            let ip_end = if payload_len == 0 {
+                frame_len
+            } else {
+                l3 + IPV6_HLEN + payload_len
+            };
+            if ip_end > frame_len {
+                return Err(reason_for(frame, l4, dir, &inspected, Reason::BadHeader));
+            }
+            (FAMILY_V6, l4, ip_end)
         }
         _ => return Err(Reason::NotIp),
     };
@@ -246,7 +304,11 @@ pub fn parse<F: Frame + ?Sized>(
     if !inspected(server_port(ports, dir)) {
         return Err(Reason::OtherPort);
     }
-    let tcp = Tcp(frame.bytes::<TCP_HLEN_MIN>(l4).ok_or(Reason::NotTcp)?);
+    let tcp = Tcp(frame.bytes::<TCP_HLEN_MIN>(l4).ok_or(Reason::BadHeader)?);
+    let doff = tcp.header_len();
+    if doff < TCP_HLEN_MIN || l4 + doff > ip_end {
+        return Err(Reason::BadHeader);
+    }
     Ok(Segment {
         family,
         l3,
@@ -254,6 +316,60 @@ pub fn parse<F: Frame + ?Sized>(
         ip_end,
         tcp,
     })
+}
+
+#[inline(always)]
+fn is_vlan(proto: u16) -> bool {
+    proto == ETH_P_8021Q || proto == ETH_P_8021AD
+}
+
+/// `bad` if the TCP ports at `l4` are readable and the server's is inspected, else the reason
+/// the segment would have been passed for (another port, or not TCP as far as can be read):
+/// a broken header matters only on an inspected port.
+#[inline(always)]
+fn reason_for<F: Frame + ?Sized>(
+    frame: &F,
+    l4: usize,
+    dir: Dir,
+    inspected: &impl Fn(u16) -> bool,
+    bad: Reason,
+) -> Reason {
+    match frame.bytes::<4>(l4) {
+        Some(ports) if inspected(server_port(ports, dir)) => bad,
+        Some(_) => Reason::OtherPort,
+        None => bad,
+    }
+}
+
+/// Whether the host's IP layer takes the IPv4 header at `l3` (`ihl` bytes, at least 20): its
+/// checksum sums to all ones, and the packet (ending at `ip_end`) holds the header and fits in
+/// the frame.
+#[inline(always)]
+fn v4_header_ok<F: Frame + ?Sized>(
+    frame: &F,
+    l3: usize,
+    ihl: usize,
+    ip_end: usize,
+    frame_len: usize,
+) -> bool {
+    if ip_end > frame_len || ip_end < l3 + ihl {
+        return false;
+    }
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 15 {
+        if i * 4 >= ihl {
+            break;
+        }
+        let Some(w) = frame.bytes::<4>(l3 + i * 4) else {
+            return false;
+        };
+        sum += be16([w[0], w[1]]) as u32 + be16([w[2], w[3]]) as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 #[inline(always)]

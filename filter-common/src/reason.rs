@@ -96,10 +96,53 @@ pub enum Reason {
     /// stage is missing from `STAGES`, or the chain ran too long): dropped on ingress (the
     /// client sends it again), the connection's responses lost on egress.
     StageFailed = 31,
+    /// A SYN on a connection the filter follows: the server's TCP answers it with a challenge
+    /// ACK and discards it (RFC 5961 §4), so it changes nothing the filter keeps; it passes
+    /// (without its data, if it carried any), since it may start a new connection where the
+    /// server's is gone.
+    SynInStream = 32,
+    /// A data segment without the ACK flag: the server's TCP discards it; dropped.
+    NoAck = 33,
+    /// A segment whose acknowledgement number the server's TCP refuses (data never sent, or
+    /// older than its window: RFC 5961 §5.2); dropped.
+    BadAck = 34,
+    /// A segment whose timestamp fails PAWS (RFC 7323), or that carries none where the
+    /// handshake negotiated timestamps; dropped.
+    Paws = 35,
+    /// A segment at or past the right edge of the server's receive window: dropped; or data
+    /// running past it: trimmed to the edge (counted here too).
+    OutOfWindow = 36,
+    /// A segment whose TCP checksum is wrong (and that no device verified): the server's TCP
+    /// discards it; dropped.
+    BadChecksum = 37,
+    /// A frame not addressed to this host (packet type other than `PACKET_HOST`) for an
+    /// inspected port: the host's TCP never reads it; dropped.
+    NotForHost = 38,
+    /// Headers the classifier cannot walk to the TCP header (more VLAN priority tags or IPv6
+    /// extension headers than it reads): dropped, since the segment might be for an inspected
+    /// port.
+    Unwalkable = 39,
+    /// A data segment of no connection the filter follows and no live connection of the
+    /// server's (no established socket for it on this host): passed untouched, unanswered
+    /// (the server's TCP resets or discards it).
+    Stray = 40,
+    /// Extra count: an urgent pointer was cleared (flag and pointer zeroed, checksum fixed),
+    /// so the server's TCP reads the urgent byte in line, as the filter does.
+    UrgentCleared = 41,
+    /// An IP or TCP header the host discards (an IPv4 header checksum or length that does not
+    /// add up, a wrong IP version, a TCP header shorter than 20 bytes or longer than the
+    /// packet) on a segment for an inspected port: dropped.
+    BadHeader = 42,
+    /// A segment the filter cannot place against what the server's TCP holds: data for a
+    /// connection the server has not completed (a listener or a half-open handshake only,
+    /// where a SYN cookie or the handshake's last ACK could still make a connection of it), or
+    /// a retransmission of bytes the server's socket shows it never took. Dropped: the client
+    /// sends it again.
+    Unconfirmed = 43,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 44] = [
         Reason::NotIp,
         Reason::NotTcp,
         Reason::Unsupported,
@@ -132,6 +175,18 @@ impl Reason {
         Reason::UpgradeRefused,
         Reason::ReplyLost,
         Reason::StageFailed,
+        Reason::SynInStream,
+        Reason::NoAck,
+        Reason::BadAck,
+        Reason::Paws,
+        Reason::OutOfWindow,
+        Reason::BadChecksum,
+        Reason::NotForHost,
+        Reason::Unwalkable,
+        Reason::Stray,
+        Reason::UrgentCleared,
+        Reason::BadHeader,
+        Reason::Unconfirmed,
     ];
 
     /// The reason with this code; unknown codes map to `NotHttp` (never produced: every code
@@ -180,6 +235,18 @@ impl Reason {
             Reason::UpgradeRefused => "upgrade_refused",
             Reason::ReplyLost => "reply_lost",
             Reason::StageFailed => "stage_failed",
+            Reason::SynInStream => "syn_in_stream",
+            Reason::NoAck => "no_ack",
+            Reason::BadAck => "bad_ack",
+            Reason::Paws => "paws",
+            Reason::OutOfWindow => "out_of_window",
+            Reason::BadChecksum => "bad_checksum",
+            Reason::NotForHost => "not_for_host",
+            Reason::Unwalkable => "unwalkable",
+            Reason::Stray => "stray",
+            Reason::UrgentCleared => "urgent_cleared",
+            Reason::BadHeader => "bad_header",
+            Reason::Unconfirmed => "unconfirmed",
         }
     }
 }

@@ -36,6 +36,7 @@ fn eth(tags: &[(u16, u16)], ethertype: u16) -> Vec<u8> {
 fn v4(mut f: Vec<u8>, ihl_words: u8, frag: u16, proto: u8, l4: &[u8], payload: usize) -> Vec<u8> {
     let hl = ihl_words as usize * 4;
     let total = (hl.max(20) + l4.len() + payload) as u16;
+    let l3 = f.len();
     f.push(0x40 | ihl_words);
     f.push(0);
     f.extend_from_slice(&total.to_be_bytes());
@@ -44,6 +45,9 @@ fn v4(mut f: Vec<u8>, ihl_words: u8, frag: u16, proto: u8, l4: &[u8], payload: u
     f.extend_from_slice(&[64, proto, 0, 0]);
     f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
     f.resize(f.len() + hl.saturating_sub(20), 1); // options (NOPs)
+    let c = crate::csum::finish(crate::csum::add(0, &f[l3..])).to_be_bytes();
+    f[l3 + 10] = c[0];
+    f[l3 + 11] = c[1];
     f.extend_from_slice(l4);
     f.resize(f.len() + payload, b'x');
     f
@@ -111,7 +115,7 @@ fn ipv4_options_and_bad_lengths() {
     let f = v4(eth(&[], ETH_P_IPV4), 4, 0, 6, &t, 5);
     assert_eq!(
         parse(f.as_slice(), Dir::ToServer, inspected),
-        Err(Reason::Unsupported)
+        Err(Reason::BadHeader)
     );
 }
 
@@ -136,13 +140,18 @@ fn fragments() {
         parse(f.as_slice(), Dir::ToServer, inspected),
         Err(Reason::Unsupported)
     );
-    // IPv6 fragment header, offset 0, TCP next.
-    let frag = vec![0u8; 8];
+    // IPv6 fragment header, offset 0, more fragments, TCP next.
+    let mut frag = vec![0u8; 8];
+    frag[3] = 1;
     let f = v6(eth(&[], ETH_P_IPV6), &[(44, frag.clone())], 6, &t, 10);
     assert_eq!(
         parse(f.as_slice(), Dir::ToServer, inspected),
         Err(Reason::Fragment)
     );
+    // An atomic fragment (offset 0, no more) is a whole packet.
+    let f = v6(eth(&[], ETH_P_IPV6), &[(44, vec![0u8; 8])], 6, &t, 10);
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!((s.l4, s.payload_len()), (14 + 40 + 8, 10));
     let mut later = frag;
     later[3] = 0x10;
     let f = v6(eth(&[], ETH_P_IPV6), &[(44, later)], 6, &t, 10);
@@ -173,19 +182,17 @@ fn ipv6_extension_headers() {
     let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
     assert_eq!((s.l4, s.payload_len()), (54 + 8 + 16 + 12 + 8, 7));
     assert_eq!(s.ip_end, f.len());
-    // One more than is walked.
-    let exts = [
-        (0, opts_ext(1)),
-        (60, opts_ext(1)),
-        (60, opts_ext(1)),
-        (60, opts_ext(1)),
-        (60, opts_ext(1)),
-    ];
+    // One more than is walked: dropped, as it could be for an inspected port.
+    let mut exts = vec![(0, opts_ext(1))];
+    exts.resize(V6_EXT_MAX + 1, (60, opts_ext(1)));
     let f = v6(eth(&[], ETH_P_IPV6), &exts, 6, &t, 7);
     assert_eq!(
         parse(f.as_slice(), Dir::ToServer, inspected),
-        Err(Reason::Unsupported)
+        Err(Reason::Unwalkable)
     );
+    exts.pop();
+    let f = v6(eth(&[], ETH_P_IPV6), &exts, 6, &t, 7);
+    assert!(parse(f.as_slice(), Dir::ToServer, inspected).is_ok());
     // UDP behind an extension header; an unknown extension.
     let f = v6(eth(&[], ETH_P_IPV6), &[(0, opts_ext(1))], 17, &t, 7);
     assert_eq!(
@@ -219,12 +226,12 @@ fn vlan_tags() {
         parse(f.as_slice(), Dir::ToServer, inspected),
         Err(Reason::Unsupported)
     );
-    // Three priority tags: not walked.
+    // Three priority tags: not walked, and dropped (it could be for an inspected port).
     let tags = [(ETH_P_8021Q, 0), (ETH_P_8021Q, 0), (ETH_P_8021Q, 0)];
     let f = v4(eth(&tags, ETH_P_IPV4), 5, 0, 6, &t, 3);
     assert_eq!(
         parse(f.as_slice(), Dir::ToServer, inspected),
-        Err(Reason::NotIp)
+        Err(Reason::Unwalkable)
     );
 }
 
@@ -234,6 +241,9 @@ fn offloaded_vlan_tag() {
     impl Frame for Tagged<'_> {
         fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
             self.0.bytes(off)
+        }
+        fn frame_len(&self) -> usize {
+            self.0.len()
         }
         fn offloaded_vlan(&self) -> Option<u16> {
             Some(self.1)
@@ -266,4 +276,80 @@ fn other_protocols_and_short_frames() {
         assert!(parse(&f[..n], Dir::ToServer, inspected).is_err(), "{n}");
     }
     assert!(parse(f.as_slice(), Dir::ToServer, inspected).is_ok());
+}
+
+#[test]
+fn headers_the_host_discards() {
+    let t = tcp_header(40000, HTTP, 0);
+    let good = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 4);
+    assert!(parse(good.as_slice(), Dir::ToServer, inspected).is_ok());
+    // A wrong header checksum: dropped for an inspected port only.
+    let mut f = good.clone();
+    f[14 + 10] ^= 1;
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::BadHeader)
+    );
+    let other = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &tcp_header(40000, 81, 0), 4);
+    let mut f = other;
+    f[14 + 10] ^= 1;
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::OtherPort)
+    );
+    // An IP length past the frame; a version that is not 4.
+    let mut f = good.clone();
+    f.truncate(f.len() - 1);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::BadHeader)
+    );
+    let mut f = good.clone();
+    f[14] = 0x55;
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::BadHeader)
+    );
+    // A TCP header shorter than 20 bytes, or longer than the segment.
+    for doff in [4u8, 15] {
+        let mut t = tcp_header(40000, HTTP, 0);
+        t[12] = doff << 4;
+        let f = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 4);
+        assert_eq!(
+            parse(f.as_slice(), Dir::ToServer, inspected),
+            Err(Reason::BadHeader),
+            "doff {doff}"
+        );
+    }
+    // IPv6: a payload length past the frame.
+    let mut f = v6(eth(&[], ETH_P_IPV6), &[], 6, &t, 7);
+    f.truncate(f.len() - 1);
+    assert_eq!(
+        parse(f.as_slice(), Dir::ToServer, inspected),
+        Err(Reason::BadHeader)
+    );
+}
+
+#[test]
+fn an_ip_length_of_zero_is_the_frames() {
+    // BIG TCP super-packets: IPv4 total length 0, IPv6 payload length 0.
+    let t = tcp_header(40000, HTTP, 0);
+    let mut f = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 70_000 - 54);
+    f[16] = 0;
+    f[17] = 0;
+    let c = {
+        let mut h = f[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        crate::csum::finish(crate::csum::add(0, &h)).to_be_bytes()
+    };
+    f[24] = c[0];
+    f[25] = c[1];
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!(s.ip_end, f.len());
+    let mut f = v6(eth(&[], ETH_P_IPV6), &[], 6, &t, 70_000);
+    f[18] = 0;
+    f[19] = 0;
+    let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
+    assert_eq!(s.ip_end, f.len());
 }
