@@ -4,7 +4,7 @@
 use aya_ebpf::programs::TcContext;
 use core::ptr::{addr_of, addr_of_mut, read_unaligned, read_volatile, write_volatile};
 use filter_common::{
-    packet::{self, Dir, Frame, Segment, L3_MAX, L4_MAX},
+    packet::{self, Dir, Frame, Segment, IP_END_MAX, L3_MAX, L4_MAX},
     HdrSlots, Reason,
 };
 
@@ -25,6 +25,11 @@ impl Frame for Skb<'_> {
             return Some(unsafe { read_unaligned((start + off) as *const [u8; N]) });
         }
         self.0.load(off).ok()
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.0.len() as usize
     }
 
     #[inline(always)]
@@ -66,7 +71,7 @@ pub fn parked(slots: &HdrSlots) -> HdrSlots {
         HdrSlots {
             l3: read_volatile(addr_of!(slots.l3)) & L3_MAX as u32,
             l4: read_volatile(addr_of!(slots.l4)) & L4_MAX as u32,
-            ip_end: read_volatile(addr_of!(slots.ip_end)) & 0x1ffff,
+            ip_end: read_volatile(addr_of!(slots.ip_end)) & IP_END_MAX as u32,
             family: read_volatile(addr_of!(slots.family)) & 0xff,
         }
     }

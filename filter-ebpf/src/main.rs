@@ -34,6 +34,7 @@ mod frame;
 mod ingress;
 mod maps;
 mod skb;
+mod tcp;
 mod util;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

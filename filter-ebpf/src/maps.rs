@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use filter_common::{
-    Conn, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue, Scratch, Settings, CONNS_MAX,
-    EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX, STATS_SLOTS,
+    tcp::Handshake, Conn, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue, Scratch,
+    Settings, CONNS_MAX, EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX,
+    STATS_SLOTS, SYNS_MAX,
 };
 
 /// The classifiers' later stages, index `filter_common::stage::*` → program. Filled by the
@@ -50,6 +51,14 @@ pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
 /// stalest connection, both halves together.
 #[map]
 pub static CONNS: LruHashMap<ConnKey, Conn> = LruHashMap::with_max_entries(CONNS_MAX, 0);
+
+/// Handshakes under way: key `ConnKey` (the client's side), value `Handshake`. Written by the
+/// ingress classifier at the client's SYN and by the egress one at the server's SYN|ACK; read
+/// by the ingress one at the ACK that completes the handshake (which gives the connection its
+/// `CONNS` entry and removes this one). LRU and apart from `CONNS`: a flood of SYNs evicts only
+/// other half-open handshakes.
+#[map]
+pub static SYNS: LruHashMap<ConnKey, Handshake> = LruHashMap::with_max_entries(SYNS_MAX, 0);
 
 /// One `ReplyScratch` per CPU: the egress classifier's payload window and state copy.
 #[map]

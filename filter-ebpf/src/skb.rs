@@ -2,21 +2,23 @@
 //! into a reset to the backend.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    bindings::{__sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     check_bounds_signed,
     helpers::{
-        bpf_csum_diff, bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace,
-        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+        bpf_csum_diff, bpf_csum_level, bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace,
+        bpf_loop, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     programs::TcContext,
 };
 use core::ffi::c_void;
 use core::ptr::null_mut;
 use filter_common::{
-    csum, packet::L4_MAX, tcp_flags, HdrSlots, FAMILY_V4, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
+    csum,
+    packet::{IP_END_MAX, L4_MAX},
+    tcp_flags, ConnKey, HdrSlots, SumJob, FAMILY_V4, IPV6_HLEN, LINE_WINDOW, TCP_HLEN_MIN,
 };
 
-/// Where the segment being rewritten is in the frame.
+/// Where the segment being read or rewritten is in the frame.
 pub struct Layout {
     pub family: u8,
     /// Offset of the IP header.
@@ -38,16 +40,10 @@ impl Layout {
             l4: hdr.l4 as usize,
             // verifier: the TCP header's offset plus at most 60 bytes of it.
             payload: payload_off as usize & (2 * L4_MAX + 1),
-            payload_len: payload_len as usize & 0x1ffff,
+            payload_len: payload_len as usize & IP_END_MAX,
         }
     }
 }
-
-/// Bytes summed per step when cutting a segment (a multiple of 4 for `bpf_csum_diff`, with
-/// room for padding in the 1 KiB window).
-const CUT_CHUNK: usize = 1020;
-/// Steps: a segment is cut by at most this many chunks (64 KiB, a full GSO segment).
-const CUT_CHUNKS: usize = 65;
 
 /// Shorten the segment to its first `keep` payload bytes: fix the IP length and checksum, and
 /// take the removed bytes and the new length out of the TCP checksum (`bpf_l4_csum_replace`
@@ -56,6 +52,7 @@ const CUT_CHUNKS: usize = 65;
 pub fn trim_payload(
     ctx: &TcContext,
     buf: &mut [u8; LINE_WINDOW],
+    job: &mut SumJob,
     hdr: &Layout,
     keep: usize,
 ) -> bool {
@@ -72,41 +69,19 @@ pub fn trim_payload(
         return false;
     };
 
-    // One's-complement sum of the removed bytes, negated (bpf_csum_diff with only `from`).
-    let mut diff: u32 = 0;
-    let mut i = 0;
-    while i < CUT_CHUNKS {
-        let start = keep + i * CUT_CHUNK;
-        if start >= hdr.payload_len {
-            break;
-        }
-        let rest = hdr.payload_len - start;
-        let n = if rest < CUT_CHUNK { rest } else { CUT_CHUNK };
-        if !load_into(ctx, hdr.payload + start, buf, n) {
-            return false;
-        }
-        // Pad to a multiple of 4 with zeros, which add nothing to the sum.
-        buf[n & (LINE_WINDOW - 1)] = 0;
-        buf[(n + 1) & (LINE_WINDOW - 1)] = 0;
-        buf[(n + 2) & (LINE_WINDOW - 1)] = 0;
-        let n4 = ((n + 3) & !3) as i64;
-        // verifier: bounded, non-zero size for bpf_csum_diff.
-        if !check_bounds_signed(n4, 4, (CUT_CHUNK + 4) as i64) {
-            return false;
-        }
-        let r =
-            unsafe { bpf_csum_diff(buf.as_mut_ptr() as *mut u32, n4 as u32, null_mut(), 0, diff) };
-        if r < 0 {
-            return false;
-        }
-        diff = r as u32;
-        i += 1;
-    }
-    if keep + CUT_CHUNKS * CUT_CHUNK < hdr.payload_len {
+    // One's-complement sum of the removed bytes (negated below).
+    let Some(diff) = sum_range(
+        ctx,
+        buf,
+        job,
+        (hdr.payload + keep) as u32,
+        (hdr.payload_len - keep) as u32,
+    ) else {
         return false;
-    }
-    let mut d = (diff & 0xffff) + (diff >> 16);
-    d = (d & 0xffff) + (d >> 16);
+    };
+    // Negated: the checksum loses these bytes.
+    let diff = !fold(diff) as u32 & 0xffff;
+    let mut d = diff;
     // The removed bytes start at an odd offset of the TCP segment: their 16-bit words are
     // byte-swapped relative to the checksum's.
     if (doff + keep) & 1 == 1 {
@@ -148,7 +123,221 @@ pub fn trim_payload(
             unsafe { bpf_csum_update(skb, delta as u32) };
         }
     }
-    set_ip_len(ctx, hdr.family, hdr.l3, hdr.l4, doff + keep)
+    if !set_ip_len(ctx, hdr.family, hdr.l3, hdr.l4, doff + keep) {
+        return false;
+    }
+    // A FIN now comes before bytes the client still has to send: it goes with them.
+    tcp[13] & tcp_flags::FIN == 0 || clear_flags(ctx, hdr.l4, &tcp, tcp_flags::FIN)
+}
+
+/// Bytes summed per `sum_chunk` call: a multiple of 4 for `bpf_csum_diff`, even (so every chunk
+/// starts on a 16-bit word of the range), and at most 512: before 6.13 the helper refuses more
+/// (`-EINVAL`: its per-CPU scratch holds 128 words).
+const SUM_CHUNK: usize = 512;
+/// Chunks a range may have: 64 KiB, a full GSO segment.
+const SUM_CHUNKS: u32 = 128;
+
+#[repr(C)]
+struct SumCtx {
+    skb: *mut __sk_buff,
+    buf: *mut [u8; LINE_WINDOW],
+    job: *mut SumJob,
+}
+
+/// `bpf_loop` callback: add chunk `i` of the job's range to its sum.
+unsafe extern "C" fn sum_chunk(i: u64, c: *mut c_void) -> i64 {
+    // SAFETY: `c` is the `SumCtx` `sum_range` passed, its pointers valid for the loop.
+    let (c, job, buf) = unsafe {
+        let c = &*(c as *const SumCtx);
+        (c, &mut *c.job, &mut *c.buf)
+    };
+    let start = i as usize * SUM_CHUNK;
+    let len = job.len as usize;
+    if start >= len {
+        return 1;
+    }
+    let rest = len - start;
+    let n = if rest < SUM_CHUNK { rest } else { SUM_CHUNK };
+    let ctx = TcContext::new(c.skb);
+    if !load_into(&ctx, job.off as usize + start, buf, n) {
+        job.failed = 1;
+        return 1;
+    }
+    // Pad to a multiple of 4 with zeros, which add nothing to the sum.
+    buf[n & (LINE_WINDOW - 1)] = 0;
+    buf[(n + 1) & (LINE_WINDOW - 1)] = 0;
+    buf[(n + 2) & (LINE_WINDOW - 1)] = 0;
+    let n4 = ((n + 3) & !3) as i64;
+    // verifier: bounded, non-zero size for bpf_csum_diff.
+    if !check_bounds_signed(n4, 4, SUM_CHUNK as i64) {
+        job.failed = 1;
+        return 1;
+    }
+    // SAFETY: `n4` bytes of `buf`, inside it.
+    let r = unsafe {
+        bpf_csum_diff(
+            null_mut(),
+            0,
+            buf.as_mut_ptr() as *mut u32,
+            n4 as u32,
+            job.sum,
+        )
+    };
+    if r < 0 {
+        job.failed = 1;
+        return 1;
+    }
+    job.sum = r as u32;
+    0
+}
+
+/// The one's-complement sum of the frame's `len` bytes from `off` (byte-swapped, as a 16-bit
+/// value, when read on a little-endian host: fold it with [`fold`], then swap it to compare
+/// with big-endian arithmetic), through `buf`; `None` if a chunk cannot be read or the range is
+/// over 64 KiB.
+// verifier: one chunk's body verified once, not once per chunk.
+#[inline(always)]
+pub fn sum_range(
+    ctx: &TcContext,
+    buf: &mut [u8; LINE_WINDOW],
+    job: &mut SumJob,
+    off: u32,
+    len: u32,
+) -> Option<u32> {
+    job.off = off;
+    job.len = len;
+    job.sum = 0;
+    job.failed = 0;
+    if len as usize > SUM_CHUNKS as usize * SUM_CHUNK {
+        return None;
+    }
+    let mut c = SumCtx {
+        skb: ctx.skb.skb,
+        buf: buf as *mut _,
+        job: job as *mut _,
+    };
+    // SAFETY: the callback and its context, valid for the call.
+    unsafe {
+        bpf_loop(
+            SUM_CHUNKS,
+            sum_chunk as *mut c_void,
+            (&mut c as *mut SumCtx).cast(),
+            0,
+        )
+    };
+    (job.failed == 0).then_some(job.sum)
+}
+
+/// A 32-bit one's-complement sum folded to 16 bits.
+#[inline(always)]
+pub fn fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// Rewrite the 16-bit word at TCP header offset `at` (even) from `old` to `new` (values as
+/// read, big-endian), the TCP checksum following along: as `bpf_l4_csum_replace` does it for
+/// the skb's checksum state (not at all for `CHECKSUM_PARTIAL`, whose field the device or
+/// the stack completes later). Both writes leave a `CHECKSUM_COMPLETE` sum as it was: the
+/// word and the field change by opposite amounts.
+#[inline(always)]
+fn rewrite_word(ctx: &TcContext, l4: usize, at: usize, old: u16, new: u16) -> bool {
+    let skb = ctx.skb.skb;
+    let bytes = new.to_be_bytes();
+    // SAFETY: helper calls on this program's skb, with in-frame offsets the helpers check.
+    unsafe {
+        bpf_l4_csum_replace(
+            skb,
+            (l4 + 16) as u32,
+            u16::from_ne_bytes(old.to_be_bytes()) as u64,
+            u16::from_ne_bytes(bytes) as u64,
+            2,
+        ) >= 0
+            && bpf_skb_store_bytes(skb, (l4 + at) as u32, bytes.as_ptr() as *const c_void, 2, 0)
+                >= 0
+    }
+}
+
+/// Clear `flags` in the TCP header at `l4` (`tcp`: its first 20 bytes, as read).
+#[inline(always)]
+pub fn clear_flags(ctx: &TcContext, l4: usize, tcp: &[u8; TCP_HLEN_MIN], flags: u8) -> bool {
+    let old = u16::from_be_bytes([tcp[12], tcp[13]]);
+    let new = u16::from_be_bytes([tcp[12], tcp[13] & !flags]);
+    old == new || rewrite_word(ctx, l4, 12, old, new)
+}
+
+/// Clear the urgent flag and pointer of the TCP header at `l4`: the host's TCP then reads the
+/// urgent byte in line, where the filter read it (without this, it takes it out of the stream
+/// the application reads).
+#[inline(always)]
+pub fn clear_urgent(ctx: &TcContext, l4: usize, tcp: &[u8; TCP_HLEN_MIN]) -> bool {
+    let ptr = u16::from_be_bytes([tcp[18], tcp[19]]);
+    clear_flags(ctx, l4, tcp, tcp_flags::URG) && (ptr == 0 || rewrite_word(ctx, l4, 18, ptr, 0))
+}
+
+/// Whether the host's TCP will take the TCP checksum of the segment at `at` as good. It does
+/// not look when a device verified it (`CHECKSUM_UNNECESSARY`) or when the checksum is still to
+/// be completed (`CHECKSUM_PARTIAL`: a sender on this host, or segments the GRO engine merged
+/// after verifying them); otherwise it sums the segment, and so does this.
+#[inline(always)]
+pub fn checksum_ok(
+    ctx: &TcContext,
+    buf: &mut [u8; LINE_WINDOW],
+    job: &mut SumJob,
+    at: &Layout,
+    key: &ConnKey,
+) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: a query of this program's skb.
+    if unsafe { bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) } >= 0 {
+        return true;
+    }
+    let tcp_len = at.payload + at.payload_len - at.l4;
+    let pseudo = if at.family == FAMILY_V4 {
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        src.copy_from_slice(&key.client_addr_be[..4]);
+        dst.copy_from_slice(&key.server_addr_be[..4]);
+        csum::pseudo_v4(&src, &dst, tcp_len as u16)
+    } else {
+        csum::pseudo_v6(&key.client_addr_be, &key.server_addr_be, tcp_len as u32)
+    };
+    let Ok(field) = ctx.load::<[u8; 2]>(at.l4 + 16) else {
+        return false;
+    };
+    // A checksum still to be completed holds the pseudo-header's sum.
+    if u16::from_be_bytes(field) == fold(pseudo) && is_partial(ctx, at.l4) {
+        return true;
+    }
+    let Some(sum) = sum_range(ctx, buf, job, at.l4 as u32, tcp_len as u32) else {
+        return false;
+    };
+    let seg = fold(sum).swap_bytes();
+    fold(pseudo + seg as u32) == 0xffff
+}
+
+/// Whether the skb's checksum is `CHECKSUM_PARTIAL`: `bpf_l4_csum_replace` leaves the field of
+/// such an skb alone when not told the change is in the pseudo-header. So change it by one and
+/// see; change it back if it moved.
+#[inline(always)]
+fn is_partial(ctx: &TcContext, l4: usize) -> bool {
+    let skb = ctx.skb.skb;
+    let off = (l4 + 16) as u32;
+    let Ok(before) = ctx.load::<[u8; 2]>(l4 + 16) else {
+        return false;
+    };
+    // SAFETY: helper calls on this program's skb at an in-frame offset.
+    if unsafe { bpf_l4_csum_replace(skb, off, 0, 1, 2) } < 0 {
+        return false;
+    }
+    match ctx.load::<[u8; 2]>(l4 + 16) {
+        Ok(after) if after == before => true,
+        _ => {
+            // SAFETY: as above; undoes the change.
+            unsafe { bpf_l4_csum_replace(skb, off, 1, 0, 2) };
+            false
+        }
+    }
 }
 
 /// Write the IP length (IP header at `l3`) for a TCP segment of `tcp_len` bytes at `l4`.

@@ -7,8 +7,11 @@
 //!
 //! This module is the entry stage (`http_egress`): only TCP from an inspected source port is
 //! looked at (the port bitmap first, before any map), and not the responder's own answers
-//! (`RESPONDER_MARK`). A connection's responses are followed from the server's SYN|ACK when
-//! the ingress side follows the connection from its SYN, so positions are exact; any gap,
+//! (`RESPONDER_MARK`). The server's SYN|ACK completes what the ingress side knows of a
+//! handshake (`SYNS`); every segment's acknowledgement and window move the right edge of the
+//! server's receive window the ingress side checks client segments against. A connection's
+//! responses are followed from the server's SYN|ACK when the ingress side follows the
+//! connection from its handshake, so positions are exact; any gap,
 //! unframeable response or more work than one pass allows makes them lost (counted
 //! `reply_lost`) for good. Body bytes are counted in place; a segment with status lines or
 //! headers to read goes to [`frame`] (stage `EGRESS_FRAME`).
@@ -17,12 +20,12 @@ pub mod frame;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
 use filter_common::{
-    packet::Dir, reply::Replies, stage, stream::flag as stream_flag, tcp_flags, Reason,
-    ReplyScratch, RESPONDER_MARK,
+    packet::Dir, reply::Replies, stage, tcp_flags, Reason, ReplyScratch, RESPONDER_MARK,
 };
 
 use crate::frame::{headers, park};
-use crate::maps::{CONNS, REPLY_SCRATCH, STAGES};
+use crate::maps::{CONNS, REPLY_SCRATCH, STAGES, SYNS};
+use crate::tcp::options;
 use crate::util::{conn_key, copy_words, count, seq_after};
 
 /// Under TCX this is `TCX_NEXT`: egress never changes a verdict.
@@ -77,10 +80,31 @@ fn try_run(ctx: &TcContext) -> Option<bool> {
     let flags = tcp.flags();
     let seq = tcp.seq();
 
-    // Only connections the ingress side follows (from the client's SYN, or adopted).
+    if flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK {
+        // The server's SYN|ACK: what the handshake under way (`SYNS`) needs to know the ACK
+        // that completes it, and the connection's first window.
+        if let Some(h) = SYNS.get_ptr_mut(&s.key) {
+            let o = options(
+                ctx,
+                &mut s.opts,
+                &mut s.walk,
+                hdr.l4 as usize,
+                tcp.header_len(),
+                false,
+            );
+            // SAFETY: a valid map value for this run.
+            unsafe { (*h).synack(seq, tcp.ack(), tcp.window(), &o) };
+        }
+        return None;
+    }
+    // Only connections the ingress side follows (from the handshake, or adopted).
     let conn = CONNS.get_ptr_mut(&s.key)?;
     // SAFETY: a valid map value for this run.
     let conn = unsafe { &mut *conn };
+    if flags & tcp_flags::ACK != 0 {
+        // The right edge of the server's receive window, for the ingress side's checks.
+        conn.server.advertise(tcp.ack(), tcp.window());
+    }
     if flags & tcp_flags::RST != 0 {
         // The server reset the connection: its responses are no longer followed (what
         // depends on them fails closed on the ingress side).
@@ -88,11 +112,6 @@ fn try_run(ctx: &TcContext) -> Option<bool> {
         return None;
     }
     if flags & tcp_flags::SYN != 0 {
-        // The server's SYN|ACK of a connection ingress follows from its SYN: positions are
-        // exact from here. (An adopted connection has no SYN|ACK: never followed.)
-        if conn.stream.flags & stream_flag::SYN != 0 {
-            copy_words(&mut conn.replies, &Replies::new(seq.wrapping_add(1)));
-        }
         return None;
     }
     let rep = &mut conn.replies;

@@ -27,7 +27,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     let s = scratch()?;
     let at = Layout::new(&parked(&s.hdr), s.payload_off, s.payload_len);
     let (seq, pos) = (s.seg_seq, s.seg_pos);
-    let fin = s.seg_flags & tcp_flags::FIN as u32 != 0;
+    let mut fin = s.seg_flags & tcp_flags::FIN as u32 != 0;
     let off = s.off as usize;
     // The connection's entry, unless it was evicted meanwhile (then nothing is saved: its
     // next segment is refused as one without state).
@@ -69,7 +69,7 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
                 return Err(Reason::Held);
             }
             let keep = start.wrapping_sub(seq) as usize;
-            if keep < at.payload_len && !trim_payload(ctx, &mut s.line, &at, keep) {
+            if keep < at.payload_len && !trim_payload(ctx, &mut s.line, &mut s.sum, &at, keep) {
                 return Err(Reason::ResetFailed);
             }
             s.conn.stream.restart_at(start);
@@ -84,9 +84,11 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     if off < at.payload_len {
         // More windows than one pass follows: let the processed part through, cut the rest;
         // the client sends it again and the next segment goes on from here.
-        if !trim_payload(ctx, &mut s.line, &at, off) {
+        if !trim_payload(ctx, &mut s.line, &mut s.sum, &at, off) {
             return Err(Reason::ResetFailed);
         }
+        // The cut took the FIN with it.
+        fin = false;
     }
     save(s, conn, fin);
     if s.decided != 0 {
@@ -135,7 +137,7 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
     if seq_after(start, pos) {
         let keep = start.wrapping_sub(seq) as usize;
         if keep < at.payload_len {
-            if !trim_payload(ctx, &mut s.line, at, keep) {
+            if !trim_payload(ctx, &mut s.line, &mut s.sum, at, keep) {
                 return Err(Reason::ResetFailed);
             }
             s.conn.stream.restart_at(start);

@@ -9,29 +9,37 @@
 //! every later stage finds it.
 
 pub mod canon;
+mod conn;
 pub mod finish;
 pub mod judge;
 pub mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
+    helpers::generated::bpf_probe_read_kernel,
     programs::TcContext,
 };
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut, read_unaligned, write_unaligned};
 use filter_common::{
-    packet::{Dir, Frame},
+    packet::{Dir, Frame, Tcp, IP_END_MAX},
     reply::Replies,
     stage,
     stream::{flag, Stream},
-    tcp_flags, Method, Reason, RejectEvent, Scratch, ETH_HLEN, EVENT_LINE_MAX, PATH_MAX, STOP_NONE,
-    STOP_REFUSE,
+    tcp::{self, Seg, Verdict},
+    tcp_flags, Conn, Method, Reason, RejectEvent, Scratch, ETH_HLEN, EVENT_LINE_MAX, PATH_MAX,
+    STOP_NONE, STOP_REFUSE, TCP_HLEN_MIN,
 };
 
-use crate::frame::{headers, park, Skb};
-use crate::maps::{CONNS, EVENTS, PENDING, SCRATCH, SETTINGS, STAGES};
+use self::conn::Begin;
+use crate::frame::{headers, park, parked, Skb};
+use crate::maps::{CONNS, EVENTS, PENDING, SCRATCH, STAGES};
+use crate::skb::{checksum_ok, clear_urgent, trim_payload, Layout};
+use crate::tcp::options;
 use crate::util::{conn_key, copy_words, count, seq_after};
+
+/// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`, linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
 
 /// Let the packet continue: under TCX this is `TCX_NEXT`, so programs after ours still run.
 pub const PASS: i32 = TC_ACT_UNSPEC;
@@ -44,6 +52,9 @@ pub enum Out {
     Counted(i32),
     /// Go on in this stage (`filter_common::stage`).
     Stage(u32),
+    /// A retransmission ending at this sequence number: passed if the server's socket took
+    /// its bytes (the entry's main body asks, see `try_run`).
+    Retransmit(u32),
 }
 
 /// Every verdict of every ingress stage leaves through here: count it, then map it to a TC
@@ -52,6 +63,7 @@ pub enum Out {
 pub fn finish(ctx: &TcContext, out: Result<Out, Reason>) -> i32 {
     let reason = match out {
         Ok(Out::Counted(action)) => return action,
+        Ok(Out::Retransmit(_)) => Reason::Retransmit,
         Ok(Out::Stage(next)) => {
             // SAFETY: `ctx` is this program's context; the stage programs are classifiers.
             unsafe { STAGES.tail_call(ctx, next) };
@@ -67,7 +79,16 @@ pub fn finish(ctx: &TcContext, out: Result<Out, Reason>) -> i32 {
         | Reason::Fragment
         | Reason::Held
         | Reason::Awaiting
-        | Reason::StageFailed => DROP,
+        | Reason::StageFailed
+        | Reason::NoAck
+        | Reason::BadAck
+        | Reason::Paws
+        | Reason::OutOfWindow
+        | Reason::BadChecksum
+        | Reason::NotForHost
+        | Reason::Unwalkable
+        | Reason::BadHeader
+        | Reason::Unconfirmed => DROP,
         _ => PASS,
     }
 }
@@ -86,10 +107,19 @@ pub fn run(ctx: &TcContext) -> i32 {
     finish(ctx, try_run(ctx))
 }
 
-#[inline(always)]
-fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
-    // Everything that is not TCP to an inspected port leaves here, before any map is touched.
+/// Read the segment's headers into the scratch (its place in the frame, its connection's key,
+/// its TCP header). Everything that is not TCP to an inspected port leaves here, before any map
+/// is touched.
+// verifier/stack: the header walk's locals live in a frame of their own, off the deepest call
+// chain (the main program's frame plus the socket lookup's).
+#[inline(never)]
+fn read_segment(ctx: &TcContext) -> Result<(), Reason> {
     let seg = headers(ctx, Dir::ToServer)?;
+    // SAFETY: the program's context, valid for the whole run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        // Not addressed to this host: its TCP never reads it.
+        return Err(Reason::NotForHost);
+    }
     let s = scratch()?;
     let hdr = park(&mut s.hdr, &seg);
     let tcp = seg.tcp;
@@ -102,73 +132,147 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         tcp.dport(),
     )
     .map_err(|_| Reason::NotIp)?;
-    let flags = tcp.flags();
-    let mut seq = tcp.seq();
-
-    if flags & tcp_flags::RST != 0 {
-        forget(s);
-        return Err(Reason::NoPayload);
-    }
-    if flags & tcp_flags::SYN != 0 {
-        // A new connection: its first byte is the one after the SYN.
-        seq = seq.wrapping_add(1);
-        s.conn.stream.reset(seq, flag::SYN);
-        // The egress side starts following the responses at the server's SYN|ACK.
-        track(s);
-        let _ = PENDING.remove(&s.key);
-    }
     let payload = hdr.l4 as usize + tcp.header_len();
-    let ip_end = hdr.ip_end as usize;
-    if ip_end <= payload {
-        if flags & tcp_flags::FIN != 0 {
-            forget(s);
-        }
-        return Err(Reason::NoPayload);
-    }
-    let payload_len = ip_end - payload;
     s.tcp = tcp.0;
     s.payload_off = payload as u32;
-    s.payload_len = payload_len as u32;
-    s.seg_seq = seq;
-    s.seg_flags = flags as u32;
+    s.payload_len = (hdr.ip_end as usize).saturating_sub(payload) as u32;
+    s.seg_seq = tcp.seq();
+    s.seg_flags = tcp.flags() as u32;
+    Ok(())
+}
 
+// verifier/stack: the entry is a short main body calling its phases one after the other, each
+// a function with a frame of its own; the deepest chain of calls is then the main body plus one
+// phase (and what that phase calls), not all of them stacked.
+#[inline(always)]
+fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
+    read_segment(ctx)?;
+    let s = scratch()?;
+    let flags = s.seg_flags as u8;
+    if flags & (tcp_flags::URG | tcp_flags::SYN | tcp_flags::RST) != 0 {
+        control(ctx)?;
+    }
     let conn = match CONNS.get_ptr_mut(&s.key) {
         Some(c) => c,
-        None => {
-            s.conn.stream.reset(seq, 0);
-            if !adopting() {
-                // Its state was evicted (the table is full): this segment may sit inside a
-                // request or a body, so it cannot be read as a request boundary. Refuse it.
-                prepare_event(ctx, s, tcp.ack());
-                s.canon_len = 0;
-                s.seg_pos = seq;
-                return Ok(refuse_now(s, Reason::ConnTableFull));
-            }
-            // Open before the filter was loaded: start following it here, at a request
-            // boundary (its responses are not followed: the egress side saw no SYN|ACK).
-            track(s);
-            CONNS.get_ptr_mut(&s.key).ok_or(Reason::ConnTableFull)?
-        }
+        None => match conn::begin(ctx) {
+            Begin::Follow(c) => c,
+            Begin::Done(out) => return out,
+        },
     };
+    match established(ctx, conn) {
+        Ok(Out::Retransmit(end)) => Err(conn::retransmit(ctx, &s.key, end)),
+        out => out,
+    }
+}
+
+/// The control bits: an urgent pointer is cleared (the segment goes on); a SYN or an RST
+/// changes what the server's TCP would change, and the segment leaves here (`Err`).
+#[inline(never)]
+fn control(ctx: &TcContext) -> Result<(), Reason> {
+    let s = scratch()?;
+    let at = Layout::new(&parked(&s.hdr), s.payload_off, s.payload_len);
+    let flags = s.seg_flags as u8;
+    let seq = s.seg_seq;
+    if flags & tcp_flags::URG != 0 {
+        // The server's TCP would take the urgent byte out of the stream the application reads;
+        // the filter reads it in line. Make the server read it in line too.
+        if !clear_urgent(ctx, at.l4, &s.tcp) {
+            return Err(Reason::ResetFailed);
+        }
+        s.tcp[13] &= !tcp_flags::URG;
+        s.tcp[18] = 0;
+        s.tcp[19] = 0;
+        s.seg_flags &= !(tcp_flags::URG as u32);
+        count(Reason::UrgentCleared);
+    }
+    if flags & tcp_flags::SYN != 0 {
+        return Err(conn::syn(ctx, s, &at, seq, flags & tcp_flags::ACK != 0));
+    }
+    if flags & tcp_flags::RST != 0 {
+        conn::rst(ctx, s, &at, seq);
+        return Err(Reason::NoPayload);
+    }
+    Ok(())
+}
+
+/// A segment of a connection the filter follows (`conn`, its entry): placed in the stream,
+/// checked against what the server's TCP will take, counted in place if it is body bytes only,
+/// else prepared for the parser.
+#[inline(never)]
+fn established(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
+    let s = scratch()?;
     // SAFETY: a valid map value; the LRU may evict it, the memory stays valid for this run.
     let entry = unsafe { &mut *conn };
-    let (conn, replies) = (&mut entry.stream, &entry.replies);
-    if conn.is_tunnel() {
-        if flags & tcp_flags::FIN != 0 {
+    let tcp = Tcp(s.tcp);
+    let flags = s.seg_flags as u8;
+    let seq = s.seg_seq;
+    let payload_len = s.payload_len as usize & IP_END_MAX;
+    let fin = flags & tcp_flags::FIN != 0;
+    if entry.stream.is_tunnel() {
+        if fin {
             forget(s);
         }
         return Err(Reason::Tunnel);
     }
-    let pos = conn.pos;
+    let pos = entry.stream.pos;
     if seq_after(seq, pos) {
-        // Ahead of the bytes the filter has decided on: dropped, the client resends in order.
+        // Ahead of the bytes the filter has decided on: dropped, the client resends in order
+        // (so the server's TCP never holds bytes out of order the filter has not read).
         return Err(Reason::OutOfOrder);
     }
+    let at = Layout::new(&parked(&s.hdr), s.payload_off, s.payload_len);
     let end = seq.wrapping_add(payload_len as u32);
-    if !seq_after(end, pos) {
-        // Bytes already decided on: the backend keeps its first copy.
-        return Err(Reason::Retransmit);
+    let doff = tcp.header_len();
+    let tsval = if doff > TCP_HLEN_MIN {
+        options(ctx, &mut s.opts, &mut s.walk, at.l4, doff, true).tsval
+    } else {
+        None
+    };
+    let mut segment = Seg {
+        seq,
+        ack: tcp.ack(),
+        flags,
+        payload_len: payload_len as u32,
+        tsval,
+    };
+    let snd_nxt = entry.replies.followed().then_some(entry.replies.snd_nxt);
+    if !seq_after(end, pos) && !(fin && end == pos) {
+        // Nothing new: a retransmission or a bare ACK. What it says still counts (the server's
+        // TCP takes the newest timestamp and acknowledgement from such segments too).
+        tcp::note(&mut entry.client, &segment, snd_nxt);
+        if payload_len == 0 {
+            return Err(Reason::NoPayload);
+        }
+        return Ok(Out::Retransmit(end));
     }
+    // New bytes (or a FIN in order): only what the server's TCP will take counts.
+    if !checksum_ok(ctx, &mut s.line, &mut s.sum, &at, &s.key) {
+        return Err(Reason::BadChecksum);
+    }
+    match tcp::judge(&segment, pos, &entry.client, &entry.server, snd_nxt) {
+        Verdict::Accept => {}
+        Verdict::Drop(r) => return Err(r),
+        Verdict::Trim(keep) => {
+            // Past the right edge of the server's window: only the part inside it is taken.
+            if !trim_payload(ctx, &mut s.line, &mut s.sum, &at, keep as usize) {
+                return Err(Reason::ResetFailed);
+            }
+            count(Reason::OutOfWindow);
+            segment.payload_len = keep;
+            segment.flags &= !tcp_flags::FIN;
+            s.payload_len = keep;
+            s.seg_flags &= !(tcp_flags::FIN as u32);
+        }
+    }
+    tcp::note(&mut entry.client, &segment, snd_nxt);
+    let fin = segment.flags & tcp_flags::FIN != 0;
+    let end = seq.wrapping_add(segment.payload_len);
+    if !seq_after(end, pos) {
+        // A FIN in order, no new byte: the client is done sending.
+        forget(s);
+        return Err(Reason::NoPayload);
+    }
+    let (conn, replies) = (&mut entry.stream, &entry.replies);
     if conn.is_awaiting() {
         // After an `Upgrade` / `CONNECT` request: nothing passes before the server's answer.
         match settle_upgrade(conn, replies) {
@@ -184,17 +288,14 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
             Settled::Wait => return Err(Reason::Awaiting),
         }
     }
-    if conn.in_bulk()
-        && conn.bulk_left() > end.wrapping_sub(pos) as u64
-        && flags & tcp_flags::FIN == 0
-    {
+    if conn.in_bulk() && conn.bulk_left() > end.wrapping_sub(pos) as u64 && !fin {
         // Body bytes only, and the body goes on after them (an upload's segments): counted
         // in place, with no copy, event or stage.
         conn.consume(end.wrapping_sub(pos) as u64);
         return Err(Reason::MidStream);
     }
     copy_words(&mut s.conn.stream, conn);
-    prepare_event(ctx, s, tcp.ack());
+    prepare_event(ctx, s);
     s.seg_pos = pos;
     if s.conn.stream.path_in_progress() {
         match unsafe { PENDING.get(&s.key) } {
@@ -224,16 +325,6 @@ fn refuse_now(s: &mut Scratch, reason: Reason) -> Out {
     s.stop_allow = 0;
     s.stop_method = Method::Other as u32;
     Out::Stage(stage::INGRESS_FINISH)
-}
-
-/// Whether a connection with no state is still adopted (see `Settings::adopt_until`).
-#[inline(always)]
-fn adopting() -> bool {
-    let Some(settings) = SETTINGS.get(0) else {
-        return false;
-    };
-    let now = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    now < settings.adopt_until as u64
 }
 
 /// What the server's answer to an awaited `Upgrade` / `CONNECT` request says.
@@ -276,16 +367,6 @@ fn settle_upgrade(conn: &Stream, rep: &Replies) -> Settled {
     Settled::Wait
 }
 
-/// Start following the connection: its `CONNS` entry from the scratch's stream, its
-/// responses not followed until the egress side sees the server's SYN|ACK.
-#[inline(always)]
-fn track(s: &mut Scratch) {
-    copy_words(&mut s.conn.replies, &Replies::none());
-    if CONNS.insert(&s.key, &s.conn, 0).is_err() {
-        count(Reason::ConnTableFull);
-    }
-}
-
 /// The connection's responses, if the egress side follows them (lost or not).
 #[inline(always)]
 pub fn followed_replies(s: &Scratch) -> Option<&'static Replies> {
@@ -309,13 +390,13 @@ fn copy_path(dst: &mut [u8; PATH_MAX], src: &[u8; PATH_MAX]) {
 
 #[inline(always)]
 pub fn forget(s: &Scratch) {
-    let _ = CONNS.remove(&s.key);
-    let _ = PENDING.remove(&s.key);
+    conn::forget(&s.key);
 }
 
 /// Fill the per-segment part of the event (where to answer) in the scratch buffer.
 #[inline(always)]
-fn prepare_event(ctx: &TcContext, s: &mut Scratch, ack: u32) {
+fn prepare_event(ctx: &TcContext, s: &mut Scratch) {
+    let ack = u32::from_be_bytes([s.tcp[8], s.tcp[9], s.tcp[10], s.tcp[11]]);
     // The Ethernet header was read before (it cannot fail now).
     let macs = Skb(ctx).bytes::<12>(0).unwrap_or([0; 12]);
     let ev: &mut RejectEvent = &mut s.event;
