@@ -16,7 +16,9 @@ use filter_userspace::policy::{parse_toml, Policy};
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// `BPF_PROG_TEST_RUN` receives frames on the loopback device, whose address is all zero: a
+/// frame to it is the host's (`PACKET_HOST`), as the classifier requires of a client segment.
+const SERVER_MAC: [u8; 6] = [0; 6];
 const SEQ: u32 = 0x1000_0000;
 const ACK: u32 = 0x2000_0000;
 
@@ -205,15 +207,41 @@ fn client_segment(ip: Ip, sport: u16, off: u32, payload: &[u8]) -> Frame {
     }
 }
 
-/// Open connection `sport` to :80: its SYN through the classifier, so that its next segment
-/// (at `SEQ`) starts a followed stream.
+/// Open connection `sport` to :80 with a handshake through both classifiers (the client's SYN,
+/// the server's SYN|ACK, the client's ACK), so that its next segment (at `SEQ`) goes on a
+/// followed stream whose responses are followed too.
 fn open_conn(dp: &mut Dataplane, ip: Ip, sport: u16) {
+    open_conn_unfollowed(dp, ip, sport);
+    handshake_rest(dp, ip, sport);
+}
+
+/// Open connection `sport` to :80 with only the client's SYN through the ingress classifier (the
+/// server's answers leave elsewhere): its next segment (at `SEQ`) starts a followed stream,
+/// whose responses are not followed.
+fn open_conn_unfollowed(dp: &mut Dataplane, ip: Ip, sport: u16) {
     let syn = Frame {
         seq: SEQ.wrapping_sub(1),
         syn: true,
         ..client_segment(ip, sport, 0, &[])
     };
     dp.test_run(&build(&syn), 1).unwrap();
+}
+
+/// The server's SYN|ACK (initial sequence number `ACK - 1`) and the client's ACK that
+/// completes the handshake, after the client's SYN at `SEQ - 1`.
+fn handshake_rest(dp: &mut Dataplane, ip: Ip, cport: u16) {
+    let synack = conn_frame(
+        ip,
+        cport,
+        false,
+        ACK.wrapping_sub(1),
+        SEQ,
+        tcp_flags::SYN | tcp_flags::ACK,
+        b"",
+    );
+    dp.test_run_egress(&synack, 1).unwrap();
+    let ack = conn_frame(ip, cport, true, SEQ, ACK, tcp_flags::ACK, b"");
+    dp.test_run(&ack, 1).unwrap();
 }
 
 /// `frame` through the classifier: the reasons it was counted under, and the frame that came
@@ -598,7 +626,8 @@ fn streams_table() {
     let mut failures = Vec::new();
     for (i, (name, segs)) in table.iter().enumerate() {
         let sport = 50000 + i as u16;
-        open_conn(&mut dp, Ip::V4, sport);
+        // Refusals at once: no earlier response to wait for.
+        open_conn_unfollowed(&mut dp, Ip::V4, sport);
         let mut next = 0u32;
         for (j, (off, payload, reasons, reset)) in segs.iter().enumerate() {
             let off = if *off == NEXT { next } else { *off };
@@ -1189,16 +1218,7 @@ fn egress_table() {
             let cport = 30000 + i as u16 + if let Ip::V6 = ip { 100 } else { 0 };
             let syn = conn_frame(ip, cport, true, SEQ.wrapping_sub(1), 0, tcp_flags::SYN, b"");
             dp.test_run(&syn, 1).unwrap();
-            let synack = conn_frame(
-                ip,
-                cport,
-                false,
-                ACK.wrapping_sub(1),
-                SEQ,
-                tcp_flags::SYN | tcp_flags::ACK,
-                b"",
-            );
-            dp.test_run_egress(&synack, 1).unwrap();
+            handshake_rest(&mut dp, ip, cport);
             // The server's segment at `off` in its byte stream.
             let server = |off: u32, flags: u8, payload: &[u8]| {
                 conn_frame(ip, cport, false, ACK.wrapping_add(off), SEQ, flags, payload)
@@ -1427,8 +1447,9 @@ fn stateless_segments_and_released_state() {
     let ev = next_event().expect("the responder is told");
     assert_eq!(ev.reason, Reason::ConnTableFull as u32);
 
-    // A connection from its SYN: a refused request sent again is refused again (same answer),
-    // and its FIN releases the state.
+    // A connection from its SYN (its SYN|ACK unseen: the answers leave elsewhere; the backend
+    // is not on this host): a refused request sent again is refused again (same answer), and
+    // its FIN releases the state.
     let base = dp.tracked_connections();
     let mut f = tcp(Ip::V4, 80, b"");
     f.seq = SEQ.wrapping_sub(1);
@@ -1436,8 +1457,8 @@ fn stateless_segments_and_released_state() {
     run(&mut dp, &f);
     assert_eq!(
         dp.tracked_connections(),
-        base + 1,
-        "the SYN creates the state"
+        base,
+        "a SYN alone creates no connection state (a flood of them evicts none)"
     );
     f.seq = SEQ;
     f.syn = false;
@@ -1447,11 +1468,548 @@ fn stateless_segments_and_released_state() {
         assert_eq!(reasons, [Reason::Rejected], "{attempt} copy");
         assert_reset(attempt, &frame, &out);
         assert_eq!(next_event().expect("event").reason, Reason::Rejected as u32);
+        assert_eq!(
+            dp.tracked_connections(),
+            base + 1,
+            "the first byte after the SYN starts the state"
+        );
     }
-    f.payload = Vec::new();
-    let mut fin = build(&f);
-    let l4 = 14 + 20;
-    fin[l4 + 13] |= tcp_flags::FIN;
+    let fin = conn_frame(
+        Ip::V4,
+        f.sport,
+        true,
+        SEQ,
+        ACK,
+        tcp_flags::FIN | tcp_flags::ACK,
+        b"",
+    );
     dp.test_run(&fin, 1).unwrap();
     assert_eq!(dp.tracked_connections(), base, "the FIN releases the state");
+}
+
+/// A TCP segment built field by field, for the normalization table.
+#[derive(Clone)]
+struct Wire {
+    ip: Ip,
+    cport: u16,
+    from_client: bool,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+    urg: u16,
+    /// TCP options (a multiple of 4 bytes).
+    opts: Vec<u8>,
+    payload: Vec<u8>,
+    /// Flip a bit of the TCP checksum.
+    bad_csum: bool,
+    /// The destination MAC (the server's, `SERVER_MAC`, unless a test says otherwise).
+    dst_mac: [u8; 6],
+    /// IPv6 Destination Options headers (8 bytes each) before TCP.
+    v6_exts: usize,
+    /// VLAN priority tags (VID 0) in the frame.
+    vlan_tags: usize,
+    /// Flip a bit of the IPv4 header checksum.
+    bad_ip_csum: bool,
+}
+
+impl Wire {
+    fn client(ip: Ip, cport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Wire {
+        Wire {
+            ip,
+            cport,
+            from_client: true,
+            seq,
+            ack,
+            flags,
+            window: 0xffff,
+            urg: 0,
+            opts: Vec::new(),
+            payload: payload.to_vec(),
+            bad_csum: false,
+            dst_mac: SERVER_MAC,
+            v6_exts: 0,
+            vlan_tags: 0,
+            bad_ip_csum: false,
+        }
+    }
+
+    fn server(ip: Ip, cport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Wire {
+        Wire {
+            from_client: false,
+            dst_mac: CLIENT_MAC,
+            ..Wire::client(ip, cport, seq, ack, flags, payload)
+        }
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let (sport, dport) = if self.from_client {
+            (self.cport, 80)
+        } else {
+            (80, self.cport)
+        };
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&self.seq.to_be_bytes());
+        l4.extend_from_slice(&self.ack.to_be_bytes());
+        l4.push((((20 + self.opts.len()) / 4) as u8) << 4);
+        l4.push(self.flags);
+        l4.extend_from_slice(&self.window.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(&self.urg.to_be_bytes());
+        l4.extend_from_slice(&self.opts);
+        l4.extend_from_slice(&self.payload);
+        let mut frame = Vec::new();
+        let smac = if self.from_client {
+            CLIENT_MAC
+        } else {
+            SERVER_MAC
+        };
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&smac);
+        for _ in 0..self.vlan_tags {
+            frame.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+        }
+        let fix = |l4: &mut Vec<u8>, pseudo: u32| {
+            let c = csum::finish(csum::add(pseudo, l4));
+            l4[16..18].copy_from_slice(&c.to_be_bytes());
+        };
+        let tcp_len = l4.len();
+        if let Ip::V6 = self.ip {
+            let (src, dst) = if self.from_client {
+                (v6(1), v6(2))
+            } else {
+                (v6(2), v6(1))
+            };
+            fix(&mut l4, csum::pseudo_v6(&src, &dst, tcp_len as u32));
+            let exts = self.v6_exts;
+            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&((l4.len() + 8 * exts) as u16).to_be_bytes());
+            frame.extend_from_slice(&[if exts > 0 { 60 } else { 6 }, 64]);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&dst);
+            for i in 0..exts {
+                let next = if i + 1 < exts { 60 } else { 6 };
+                frame.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+            }
+        } else {
+            let (c4, s4) = (
+                Ipv4Addr::new(10, 77, 0, 1).octets(),
+                Ipv4Addr::new(10, 77, 0, 2).octets(),
+            );
+            let (src, dst) = if self.from_client { (c4, s4) } else { (s4, c4) };
+            fix(&mut l4, csum::pseudo_v4(&src, &dst, tcp_len as u16));
+            let mut iph = vec![0u8; 20];
+            iph[0] = 0x45;
+            iph[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            iph[6] = 0x40;
+            iph[8] = 64;
+            iph[9] = 6;
+            iph[12..16].copy_from_slice(&src);
+            iph[16..20].copy_from_slice(&dst);
+            let c = csum::finish(csum::add(0, &iph));
+            iph[10..12].copy_from_slice(&c.to_be_bytes());
+            if self.bad_ip_csum {
+                iph[11] ^= 1;
+            }
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            frame.extend_from_slice(&iph);
+        }
+        if self.bad_csum {
+            l4[17] ^= 1;
+        }
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+/// TCP options: NOP NOP timestamp `tsval`.
+fn ts_opt(tsval: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&[0, 0, 0, 0]);
+    o
+}
+
+/// A handshake's options: timestamp `tsval`, NOP, window scale `ws`.
+fn syn_opts(tsval: u32, ws: u8) -> Vec<u8> {
+    let mut o = ts_opt(tsval);
+    o.extend_from_slice(&[1, 3, 3, ws]);
+    o
+}
+
+/// The ingress classifier reads a client's stream as the server's TCP will: segments TCP would
+/// discard change nothing (the same bytes sent again as a "retransmission" are judged), an
+/// urgent byte is read in line by both, and SYN, RST and FIN change the state only where TCP
+/// acts on them.
+#[test]
+fn normalization_table() {
+    if !lab::e2e_enabled("kernel::normalization_table") {
+        return;
+    }
+    use Reason::*;
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    const ALLOWED: &[u8] = b"GET /admin HTTP/1.1\r\n\r\n";
+    const REFUSED: &[u8] = b"PUT /admin HTTP/1.1\r\n\r\n";
+    /// What a segment must do: reasons counted, and whether it passed untouched (`Pass`), was
+    /// dropped, or was turned into a reset.
+    #[derive(Debug, PartialEq, Clone, Copy)]
+    enum Act {
+        Pass,
+        Drop,
+        Reset,
+        /// Passed, changed (cut, or a header field cleared).
+        Changed,
+    }
+    type Tweak = fn(&mut Wire);
+    /// A client segment: stream offset, payload, what to change in it, reasons, action.
+    type Step = (u32, &'static [u8], Tweak, &'static [Reason], Act);
+    // Each row: its connection's handshake options (timestamps and window scaling, or none),
+    // the server's window in its SYN|ACK, then client segments at stream offsets.
+    struct Row {
+        name: &'static str,
+        ts: bool,
+        window: u16,
+        steps: Vec<Step>,
+    }
+    fn none(_: &mut Wire) {}
+    let rows = vec![
+        Row {
+            name: "bad checksum: the first copy counts for nothing",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (0, ALLOWED, |w| w.bad_csum = true, &[BadChecksum], Act::Drop),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "no ACK flag",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.flags = tcp_flags::PSH,
+                    &[NoAck],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "ACK of data the server never sent",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.ack = w.ack.wrapping_add(1000),
+                    &[BadAck],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "ACK older than the window (RFC 5961 5.2)",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.ack = w.ack.wrapping_sub(0x4000_0000),
+                    &[BadAck],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "PAWS: an older timestamp",
+            ts: true,
+            window: 0xffff,
+            steps: vec![
+                (0, ALLOWED, |w| w.opts = ts_opt(90), &[Paws], Act::Drop),
+                (
+                    0,
+                    REFUSED,
+                    |w| w.opts = ts_opt(101),
+                    &[Rejected],
+                    Act::Reset,
+                ),
+            ],
+        },
+        Row {
+            name: "PAWS: no timestamp where the handshake negotiated them",
+            ts: true,
+            window: 0xffff,
+            steps: vec![
+                (0, ALLOWED, |w| w.opts.clear(), &[Paws], Act::Drop),
+                (
+                    0,
+                    REFUSED,
+                    |w| w.opts = ts_opt(101),
+                    &[Rejected],
+                    Act::Reset,
+                ),
+            ],
+        },
+        Row {
+            name: "past the window's edge: trimmed to it",
+            ts: false,
+            window: 10,
+            steps: vec![(0, ALLOWED, none, &[OutOfWindow, MidStream], Act::Changed)],
+        },
+        Row {
+            name: "zero window: dropped",
+            ts: false,
+            window: 0,
+            steps: vec![(0, REFUSED, none, &[OutOfWindow], Act::Drop)],
+        },
+        Row {
+            name: "SYN inside the connection changes nothing",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.flags |= tcp_flags::SYN,
+                    &[SynInStream],
+                    Act::Changed,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "RST off the next byte changes nothing",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    10,
+                    b"",
+                    |w| w.flags = tcp_flags::RST | tcp_flags::ACK,
+                    &[NoPayload],
+                    Act::Pass,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "FIN out of order changes nothing",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    30,
+                    b"",
+                    |w| w.flags = tcp_flags::FIN | tcp_flags::ACK,
+                    &[OutOfOrder],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "urgent data is read in line",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                // `PUT /aXdmin`: with the urgent byte X taken out, the server would route /admin.
+                (
+                    0,
+                    b"PUT /aXdmin HTTP/1.1\r\n\r\n",
+                    |w| {
+                        w.flags |= tcp_flags::URG;
+                        w.urg = 7;
+                    },
+                    &[UrgentCleared, AllowedByDefault],
+                    Act::Changed,
+                ),
+            ],
+        },
+        Row {
+            name: "a frame for another host",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.dst_mac = [2, 0, 0, 0, 0, 9],
+                    &[NotForHost],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "a bad IPv4 header checksum",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.bad_ip_csum = true,
+                    &[BadHeader],
+                    Act::Drop,
+                ),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "more VLAN priority tags than are walked",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (0, ALLOWED, |w| w.vlan_tags = 3, &[Unwalkable], Act::Drop),
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+            ],
+        },
+        Row {
+            name: "more IPv6 extension headers than are walked",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.v6_exts = filter_common::packet::V6_EXT_MAX + 1,
+                    &[Unwalkable],
+                    Act::Drop,
+                ),
+                (
+                    0,
+                    REFUSED,
+                    |w| w.v6_exts = filter_common::packet::V6_EXT_MAX,
+                    &[Rejected],
+                    Act::Reset,
+                ),
+            ],
+        },
+    ];
+    let mut failures = Vec::new();
+    for ip in [Ip::V4, Ip::V6] {
+        for (i, row) in rows.iter().enumerate() {
+            let v6 = matches!(ip, Ip::V6);
+            if (row.name.contains("IPv4") && v6) || (row.name.contains("IPv6") && !v6) {
+                continue;
+            }
+            let cport = 33000 + i as u16 + if let Ip::V6 = ip { 100 } else { 0 };
+            let mut syn = Wire::client(ip, cport, SEQ.wrapping_sub(1), 0, tcp_flags::SYN, b"");
+            let mut synack = Wire::server(
+                ip,
+                cport,
+                ACK.wrapping_sub(1),
+                SEQ,
+                tcp_flags::SYN | tcp_flags::ACK,
+                b"",
+            );
+            synack.window = row.window;
+            let mut ack = Wire::client(ip, cport, SEQ, ACK, tcp_flags::ACK, b"");
+            if row.ts {
+                syn.opts = syn_opts(100, 0);
+                synack.opts = syn_opts(5000, 0);
+                ack.opts = ts_opt(100);
+            }
+            dp.test_run(&syn.build(), 1).unwrap();
+            dp.test_run_egress(&synack.build(), 1).unwrap();
+            dp.test_run(&ack.build(), 1).unwrap();
+            for (j, (off, payload, tweak, want, act)) in row.steps.iter().enumerate() {
+                let mut w = Wire::client(
+                    ip,
+                    cport,
+                    SEQ.wrapping_add(*off),
+                    ACK,
+                    tcp_flags::PSH | tcp_flags::ACK,
+                    payload,
+                );
+                if row.ts {
+                    w.opts = ts_opt(100);
+                }
+                tweak(&mut w);
+                let frame = w.build();
+                let before = counters(&dp);
+                let out = dp.test_run(&frame, 1).unwrap();
+                let mut got: Vec<Reason> = delta(&before, &counters(&dp))
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect();
+                got.sort_by_key(|r| *r as u32);
+                let mut want = want.to_vec();
+                want.sort_by_key(|r| *r as u32);
+                let got_act = if out.action == DROP {
+                    Act::Drop
+                } else if out.frame == frame {
+                    Act::Pass
+                } else if out.frame.len() < frame.len()
+                    && out.frame[out.frame.len() - 20 + 13] & tcp_flags::RST != 0
+                {
+                    Act::Reset
+                } else {
+                    Act::Changed
+                };
+                if got != want || got_act != *act {
+                    failures.push(format!(
+                        "{} ({}), step {j}: counted {got:?} (want {want:?}), did {got_act:?} (want {act:?})",
+                        row.name,
+                        ip_name(ip)
+                    ));
+                }
+                if got_act == Act::Changed {
+                    check_changed(row.name, ip, &frame, &out.frame, &mut failures);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// A segment the classifier changed and passed: its TCP checksum is still right, no urgent
+/// flag or pointer is left, and no SYN's data.
+fn check_changed(name: &str, ip: Ip, input: &[u8], out: &[u8], failures: &mut Vec<String>) {
+    let v4 = !matches!(ip, Ip::V6);
+    let l3 = 14;
+    let l4 = if v4 { l3 + 20 } else { l3 + 40 };
+    let tcp = &out[l4..];
+    let (src, dst) = (l3 + if v4 { 12 } else { 8 }, l3 + if v4 { 16 } else { 24 });
+    let pseudo = if v4 {
+        csum::pseudo_v4(
+            out[src..src + 4].try_into().unwrap(),
+            out[dst..dst + 4].try_into().unwrap(),
+            tcp.len() as u16,
+        )
+    } else {
+        csum::pseudo_v6(
+            out[src..src + 16].try_into().unwrap(),
+            out[dst..dst + 16].try_into().unwrap(),
+            tcp.len() as u32,
+        )
+    };
+    if csum::finish(csum::add(pseudo, tcp)) != 0 {
+        failures.push(format!(
+            "{name} ({}): the changed segment's checksum is wrong",
+            ip_name(ip)
+        ));
+    }
+    if tcp[13] & tcp_flags::URG != 0 || tcp[18] != 0 || tcp[19] != 0 {
+        failures.push(format!(
+            "{name} ({}): an urgent flag or pointer is left",
+            ip_name(ip)
+        ));
+    }
+    if tcp[13] & tcp_flags::SYN != 0 && out.len() != l4 + ((tcp[12] >> 4) as usize) * 4 {
+        failures.push(format!("{name} ({}): a SYN kept its data", ip_name(ip)));
+    }
+    if out.len() > input.len() {
+        failures.push(format!("{name} ({}): the segment grew", ip_name(ip)));
+    }
 }
