@@ -3,7 +3,8 @@
 //! It loads the embedded object with the load-time configuration, writes the policy into the
 //! maps, attaches the classifier to each interface (TCX links, kernel ≥ 6.6), and hands the
 //! event ring to the responder. Every map write's result is checked and failures are counted;
-//! a failed write leaves the policy in force unchanged and is reported to the caller.
+//! a failed write leaves the policy in force unchanged and is reported to the caller. A program
+//! the kernel refuses is reported in one line ([`crate::verifier`]).
 //!
 //! A whole policy is written into the inactive pair of maps (`RULES_x` for exact rules,
 //! `PREFIX_x` for prefix rules) and switched in with one `SETTINGS` write, so traffic sees the
@@ -42,6 +43,7 @@ use filter_common::{
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
+use crate::verifier;
 
 /// Rules one exact-rule map holds.
 pub const RULES_CAPACITY: usize = RULES_MAX as usize;
@@ -73,7 +75,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 pub enum DataplaneError {
     #[error("this filterd was built without the kernel object; build it with `cargo xtask build`")]
     NoObject,
-    #[error("loading the kernel object failed: {0} (filterd needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)")]
+    #[error("loading the kernel object failed: {} (filterd needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)", one_line(.0))]
     Load(#[source] aya::EbpfError),
     #[error("{0}")]
     BadOption(String),
@@ -81,12 +83,9 @@ pub enum DataplaneError {
     Missing(&'static str),
     #[error("prefix rules need the {} maps, which this kernel object does not have; rebuild with `cargo xtask build`", MAP_PREFIX.join("/"))]
     NoPrefixMaps,
-    #[error("the verifier rejected {prog}: {io_error}\n{log}")]
-    Verifier {
-        prog: &'static str,
-        io_error: std::io::Error,
-        log: String,
-    },
+    /// The kernel refused a program (one line: program, kernel, verdict, where the log is).
+    #[error("{0}")]
+    Verifier(Box<verifier::Refusal>),
     #[error("{what}: {source}")]
     Program {
         what: String,
@@ -114,6 +113,17 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+}
+
+/// A message on one line (aya's BTF errors carry the kernel's multi-line log).
+fn one_line(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_owned();
+    match lines.count() {
+        0 => first,
+        n => format!("{first} [{n} more lines]"),
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -176,6 +186,9 @@ pub struct LoadOptions {
     /// its next segment (connections open before the load); after it, such a segment is
     /// refused (its state was evicted).
     pub adopt_window: std::time::Duration,
+    /// Where the full verifier log of a refused program goes (`None`: [`verifier::LOG_DIR`],
+    /// else the temporary directory).
+    pub verifier_log_dir: Option<PathBuf>,
 }
 
 /// Default of [`LoadOptions::adopt_window`]: longer than common keep-alive timeouts (nginx 75 s),
@@ -187,6 +200,7 @@ impl Default for LoadOptions {
         LoadOptions {
             max_connections: CONNS_MAX,
             adopt_window: DEFAULT_ADOPT_WINDOW,
+            verifier_log_dir: None,
         }
     }
 }
@@ -342,15 +356,14 @@ impl Dataplane {
                     io_error,
                     verifier_log,
                 } => {
-                    // The log's tail says why; the whole log can run to megabytes.
-                    let log = verifier_log.to_string();
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-                    DataplaneError::Verifier {
-                        prog: name,
+                    // The whole log can run to megabytes: it goes to a file, its last words
+                    // into the error.
+                    DataplaneError::Verifier(Box::new(verifier::Refusal::new(
+                        name,
                         io_error,
-                        log,
-                    }
+                        &verifier_log.to_string(),
+                        opts.verifier_log_dir.as_deref(),
+                    )))
                 }
                 source => DataplaneError::Program {
                     what: name.into(),

@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod responder;
 pub mod response;
 pub mod serve;
+pub mod verifier;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;

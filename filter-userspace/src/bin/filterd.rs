@@ -74,6 +74,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     if let Err(e) = run(args) {
@@ -147,8 +148,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let opts = dataplane::LoadOptions {
         max_connections: args.max_connections,
         adopt_window: std::time::Duration::from_secs(args.adopt_window),
+        verifier_log_dir: None,
     };
+    let kernel = filter_userspace::verifier::kernel_release();
     let mut dataplane = dataplane::Dataplane::load_opts(&args.ports, Some(&args.pin_dir), &opts)?;
+    tracing::info!(kernel, "classifiers verified and loaded");
     dataplane.set_dry_run(args.dry_run)?;
     dataplane.apply(&policy)?;
     let ring = dataplane
