@@ -63,7 +63,10 @@ pub trait PolicySink: Send {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SinkStatus {
     pub interfaces: Vec<String>,
-    /// The links are pinned: the classifier keeps enforcing when the daemon exits.
+    /// How the classifiers are attached: `"tcx"` or `"netlink"`.
+    pub attach: Option<String>,
+    /// The classifiers keep enforcing when the daemon exits (pinned TCX links, or netlink
+    /// filters in fail-closed mode).
     pub pinned: bool,
     pub dry_run: bool,
     pub prefix_rules_supported: bool,
@@ -1062,6 +1065,7 @@ pub fn schemas() -> Value {
                 "policy_file": {"type": ["string", "null"]},
                 "dataplane": {"type": "object", "properties": {
                     "interfaces": {"type": "array", "items": {"type": "string"}},
+                    "attach": {"type": ["string", "null"], "enum": ["tcx", "netlink", null]},
                     "pinned": {"type": "boolean"},
                     "dry_run": {"type": "boolean"},
                     "prefix_rules_supported": {"type": "boolean"}

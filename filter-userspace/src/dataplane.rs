@@ -1,9 +1,10 @@
 //! `Dataplane`: the only code that touches the kernel program and its maps.
 //!
 //! It loads the embedded object with the load-time configuration, writes the policy into the
-//! maps, attaches the classifier to each interface (TCX links, kernel ≥ 6.6), and hands the
-//! event ring to the responder. Every map write's result is checked and failures are counted;
-//! a failed write leaves the policy in force unchanged and is reported to the caller.
+//! maps, attaches the classifier to each interface (TCX links from kernel 6.6, netlink tc
+//! before), and hands the event ring to the responder. Every map write's result is checked and
+//! failures are counted; a failed write leaves the policy in force unchanged and is reported to
+//! the caller. A program the kernel refuses is reported in one line ([`crate::verifier`]).
 //!
 //! A whole policy is written into the inactive pair of maps (`RULES_x` for exact rules,
 //! `PREFIX_x` for prefix rules) and switched in with one `SETTINGS` write, so traffic sees the
@@ -13,15 +14,29 @@
 //! and the egress one (`http_egress`, which follows the server's responses for it); they share
 //! the maps of one object. Both get the same lifecycle.
 //!
-//! Lifecycle and fail mode ([`Dataplane::attach_pinned`], [`Dataplane::release`]): with a pin
-//! directory on bpffs, each interface's TCX links are pinned at `<pin>/links/<iface>` (ingress)
-//! and `<pin>/links-egress/<iface>` (egress), so the
-//! classifier keeps enforcing the last policy when the daemon exits or crashes (fail-closed).
-//! A restarted daemon loads a fresh program, writes the policy into its maps, and swaps it
-//! into the pinned link with `bpf_link_update`: no gap, no second attachment. The verdict
-//! counters (`STATS`) are pinned under a directory named after their layout version, so they
-//! survive restarts and a layout change never reuses a stale pin. Without pins (or with
-//! `--fail-open`) the links belong to the process and the kernel detaches them when it exits.
+//! Lifecycle and fail mode ([`Dataplane::attach_kept`], [`Dataplane::release`]), in one of two
+//! [`AttachMode`]s:
+//! - **TCX** (kernel ≥ 6.6): with a pin directory on bpffs, each interface's TCX links are
+//!   pinned at `<pin>/links/<iface>` (ingress) and `<pin>/links-egress/<iface>` (egress), so the
+//!   classifier keeps enforcing the last policy when the daemon exits or crashes (fail-closed).
+//!   A restarted daemon loads a fresh program, writes the policy into its maps, and swaps it
+//!   into the pinned link with `bpf_link_update`: no gap, no second attachment.
+//! - **Netlink** (any kernel; the only way before 6.6): a `cls_bpf` filter in direct-action
+//!   mode on the interface's `clsact` qdisc, ingress and egress, at a fixed place
+//!   ([`tc_netlink::PRIORITY`], [`tc_netlink::HANDLE`]). A netlink filter belongs to no process:
+//!   it stays when the daemon exits or crashes. A restarted daemon finds its predecessor's
+//!   filter there (by place and program name) and replaces the program in place (a
+//!   `RTM_NEWTFILTER` without `NLM_F_CREATE`: `cls_bpf` swaps the program atomically), so
+//!   again no gap and never two. `<pin>/netlink/<iface>` (a directory on bpffs) records that
+//!   this pin root's daemon put filters on the interface.
+//!
+//! An interface never keeps both kinds: after attaching one, the other kind of an earlier run
+//! is removed (attached first, removed second: for that moment both run, rather than neither).
+//! The verdict counters (`STATS`) are pinned under a directory named after their layout
+//! version, so they survive restarts and a layout change never reuses a stale pin. With
+//! `--fail-open` ([`Dataplane::detach_at_exit`]) TCX links belong to the process (the kernel
+//! detaches them however it exits) and netlink filters are deleted when the daemon exits
+//! cleanly (a crash leaves them: nothing ties them to the process).
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +47,7 @@ use aya::{
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcError},
         ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -46,6 +61,8 @@ use filter_common::{
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
+use crate::tc_netlink::{self, TcNetlinkError, HANDLE as TC_HANDLE, PRIORITY as TC_PRIORITY};
+use crate::verifier;
 
 /// Rules one exact-rule map holds.
 pub const RULES_CAPACITY: usize = RULES_MAX as usize;
@@ -70,6 +87,9 @@ const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (PROG_EGRESS, TcAttachType::Egress, "links-egress"),
 ];
 const LINK_DIRS: [&str; 2] = [PROGRAMS[0].2, PROGRAMS[1].2];
+/// Directory (under the pin root) of the netlink markers: `<pin>/netlink/<iface>` says this pin
+/// root's daemon put its filters on `iface`.
+const NETLINK_DIR: &str = "netlink";
 
 /// Directory (under the pin root) of the pinned stage tables (`STAGES`), one per load, named
 /// after the load's ingress program id. A program array loses its entries when its last
@@ -97,7 +117,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 pub enum DataplaneError {
     #[error("this filterd was built without the kernel object; build it with `cargo xtask build`")]
     NoObject,
-    #[error("loading the kernel object failed: {0} (filterd needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)")]
+    #[error("loading the kernel object failed: {} (filterd needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)", one_line(.0))]
     Load(#[source] aya::EbpfError),
     #[error("{0}")]
     BadOption(String),
@@ -105,12 +125,9 @@ pub enum DataplaneError {
     Missing(&'static str),
     #[error("prefix rules need the {} maps, which this kernel object does not have; rebuild with `cargo xtask build`", MAP_PREFIX.join("/"))]
     NoPrefixMaps,
-    #[error("the verifier rejected {prog}: {io_error}\n{log}")]
-    Verifier {
-        prog: &'static str,
-        io_error: std::io::Error,
-        log: String,
-    },
+    /// The kernel refused a program (one line: program, kernel, verdict, where the log is).
+    #[error("{0}")]
+    Verifier(Box<verifier::Refusal>),
     #[error("{what}: {source}")]
     Program {
         what: String,
@@ -132,12 +149,54 @@ pub enum DataplaneError {
     },
     #[error("pin directory {path}: {why}")]
     PinDir { path: PathBuf, why: String },
+    #[error("interface {iface}: no TCX on this kernel (Linux {kernel}; TCX links need 6.6): use `--attach netlink` or `--attach auto`")]
+    NoTcx { iface: String, kernel: String },
+    #[error("interface {iface}, tc {hook}: {what}: {source}")]
+    Netlink {
+        iface: String,
+        hook: &'static str,
+        what: &'static str,
+        #[source]
+        source: Box<NetlinkFailure>,
+    },
+    #[error("interface {iface}, tc {hook}: `{filter}` holds the place of filterd's filter (pref {TC_PRIORITY} handle {TC_HANDLE:#x}) and is not filterd's; remove it (`tc filter del dev {iface} {hook} pref {TC_PRIORITY}`) or move it")]
+    ForeignFilter {
+        iface: String,
+        hook: &'static str,
+        filter: Box<tc_netlink::Filter>,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
     },
+}
+
+/// What went wrong in a netlink tc step.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkFailure {
+    #[error(transparent)]
+    Tc(#[from] TcError),
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error(transparent)]
+    Dump(#[from] TcNetlinkError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the filter there runs program {found:?}, not the new one ({want})")]
+    NotInPlace { want: u32, found: Option<u32> },
+}
+
+/// A message on one line (aya's BTF errors carry the kernel's multi-line log).
+fn one_line(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_owned();
+    match lines.count() {
+        0 => first,
+        n => format!("{first} [{n} more lines]"),
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -162,24 +221,118 @@ pub struct TestRunOutput {
     pub duration: std::time::Duration,
 }
 
-/// How [`Dataplane::attach_pinned`] attached an interface.
+/// How [`Dataplane::attach_kept`] attached an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Adoption {
-    /// A new TCX link.
+    /// A new TCX link or netlink filter.
     Fresh,
-    /// A pinned link from an earlier run now runs this program (`bpf_link_update`).
+    /// The link or filter an earlier run left now runs this program (`bpf_link_update`, or a
+    /// netlink replace in place).
     Adopted,
 }
 
-/// One attached program on an interface and the link that keeps it attached.
+/// How the classifiers are attached to an interface so that they outlive the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (kernel ≥ 6.6), pinned under the pin root.
+    Tcx,
+    /// Netlink tc: `cls_bpf` filters in the `clsact` qdisc at a fixed place (any kernel).
+    Netlink,
+}
+
+/// `filterd --attach`: a mode, or the best this kernel has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachChoice {
+    /// TCX where the kernel has it (6.6 and later), else netlink.
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Netlink => "netlink",
+        }
+    }
+
+    /// The mode for `choice` on this kernel (asked on `iface`). `Tcx` on a kernel without
+    /// TCX is an error that says so.
+    pub fn choose(choice: AttachChoice, iface: &str) -> Result<AttachMode, DataplaneError> {
+        match choice {
+            AttachChoice::Netlink => Ok(AttachMode::Netlink),
+            AttachChoice::Tcx if tcx_supported(iface) => Ok(AttachMode::Tcx),
+            AttachChoice::Tcx => Err(DataplaneError::NoTcx {
+                iface: iface.into(),
+                kernel: verifier::kernel_release(),
+            }),
+            AttachChoice::Auto if tcx_supported(iface) => Ok(AttachMode::Tcx),
+            AttachChoice::Auto => Ok(AttachMode::Netlink),
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether this kernel has TCX: a `BPF_PROG_QUERY` of `iface`'s TCX ingress hook succeeds
+/// (kernels before 6.6 do not know the attach type). Asked of the kernel rather than read from
+/// its version, so backports count.
+pub fn tcx_supported(iface: &str) -> bool {
+    match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(iface, error = %e, "no TCX");
+            false
+        }
+    }
+}
+
+fn hook_name(point: TcAttachType) -> &'static str {
+    match point {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32, std::io::Error> {
+    let c = std::ffi::CString::new(iface)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: if_nametoindex(3) with a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+/// What keeps one program attached to one hook.
+enum Hold {
+    /// The link stays inside the program: dropping the `Ebpf` detaches it.
+    Process,
+    /// A TCX link, pinned (it outlives the daemon) or not.
+    Tcx { link: FdLink, pin: Option<PathBuf> },
+    /// A netlink filter at the fixed place, running program `prog_id`. It stays when the
+    /// daemon exits unless `remove_at_exit` (`--fail-open`).
+    Netlink { prog_id: u32, remove_at_exit: bool },
+}
+
+/// One attached program on an interface and what keeps it attached.
 struct Attached {
     iface: String,
-    /// The egress program's link (else the ingress one's).
+    /// The egress program (else the ingress one).
     egress: bool,
-    /// `None` when the link stays inside the program (dropping the `Ebpf` detaches it).
-    link: Option<FdLink>,
-    /// Where the link is pinned, if it is.
-    pin: Option<PathBuf>,
+    hold: Hold,
+}
+
+impl Attached {
+    fn point(&self) -> TcAttachType {
+        PROGRAMS[usize::from(self.egress)].1
+    }
 }
 
 /// Entries and capacity of one map, for `/metrics`.
@@ -200,6 +353,9 @@ pub struct LoadOptions {
     /// its next segment (connections open before the load); after it, such a segment is
     /// refused (its state was evicted).
     pub adopt_window: std::time::Duration,
+    /// Where the full verifier log of a refused program goes (`None`: [`verifier::LOG_DIR`],
+    /// else the temporary directory).
+    pub verifier_log_dir: Option<PathBuf>,
 }
 
 /// Default of [`LoadOptions::adopt_window`]: longer than common keep-alive timeouts (nginx 75 s),
@@ -211,6 +367,7 @@ impl Default for LoadOptions {
         LoadOptions {
             max_connections: CONNS_MAX,
             adopt_window: DEFAULT_ADOPT_WINDOW,
+            verifier_log_dir: None,
         }
     }
 }
@@ -360,7 +517,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in ALL_PROGRAMS {
-            load_program(&mut ebpf, name)?;
+            load_program(&mut ebpf, name, opts.verifier_log_dir.as_deref())?;
         }
         let stages = fill_stages(&mut ebpf)?;
 
@@ -428,9 +585,13 @@ impl Dataplane {
     }
 
     /// Attach the classifiers to `iface` (ingress and egress); the links live as long as this
-    /// process.
+    /// process (aya's choice of TCX from 6.6, else netlink, with a `clsact` qdisc added).
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let tcx = tcx_supported(iface);
         for (name, point, _) in PROGRAMS {
+            if !tcx {
+                ensure_clsact(iface, point)?;
+            }
             self.program_named(name)?
                 .attach(iface, point)
                 .map_err(|source| DataplaneError::Attach {
@@ -440,8 +601,7 @@ impl Dataplane {
             self.attached.push(Attached {
                 iface: iface.to_owned(),
                 egress: point == TcAttachType::Egress,
-                link: None,
-                pin: None,
+                hold: Hold::Process,
             });
         }
         Ok(())
@@ -451,11 +611,42 @@ impl Dataplane {
         self.pin_root.as_ref().map(|r| r.join(dir).join(iface))
     }
 
+    fn netlink_marker(&self, iface: &str) -> Option<PathBuf> {
+        self.link_pin(NETLINK_DIR, iface)
+    }
+
+    /// Attach to `iface` (ingress and egress) in `mode` so that the classifiers outlive the
+    /// daemon: adopt what an earlier run left (the new program swapped in, no gap, no second
+    /// attachment), or attach afresh; then remove what an earlier run left there in the other
+    /// mode, so the interface never keeps the filter twice (logged). Write the policy first.
+    /// TCX needs [`Dataplane::load_with`] with a pin root. The egress program goes first, so
+    /// the ingress program never runs on an interface without it. Returns how the ingress
+    /// program was attached.
+    pub fn attach_kept(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<Adoption, DataplaneError> {
+        match mode {
+            AttachMode::Tcx => {
+                let how = self.attach_pinned(iface)?;
+                self.remove_netlink_filters(iface);
+                Ok(how)
+            }
+            AttachMode::Netlink => {
+                let how = self.attach_netlink(iface)?;
+                self.remove_tcx_links(iface);
+                Ok(how)
+            }
+        }
+    }
+
     /// Attach to `iface` (ingress and egress) through pinned TCX links: adopt the links an
     /// earlier run pinned (atomic program swap, no gap, no second attachment), or create and
     /// pin them. Needs [`Dataplane::load_with`] with a pin root; write the policy first. The
     /// egress link goes first, so the ingress program never runs on an interface without it.
-    /// Returns how the ingress link was attached.
+    /// Returns how the ingress link was attached. [`Dataplane::attach_kept`] also removes
+    /// netlink filters an earlier run left.
     pub fn attach_pinned(&mut self, iface: &str) -> Result<Adoption, DataplaneError> {
         self.pin_stages()?;
         let egress = self.attach_pinned_one(iface, PROGRAMS[1])?;
@@ -469,6 +660,14 @@ impl Dataplane {
             );
         }
         Ok(ingress)
+    }
+
+    fn prog_id(&mut self, name: &'static str) -> Result<u32, DataplaneError> {
+        Ok(self
+            .program_named(name)?
+            .info()
+            .map_err(prog_err(name))?
+            .id())
     }
 
     fn attach_pinned_one(
@@ -488,19 +687,17 @@ impl Dataplane {
             path: path.clone(),
             source,
         };
-        let prog_id = self
-            .program_named(name)?
-            .info()
-            .map_err(prog_err(name))?
-            .id();
+        let prog_id = self.prog_id(name)?;
         if path.exists() {
             match self.adopt(iface, &path, prog_id, name, point) {
                 Ok(link) => {
                     self.attached.push(Attached {
                         iface: iface.to_owned(),
                         egress,
-                        link: Some(link),
-                        pin: Some(path),
+                        hold: Hold::Tcx {
+                            link,
+                            pin: Some(path),
+                        },
                     });
                     return Ok(Adoption::Adopted);
                 }
@@ -528,8 +725,10 @@ impl Dataplane {
         self.attached.push(Attached {
             iface: iface.to_owned(),
             egress,
-            link: Some(pinned.into()),
-            pin: Some(path),
+            hold: Hold::Tcx {
+                link: pinned.into(),
+                pin: Some(path),
+            },
         });
         Ok(Adoption::Fresh)
     }
@@ -590,9 +789,248 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Detach pinned links under the pin root for interfaces not in `keep` (the configuration
-    /// no longer filters them), and unpin the stage tables of earlier loads (once every kept
-    /// link runs this load's programs, nothing uses them). Returns the interfaces detached.
+    /// Attach to `iface` (egress, then ingress) through netlink `cls_bpf` filters at the fixed
+    /// place, replacing the program of the filters an earlier run left there.
+    fn attach_netlink(&mut self, iface: &str) -> Result<Adoption, DataplaneError> {
+        // A netlink filter outlives the process whatever the fail mode: its stage table must too.
+        self.pin_stages()?;
+        if let Some(marker) = self.netlink_marker(iface) {
+            // Before the filters: a crash in between still leaves the record.
+            std::fs::create_dir_all(&marker).map_err(|e| DataplaneError::PinDir {
+                path: marker.clone(),
+                why: format!("cannot create it: {e}"),
+            })?;
+        }
+        let egress = self.attach_netlink_one(iface, PROGRAMS[1])?;
+        let ingress = match self.attach_netlink_one(iface, PROGRAMS[0]) {
+            Ok(how) => how,
+            Err(e) => {
+                // An egress filter this start added goes again; one it adopted was there
+                // before and stays.
+                if egress == Adoption::Fresh {
+                    if let Some(Attached {
+                        hold: Hold::Netlink { prog_id, .. },
+                        ..
+                    }) = self.attached.pop()
+                    {
+                        Dataplane::delete_own_filter(iface, TcAttachType::Egress, prog_id);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if egress != ingress {
+            tracing::info!(
+                iface,
+                ?ingress,
+                ?egress,
+                "the two filters were attached differently"
+            );
+        }
+        Ok(ingress)
+    }
+
+    fn attach_netlink_one(
+        &mut self,
+        iface: &str,
+        (name, point, _): (&'static str, TcAttachType, &str),
+    ) -> Result<Adoption, DataplaneError> {
+        let hook = hook_name(point);
+        let index = ifindex(iface).map_err(nl_err(iface, hook, "finding the interface"))?;
+        let prog_id = self.prog_id(name)?;
+        ensure_clsact(iface, point)?;
+        let before = tc_netlink::filters(index, point).map_err(nl_err(
+            iface,
+            hook,
+            "listing the filters",
+        ))?;
+        let prog = self.program_named(name)?;
+        let how = match before.iter().find(|f| f.at_our_place()) {
+            Some(f) if !f.runs(name) => {
+                return Err(DataplaneError::ForeignFilter {
+                    iface: iface.into(),
+                    hook,
+                    filter: Box::new(f.clone()),
+                })
+            }
+            Some(f) => match tc_netlink::replace(prog, iface, point) {
+                Ok(()) => {
+                    tracing::debug!(iface, hook, old = %f, "replaced the program of the filter an earlier run left");
+                    Adoption::Adopted
+                }
+                // Deleted since the dump: add it.
+                Err(e) if tc_netlink::errno(&e) == Some(libc::ENOENT) => {
+                    tc_netlink::create(prog, iface, point).map_err(nl_err(
+                        iface,
+                        hook,
+                        "adding the filter",
+                    ))?;
+                    Adoption::Fresh
+                }
+                Err(e) => {
+                    return Err(nl_err(iface, hook, "replacing the program of the filter")(
+                        e,
+                    ))
+                }
+            },
+            None => {
+                tc_netlink::create(prog, iface, point).map_err(nl_err(
+                    iface,
+                    hook,
+                    "adding the filter",
+                ))?;
+                Adoption::Fresh
+            }
+        };
+        let after = tc_netlink::filters(index, point).map_err(nl_err(
+            iface,
+            hook,
+            "listing the filters",
+        ))?;
+        let found = after
+            .iter()
+            .find(|f| f.at_our_place())
+            .and_then(|f| f.prog_id);
+        if found != Some(prog_id) {
+            return Err(nl_err(iface, hook, "checking the filter")(
+                NetlinkFailure::NotInPlace {
+                    want: prog_id,
+                    found,
+                },
+            ));
+        }
+        self.attached.push(Attached {
+            iface: iface.to_owned(),
+            egress: point == TcAttachType::Egress,
+            hold: Hold::Netlink {
+                prog_id,
+                remove_at_exit: false,
+            },
+        });
+        // Another filter running this program's name (not at our place): a second copy.
+        for f in after.iter().filter(|f| f.runs(name) && !f.at_our_place()) {
+            match tc_netlink::delete(iface, point, f) {
+                Ok(()) => {
+                    tracing::warn!(iface, hook, filter = %f, "removed a second filter running {name}: the interface must not run it twice")
+                }
+                Err(e) => {
+                    tracing::warn!(iface, hook, filter = %f, error = %e, "cannot remove a second filter running {name}: the interface runs it twice until it goes")
+                }
+            }
+        }
+        Ok(how)
+    }
+
+    /// Netlink mode: detach the TCX links an earlier run pinned for `iface` under this pin
+    /// root, and warn of any other TCX program of ours still attached there.
+    fn remove_tcx_links(&self, iface: &str) {
+        let mut removed = false;
+        for dir in LINK_DIRS {
+            let Some(pin) = self.link_pin(dir, iface) else {
+                continue;
+            };
+            if !pin.exists() {
+                continue;
+            }
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {
+                    removed = true;
+                    tracing::info!(iface, pin = %pin.display(), "detached the TCX link an earlier run pinned: the interface runs the netlink filters only");
+                }
+                Err(e) => {
+                    tracing::warn!(iface, pin = %pin.display(), error = %e, "cannot remove the TCX link an earlier run pinned: the interface runs the filter twice until it goes")
+                }
+            }
+        }
+        if !tcx_supported(iface) {
+            return;
+        }
+        // The kernel lets go of an unpinned link a moment later (a deferred put).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let left: Vec<(u32, &str)> = PROGRAMS
+                .iter()
+                .filter_map(|(name, point, _)| {
+                    let (_, progs) = SchedClassifier::query_tcx(iface, *point).ok()?;
+                    progs
+                        .iter()
+                        .find(|p| p.name_as_str() == Some(*name))
+                        .map(|p| (p.id(), *name))
+                })
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            if !removed || std::time::Instant::now() >= deadline {
+                for (id, name) in left {
+                    tracing::warn!(iface, id, "a TCX program named {name} is still attached (held by a running process, or pinned outside this pin directory): the interface runs the filter twice until it goes");
+                }
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// TCX mode: delete the netlink filters running our programs on `iface` (an earlier run in
+    /// netlink mode), and its record.
+    fn remove_netlink_filters(&self, iface: &str) {
+        let Ok(index) = ifindex(iface) else {
+            return;
+        };
+        for (name, point, _) in PROGRAMS {
+            let filters = match tc_netlink::filters(index, point) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(iface, hook = hook_name(point), error = %e, "cannot list the netlink filters");
+                    continue;
+                }
+            };
+            for f in filters.iter().filter(|f| f.runs(name)) {
+                match tc_netlink::delete(iface, point, f) {
+                    Ok(()) => {
+                        tracing::info!(iface, hook = hook_name(point), filter = %f, "removed the netlink filter an earlier run left: the interface runs the TCX links only")
+                    }
+                    Err(e) => {
+                        tracing::warn!(iface, hook = hook_name(point), filter = %f, error = %e, "cannot remove the netlink filter an earlier run left: the interface runs the filter twice until it goes")
+                    }
+                }
+            }
+        }
+        if let Some(marker) = self.netlink_marker(iface) {
+            let _ = std::fs::remove_dir(marker);
+        }
+    }
+
+    /// Delete our filter at the fixed place on `point` of `iface` if it still runs `prog_id`
+    /// (a later daemon may have put its own program there since).
+    fn delete_own_filter(iface: &str, point: TcAttachType, prog_id: u32) {
+        let hook = hook_name(point);
+        let filters = ifindex(iface)
+            .map_err(TcNetlinkError::Socket)
+            .and_then(|i| tc_netlink::filters(i, point));
+        let filters = match filters {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(iface, hook, error = %e, "cannot list the netlink filters; the filter may stay");
+                return;
+            }
+        };
+        let Some(f) = filters.iter().find(|f| f.at_our_place()) else {
+            return;
+        };
+        if f.prog_id != Some(prog_id) {
+            tracing::info!(iface, hook, filter = %f, "left the filter in place: it runs another daemon's program now");
+            return;
+        }
+        if let Err(e) = tc_netlink::delete(iface, point, f) {
+            tracing::warn!(iface, hook, filter = %f, error = %e, "cannot delete the netlink filter");
+        }
+    }
+
+    /// Detach what an earlier run attached to interfaces not in `keep` (the configuration no
+    /// longer filters them): pinned TCX links under the pin root, and the netlink filters its
+    /// records name; and unpin the stage tables of earlier loads (once every kept interface
+    /// runs this load's programs, nothing uses them). Returns the interfaces detached.
     pub fn unpin_others(&self, keep: &[String]) -> Vec<String> {
         let Some(root) = &self.pin_root else {
             return Vec::new();
@@ -620,36 +1058,113 @@ impl Dataplane {
                 }
             }
         }
+        let Ok(dir) = std::fs::read_dir(root.join(NETLINK_DIR)) else {
+            return gone;
+        };
+        for entry in dir.flatten() {
+            let iface = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&iface) {
+                continue;
+            }
+            if let Ok(index) = ifindex(&iface) {
+                for (name, point, _) in PROGRAMS {
+                    let Ok(filters) = tc_netlink::filters(index, point) else {
+                        continue;
+                    };
+                    for f in filters.iter().filter(|f| f.at_our_place() && f.runs(name)) {
+                        if let Err(e) = tc_netlink::delete(&iface, point, f) {
+                            tracing::warn!(iface, filter = %f, error = %e, "cannot delete the netlink filter");
+                        }
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(entry.path());
+            if !gone.contains(&iface) {
+                gone.push(iface);
+            }
+        }
         gone
     }
 
-    /// End this daemon's hold on the links. `fail_open`: remove the pins, so the classifier
-    /// detaches as the process exits. Otherwise the pinned links keep enforcing the last
-    /// policy until a restarted daemon adopts them or an operator removes the pins.
+    /// End this daemon's hold on the classifiers. `fail_open`: detach them (remove the TCX
+    /// pins, so the links go as the process exits; delete the netlink filters that still run
+    /// this daemon's programs). Otherwise the pinned links and the netlink filters keep
+    /// enforcing the last policy until a restarted daemon adopts them or an operator removes
+    /// them.
     pub fn release(mut self, fail_open: bool) {
-        if let (true, Some(pin)) = (fail_open, self.stages_pin.take()) {
-            let _ = std::fs::remove_file(pin);
-        }
-        for a in self.attached.drain(..) {
-            if let (true, Some(pin)) = (fail_open, &a.pin) {
-                if let Err(e) = std::fs::remove_file(pin) {
-                    tracing::warn!(iface = a.iface, pin = %pin.display(), error = %e, "cannot remove the pinned link");
+        self.let_go(fail_open);
+    }
+
+    fn let_go(&mut self, fail_open: bool) {
+        // Whether a classifier of this load stays attached after the process.
+        let mut stays = false;
+        for a in std::mem::take(&mut self.attached) {
+            let point = a.point();
+            match a.hold {
+                Hold::Process => {}
+                Hold::Tcx { link, pin } => {
+                    if let (true, Some(pin)) = (fail_open, &pin) {
+                        if let Err(e) = std::fs::remove_file(pin) {
+                            tracing::warn!(iface = a.iface, pin = %pin.display(), error = %e, "cannot remove the pinned link");
+                        }
+                    } else if pin.is_some() {
+                        stays = true;
+                    }
+                    drop(link);
+                }
+                Hold::Netlink {
+                    prog_id,
+                    remove_at_exit,
+                } => {
+                    if fail_open || remove_at_exit {
+                        Dataplane::delete_own_filter(&a.iface, point, prog_id);
+                        if let Some(marker) = self.netlink_marker(&a.iface) {
+                            // Empty once both hooks are done; the first try may fail.
+                            let _ = std::fs::remove_dir(marker);
+                        }
+                    } else {
+                        stays = true;
+                    }
                 }
             }
-            drop(a.link);
+        }
+        if !stays {
+            self.unpin_stages();
         }
     }
 
-    /// Remove the pin of every attached link now (the links stay while this process holds
-    /// them): `--fail-open` after adopting a pinned link from a fail-closed run.
-    pub fn unpin_attached(&mut self) {
+    /// Remove this load's stage-table pin: no classifier of this load outlives the process.
+    fn unpin_stages(&mut self) {
         if let Some(pin) = self.stages_pin.take() {
             let _ = std::fs::remove_file(pin);
         }
+    }
+
+    /// From now on the classifiers detach when this daemon exits (`--fail-open`): the TCX
+    /// links' pins are removed now (the links belong to the process alone, and go however it
+    /// exits; also those adopted from a fail-closed run), and the netlink filters are deleted
+    /// when it exits cleanly ([`Dataplane::release`], or dropping the `Dataplane`). A crash
+    /// leaves netlink filters attached: nothing ties them to a process.
+    pub fn detach_at_exit(&mut self) {
+        let mut netlink = false;
         for a in &mut self.attached {
-            if let Some(pin) = a.pin.take() {
-                let _ = std::fs::remove_file(pin);
+            match &mut a.hold {
+                Hold::Tcx { pin, .. } => {
+                    if let Some(pin) = pin.take() {
+                        let _ = std::fs::remove_file(pin);
+                    }
+                }
+                Hold::Netlink { remove_at_exit, .. } => {
+                    *remove_at_exit = true;
+                    netlink = true;
+                }
+                Hold::Process => {}
             }
+        }
+        // TCX links go with the process, their stage table with them; a netlink filter left by
+        // a crash keeps its own (it keeps enforcing, see above).
+        if !netlink {
+            self.unpin_stages();
         }
     }
 
@@ -662,9 +1177,24 @@ impl Dataplane {
             .collect()
     }
 
-    /// Whether the links are pinned (the classifier outlives the daemon).
+    /// How the classifiers are attached (`None` before [`Dataplane::attach_kept`], or when
+    /// they belong to the process through [`Dataplane::attach`]).
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.attached.iter().find_map(|a| match a.hold {
+            Hold::Tcx { .. } => Some(AttachMode::Tcx),
+            Hold::Netlink { .. } => Some(AttachMode::Netlink),
+            Hold::Process => None,
+        })
+    }
+
+    /// Whether the classifiers outlive the daemon (pinned TCX links, or netlink filters not
+    /// deleted at exit).
     pub fn pinned(&self) -> bool {
-        self.attached.iter().any(|a| a.pin.is_some())
+        self.attached.iter().any(|a| match &a.hold {
+            Hold::Tcx { pin, .. } => pin.is_some(),
+            Hold::Netlink { remove_at_exit, .. } => !remove_at_exit,
+            Hold::Process => false,
+        })
     }
 
     /// Whether the kernel object has the prefix-rule maps.
@@ -1002,8 +1532,13 @@ impl Dataplane {
     }
 }
 
-/// Load (verify) one program of the object.
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+/// Load (verify) one program of the object. A refusal's whole verifier log goes to a file in
+/// `log_dir` (see [`verifier::Refusal`]), its last words into the error.
+fn load_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    log_dir: Option<&Path>,
+) -> Result<(), DataplaneError> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(DataplaneError::Missing(name))?
@@ -1013,17 +1548,12 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneErro
         ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => {
-            // The log's tail says why; the whole log can run to megabytes.
-            let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            let log = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-            DataplaneError::Verifier {
-                prog: name,
-                io_error,
-                log,
-            }
-        }
+        } => DataplaneError::Verifier(Box::new(verifier::Refusal::new(
+            name,
+            io_error,
+            &verifier_log.to_string(),
+            log_dir,
+        ))),
         source => DataplaneError::Program {
             what: name.into(),
             source,
@@ -1050,6 +1580,41 @@ fn fill_stages(ebpf: &mut Ebpf) -> Result<aya::maps::Map, DataplaneError> {
             .map_err(map_err(MAP_STAGES))?;
     }
     Ok(map)
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // After `release` nothing is left here. Otherwise (an error after attaching) the fail
+        // mode chosen so far holds: fail-open netlink filters are deleted, the rest stays.
+        self.let_go(false);
+    }
+}
+
+fn nl_err<'a, E: Into<NetlinkFailure>>(
+    iface: &'a str,
+    hook: &'static str,
+    what: &'static str,
+) -> impl FnOnce(E) -> DataplaneError + 'a {
+    move |e| DataplaneError::Netlink {
+        iface: iface.into(),
+        hook,
+        what,
+        source: Box::new(e.into()),
+    }
+}
+
+/// Add a `clsact` qdisc to `iface` unless it has one (netlink filters hang off it).
+fn ensure_clsact(iface: &str, point: TcAttachType) -> Result<(), DataplaneError> {
+    let hook = hook_name(point);
+    let index = ifindex(iface).map_err(nl_err(iface, hook, "finding the interface"))?;
+    match tc_netlink::ensure_clsact(iface, index) {
+        Ok(true) => {
+            tracing::info!(iface, "added a clsact qdisc");
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(nl_err(iface, hook, "adding the clsact qdisc")(e)),
+    }
 }
 
 /// Remove pinned-map directories of other layout versions: their maps stay alive for as long

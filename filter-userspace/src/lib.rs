@@ -17,6 +17,8 @@ pub mod ratelimit;
 pub mod responder;
 pub mod response;
 pub mod serve;
+pub mod tc_netlink;
+pub mod verifier;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -106,6 +108,7 @@ impl api::PolicySink for DaemonSink {
         match &self.dataplane {
             Some(dp) => api::SinkStatus {
                 interfaces: dp.attached(),
+                attach: dp.attach_mode().map(|m| m.name().to_owned()),
                 pinned: dp.pinned(),
                 dry_run: dp.dry_run(),
                 prefix_rules_supported: dp.supports_prefix(),

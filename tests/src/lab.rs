@@ -55,7 +55,14 @@ const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// From filterd's "loaded" line to its `/healthz` answering.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(20);
+/// From the start to filterd's "loaded" line: the kernel verifies both classifiers first, which
+/// takes seconds, or half a minute and more when it ends in a refusal (the verifier walks up to
+/// its limit several times while aya grows the log buffer), longer under emulation.
+const DAEMON_LOAD_TIMEOUT: Duration = Duration::from_secs(180);
+/// What filterd logs once the kernel has accepted both classifiers.
+const LOADED_LINE: &str = "classifiers verified and loaded";
 const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
 
@@ -548,32 +555,47 @@ impl Lab {
             server_ns: self.server_ns.clone(),
             token_file,
         };
-        let ready = poll_until(DAEMON_TIMEOUT, "filterd's /healthz to answer 200", || {
+        // The kernel's verdict first (long), then the API (short); an exit at any point ends
+        // the wait with filterd's own last words.
+        let exited = |daemon: &mut Daemon| -> Result<()> {
             if let Some(status) = daemon.child.as_mut().unwrap().0.try_wait()? {
-                bail!(
-                    "filterd exited early ({status}); its log:\n{}",
-                    daemon.log()
-                );
+                let log = daemon.log();
+                return Err(DaemonExited {
+                    status,
+                    last: last_words(&log),
+                    log,
+                }
+                .into());
             }
-            let code = quiet(self.server_cmd("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "1",
-                &format!("http://{API_ADDR}/healthz"),
-            ]))?;
-            Ok((String::from_utf8_lossy(&code.stdout) == "200").then_some(()))
+            Ok(())
+        };
+        let loaded = poll_until(
+            DAEMON_LOAD_TIMEOUT,
+            "filterd to load its classifiers",
+            || {
+                exited(&mut daemon)?;
+                Ok(daemon.log().contains(LOADED_LINE).then_some(()))
+            },
+        );
+        let ready = loaded.and_then(|()| {
+            poll_until(DAEMON_TIMEOUT, "filterd's /healthz to answer 200", || {
+                exited(&mut daemon)?;
+                let code = quiet(self.server_cmd("curl").args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "1",
+                    &format!("http://{API_ADDR}/healthz"),
+                ]))?;
+                Ok((String::from_utf8_lossy(&code.stdout) == "200").then_some(()))
+            })
         });
         if let Err(e) = ready {
             // An early exit already carries the log; a timeout does not.
-            let exited = daemon
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.0.try_wait(), Ok(Some(_))));
-            if exited {
+            if e.is::<DaemonExited>() {
                 return Err(e);
             }
             bail!("{e:#}; filterd's log so far:\n{}", daemon.log());
@@ -715,6 +737,49 @@ impl Backend {
             .iter()
             .any(|r| r.method == method && r.path == path))
     }
+}
+
+/// `filterd` exited while starting. Its `Display` is the exit status and filterd's last words
+/// on the first line, then the whole log (for a test's failure message); a front end that wants
+/// only the reason prints [`DaemonExited::last`].
+#[derive(Debug)]
+pub struct DaemonExited {
+    pub status: std::process::ExitStatus,
+    /// filterd's last words: its closing error line (`filterd: ...`) and what follows it, else
+    /// its last lines.
+    pub last: String,
+    pub log: String,
+}
+
+impl std::fmt::Display for DaemonExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "filterd exited early ({}): {}", self.status, self.last)?;
+        if self.log.trim() != self.last {
+            write!(
+                f,
+                "\n---- filterd's output ----\n{}---- end of filterd's output ----",
+                self.log
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DaemonExited {}
+
+/// The end of filterd's output that says why it stopped: from its last `filterd: ` line (the
+/// error it exits with) on, else its last three lines.
+pub fn last_words(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let from = lines
+        .iter()
+        .rposition(|l| l.starts_with("filterd: "))
+        .unwrap_or(lines.len().saturating_sub(3));
+    lines[from..].join("\n")
 }
 
 /// A running `filterd`. Dropping it sends SIGTERM, waits up to 5 s, then SIGKILL.
@@ -978,6 +1043,15 @@ mod tests {
             assert_eq!(base64_decode(enc).unwrap(), dec.as_bytes(), "{enc}");
         }
         assert!(base64_decode("Zm9v!").is_err());
+    }
+
+    #[test]
+    fn last_words_are_filterds_closing_error() {
+        let log = "2026-12-06T07:42:29Z  WARN no --policy file\nfilterd: the kernel (Linux 6.18.44) refused http_ingress: BPF program is too large. Processed 1000001 insn (Argument list too long (os error 7)); full verifier log: /run/filterd/verifier-http_ingress.log\n";
+        assert!(last_words(log).starts_with("filterd: the kernel (Linux 6.18.44) refused"));
+        assert!(!last_words(log).contains('\n'));
+        assert_eq!(last_words("a\nb\n\nc\nd\n"), "b\nc\nd");
+        assert_eq!(last_words(""), "");
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! attachment, SIGHUP with a broken file keeps the policy, `kill -9` keeps enforcing (default)
 //! or opens the gate (`--fail-open`), monitor mode blocks nothing and counts everything (by rule
 //! and method in `/metrics`), an API connection that never finishes its headers is closed, and a
-//! 100k-rule policy switches atomically under traffic.
+//! 100k-rule policy switches atomically under traffic. The lifecycle holds for both attach
+//! modes: TCX links and netlink tc filters (`--attach netlink`; what `auto` picks before 6.6) —
+//! a 405, `kill -9`, a restart that replaces the filter in place (`tc filter show` lists one),
+//! `--fail-open`, and a switch between the modes that never leaves both attached.
 //!
 //! Each test mounts its own bpffs in the lab directory and passes it as `--pin-dir`, so pins
 //! outlive a daemon (as `/sys/fs/bpf` does on a host) but not the test.
@@ -19,7 +22,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use filter_common::{PROG_EGRESS, PROG_INGRESS};
 use filter_tests::lab::{self, Backend, Daemon, Lab};
+use filter_userspace::{dataplane, tc_netlink};
 use serde_json::{json, Value};
 
 const POLICY: &str = r#"
@@ -178,17 +183,22 @@ impl Env {
         IpAddr::V4(self.lab.server_v4())
     }
 
-    /// TCX programs on the server interface's ingress, asked of the kernel from a thread
-    /// that enters the server namespace (independent of filterd's own view).
-    fn tcx_programs(&self) -> usize {
+    /// Our classifiers on the server interface, asked of the kernel (independent of filterd's
+    /// own view): TCX programs (`BPF_PROG_QUERY` from a thread in the server namespace; none
+    /// on a kernel without TCX) and netlink filters (`tc filter show`). An ingress and egress
+    /// pair counts once; each kind must have as many on egress as on ingress.
+    fn attachments(&self) -> Attachments {
         use std::os::fd::AsRawFd as _;
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.lab.server_netns()))
             .expect("opening the server namespace");
         let iface = self.lab.server_iface().to_owned();
-        std::thread::spawn(move || {
+        let tcx = std::thread::spawn(move || {
             // SAFETY: setns(2) on this thread only, with an open namespace fd.
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            if !dataplane::tcx_supported(&iface) {
+                return 0;
+            }
             let (_, progs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
                 .unwrap_or_else(|e| panic!("querying {iface}'s TCX programs: {e}"));
             let (_, egress) = SchedClassifier::query_tcx(&iface, TcAttachType::Egress)
@@ -202,7 +212,89 @@ impl Env {
             progs.len()
         })
         .join()
-        .expect("the query thread")
+        .expect("the query thread");
+        let ingress = self.tc_filters("ingress");
+        let egress = self.tc_filters("egress");
+        assert_eq!(
+            ingress.len(),
+            egress.len(),
+            "one egress filter per ingress filter: {ingress:?} / {egress:?}"
+        );
+        Attachments {
+            tcx,
+            netlink: ingress.len(),
+        }
+    }
+
+    /// `tc filter show dev <server iface> <hook>` in the server namespace: one line per filter
+    /// (the per-priority head lines without a handle left out). Every one must be filterd's,
+    /// at its place, in direct-action mode.
+    fn tc_filters(&self, hook: &str) -> Vec<String> {
+        let out = lab::run(self.lab.server_cmd("tc").args([
+            "filter",
+            "show",
+            "dev",
+            self.lab.server_iface(),
+            hook,
+        ]))
+        .unwrap_or_else(|e| panic!("tc filter show: {e:#}"));
+        let prog = if hook == "ingress" {
+            PROG_INGRESS
+        } else {
+            PROG_EGRESS
+        };
+        let place = format!(
+            "pref {} bpf chain 0 handle {:#x} {prog} direct-action",
+            tc_netlink::PRIORITY,
+            tc_netlink::HANDLE
+        );
+        let filters: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains(" handle "))
+            .map(str::to_owned)
+            .collect();
+        for f in &filters {
+            assert!(f.contains(&place), "not filterd's filter ({place}): {f}");
+        }
+        filters
+    }
+
+    /// The program id of the one netlink filter on the server interface's ingress.
+    fn netlink_prog_id(&self) -> u32 {
+        let filters = self.tc_filters("ingress");
+        assert_eq!(filters.len(), 1, "{filters:?}");
+        let id = filters[0]
+            .split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .and_then(|id| id.parse().ok());
+        id.unwrap_or_else(|| panic!("no program id in {}", filters[0]))
+    }
+
+    /// What one kept attachment looks like in the mode `--attach auto` picks on this kernel.
+    fn one_kept(&self) -> Attachments {
+        if self.tcx_supported() {
+            Attachments { tcx: 1, netlink: 0 }
+        } else {
+            Attachments { tcx: 0, netlink: 1 }
+        }
+    }
+
+    fn tcx_supported(&self) -> bool {
+        let iface = self.lab.server_iface().to_owned();
+        self.in_server_ns(move || dataplane::tcx_supported(&iface))
+            .join()
+            .expect("the query thread")
+    }
+
+    /// The attach mode the running daemon reports (`tcx` or `netlink`).
+    fn attach_mode(&self) -> String {
+        let (code, status) = self.api("GET", "/v1/status", None);
+        assert_eq!(code, 200, "{status}");
+        status["dataplane"]["attach"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no attach mode in {status}"))
+            .to_owned()
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -260,6 +352,17 @@ impl Env {
         }
     }
 }
+
+/// Our classifiers on the server interface, by kind (see [`Env::attachments`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Attachments {
+    tcx: usize,
+    netlink: usize,
+}
+
+const NONE: Attachments = Attachments { tcx: 0, netlink: 0 };
+const ONE_NETLINK: Attachments = Attachments { tcx: 0, netlink: 1 };
+const ONE_TCX: Attachments = Attachments { tcx: 1, netlink: 0 };
 
 /// A process in the client namespace sending requests until dropped (killed by PID).
 struct Traffic(Child);
@@ -452,12 +555,13 @@ fn a_restart_restores_the_policy_and_adopts_the_pinned_classifier() {
             .contains("/report"),
         "persisted"
     );
-    assert_eq!(e.tcx_programs(), 1);
+    let kept = e.one_kept();
+    assert_eq!(e.attachments(), kept);
 
     // A clean stop keeps the classifier (fail-closed): DELETE /admin still never reaches
     // the backend while no daemon runs.
     e.daemon.take().unwrap().stop().unwrap();
-    assert_eq!(e.tcx_programs(), 1, "the pinned link outlives the daemon");
+    assert_eq!(e.attachments(), kept, "the pinned link outlives the daemon");
     e.request(e.v4(), "DELETE", "/admin");
     e.request(e.v4(), "GET", "/report");
     assert!(
@@ -473,7 +577,7 @@ fn a_restart_restores_the_policy_and_adopts_the_pinned_classifier() {
     e.wait_log("Adopted");
     let (_, after) = e.api("GET", "/v1/policy", None);
     assert_eq!(after, before, "policy and revision restored exactly");
-    assert_eq!(e.tcx_programs(), 1, "adopted, not attached a second time");
+    assert_eq!(e.attachments(), kept, "adopted, not attached a second time");
     assert_eq!(
         e.request(e.v4(), "DELETE", "/admin"),
         405,
@@ -551,10 +655,20 @@ fn an_invalid_file_stops_the_start_with_its_line() {
     );
 }
 
-fn kill9_under_traffic(test: &str, extra: &[&str], expect_enforcing: bool) {
+/// `kill -9` under allowed traffic: allowed requests keep flowing either way. Fail-closed the
+/// classifier keeps enforcing: a refused request is reset (no answer: the responder died with
+/// filterd) and never reaches the backend. `--fail-open` on TCX: the link goes with the process
+/// and DELETE passes. `--fail-open` on netlink tc: nothing ties a filter to a process, so a
+/// crash leaves it enforcing (documented; only a clean exit removes it).
+fn kill9_under_traffic(test: &str, extra: &[&str]) {
+    let fail_open = extra.contains(&"--fail-open");
     let Some(mut e) = env(test, POLICY, extra) else {
         return;
     };
+    let mode = e.attach_mode();
+    let kept = if mode == "tcx" { ONE_TCX } else { ONE_NETLINK };
+    assert_eq!(e.attachments(), kept, "{mode}");
+    let expect_enforcing = !fail_open || mode == "netlink";
     let out = e.lab.dir().join("traffic.txt");
     let traffic = Traffic::start(&e.lab, "GET", &["/admin", "/api/items"], 2000, &out);
     // Traffic is flowing before the kill.
@@ -582,7 +696,13 @@ fn kill9_under_traffic(test: &str, extra: &[&str], expect_enforcing: bool) {
             .collect::<Vec<_>>()
     );
     for i in 0..5 {
-        e.request(e.v4(), "DELETE", &format!("/admin?try={i}"));
+        let code = e.request(e.v4(), "DELETE", &format!("/admin?try={i}"));
+        if expect_enforcing {
+            assert_eq!(
+                code, 0,
+                "{mode}: a refused request without a daemon is reset and nobody answers it"
+            );
+        }
     }
     let leaked = e
         .backend
@@ -593,12 +713,12 @@ fn kill9_under_traffic(test: &str, extra: &[&str], expect_enforcing: bool) {
     if expect_enforcing {
         assert!(
             !leaked,
-            "fail-closed: a DELETE reached the backend after kill -9"
+            "{mode}: a DELETE reached the backend after kill -9"
         );
-        assert_eq!(e.tcx_programs(), 1);
+        assert_eq!(e.attachments(), kept, "{mode}");
     } else {
         assert!(leaked, "fail-open: DELETE should pass once filterd is gone");
-        assert_eq!(e.tcx_programs(), 0, "fail-open: nothing stays attached");
+        assert_eq!(e.attachments(), NONE, "fail-open: nothing stays attached");
     }
 }
 
@@ -607,17 +727,238 @@ fn kill9_under_traffic_keeps_enforcing_by_default() {
     kill9_under_traffic(
         "control_plane::kill9_under_traffic_keeps_enforcing_by_default",
         &[],
-        true,
     );
 }
 
+/// On a kernel without TCX, `auto` is netlink: the gate stays closed after a crash.
 #[test]
 fn kill9_under_traffic_with_fail_open_opens_the_gate() {
     kill9_under_traffic(
         "control_plane::kill9_under_traffic_with_fail_open_opens_the_gate",
         &["--fail-open"],
-        false,
     );
+}
+
+#[test]
+fn netlink_kill9_under_traffic_keeps_enforcing() {
+    kill9_under_traffic(
+        "control_plane::netlink_kill9_under_traffic_keeps_enforcing",
+        &["--attach", "netlink"],
+    );
+}
+
+#[test]
+fn netlink_kill9_with_fail_open_leaves_the_filter_enforcing() {
+    kill9_under_traffic(
+        "control_plane::netlink_kill9_with_fail_open_leaves_the_filter_enforcing",
+        &["--attach", "netlink", "--fail-open"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Netlink tc (kernels before 6.6, or `--attach netlink`)
+
+/// A policy where `/admin` allows `DELETE` too: after a restart with it, the old program
+/// (which refuses it) must be gone.
+const POLICY_ADMIN_DELETE: &str = r#"
+[[rules]]
+path = "/admin"
+methods = ["GET", "DELETE"]
+
+[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+"#;
+
+#[test]
+fn netlink_filters_answer_405_and_a_restart_replaces_them_in_place() {
+    let test = "control_plane::netlink_filters_answer_405_and_a_restart_replaces_them_in_place";
+    let Some(mut e) = env(test, POLICY, &["--attach", "netlink"]) else {
+        return;
+    };
+    assert_eq!(e.attach_mode(), "netlink");
+    assert_eq!(e.attachments(), ONE_NETLINK);
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 405);
+    assert_eq!(e.request(e.v4(), "GET", "/admin"), 200);
+    assert!(!e.backend.saw("DELETE", "/admin").unwrap());
+    let (_, status) = e.api("GET", "/v1/status", None);
+    assert_eq!(status["fail_mode"], "closed");
+    assert_eq!(
+        status["dataplane"]["pinned"], true,
+        "the filters outlive it"
+    );
+    let first = e.netlink_prog_id();
+
+    // A clean stop leaves the filters (fail-closed): still enforcing without a daemon.
+    e.daemon.take().unwrap().stop().unwrap();
+    assert_eq!(
+        e.attachments(),
+        ONE_NETLINK,
+        "the filters outlive the daemon"
+    );
+    assert_eq!(e.netlink_prog_id(), first);
+    assert_eq!(
+        e.request(e.v4(), "DELETE", "/admin"),
+        0,
+        "reset, and no responder to answer"
+    );
+    assert!(
+        !e.backend.saw("DELETE", "/admin").unwrap(),
+        "enforcing without a daemon"
+    );
+
+    // A restart with a new policy: the new program replaces the old one at the same place.
+    std::fs::write(&e.policy, POLICY_ADMIN_DELETE).unwrap();
+    e.start(&["--attach", "netlink"]);
+    e.wait_log("Adopted");
+    assert_eq!(
+        e.attachments(),
+        ONE_NETLINK,
+        "replaced in place, not added a second time"
+    );
+    let second = e.netlink_prog_id();
+    assert_ne!(second, first, "the filter runs the new program");
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 200, "the new policy");
+    assert!(e.backend.saw("DELETE", "/admin").unwrap());
+    assert_eq!(e.request(e.v4(), "DELETE", "/api/items"), 405);
+}
+
+#[test]
+fn netlink_fail_open_exit_leaves_no_filter() {
+    let test = "control_plane::netlink_fail_open_exit_leaves_no_filter";
+    let Some(mut e) = env(test, POLICY, &["--attach", "netlink", "--fail-open"]) else {
+        return;
+    };
+    assert_eq!(e.attachments(), ONE_NETLINK);
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 405);
+    let (_, status) = e.api("GET", "/v1/status", None);
+    assert_eq!(status["fail_mode"], "open");
+    assert_eq!(status["dataplane"]["attach"], "netlink");
+    assert_eq!(status["dataplane"]["pinned"], false);
+    e.daemon.take().unwrap().stop().unwrap();
+    assert_eq!(e.attachments(), NONE, "fail-open: nothing stays attached");
+    assert_eq!(
+        e.request(e.v4(), "DELETE", "/admin"),
+        200,
+        "the gate is open"
+    );
+    assert!(e.backend.saw("DELETE", "/admin").unwrap());
+}
+
+/// Someone else's tc setup is left alone: a filter at filterd's place, or an `ingress` qdisc
+/// where `clsact` goes (it has no egress hook), stops the start with a message that says what
+/// to do, and filterd leaves nothing of its own behind.
+#[test]
+fn netlink_leaves_other_tc_setups_alone() {
+    let test = "control_plane::netlink_leaves_other_tc_setups_alone";
+    if !lab::e2e_enabled(test) {
+        return;
+    }
+    lab::install_ctrlc_cleanup().unwrap();
+    let lab = Lab::new().unwrap();
+    let iface = lab.server_iface().to_owned();
+    let policy = lab.dir().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let tc = |args: &[&str]| {
+        lab::run(lab.server_cmd("tc").args(args)).unwrap_or_else(|e| panic!("tc: {e:#}"))
+    };
+    let show = |hook: &str| tc(&["filter", "show", "dev", &iface, hook]);
+    let start = || {
+        lab.start_filterd_with_file(&lab::filterd_binary(), &policy, &["--attach", "netlink"])
+            .map(|_| ())
+            .expect_err("filterd must not start")
+    };
+
+    // A classic BPF filter (`ret 0`) at filterd's place on ingress.
+    tc(&["qdisc", "add", "dev", &iface, "clsact"]);
+    let handle = format!("{:#x}", tc_netlink::HANDLE);
+    let pref = tc_netlink::PRIORITY.to_string();
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        &iface,
+        "ingress",
+        "pref",
+        &pref,
+        "handle",
+        &handle,
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0",
+    ]);
+    let err = start();
+    let exited = err
+        .downcast_ref::<lab::DaemonExited>()
+        .expect("an early exit");
+    assert!(
+        exited.last.contains("holds the place of filterd's filter")
+            && exited
+                .last
+                .contains(&format!("tc filter del dev {iface} ingress pref {pref}")),
+        "{}",
+        exited.last
+    );
+    assert!(
+        show("ingress").contains("bytecode '1,6 0 0 0'"),
+        "untouched"
+    );
+    assert!(
+        !show("ingress").contains(PROG_INGRESS) && !show("egress").contains(PROG_EGRESS),
+        "nothing of filterd's left: {}{}",
+        show("ingress"),
+        show("egress")
+    );
+
+    // An `ingress` qdisc where `clsact` goes.
+    tc(&["qdisc", "del", "dev", &iface, "clsact"]);
+    tc(&["qdisc", "add", "dev", &iface, "ingress"]);
+    let err = start();
+    let exited = err
+        .downcast_ref::<lab::DaemonExited>()
+        .expect("an early exit");
+    assert!(
+        exited
+            .last
+            .contains("has an `ingress` qdisc where `clsact` goes"),
+        "{}",
+        exited.last
+    );
+    assert_eq!(show("ingress").trim(), "", "nothing attached");
+}
+
+/// Switching modes across restarts: each start removes what the earlier run left in the other
+/// mode, so the interface never keeps the filter twice, and says so in its log.
+#[test]
+fn switching_between_tcx_and_netlink_never_keeps_both() {
+    let test = "control_plane::switching_between_tcx_and_netlink_never_keeps_both";
+    let Some(mut e) = env(test, POLICY, &["--attach", "netlink"]) else {
+        return;
+    };
+    if !e.tcx_supported() {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {test}: this kernel has no TCX (6.6 and later), so there is nothing to switch to"
+        );
+        return;
+    }
+    assert_eq!(e.attachments(), ONE_NETLINK);
+    e.daemon.take().unwrap().stop().unwrap();
+
+    e.start(&["--attach", "tcx"]);
+    e.wait_log("removed the netlink filter an earlier run left");
+    assert_eq!(e.attachments(), ONE_TCX, "the netlink filters are gone");
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 405);
+    e.daemon.as_mut().unwrap().kill9().unwrap();
+    assert_eq!(e.attachments(), ONE_TCX, "pinned");
+
+    e.start(&["--attach", "netlink"]);
+    e.wait_log("detached the TCX link an earlier run pinned");
+    assert_eq!(e.attachments(), ONE_NETLINK, "the TCX links are gone");
+    assert_eq!(e.request(e.v4(), "DELETE", "/admin"), 405);
+    assert_eq!(e.request(e.v4(), "GET", "/admin"), 200);
+    assert!(!e.backend.saw("DELETE", "/admin").unwrap());
 }
 
 // ---------------------------------------------------------------------------

@@ -39,7 +39,17 @@ pub fn run(b: &Built) -> anyhow::Result<()> {
     );
     let backend = lab.start_backend(80)?;
     println!("backend: a recording HTTP/1.1 server on port 80 in the server namespace");
-    let daemon = lab.start_filterd(&b.filterd, POLICY, &[])?;
+    println!(
+        "filterd: starting (the kernel verifies both classifiers first: seconds, up to a minute)"
+    );
+    let daemon = match lab.start_filterd(&b.filterd, POLICY, &[]) {
+        Ok(d) => d,
+        // Its own one-line reason, not its whole log.
+        Err(e) => match e.downcast_ref::<lab::DaemonExited>() {
+            Some(exited) => bail!("filterd did not start ({}): {}", exited.status, exited.last),
+            None => return Err(e),
+        },
+    };
     println!(
         "filterd: classifier attached to {} (ingress, TCP port 80), policy:",
         lab.server_iface()

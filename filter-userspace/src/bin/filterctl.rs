@@ -166,6 +166,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     "FAIL MODE",
                     v["fail_mode"].as_str().unwrap_or("?")
                 );
+                println!("{:<16} {}", "ATTACH", dp["attach"].as_str().unwrap_or("-"));
                 println!("{:<16} {}", "PINNED", dp["pinned"]);
                 println!("{:<16} {}", "DRY RUN", dp["dry_run"]);
                 println!("{:<16} {}", "REVISION", v["revision"]);

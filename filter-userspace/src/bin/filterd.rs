@@ -1,9 +1,11 @@
 //! `filterd`: load the classifier onto interfaces, answer rejected requests, serve the API.
 //!
-//! Fail mode: by default the classifier's links are pinned under `--pin-dir`, so it keeps
-//! enforcing the last policy when filterd exits or crashes, and a restarted filterd adopts
-//! them without a gap. `--fail-open` makes the links belong to the process instead: the
-//! classifier detaches when filterd exits, however it exits.
+//! Fail mode: by default the classifiers stay attached when filterd exits or crashes (TCX
+//! links pinned under `--pin-dir`, or netlink tc filters, which belong to no process), so they
+//! keep enforcing the last policy, and a restarted filterd swaps its new programs in without a
+//! gap. `--fail-open` detaches them when filterd exits: TCX links belong to the process and go
+//! however it exits; netlink filters are deleted at a clean exit (a crash leaves them).
+//! `--attach` picks TCX (kernel ≥ 6.6) or netlink tc; `auto` takes TCX where the kernel has it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,9 +47,14 @@ struct Args {
     /// Count and log what would be rejected; block nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Detach the classifier when filterd exits (default: keep enforcing via pinned links).
+    /// Detach the classifier when filterd exits (default: keep enforcing via pinned TCX links
+    /// or netlink filters). With netlink tc a crash still leaves the filters attached.
     #[arg(long)]
     fail_open: bool,
+    /// How to attach: TCX links (kernel 6.6 and later), netlink tc (clsact qdisc, cls_bpf
+    /// filters; any kernel), or auto (TCX where the kernel has it, else netlink).
+    #[arg(long, value_enum, default_value_t = dataplane::AttachChoice::Auto)]
+    attach: dataplane::AttachChoice,
     /// bpffs directory for the pinned links and counters (bpffs is mounted at /sys/fs/bpf if
     /// it is not).
     #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
@@ -74,6 +81,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     if let Err(e) = run(args) {
@@ -147,8 +155,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let opts = dataplane::LoadOptions {
         max_connections: args.max_connections,
         adopt_window: std::time::Duration::from_secs(args.adopt_window),
+        verifier_log_dir: None,
     };
+    let kernel = filter_userspace::verifier::kernel_release();
+    let mode = dataplane::AttachMode::choose(args.attach, &args.ifaces[0])?;
     let mut dataplane = dataplane::Dataplane::load_opts(&args.ports, Some(&args.pin_dir), &opts)?;
+    tracing::info!(kernel, attach = %mode, "classifiers verified and loaded");
     dataplane.set_dry_run(args.dry_run)?;
     dataplane.apply(&policy)?;
     let ring = dataplane
@@ -160,8 +172,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot open the AF_PACKET socket the responder sends through")?;
     // The policy is in the new program's maps before any interface sees the program.
     for iface in &args.ifaces {
-        let how = dataplane.attach_pinned(iface)?;
-        tracing::info!(iface, ?how, "classifier attached");
+        let how = dataplane.attach_kept(iface, mode)?;
+        tracing::info!(iface, ?how, attach = %mode, "classifier attached");
     }
     for gone in dataplane.unpin_others(&args.ifaces) {
         tracing::info!(
@@ -170,8 +182,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if args.fail_open {
-        // Adopted or fresh, the links now belong to this process alone.
-        dataplane.unpin_attached();
+        // Adopted or fresh, the classifiers now go when this process exits.
+        dataplane.detach_at_exit();
+        if mode == dataplane::AttachMode::Netlink {
+            tracing::warn!(
+                "fail-open with netlink tc: the filters are deleted when filterd exits cleanly; if it crashes they stay and enforce the last policy until filterd starts again or `tc filter del dev IFACE ingress pref {} && tc filter del dev IFACE egress pref {}`",
+                filter_userspace::tc_netlink::PRIORITY,
+                filter_userspace::tc_netlink::PRIORITY
+            );
+        }
     }
     let fail_mode = if args.fail_open { "open" } else { "closed" };
     tracing::info!(
@@ -182,11 +201,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         api = %args.api,
         dry_run = args.dry_run,
         fail_mode,
+        attach = %mode,
         "filtering ({})",
-        if args.fail_open {
-            "fail-open: the classifier detaches when filterd exits"
-        } else {
-            "fail-closed: the pinned classifier keeps enforcing when filterd exits"
+        match (args.fail_open, mode) {
+            (true, _) => "fail-open: the classifier detaches when filterd exits",
+            (false, dataplane::AttachMode::Tcx) =>
+                "fail-closed: the pinned classifier keeps enforcing when filterd exits",
+            (false, dataplane::AttachMode::Netlink) =>
+                "fail-closed: the netlink filters keep enforcing when filterd exits",
         }
     );
 
@@ -250,10 +272,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     state.release(args.fail_open);
-    if args.fail_open {
-        tracing::info!("fail-open: the classifier is detached");
-    } else {
-        tracing::info!(pins = %args.pin_dir.join("links").display(), "fail-closed: the classifier stays attached and enforces the last policy; remove the pins to detach");
+    match (args.fail_open, mode) {
+        (true, _) => tracing::info!("fail-open: the classifier is detached"),
+        (false, dataplane::AttachMode::Tcx) => {
+            tracing::info!(pins = %args.pin_dir.join("links").display(), "fail-closed: the classifier stays attached and enforces the last policy; remove the pins to detach")
+        }
+        (false, dataplane::AttachMode::Netlink) => tracing::info!(
+            "fail-closed: the netlink filters stay attached and enforce the last policy; `tc filter del dev IFACE ingress pref {p}` and `... egress pref {p}` detach them",
+            p = filter_userspace::tc_netlink::PRIORITY
+        ),
     }
     Ok(())
 }
