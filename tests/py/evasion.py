@@ -11,13 +11,21 @@ a static neighbour entry for that address.
 A case:
   iface, src_mac, dst_mac   client veth, its MAC, the server's MAC
   src, dst, dport           addresses (IPv4 or IPv6) and port
-  vlan                      802.1Q ids to tag with: [] | [id] | [outer 802.1ad, inner]
+  vlan                      802.1Q ids to tag with: [] | [id] | [outer 802.1ad, inner, ...]
   ip                        "none" | "v4_options" | "v6_destopts" | "v6_hopbyhop"
+                            | "v6_destopts_7" (seven Destination Options headers)
                             | "fragments"
                             vlan and ip apply to every segment that carries data; the
                             handshake and bare ACKs are plain
-  segments                  [{"off": stream offset, "data_b64": ..., "delay_ms": ...}]
-                            sent in this order after the handshake, seq = isn+1+off
+  segments                  [{"off": stream offset, "data_b64": ..., "delay_ms": ...,
+                              "tweak": {...}}]
+                            sent in this order after the handshake, seq = isn+1+off.
+                            A tweak makes a segment one the server's TCP may discard or
+                            read differently: "bad_csum": true, "flags": TCP flags instead
+                            of PSH|ACK, "ack_delta": added to the acknowledgement number,
+                            "urg": an urgent pointer (with URG). A segment tweaked to be
+                            discarded (anything but "urg") does not count as the bytes'
+                            last copy for the retransmissions.
   settle_ms, timeout_ms     quiet time after everything is acknowledged; hard bound
 
 Unacknowledged bytes are retransmitted in order (as a real TCP would, so a
@@ -93,26 +101,45 @@ class Conn:
     def l2(self, carries_data):
         e = Ether(src=self.c["src_mac"], dst=self.c["dst_mac"])
         tags = (self.c.get("vlan") or []) if carries_data else []
-        if len(tags) == 2:
-            e = e / Dot1AD(vlan=tags[0]) / Dot1Q(vlan=tags[1])
+        if len(tags) >= 2:
+            e = e / Dot1AD(vlan=tags[0])
+            for t in tags[1:]:
+                e = e / Dot1Q(vlan=t)
         elif len(tags) == 1:
             e = e / Dot1Q(vlan=tags[0])
         return e
 
-    def tcp(self, flags, off=0, data=b"", seq=None):
+    def tcp(self, flags, off=0, data=b"", seq=None, tweak=None):
+        tweak = tweak or {}
+        flags = tweak.get("flags", flags)
         t = TCP(
             sport=self.sport,
             dport=self.dport,
             flags=flags,
             seq=seq if seq is not None else seq_add(self.snd_base, off),
-            ack=self.rcv_nxt or 0,
+            ack=seq_add(self.rcv_nxt or 0, tweak.get("ack_delta", 0)),
             window=65535,
         )
+        if "urg" in tweak:
+            t.flags = int(t.flags) | 0x20
+            t.urgptr = tweak["urg"]
         if flags & SYN:
             t.options = [("MSS", MSS)]
         if data:
             t = t / Raw(data)
+        if tweak.get("bad_csum"):
+            # The right checksum (scapy computes it with the pseudo-header), then wrong.
+            t = TCP(bytes(self.ip_for_csum() / t)[self.ip_hlen():])
+            t.chksum ^= 0x0101
         return t
+
+    def ip_for_csum(self):
+        if self.v6:
+            return IPv6(src=self.c["src"], dst=self.c["dst"])
+        return IP(src=self.c["src"], dst=self.c["dst"])
+
+    def ip_hlen(self):
+        return 40 if self.v6 else 20
 
     def frames(self, tcp, carries_data):
         tweak = self.c.get("ip", "none") if carries_data else "none"
@@ -136,6 +163,11 @@ class Conn:
         ip = IPv6(src=self.c["src"], dst=self.c["dst"])
         if tweak == "v6_destopts":
             return [self.l2(carries_data) / ip / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)]) / tcp]
+        if tweak == "v6_destopts_7":
+            exts = ip
+            for _ in range(7):
+                exts = exts / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)])
+            return [self.l2(carries_data) / exts / tcp]
         if tweak == "v6_hopbyhop":
             return [self.l2(carries_data) / ip / IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\x00" * 4)]) / tcp]
         if tweak == "fragments":
@@ -151,8 +183,8 @@ class Conn:
             ]
         return [self.l2(carries_data) / ip / tcp]
 
-    def send(self, flags, off=0, data=b"", seq=None):
-        for f in self.frames(self.tcp(flags, off, data, seq), bool(data)):
+    def send(self, flags, off=0, data=b"", seq=None, tweak=None):
+        for f in self.frames(self.tcp(flags, off, data, seq, tweak), bool(data)):
             self.sock.send(f)
 
     # -- receiving ----------------------------------------------------------
@@ -251,11 +283,13 @@ def run_case(sock, case):
     hard = t0 + case.get("timeout_ms", 4000) / 1000
     settle = case.get("settle_ms", 300) / 1000
     conn = Conn(sock, case)
-    segs = [(s["off"], base64.b64decode(s["data_b64"]), s.get("delay_ms", 0)) for s in case["segments"]]
-    end = max((off + len(d) for off, d, _ in segs), default=0)
-    last = bytearray(end)  # for each byte, the copy sent last
-    for off, d, _ in segs:
-        last[off:off + len(d)] = d
+    segs = [(s["off"], base64.b64decode(s["data_b64"]), s.get("delay_ms", 0), s.get("tweak"))
+            for s in case["segments"]]
+    end = max((off + len(d) for off, d, _, _ in segs), default=0)
+    last = bytearray(end)  # for each byte, the copy sent last (tweaked copies aside)
+    for off, d, _, tweak in segs:
+        if not tweak or set(tweak) <= {"urg"}:
+            last[off:off + len(d)] = d
 
     for _ in range(3):
         conn.send(SYN, seq=conn.isn)
@@ -265,11 +299,11 @@ def run_case(sock, case):
     result = {"handshake": conn.rcv_nxt is not None}
     if conn.rcv_nxt is not None:
         conn.send(ACK)
-        for off, d, delay in segs:
+        for off, d, delay, tweak in segs:
             if delay:
                 conn.poll(delay / 1000)
             # Back to back: no reading between segments unless the row asks for a delay.
-            conn.send(PSH | ACK, off=off, data=d)
+            conn.send(PSH | ACK, off=off, data=d, tweak=tweak)
         retransmits = 0
         last_progress = time.monotonic()
         quiet_since = time.monotonic()

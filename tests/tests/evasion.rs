@@ -72,6 +72,8 @@ enum Ip {
     V6DestOpts,
     /// IPv6 only: a Hop-by-Hop Options extension header before TCP.
     V6HopByHop,
+    /// IPv6 only: seven Destination Options headers, more than the filter walks.
+    V6DestOpts7,
     /// IP fragments: the first holds the TCP header and 12 payload bytes, then 16-byte pieces.
     Fragments,
 }
@@ -83,13 +85,14 @@ impl Ip {
             Ip::V4Options => "v4_options",
             Ip::V6DestOpts => "v6_destopts",
             Ip::V6HopByHop => "v6_hopbyhop",
+            Ip::V6DestOpts7 => "v6_destopts_7",
             Ip::Fragments => "fragments",
         }
     }
     fn family(self) -> Option<Family> {
         match self {
             Ip::V4Options => Some(Family::V4),
-            Ip::V6DestOpts | Ip::V6HopByHop => Some(Family::V6),
+            Ip::V6DestOpts | Ip::V6HopByHop | Ip::V6DestOpts7 => Some(Family::V6),
             Ip::Plain | Ip::Fragments => None,
         }
     }
@@ -102,6 +105,9 @@ struct Seg {
     data: Vec<u8>,
     /// Pause before sending it (reading what the server sent meanwhile).
     delay_ms: u64,
+    /// What makes it a segment the server's TCP may discard or read differently (see
+    /// `tests/py/evasion.py`); sent once, not a copy the client retransmits.
+    tweak: Option<serde_json::Value>,
 }
 
 /// A response the client must read, in order.
@@ -177,6 +183,25 @@ fn seg(off: usize, data: impl AsRef<[u8]>) -> Seg {
         off,
         data: data.as_ref().to_vec(),
         delay_ms: 0,
+        tweak: None,
+    }
+}
+
+impl Seg {
+    /// Whether the client sends these bytes again (as they are) until the server has them:
+    /// not a copy tweaked to be discarded (an urgent pointer changes no byte).
+    fn is_copy(&self) -> bool {
+        self.tweak
+            .as_ref()
+            .is_none_or(|t| t.as_object().is_some_and(|o| o.keys().all(|k| k == "urg")))
+    }
+}
+
+/// A segment the server's TCP discards or reads differently (`tweak`, see `Seg::tweak`).
+fn tweaked(off: usize, data: impl AsRef<[u8]>, tweak: serde_json::Value) -> Seg {
+    Seg {
+        tweak: Some(tweak),
+        ..seg(off, data)
     }
 }
 
@@ -222,6 +247,7 @@ fn keepalive(reqs: &[Vec<u8>], ms: u64) -> Vec<Seg> {
                 off,
                 data: r.clone(),
                 delay_ms: if i == 0 { 0 } else { ms },
+                tweak: None,
             };
             off += r.len();
             s
@@ -239,6 +265,7 @@ use Answer::{Backend as B, Filter as F, NotAllowed as NA};
 
 const DEL_ADMIN: (&str, &str) = ("DELETE", "/admin");
 const GET_ADMIN: (&str, &str) = ("GET", "/admin");
+const PUT_ADMIN: (&str, &str) = ("PUT", "/admin");
 const GET_ITEMS: (&str, &str) = ("GET", "/api/items");
 const POST_ITEMS: (&str, &str) = ("POST", "/api/items");
 const ADMIN_405: Answer = NA(ADMIN_ALLOW);
@@ -249,6 +276,7 @@ fn table() -> Vec<Case> {
     let del_admin = req("DELETE", "/admin");
     let get_admin = req("GET", "/admin");
     let get_items = req("GET", "/api/items");
+    let put_admin = req("PUT", "/admin");
     let n = del_admin.len();
     let plain = |name, segments, reach, never, client| Case {
         name, segments, ip: Ip::Plain, vlan: &[], reach, never, client, known_gap: None,
@@ -383,6 +411,18 @@ fn table() -> Vec<Case> {
         // The filter cannot inspect HTTP/2, so it does not let it through: 400 and reset.
         plain("h2: prior-knowledge preface is refused (400)", one(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()), &[], &[], &[F(400)]),
         plain("h2: preface split, disallowed HTTP/1.1 request behind it, refused (400)", cut(&cat(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &del_admin]), &[5]), &[], &[DEL_ADMIN], &[F(400)]),
+
+        // --- insertion: a first copy the server's TCP discards must not advance the filter,
+        // or the request sent next at the same sequence number passes as a "retransmission".
+        // GET /admin and PUT /admin are the same length; /admin allows GET only.
+        plain("insertion: bad TCP checksum on the first copy", vec![tweaked(0, &get_admin, json!({"bad_csum": true})), seg(0, &put_admin)], &[], &[PUT_ADMIN, GET_ADMIN], &[ADMIN_405]),
+        plain("insertion: first copy without the ACK flag", vec![tweaked(0, &get_admin, json!({"flags": 0x08})), seg(0, &put_admin)], &[], &[PUT_ADMIN, GET_ADMIN], &[ADMIN_405]),
+        plain("insertion: first copy acknowledges data never sent", vec![tweaked(0, &get_admin, json!({"ack_delta": 100_000})), seg(0, &put_admin)], &[], &[PUT_ADMIN, GET_ADMIN], &[ADMIN_405]),
+        plain("insertion: first copy carries SYN", vec![tweaked(0, &get_admin, json!({"flags": 0x1a})), seg(0, &put_admin)], &[], &[PUT_ADMIN, GET_ADMIN], &[ADMIN_405]),
+        // An RST off the next byte gets a challenge ACK: the connection and its state stay.
+        plain("insertion: RST off the next byte forgets nothing", vec![tweaked(10, b"", json!({"flags": 0x14})), seg(0, &put_admin)], &[], &[PUT_ADMIN], &[ADMIN_405]),
+        // With the urgent byte taken out of the stream, a backend would read PUT /admin.
+        plain("urgent: the urgent byte is read in line by both", vec![tweaked(0, req("PUT", "/aXdmin"), json!({"urg": 7}))], &[("PUT", "/aXdmin")], &[PUT_ADMIN], &[B(200)]),
     ];
 
     // --- the IP layer and the link
@@ -396,6 +436,9 @@ fn table() -> Vec<Case> {
         ipcase("ipv6 destination options header: disallowed", Ip::V6DestOpts, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
         ipcase("ipv6 destination options header: allowed arrives", Ip::V6DestOpts, one(get_admin.clone()), &[GET_ADMIN], &[], &[B(200)]),
         ipcase("ipv6 hop-by-hop header: disallowed", Ip::V6HopByHop, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
+        // More extension headers than the filter walks: dropped (fail-closed), even allowed.
+        ipcase("ipv6 seven destination options headers: dropped", Ip::V6DestOpts7, one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
+        ipcase("ipv6 seven destination options headers: allowed is dropped as well", Ip::V6DestOpts7, one(get_admin.clone()), &[], &[GET_ADMIN], &[]),
         ipcase("ip fragments: disallowed is dropped", Ip::Fragments, one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
         // Fragmented TCP to an inspected port is dropped (fail-closed): allowed requests too.
         ipcase("ip fragments: allowed is dropped as well", Ip::Fragments, one(get_admin.clone()), &[], &[GET_ADMIN], &[]),
@@ -414,6 +457,10 @@ fn table() -> Vec<Case> {
         vlan("vlan: VID 100 without a subinterface is never read, never answered", &[VLAN_ID], one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
         vlan("vlan: double tag 802.1ad 0 / 802.1Q 100 is never read, never answered", &[0, VLAN_ID], one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
         vlan("vlan: double tag 802.1ad 0 / 802.1Q 0, split disallowed line", &[0, 0], cut(&del_admin, &[3]), &[], &[DEL_ADMIN], &[ADMIN_405]),
+        // Four priority tags: one is taken out before TC, three are more than the filter
+        // walks: dropped (fail-closed), even allowed.
+        vlan("vlan: four priority tags, disallowed is dropped", &[0, 0, 0, 0], one(del_admin.clone()), &[], &[DEL_ADMIN], &[]),
+        vlan("vlan: four priority tags, allowed is dropped as well", &[0, 0, 0, 0], one(get_admin.clone()), &[], &[GET_ADMIN], &[]),
     ]);
     // Known gaps: a row whose `known_gap` says why still runs; it is reported, and flagged
     // when it starts passing. None today.
@@ -564,7 +611,7 @@ fn wire_case(s: &Setup, c: &Case) -> serde_json::Value {
     let segments: Vec<_> = c
         .segments
         .iter()
-        .map(|g| json!({"off": g.off, "data_b64": b64(&g.data), "delay_ms": g.delay_ms}))
+        .map(|g| json!({"off": g.off, "data_b64": b64(&g.data), "delay_ms": g.delay_ms, "tweak": g.tweak}))
         .collect();
     json!({
         "iface": s.lab.client_iface(),
@@ -862,7 +909,9 @@ fn run_suite(test: &str, family: Family) {
 fn covered(segs: &[Seg]) -> bool {
     let end = segs.iter().map(|g| g.off + g.data.len()).max().unwrap_or(0);
     let mut have = vec![false; end];
-    for g in segs {
+    // A segment the server's TCP discards is no copy the client sends again: the others must
+    // cover the stream.
+    for g in segs.iter().filter(|g| g.is_copy()) {
         have[g.off..g.off + g.data.len()].fill(true);
     }
     have.into_iter().all(|b| b)
