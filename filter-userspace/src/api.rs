@@ -35,7 +35,8 @@ pub trait PolicySink: Send {
     fn replace(&mut self, policy: &Policy) -> Result<(), DataplaneError>;
     fn upsert(&mut self, rule: &Rule) -> Result<(), DataplaneError>;
     fn remove(&mut self, key: &RuleKey) -> Result<(), DataplaneError>;
-    /// Counters by name: kernel verdict reasons, `responses_sent`, `responses_failed`.
+    /// Counters by name: kernel verdict reasons, `responses_sent`, `responses_failed`,
+    /// `responses_limited`.
     fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError>;
     /// Called after a change is applied and persisted, with the policy now in force.
     fn committed(&mut self, _policy: &Policy) {}
@@ -885,6 +886,10 @@ pub fn render_metrics(
             (
                 "{result=\"failed\"}".into(),
                 counters.get("responses_failed").copied().unwrap_or(0),
+            ),
+            (
+                "{result=\"rate_limited\"}".into(),
+                counters.get("responses_limited").copied().unwrap_or(0),
             ),
         ],
     );

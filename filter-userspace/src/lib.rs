@@ -83,6 +83,10 @@ impl api::PolicySink for DaemonSink {
             "responses_failed".into(),
             self.responder.failed.load(Ordering::Relaxed),
         );
+        out.insert(
+            "responses_limited".into(),
+            self.responder.limited.load(Ordering::Relaxed),
+        );
         Ok(out)
     }
 

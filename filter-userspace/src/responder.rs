@@ -28,6 +28,8 @@ use crate::response::{self, Answer};
 pub struct ResponderStats {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
+    /// 503 answers to segments without connection state not sent: over the rate limit.
+    pub limited: AtomicU64,
     /// Monitor-mode hits (logged, not blocked).
     pub monitored: AtomicU64,
     /// Log lines dropped by the rate limit.
@@ -143,6 +145,8 @@ pub struct Responder {
     ip_id: u16,
     log_limit: LogLimit,
     answers: Answers,
+    /// 503 answers (see `UNAVAILABLE_PER_SECOND`).
+    unavailable: crate::ratelimit::RateLimiter,
 }
 
 /// The answers built in the current second (their `Date` is the second's), so a flood of
@@ -181,12 +185,22 @@ impl Answers {
 
 /// Rejection log lines per second.
 const LOG_LINES_PER_SECOND: u32 = 20;
+/// 503 answers a second (and at once) to segments of connections the kernel has no state for
+/// (`conn_table_full`). Where the backend runs on this host the kernel answers only segments of
+/// connections its server's socket shows real; elsewhere any source address may be forged, and
+/// the answer must not become a reflector. The backend's side is reset either way.
+const UNAVAILABLE_PER_SECOND: u32 = 50;
+const UNAVAILABLE_BURST: u32 = 100;
 
 impl Responder {
     pub fn new(stats: Arc<ResponderStats>) -> io::Result<Responder> {
         Ok(Responder {
             socket: PacketSocket::new()?,
             log_limit: LogLimit::new(LOG_LINES_PER_SECOND, stats.clone()),
+            unavailable: crate::ratelimit::RateLimiter::new(
+                UNAVAILABLE_PER_SECOND,
+                UNAVAILABLE_BURST,
+            ),
             stats,
             ip_id: std::process::id() as u16,
             answers: Answers::default(),
@@ -208,7 +222,13 @@ impl Responder {
             Reason::BadPath | Reason::BadFraming | Reason::NotHttp => Answer::BadRequest,
             Reason::LineTooLong => Answer::UriTooLong,
             Reason::HeadersTooLarge => Answer::HeadersTooLarge,
-            Reason::ConnTableFull => Answer::Unavailable,
+            Reason::ConnTableFull => {
+                if self.unavailable.allow().is_none() {
+                    self.stats.limited.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Answer::Unavailable
+            }
             Reason::Monitored => {
                 self.stats.monitored.fetch_add(1, Ordering::Relaxed);
                 let rule = self.count(ev, method, Outcome::Monitored);
