@@ -1803,7 +1803,7 @@ fn normalization_table() {
             ],
         },
         Row {
-            name: "FIN out of order changes nothing",
+            name: "FIN ahead of the stream passes and changes nothing",
             ts: false,
             window: 0xffff,
             steps: vec![
@@ -1811,8 +1811,8 @@ fn normalization_table() {
                     30,
                     b"",
                     |w| w.flags = tcp_flags::FIN | tcp_flags::ACK,
-                    &[OutOfOrder],
-                    Act::Drop,
+                    &[NoPayload],
+                    Act::Pass,
                 ),
                 (0, REFUSED, none, &[Rejected], Act::Reset),
             ],

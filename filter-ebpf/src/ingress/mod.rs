@@ -216,6 +216,12 @@ fn established(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
     }
     let pos = entry.stream.pos;
     if seq_after(seq, pos) {
+        if payload_len == 0 {
+            // No byte to read: a bare ACK or FIN ahead of the filter (after a refused request,
+            // the client's FIN follows bytes the filter never passed). It passes and changes
+            // nothing here; a FIN the server queues out of order only ends what it reads.
+            return Err(Reason::NoPayload);
+        }
         // Ahead of the bytes the filter has decided on: dropped, the client resends in order
         // (so the server's TCP never holds bytes out of order the filter has not read).
         return Err(Reason::OutOfOrder);
