@@ -273,10 +273,12 @@ pub struct Scratch {
     pub plain: u64,
     /// Lookup key for the prefix-rule maps (map memory: too big for the stack).
     pub prefix_key: PrefixKey,
-    /// The responses' state (`CONNS`) as read once per segment (on the first request
-    /// decided): 0 not read yet,
-    /// 1 no usable state, 2 `stream.done_seen` holds its response count.
-    pub rep_read: u32,
+    /// The responses' half of the connection's entry as it was when the segment arrived (the
+    /// egress side may move on meanwhile; nothing here needs it fresher): the server's next
+    /// sequence number, responses the egress side counted, and `REP_*` bits.
+    pub rep_snd_nxt: u32,
+    pub rep_done: u32,
+    pub rep_state: u32,
     pub _pad3: u32,
     /// Raw path bytes the canonicalizer has taken so far (a word or a byte per callback).
     pub canon_pos: u32,
@@ -302,6 +304,17 @@ pub struct Scratch {
     pub sum: SumJob,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
+
+/// [`Scratch::rep_state`]: the responses are followed (`Replies::followed`).
+pub const REP_FOLLOWED: u32 = 1 << 0;
+/// … in lockstep, not framed (`Replies::is_idle`).
+pub const REP_IDLE: u32 = 1 << 1;
+/// … no longer framed (`Replies::is_lost`).
+pub const REP_LOST: u32 = 1 << 2;
+/// … switched protocols (`Replies::is_switched`).
+pub const REP_SWITCHED: u32 = 1 << 3;
+/// The server sent its FIN.
+pub const REP_FIN: u32 = 1 << 4;
 
 /// Why the `bpf_loop` callback stopped before the end of the window.
 pub const STOP_NONE: u32 = 0;

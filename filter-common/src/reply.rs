@@ -19,6 +19,18 @@
 //! [lost](Replies::is_lost) for good: the ingress side then falls back to what it does without
 //! egress state.
 //!
+//! **Lockstep: framing only where it matters.** Framing every response costs the egress side
+//! a parse of every status line and header block. Most connections never need it: a client
+//! sends a request, reads the whole response, sends the next. So a connection starts
+//! [idle](Replies::is_idle): the egress side keeps only `snd_nxt`, and the ingress side infers
+//! ([`infer`]) that every earlier response is complete when the next request comes after the
+//! server sent something since the previous request and the client has acknowledged all of it.
+//! Where that does not hold, it asks the egress side to start framing (`Stream::arm`): at once
+//! when the server has sent nothing since the previous request (the next server byte starts
+//! its response, so framing from there is exact), and for every `Upgrade` / `CONNECT` request
+//! (whose answer must be read); a request that arrives while part of a response is still
+//! unacknowledged waits (held) until the client has it all. Framing, once armed, stays on.
+//!
 //! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
@@ -71,6 +83,8 @@ mod phase {
     /// Not followed: the connection was adopted mid-way, its server's SYN|ACK has not been
     /// seen (it may leave through another interface), or the server reset it.
     pub const NONE: u8 = 18;
+    /// Followed in lockstep: only `snd_nxt` (and the FIN) is kept, nothing is framed.
+    pub const IDLE: u8 = 19;
 }
 
 mod flag {
@@ -182,6 +196,50 @@ impl Replies {
             _pad: 0,
             _pad2: 0,
         }
+    }
+
+    /// A connection whose responses are followed from the server's SYN|ACK (its next byte
+    /// `pos`), in lockstep: nothing is framed until the ingress side asks ([`Replies::arm`]).
+    pub const fn idle(pos: u32) -> Replies {
+        let mut r = Replies::new(pos);
+        r.phase = phase::IDLE;
+        r
+    }
+
+    /// Followed in lockstep, not framing (see the module's docs).
+    pub fn is_idle(&self) -> bool {
+        self.phase == phase::IDLE
+    }
+
+    /// What the ingress side reads of this state at a segment, as `crate::REP_*` bits.
+    #[inline(always)]
+    pub fn state_bits(&self) -> u32 {
+        let mut b = 0;
+        if self.followed() {
+            b |= crate::REP_FOLLOWED;
+        }
+        if self.is_idle() {
+            b |= crate::REP_IDLE;
+        }
+        if self.is_lost() {
+            b |= crate::REP_LOST;
+        }
+        if self.is_switched() {
+            b |= crate::REP_SWITCHED;
+        }
+        if self.fin_seen() {
+            b |= crate::REP_FIN;
+        }
+        b
+    }
+
+    /// Start framing at `pos`, the first byte of a response, with `done` responses complete
+    /// before it (`snd_nxt` and a FIN seen stay).
+    pub fn arm(&mut self, pos: u32, done: u32) {
+        self.pos = pos;
+        self.done = done;
+        self.switch_index = 0;
+        self.next_response();
     }
 
     /// A connection whose responses are not followed (see [`Replies::followed`]).
@@ -900,6 +958,47 @@ fn feed_with(r: &mut Replies, data: &[u8], req: &ReqView, runs: bool) {
         }
         r.step(data[i], req);
         i += 1;
+    }
+}
+
+/// What the ingress side can tell, in lockstep, about the responses to the `reqs` requests
+/// before the current one ([`infer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Infer {
+    /// Every one is complete.
+    Complete,
+    /// The last one's response has not started: framing can start at `snd_nxt`, exactly.
+    Arm,
+    /// Part of a response is unacknowledged (the client sent this request without waiting for
+    /// all of it): wait until it has.
+    Wait,
+}
+
+/// The lockstep inference (see the module's docs): `reqs` requests before the current one,
+/// `lock_done` of whose responses are known complete; `snd_at_req` the server's next sequence
+/// number when the last of them was judged, `snd_nxt` its next sequence number now,
+/// `client_ack` the acknowledgement number of the client's segment carrying the current
+/// request.
+///
+/// The last response is complete when the server has sent something since that request and
+/// the client has acknowledged all of it: a client that reads each response whole before
+/// sending the next request (every browser and HTTP library) sends the next one only then.
+/// A client that sends a request while a response is under way shows it, unless the server
+/// stopped in the middle of a response and the client had acknowledged all it got: only such
+/// a client's own stream could then see an answer placed inside an unfinished response.
+#[inline(always)]
+pub fn infer(reqs: u32, lock_done: u32, snd_at_req: u32, snd_nxt: u32, client_ack: u32) -> Infer {
+    if lock_done == reqs {
+        return Infer::Complete;
+    }
+    let sent = (snd_nxt.wrapping_sub(snd_at_req) as i32) > 0;
+    let acked = (client_ack.wrapping_sub(snd_nxt) as i32) >= 0;
+    if sent && acked {
+        Infer::Complete
+    } else if !sent {
+        Infer::Arm
+    } else {
+        Infer::Wait
     }
 }
 

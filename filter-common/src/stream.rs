@@ -167,13 +167,23 @@ pub struct Stream {
     /// `reply::ReqView::unsure`).
     pub unsure: u8,
     _pad_e: [u8; 2],
-    /// Responses the server had completed when the ingress side last read the egress state
-    /// (`reply::Replies::done` only grows): while `reqs - done_seen` stays below
-    /// `reply::OUTSTANDING_MAX`, that limit cannot be reached and the egress state need not
-    /// be read again.
-    pub done_seen: u32,
+    /// Non-zero once the lockstep inference took a response for complete without seeing it
+    /// end (`crate::reply::infer`): framing, if it starts later, starts where the inference
+    /// put a response boundary, which a server pausing inside a response could have misled, so
+    /// a switch of protocols it reads is not trusted (the `Upgrade` waits: fail closed).
+    pub inferred: u32,
     /// Bit `r % reply::RING`: request `r` was `HEAD`.
     pub head_ring: u64,
+    /// Lockstep (`crate::reply`, the module's docs): responses known complete, and the
+    /// server's next sequence number when the last request was judged.
+    pub lock_done: u32,
+    pub snd_at_req: u32,
+    /// Non-zero: the egress side is asked to start framing at `arm_pos`, with `arm_done`
+    /// responses complete before it.
+    pub arm: u32,
+    pub arm_pos: u32,
+    pub arm_done: u32,
+    _pad_l: u32,
 }
 const _: () = assert!(core::mem::size_of::<Stream>().is_multiple_of(8));
 
@@ -202,8 +212,14 @@ impl Stream {
             switch: SWITCH_NONE,
             unsure: 0,
             _pad_e: [0; 2],
-            done_seen: 0,
+            inferred: 0,
             head_ring: 0,
+            lock_done: 0,
+            snd_at_req: 0,
+            arm: 0,
+            arm_pos: 0,
+            arm_done: 0,
+            _pad_l: 0,
         }
     }
 
@@ -250,9 +266,40 @@ impl Stream {
         put(&mut self.unsure, 0);
         put(&mut self._pad_e[0], 0);
         put(&mut self._pad_e[1], 0);
-        put(&mut self.done_seen, 0);
+        put(&mut self.inferred, 0);
         put(&mut self.head_ring, 0);
+        put(&mut self.lock_done, 0);
+        put(&mut self.snd_at_req, 0);
+        put(&mut self.arm, 0);
+        put(&mut self.arm_pos, 0);
+        put(&mut self.arm_done, 0);
+        put(&mut self._pad_l, 0);
         self.next_request();
+    }
+
+    /// The responses complete before the current request as the ingress side knows them:
+    /// the egress side's count once it frames (`rep_done`), else the lockstep inference's (or
+    /// the count framing is asked to start from).
+    #[inline(always)]
+    pub fn responses_done(&self, rep_idle: bool, rep_done: u32) -> u32 {
+        if !rep_idle {
+            rep_done
+        } else if self.arm != 0 {
+            self.arm_done
+        } else {
+            self.lock_done
+        }
+    }
+
+    /// Ask the egress side to start framing at `pos` (the server's next byte, which starts the
+    /// response to the request `done` counts up to).
+    #[inline(always)]
+    pub fn request_arm(&mut self, pos: u32, done: u32) {
+        if self.arm == 0 {
+            self.arm = 1;
+            self.arm_pos = pos;
+            self.arm_done = done;
+        }
     }
 
     pub fn restart_at(&mut self, pos: u32) {

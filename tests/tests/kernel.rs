@@ -1079,8 +1079,11 @@ fn egress_table() {
             S(0, HEAD_OK, false, &[]),
             C(24, HEAD_OK.len() as u32, DELETE_ADMIN, &[Rejected], Reset(HEAD_OK.len() as u32)),
         ]),
+        // Framing starts when a request comes before the previous one's response has begun
+        // (the client pipelines): here the DELETE, held.
         ("interim responses do not count; a retransmitted response is not framed twice", &[
             C(0, 0, b"POST /api/items HTTP/1.1\r\nContent-Length: 2\r\n\r\nab", &[AllowedByRule], Pass),
+            C(49, 0, DELETE_ADMIN, &[Held], Drop),
             S(0, b"HTTP/1.1 100 Continue\r\n\r\n", false, &[]),
             S(0, b"HTTP/1.1 100 Continue\r\n\r\n", false, &[]),
             C(49, 25, DELETE_ADMIN, &[Held], Drop),
@@ -1089,10 +1092,41 @@ fn egress_table() {
         ]),
         ("a body delimited by the server's close ends at its FIN", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            C(23, 0, DELETE_ADMIN, &[Held], Drop),
             S(0, b"HTTP/1.0 200 OK\r\n\r\nuntil close", false, &[]),
             C(23, 30, DELETE_ADMIN, &[Held], Drop),
             S(30, b"", true, &[]),
             C(23, 31, DELETE_ADMIN, &[Rejected], Reset(31)),
+        ]),
+        // Lockstep: a request after a response the client acknowledged whole is judged at once,
+        // and the egress side frames nothing.
+        ("lockstep: after a complete, acknowledged response the refusal is answered at once", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, OK5, false, &[]),
+            C(23, OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(OK5_LEN)),
+        ]),
+        ("lockstep: a request sent before the client has the whole response waits", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, OK5, false, &[]),
+            C(23, 10, DELETE_ADMIN, &[Held], Drop),
+            C(23, OK5_LEN, DELETE_ADMIN, &[Rejected], Reset(OK5_LEN)),
+        ]),
+        // What lockstep cannot see: a server that stops inside a response while the client,
+        // having acknowledged all it got, pipelines a request. That client's answer comes at the
+        // server's next byte, inside the unfinished response (its own stream only).
+        ("lockstep: an acknowledged part of a response is taken as all of it", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, &OK5[..40], false, &[]),
+            C(23, 40, DELETE_ADMIN, &[Rejected], Reset(40)),
+        ]),
+        // ... so a switch of protocols read after such an inference is not trusted: the
+        // upgrade waits for good (fail closed), although the backend accepted it.
+        ("lockstep: an upgrade after an inferred response waits (fail closed)", &[
+            C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            S(0, OK5, false, &[]),
+            C(23, OK5_LEN, UPGRADE, &[AllowedByDefault], Pass),
+            S(OK5_LEN, SWITCHED, false, &[]),
+            C(23 + UPGRADE_LEN, OK5_LEN + SWITCHED.len() as u32, DELETE_ADMIN, &[Awaiting], Drop),
         ]),
         ("upgrade refused by the backend: held, then followed as HTTP/1.1", &[
             C(0, 0, UPGRADE, &[AllowedByDefault], Pass),
@@ -1125,8 +1159,8 @@ fn egress_table() {
         ]),
         ("an override to HEAD makes the responses unframeable: a fake 101 cannot open a tunnel", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\nX-HTTP-Method-Override: HEAD\r\n\r\n", &[AllowedByRule], Pass),
-            S(0, b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n", false, &[ReplyLost]),
             C(53, 0, UPGRADE, &[AllowedByDefault], Pass),
+            S(0, b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n", false, &[ReplyLost]),
             S(39, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false, &[]),
             C(53 + UPGRADE_LEN, 0, DELETE_ADMIN, &[Awaiting], Drop),
         ]),
@@ -1163,6 +1197,7 @@ fn egress_table() {
         ]),
         ("unframeable responses: the old behaviour (answer at the client's ack)", &[
             C(0, 0, b"GET /admin HTTP/1.1\r\n\r\n", &[AllowedByRule], Pass),
+            C(23, 0, DELETE_ADMIN, &[Held], Drop),
             S(0, b"ICY 200 OK\r\n\r\n", false, &[ReplyLost]),
             C(23, 0, DELETE_ADMIN, &[Rejected], Reset(0)),
         ]),

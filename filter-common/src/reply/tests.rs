@@ -404,3 +404,49 @@ fn runs_frame_like_bytes_across_phase_boundaries() {
         }
     }
 }
+
+#[test]
+fn lockstep_inference() {
+    // (reqs, lock_done, snd_at_req, snd_nxt, client_ack) → what the ingress side can tell.
+    let cases = [
+        // Nothing before the current request.
+        ((0, 0, 100, 100, 100), Infer::Complete),
+        // The server answered since the last request, and the client has all of it.
+        ((1, 0, 100, 160, 160), Infer::Complete),
+        ((1, 0, 100, 160, 170), Infer::Complete),
+        // ... but not all of it yet: wait.
+        ((1, 0, 100, 160, 150), Infer::Wait),
+        // Nothing sent since: the response starts at the next byte (frame from there).
+        ((1, 0, 100, 100, 100), Infer::Arm),
+        // Known complete already (the current request was judged before, say).
+        ((1, 1, 100, 100, 50), Infer::Complete),
+        // Across the sequence-space wrap.
+        ((1, 0, u32::MAX - 5, 10, 10), Infer::Complete),
+        ((1, 0, u32::MAX - 5, 10, u32::MAX), Infer::Wait),
+    ];
+    for ((reqs, done, at, nxt, ack), want) in cases {
+        assert_eq!(
+            infer(reqs, done, at, nxt, ack),
+            want,
+            "{reqs} {done} {at} {nxt} {ack}"
+        );
+    }
+}
+
+#[test]
+fn arming_starts_framing_at_a_response() {
+    let req = view(2, &[], 0);
+    let mut r = Replies::idle(1000);
+    assert!(r.is_idle() && r.followed());
+    r.fin();
+    assert!(r.fin_seen() && r.is_idle());
+    // Framing from 1100, with one response complete before it.
+    r.arm(1100, 1);
+    assert!(!r.is_idle());
+    r.snd_nxt = 1100;
+    feed(&mut r, OK5_BYTES, &req);
+    assert_eq!(r.done, 2);
+    assert!(r.fin_seen(), "the FIN seen while idle stays");
+}
+
+const OK5_BYTES: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";

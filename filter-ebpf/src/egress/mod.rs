@@ -132,6 +132,24 @@ fn try_run(ctx: &TcContext) -> Option<bool> {
         }
         return None;
     }
+    if rep.is_idle() {
+        // Lockstep: nothing to frame, unless the ingress side asked for it (from the response
+        // that starts at `arm_pos`).
+        if fin {
+            rep.fin();
+        }
+        let st = &conn.stream;
+        if st.arm == 0 || !seq_after(end, st.arm_pos) {
+            return None;
+        }
+        if seq_after(seq, st.arm_pos) {
+            // The response's first bytes went by unframed: it cannot be framed now.
+            rep.lose();
+            count(Reason::ReplyLost);
+            return None;
+        }
+        rep.arm(st.arm_pos, st.arm_done);
+    }
     let pos = rep.pos;
     if seq_after(seq, pos) {
         // A gap: bytes the parser never saw.

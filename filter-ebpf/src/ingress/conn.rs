@@ -117,7 +117,8 @@ pub fn begin(ctx: &TcContext) -> Begin {
             let _ = SYNS.remove(&s.key);
             let (client, server) = h.views(window);
             s.conn.stream.reset(seq, flag::SYN);
-            let replies = Replies::new(h.server_isn.wrapping_add(1));
+            // Followed in lockstep (`filter_common::reply`): nothing framed until needed.
+            let replies = Replies::idle(h.server_isn.wrapping_add(1));
             copy_words(&mut s.conn.replies, &replies);
             return follow(s, client, server);
         }

@@ -6,12 +6,13 @@
 
 use aya_ebpf::programs::TcContext;
 use filter_common::{
+    reply::{infer, Infer},
     stream::{flag, Stream},
     tcp_flags, Method, Reason, Scratch, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_HOLD, STOP_NONE,
     STOP_REFUSE, STOP_TUNNEL,
 };
 
-use super::{finish, forget, scratch, send_event, Out, PASS};
+use super::{client_ack, finish, forget, scratch, send_event, Out, PASS};
 use crate::frame::parked;
 use crate::maps::{CONNS, PENDING, SETTINGS};
 use crate::skb::{trim_payload, turn_into_reset, Layout, Reset};
@@ -148,13 +149,35 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
         }
     }
     if let Some(e) = entry {
-        let rep = unsafe { &(*e).replies };
+        // SAFETY: a valid map value for this run.
+        let (rep, stored) = unsafe { (&(*e).replies, &mut (*e).stream) };
         if rep.followed() && !rep.is_lost() {
             // Answer only after every earlier response is complete and acknowledged: the
             // backend finishes them, the client gets them intact, and the answer follows them
             // at the server's next sequence number.
             let before = s.conn.stream.reqs_before_current();
-            let pending = !rep.fin_seen() && (rep.done.wrapping_sub(before) as i32) < 0;
+            let ack = client_ack(s);
+            let st = &mut s.conn.stream;
+            if rep.is_idle() && st.arm == 0 && st.lock_done != before {
+                // In lockstep, and not judged yet (refused on its request line): infer now.
+                match infer(before, st.lock_done, st.snd_at_req, rep.snd_nxt, ack) {
+                    Infer::Complete => {
+                        st.inferred = 1;
+                        st.lock_done = before;
+                    }
+                    Infer::Arm => st.request_arm(rep.snd_nxt, st.lock_done),
+                    Infer::Wait => {}
+                }
+            }
+            // Kept while the refused request waits (nothing else of the stream is): what the
+            // lockstep inference found, and a request to start framing.
+            stored.lock_done = st.lock_done;
+            stored.inferred = st.inferred;
+            stored.arm = st.arm;
+            stored.arm_pos = st.arm_pos;
+            stored.arm_done = st.arm_done;
+            let done = st.responses_done(rep.is_idle(), rep.done);
+            let pending = !rep.fin_seen() && (done.wrapping_sub(before) as i32) < 0;
             if pending || seq_after(rep.snd_nxt, s.event.ack) {
                 return Err(Reason::Held);
             }

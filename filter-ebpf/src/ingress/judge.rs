@@ -8,13 +8,13 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, read_unaligned, read_volatile, write_unaligned};
 use filter_common::{
     hash::{full_words, SipState},
-    reply::OUTSTANDING_MAX,
-    stream::flag,
+    reply::{infer, Infer, OUTSTANDING_MAX},
     Method, MethodSet, PrefixData, Reason, RuleValue, Scratch, EVENT_LINE_MAX, PATH_MAX,
-    PREFIX_MAX, RULE_MONITOR, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, STOP_CANON, STOP_HOLD,
+    PREFIX_MAX, REP_FOLLOWED, REP_IDLE, REP_LOST, REP_SWITCHED, RULE_MONITOR, SETTINGS_DRY_RUN,
+    SETTINGS_OPTIONS_ANSWER, STOP_CANON, STOP_HOLD,
 };
 
-use super::{followed_replies, from_ctx, refuse_stop, stop, violation, ScratchCtx};
+use super::{client_ack, from_ctx, refuse_stop, stop, violation, ScratchCtx};
 use crate::maps::{FILTER_CONFIG, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SETTINGS};
 use crate::util::count;
 
@@ -28,7 +28,7 @@ pub fn judge(s: &mut Scratch, canonical: bool) -> i64 {
     let Some(settings) = SETTINGS.get(0) else {
         return refuse_stop(s, Reason::NotHttp, 0, Method::Other);
     };
-    if too_many_outstanding(s) {
+    if !responses_allow(s) {
         return stop(s, STOP_HOLD);
     }
     s.conn.stream.take_method();
@@ -71,29 +71,37 @@ pub fn judge(s: &mut Scratch, canonical: bool) -> i64 {
     violation(s, allow, method, monitor)
 }
 
-/// Whether `OUTSTANDING_MAX` requests already wait for their response (the egress side's ring
-/// of `HEAD` bits would wrap with one more). The responses' half of the connection's entry is
-/// read at most once per segment, and only when the responses counted at the last read
-/// (`Stream::done_seen`) leave the limit within reach, or to note that the connection's
-/// responses are followed (`REPLIES_SEEN`).
+/// Whether the current request may go on as far as the earlier responses go: not while
+/// `OUTSTANDING_MAX` requests wait for theirs (the egress side's ring of `HEAD` bits would wrap
+/// with one more), nor, in lockstep (`filter_common::reply`), while part of a response is
+/// unacknowledged. In lockstep it also notes what the inference says: every earlier response
+/// complete, or framing to start at the server's next byte.
 #[inline(always)]
-fn too_many_outstanding(s: &mut Scratch) -> bool {
-    if s.conn.stream.flags & flag::REPLIES_SEEN != 0
-        && s.conn.stream.reqs.wrapping_sub(s.conn.stream.done_seen) < OUTSTANDING_MAX
-    {
-        return false;
+fn responses_allow(s: &mut Scratch) -> bool {
+    let state = s.rep_state;
+    if state & REP_FOLLOWED == 0 || state & (REP_LOST | REP_SWITCHED) != 0 {
+        return true;
     }
-    if s.rep_read == 0 {
-        s.rep_read = 1;
-        if let Some(r) = followed_replies(s) {
-            s.conn.stream.flags |= flag::REPLIES_SEEN;
-            if !r.is_lost() && !r.is_switched() {
-                s.rep_read = 2;
-                s.conn.stream.done_seen = r.done;
+    let (snd_nxt, ack) = (s.rep_snd_nxt, client_ack(s));
+    let st = &mut s.conn.stream;
+    if state & REP_IDLE != 0 && st.arm == 0 {
+        match infer(st.reqs, st.lock_done, st.snd_at_req, snd_nxt, ack) {
+            Infer::Complete => {
+                if st.lock_done != st.reqs {
+                    st.inferred = 1;
+                }
+                st.lock_done = st.reqs;
             }
+            Infer::Arm => {
+                let done = st.lock_done;
+                st.request_arm(snd_nxt, done);
+            }
+            Infer::Wait => return false,
         }
+        st.snd_at_req = snd_nxt;
     }
-    s.rep_read == 2 && s.conn.stream.reqs.wrapping_sub(s.conn.stream.done_seen) >= OUTSTANDING_MAX
+    let done = st.responses_done(state & REP_IDLE != 0, s.rep_done);
+    st.reqs.wrapping_sub(done) < OUTSTANDING_MAX
 }
 
 /// Path words hashed per `hash_words` callback.

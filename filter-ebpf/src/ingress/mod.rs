@@ -28,7 +28,7 @@ use filter_common::{
     stream::{flag, Stream},
     tcp::{self, Seg, Verdict},
     tcp_flags, Conn, Method, Reason, RejectEvent, Scratch, ETH_HLEN, EVENT_LINE_MAX, PATH_MAX,
-    STOP_NONE, STOP_REFUSE, TCP_HLEN_MIN,
+    REP_FOLLOWED, STOP_NONE, STOP_REFUSE, TCP_HLEN_MIN,
 };
 
 use self::conn::Begin;
@@ -319,7 +319,13 @@ fn established(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
     s.stop = STOP_NONE;
     s.decided = 0;
     s.canons = 0;
-    s.rep_read = 0;
+    // The responses' half as it is now, for the judgements and refusals of this segment.
+    s.rep_snd_nxt = entry.replies.snd_nxt;
+    s.rep_done = entry.replies.done;
+    s.rep_state = entry.replies.state_bits();
+    if s.rep_state & REP_FOLLOWED != 0 {
+        s.conn.stream.flags |= flag::REPLIES_SEEN;
+    }
     Ok(Out::Stage(stage::INGRESS_PARSE))
 }
 
@@ -359,6 +365,11 @@ fn settle_upgrade(conn: &Stream, rep: &Replies) -> Settled {
     }
     let upgrade = conn.reqs.wrapping_sub(1);
     if rep.is_switched() && rep.switch_index == upgrade {
+        if conn.inferred != 0 {
+            // The framing that read the switch started where the lockstep inference put a
+            // response boundary: not trusted enough to stop following (fail closed).
+            return Settled::Wait;
+        }
         return Settled::Tunnel;
     }
     if rep.fin_seen() {
@@ -373,12 +384,10 @@ fn settle_upgrade(conn: &Stream, rep: &Replies) -> Settled {
     Settled::Wait
 }
 
-/// The connection's responses, if the egress side follows them (lost or not).
+/// The client's acknowledgement number in the current segment.
 #[inline(always)]
-pub fn followed_replies(s: &Scratch) -> Option<&'static Replies> {
-    unsafe { CONNS.get(&s.key) }
-        .map(|c| &c.replies)
-        .filter(|r| r.followed())
+pub fn client_ack(s: &Scratch) -> u32 {
+    u32::from_be_bytes([s.tcp[8], s.tcp[9], s.tcp[10], s.tcp[11]])
 }
 
 /// Copy a saved path buffer with one helper call instead of a 1 KiB loop.

@@ -12,16 +12,13 @@ use filter_common::{
     http::plain_path_word,
     stage,
     stream::{flag, Ev},
-    swar, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, RULE_MONITOR, STOP_AWAIT,
-    STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED, STOP_MONITOR,
-    STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
+    swar, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
+    STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
+    STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
 };
 
 use super::judge::judge;
-use super::{
-    finish, followed_replies, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out,
-    ScratchCtx,
-};
+use super::{finish, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out, ScratchCtx};
 use crate::skb::load_into;
 use crate::util::word_at;
 
@@ -158,12 +155,16 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         check_override(s);
     } else if s.stop == STOP_BULK {
         s.stop = STOP_NONE;
-    } else if s.stop == STOP_TUNNEL
-        && (s.conn.stream.flags & flag::REPLIES_SEEN != 0 || followed_replies(s).is_some())
-    {
+    } else if s.stop == STOP_TUNNEL && s.conn.stream.flags & flag::REPLIES_SEEN != 0 {
         // The connection's responses are followed: go on with the request's body, then wait
-        // for the answer (for good if the responses can no longer be framed).
+        // for the answer (for good if the responses can no longer be framed). In lockstep, the
+        // answer must be read: framing starts at the server's next byte, which begins it (the
+        // request's judgement found every earlier response complete, or asked already).
         s.stop = STOP_NONE;
+        if s.rep_state & REP_IDLE != 0 {
+            let done = s.conn.stream.lock_done;
+            s.conn.stream.request_arm(s.rep_snd_nxt, done);
+        }
         s.conn.stream.await_reply();
     }
     if s.stop == STOP_MONITOR {
