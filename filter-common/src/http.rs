@@ -1,8 +1,12 @@
 //! The HTTP/1.x request-line parser the kernel decides on (RFC 9112 §3).
 //!
 //! It reads `method SP request-target` and stops as soon as the path is known: at the first
-//! SP/HTAB, `?`, `#`, CR or LF after it. The raw path it writes then goes through
-//! [`crate::canon`], so the decision is on the path a backend routes (`/a/../admin` is `/admin`). The version is not needed for the decision, so a
+//! SP/HTAB, `?`, CR or LF after it. A `#` in the target is refused ([`Reason::BadPath`]): a
+//! request-target has no fragment (RFC 9112 §3.2), and backends disagree on it (nginx ends
+//! the path there, Go's `ParseRequestURI` keeps it in the path, so `/a#/../admin` is `/a` to
+//! one and `/admin` to the other). The raw path it writes then goes through
+//! [`crate::canon`], so the decision is on the path a backend routes (`/a/../admin` is
+//! `/admin`), or the path is refused. The version is not needed for the decision, so a
 //! request line the backend might read leniently (HTTP/0.9 style, extra spaces, leading empty
 //! lines) is still decided. Absolute-form targets (`http://host/p`) are reduced to their path.
 //!
@@ -50,19 +54,18 @@ const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 /// byte is `prev` as the path's next bytes, leaving it plain: none of them ends the path or
 /// would be checked or changed by the canonicalizer. The test for a path's long run a whole
 /// word at a time ([`LineParser::add_path_words`]), so it is cheap rather than exact: it
-/// takes only the bytes most paths are made of, `-` to `~` except `;`, `?` and `\`, and no
-/// `/` or `.` after a `/`. A word with anything else (an end, `%`, a control byte, DEL,
-/// non-ASCII, or a rarer sub-delimiter such as `+` or `,`) goes through
+/// takes only the bytes most paths are made of, the unreserved characters (ALPHA, DIGIT,
+/// `-._~`) and `/`, with no `/` or `.` after a `/`. A word with anything else (an end, `%`,
+/// a sub-delimiter, `:` or `@`, a byte written as an escape, a control byte) goes through
 /// [`LineParser::path_run`] and `step`, which decide exactly.
 #[inline(always)]
 pub fn plain_path_word(w: u64, prev: u8) -> bool {
-    // Whether a byte matches, not which (`eq_from_low` is exact for that, and cheaper).
-    let stop = swar::lt(w, b'-')
-        | swar::ge(w, 0x7f)
-        // `;` and `?` differ in bit 2 only.
-        | swar::eq_from_low(w | swar::ONES.wrapping_mul(4), b'?')
-        | swar::eq_from_low(w, b'\\')
-        | dot_or_slash_after_slash(w, prev);
+    // `-./0-9` are one run; `A`-`Z` and `a`-`z` differ in bit 5 only (see `swar::literal`).
+    let plain = swar::in_range(w, b'-', b'9')
+        | swar::in_range(w | swar::ONES.wrapping_mul(0x20), b'a', b'z')
+        | swar::eq(w, b'_')
+        | swar::eq(w, b'~');
+    let stop = (!plain & swar::HIGH) | dot_or_slash_after_slash(w, prev);
     stop == 0
 }
 
@@ -151,11 +154,12 @@ impl LineParser {
         self.path_len as usize
     }
 
-    /// All ones if the raw path is already canonical (it has no `%`, `;`, `\`, control byte
-    /// or DEL, and no `/` followed by `/` or `.`: no escape to decode, parameter to drop,
-    /// empty or dot segment to resolve, nothing to refuse), else 0: the canonicalizer pass
-    /// can be skipped where it is all ones. Conservative: `/.well-known` is canonical but not
-    /// plain. A mask rather than a `bool`, so that callers can use it without a branch.
+    /// All ones if the raw path is already in normal form (it holds only `/` and literal
+    /// characters, [`swar::literal`], and no `/` followed by `/` or `.`: no escape to decode
+    /// or write, parameter to drop, empty or dot segment to resolve, nothing to refuse), else
+    /// 0: the canonicalizer pass can be skipped where it is all ones. Conservative:
+    /// `/.well-known` is in normal form but not plain. A mask rather than a `bool`, so that
+    /// callers can use it without a branch.
     #[inline(always)]
     pub fn plain_mask(&self) -> u64 {
         (self.shape as u64 & 1).wrapping_sub(1)
@@ -163,15 +167,12 @@ impl LineParser {
 
     /// Note the path bytes of `w` marked in `taken` (bit 7 of each: a leading run of bytes,
     /// possibly none) in `shape`; `prev` is the path byte before `w`'s first (0 if none).
-    /// `ctrl`: also look for control bytes (which a word run never takes). Branch-free: it
-    /// runs inside the kernel's verified loops.
+    /// A byte is odd unless it is `/` or a literal character ([`swar::literal`]), or it is
+    /// a `/` or `.` after a `/`. Branch-free: it runs inside the kernel's verified loops.
     #[inline(always)]
-    fn note_path(&mut self, w: u64, prev: u8, taken: u64, ctrl: bool) {
-        let z = |c: u8| swar::eq_from_low(w, c);
-        let mut odd = z(b'%') | z(b';') | z(b'\\') | z(0x7f) | dot_or_slash_after_slash(w, prev);
-        if ctrl {
-            odd |= swar::lt(w, 0x21);
-        }
+    fn note_path(&mut self, w: u64, prev: u8, taken: u64) {
+        let odd = (!(swar::literal(w) | swar::eq(w, b'/')) & swar::HIGH)
+            | dot_or_slash_after_slash(w, prev);
         // How many taken bytes are odd (0 to 8, summed into the top byte), as 0 or 1.
         let count = ((odd & taken) >> 7).wrapping_mul(swar::ONES) >> 56;
         self.shape |= ((count + 7) >> 3) as u8;
@@ -196,14 +197,14 @@ impl LineParser {
         let prev = (path[n.wrapping_sub(1) & (PATH_MAX - 1)] as u64 & some) as u8;
         path[n & (PATH_MAX - 1)] = b;
         self.path_len += 1;
-        self.note_path(b as u64, prev, 0x80, true);
+        self.note_path(b as u64, prev, 0x80);
         Step::More
     }
 
     /// The fast path of [`LineParser::step`] for path bytes: of the eight bytes of `w` (the
-    /// first in the low bits), appends the leading ones that end nothing (no SP, HTAB, CR, LF,
-    /// `?` or `#`; it also stops at other control bytes) and returns how many it took, 0 to 8: the same result as that many
-    /// [`LineParser::step`] calls (in `path`, up to the path's length: the bytes after it are
+    /// first in the low bits), appends the leading ones that end nothing (no SP, HTAB, CR, LF
+    /// or `?`; it also stops at `#`, which `step` refuses, and at other control bytes) and
+    /// returns how many it took, 0 to 8: the same result as that many [`LineParser::step`] calls (in `path`, up to the path's length: the bytes after it are
     /// scratch). Takes nothing outside a path, or when eight more bytes might not fit in
     /// `path` (the caller steps byte by byte).
     #[inline(always)]
@@ -219,7 +220,7 @@ impl LineParser {
         // Bit 7 of the bytes before the first end (of all eight if none).
         let taken = (ends & ends.wrapping_neg()).wrapping_sub(1) & swar::HIGH;
         // `n >= 1`: a path starts with the `/` that began this phase.
-        self.note_path(w, path[(n - 1) & (PATH_MAX - 1)], taken, false);
+        self.note_path(w, path[(n - 1) & (PATH_MAX - 1)], taken);
         // All eight bytes are written (no loop of run-time length for the verifier); those
         // past the new `path_len` are scratch, overwritten before the path grows over them.
         let b = w.to_le_bytes();
@@ -370,7 +371,9 @@ impl LineParser {
                 if b == b'/' {
                     self.phase = phase::PATH;
                     self.push_path(b, path)
-                } else if blank || eol || b == b'?' || b == b'#' {
+                } else if b == b'#' {
+                    Step::Fail(Reason::BadPath)
+                } else if blank || eol || b == b'?' {
                     // An absolute-form target with an empty path means "/".
                     match self.push_path(b'/', path) {
                         Step::More => self.end_path(path),
@@ -382,8 +385,10 @@ impl LineParser {
             }
             _ => {
                 // phase::PATH (and, defensively, any other value).
-                if blank || eol || b == b'?' || b == b'#' {
+                if blank || eol || b == b'?' {
                     self.end_path(path)
+                } else if b == b'#' {
+                    Step::Fail(Reason::BadPath)
                 } else {
                     self.push_path(b, path)
                 }
@@ -482,7 +487,6 @@ mod tests {
                 Post,
                 "/api/items",
             ),
-            (b"PUT /a#frag HTTP/1.0\r\n", Put, "/a"),
             (b"PROPPATCH /dav HTTP/1.1\r\n", Proppatch, "/dav"),
             (b"get /a HTTP/1.1\r\n", Other, "/a"),
             (b"BREW /pot HTTP/1.1\r\n", Other, "/pot"),
@@ -524,6 +528,9 @@ mod tests {
             (b"\x16\x03\x01\x02\x00", Reason::NotHttp),
             (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Reason::TargetForm),
             (b"OPTIONS * HTTP/1.1\r\n", Reason::TargetForm),
+            (b"PUT /a#frag HTTP/1.0\r\n", Reason::BadPath),
+            (b"DELETE /a#/../admin HTTP/1.1\r\n", Reason::BadPath),
+            (b"DELETE http://h#x HTTP/1.1\r\n", Reason::BadPath),
             (b"CONNECT example.com:443 HTTP/1.1\r\n", Reason::TargetForm),
             (b"GET\r\n", Reason::NotHttp),
             (b" GET / HTTP/1.1\r\n", Reason::NotHttp),
@@ -597,7 +604,7 @@ mod tests {
             b"/api/items/",
             b"/a.b/c..d/e.",
             b"/x-y_z~/",
-            b"/\x80\xff/\"<>",
+            b"/users/@me:x,y=1!$&'()*+",
             b"http://h.example/a/b",
             b"/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/b",
         ];
@@ -613,6 +620,10 @@ mod tests {
             b"/a\\b",
             b"/a\x7fb",
             b"/a\x01b",
+            b"/\x80\xff/",
+            b"/a\"b",
+            b"/a<b>",
+            b"/a[b]^{|}`",
             b"/aaaaaaa/.aaaaaaaaaaaaaaaa",
             b"/aaaaaaa/aaaaaaa//aaaaaaaaa",
             b"/aaaaaaaaaaaaaaaaaaaaaa%2e",
@@ -635,7 +646,7 @@ mod tests {
     #[test]
     fn a_plain_path_is_its_own_canonical_form() {
         let mut next = crate::xorshift(0x853c_49e6_748f_ea9b);
-        const ALPHABET: &[u8] = b"/././/ab.%2e;\\\x01\x7f\x80~-_zZ09";
+        const ALPHABET: &[u8] = b"/././/ab.%2e;\\\x01\x7f\x80~-_zZ09@:=\"<[^|";
         let mut plain = 0;
         for n in 0..40_000 {
             let len = 1 + (next() % 40) as usize;
@@ -653,8 +664,14 @@ mod tests {
             if is_plain {
                 plain += 1;
                 let mut out = [0u8; PATH_MAX];
-                let got = crate::canon::canonicalize(&raw, &mut out).map(|n| out[..n].to_vec());
-                assert_eq!(got, Ok(raw.clone()), "{:?}", String::from_utf8_lossy(&raw));
+                let got = crate::canon::readings(&raw, &mut out)
+                    .map(|r| (out[..r.len].to_vec(), r.changed, r.params_at));
+                assert_eq!(
+                    got,
+                    Ok((raw.clone(), None, None)),
+                    "{:?}",
+                    String::from_utf8_lossy(&raw)
+                );
             }
         }
         // The sweep must reach plain paths of some length, or it proves little.

@@ -101,6 +101,10 @@ pub const SETTINGS_OPTIONS_ANSWER: u32 = 1 << 1;
 /// [`Settings::flags`]: pass requests whose line or headers exceed the inspection bound
 /// instead of answering 414 / 431.
 pub const SETTINGS_OVERSIZE_PASS: u32 = 1 << 2;
+/// [`Settings::flags`]: `paths = "normalize"`: a path that is not in normal form is
+/// canonicalized and judged under every reading `crate::canon` reports (else, `paths =
+/// "strict"`, it is refused with 400).
+pub const SETTINGS_PATHS_NORMALIZE: u32 = 1 << 3;
 /// Ring buffer size in bytes (a power-of-two number of pages).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -302,6 +306,25 @@ pub struct Scratch {
     pub _pad5: u32,
     /// The running sum of a checksum over the segment (`bpf_loop` over chunks of `line`).
     pub sum: SumJob,
+    /// The judgement of the current request, written and read back so that what follows the
+    /// lookups is one state for the verifier: the methods every reading of its path allows,
+    /// the methods every reading whose rule enforces (is not in monitor mode; the default
+    /// always does) allows, the canonical path's rule flags, nonzero if the canonical path has
+    /// a rule.
+    pub judge_allow: u32,
+    pub judge_enforced: u32,
+    pub judge_flags: u32,
+    pub judge_rule: u32,
+    /// The same two sets for the other readings of a path stage `INGRESS_CANON`
+    /// canonicalized (`crate::canon`: the path as sent, `;` as text), looked up there
+    /// (`MethodSet::ANY` both if there are none).
+    pub other_allow: u32,
+    pub other_enforced: u32,
+    /// The rule set (`Settings::active_rules`) and default (`Settings::default_allow`) that
+    /// stage read the other readings under: the canonical path is judged under the same ones,
+    /// so that a policy switched meanwhile never mixes into one request.
+    pub rules_active: u32,
+    pub rules_default: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 

@@ -5,14 +5,16 @@
 //! the bytes of each in-order segment: [`Stream::step`] one byte at a time for request lines,
 //! headers and chunk-size lines, and [`Stream::consume`] for body bytes in bulk.
 //! [`Stream::step_run`] is an optional fast path: it takes up to eight bytes at once where
-//! they are ordinary (path bytes, the rest of a request line, header names and values), with
-//! exactly the result of as many `step`s, and leaves everything else to `step`. `step` returns an
-//! [`Ev`] whenever the caller has something to do:
+//! they are ordinary (path bytes, query parameters other than `_method`, the rest of a request
+//! line, header names and values), with exactly the result of as many `step`s, and leaves
+//! everything else to `step`. `step` returns an [`Ev`] whenever the caller has something to
+//! do:
 //!
 //! * [`Ev::Decide`]: the request line's method and canonical path are known (the path is in
 //!   the caller's path buffer): look the rule up, then [`Stream::set_verdict`] or refuse.
 //! * [`Ev::Override`]: an `X-HTTP-Method-Override` / `X-HTTP-Method` / `X-Method-Override`
-//!   header named a method; it must be allowed too.
+//!   header, or a `_method` parameter in the query string, named a method; it must be allowed
+//!   too (see "Method overrides" below).
 //! * [`Ev::Bulk`]: body bytes follow; consume [`Stream::bulk_left`] of them with `consume`.
 //! * [`Ev::Tunnel`]: the head of a request that may stop the connection being HTTP/1.1
 //!   (`CONNECT`, or a request carrying `Upgrade`) is complete: stop tracking it, or, when the
@@ -21,6 +23,20 @@
 //!   not consumed. [`Stream::resume`] when the answer refused the switch.
 //! * [`Ev::Fail`]: refuse the request: an ambiguous path or framing (400), a request line or
 //!   header block over the bound (414 / 431), bytes that are not HTTP/1.x.
+//!
+//! **Method overrides.** Frameworks let a request name another method than its request line
+//! does. The three override headers are read from the header block (names in any case, the
+//! value upper-cased, as frameworks do). In the query string (after the path's `?`, up to the
+//! SP, HTAB, CR or LF that ends the target) every parameter is split off at `&` or `;` and
+//! its name read the way PHP reads it for Symfony and Laravel (which honour `_method` in the
+//! query of a `POST`): `+` is a space, `%XX` is decoded, leading spaces are dropped, `.` and
+//! space read as `_`, a `[` or NUL ends the name; the result is compared with `_method` in any
+//! case. A match (`_method`, `%5Fmethod`, `.method`, `_METHOD`, `_method[]`) reports the value
+//! (decoded the same way, upper-cased; without `=` it is empty) as an override, whatever the
+//! request's method, and every such parameter is reported, not only the last one a framework
+//! would take. A value that is not a method token is `Method::Other`. The filter never reads a
+//! request body, so `_method` in a form body (which Rails, Laravel, Symfony and Spring honour)
+//! is not seen.
 //!
 //! Framing is strict where backends disagree (request smuggling): `Content-Length` together
 //! with `Transfer-Encoding`, two different `Content-Length`s, a `Transfer-Encoding` other than
@@ -61,7 +77,22 @@ mod phase {
     pub const TUNNEL: u8 = 14;
     /// After an `Upgrade` / `CONNECT` request: waiting for the server's answer.
     pub const AWAIT: u8 = 15;
+    /// The query string: a parameter's name (`Stream::qmatch` says how much of `_method` it
+    /// spells so far).
+    pub const QUERY_NAME: u8 = 16;
+    /// The query string: the value of a `_method` parameter (in `Stream::value`).
+    pub const QUERY_VALUE: u8 = 17;
+    /// The query string: the rest of a parameter that is not `_method`.
+    pub const QUERY_SKIP: u8 = 18;
 }
+
+/// The query parameter name that overrides the method (Symfony, Laravel), lowercase.
+const METHOD_PARAM: &[u8; 7] = b"_method";
+/// `Stream::qmatch` once a name spelled all of [`METHOD_PARAM`] and then ended (`[`, NUL).
+const QMATCH_ENDED: u8 = 8;
+/// A decoded query byte that stands for an invalid escape: neither a method token byte nor a
+/// byte of [`METHOD_PARAM`].
+const QUERY_INVALID: u8 = 0xff;
 
 /// [`Stream::flags`] bits.
 pub mod flag {
@@ -156,7 +187,12 @@ pub struct Stream {
     /// The request line's [`Method`].
     pub method: u8,
     header: u8,
-    _pad: [u8; 2],
+    /// In the query string: how many bytes of `_method` the parameter's name spells so far
+    /// (`QMATCH_ENDED`: all, and the name ended).
+    qmatch: u8,
+    /// In the query string: 0 outside an escape, 1 after `%`, `0x10 | digit` after one hex
+    /// digit.
+    qesc: u8,
     /// Requests whose head (line and header block) was complete and passed: the backend
     /// answers request `r` with response `r` (`crate::reply`).
     pub reqs: u32,
@@ -207,7 +243,8 @@ impl Stream {
             flags: flags & flag::PERSISTENT,
             method: Method::Other as u8,
             header: header::OTHER,
-            _pad: [0; 2],
+            qmatch: 0,
+            qesc: 0,
             reqs: 0,
             switch: SWITCH_NONE,
             unsure: 0,
@@ -248,6 +285,8 @@ impl Stream {
         self.flags &= flag::PERSISTENT;
         put(&mut self.method, Method::Other as u8);
         put(&mut self.header, header::OTHER);
+        put(&mut self.qmatch, 0);
+        put(&mut self.qesc, 0);
     }
 
     /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
@@ -259,8 +298,6 @@ impl Stream {
         self.flags = flags & flag::PERSISTENT;
         self.clear_name();
         self.clear_value();
-        put(&mut self._pad[0], 0);
-        put(&mut self._pad[1], 0);
         put(&mut self.reqs, 0);
         put(&mut self.switch, SWITCH_NONE);
         put(&mut self.unsure, 0);
@@ -473,6 +510,13 @@ impl Stream {
                     Ev::More
                 }
             }
+            phase::QUERY_NAME | phase::QUERY_VALUE | phase::QUERY_SKIP => {
+                self.count += 1;
+                if self.count > LINE_LIMIT {
+                    return Ev::Fail(Reason::LineTooLong);
+                }
+                self.step_query(b)
+            }
             phase::HEADER_START
             | phase::HEADER_NAME
             | phase::HEADER_VALUE
@@ -618,10 +662,11 @@ impl Stream {
     /// The fast path of [`Stream::step`]: of the first `avail` bytes of `w` (`avail` may
     /// exceed 8; the first byte in the low bits), takes the leading ones that would each make
     /// `step` return [`Ev::More`] while changing only counters, the phase between lines, the
-    /// path, the header name or the header value: path bytes, the rest of a request line
-    /// through its LF, header names of letters and `-` (from a line's first byte), header
-    /// value bytes other than control bytes, and the CRLF after the value of a header the
-    /// filter does not act on. Returns how many it took, 0 to 8. The state is then exactly
+    /// path, the header name or the header value: path bytes, a query parameter that cannot
+    /// be `_method` (one whose name starts with a letter, digit or `-`, up to its `&` or `;`),
+    /// the rest of a request line through its LF, header names of letters and `-` (from a
+    /// line's first byte), header value bytes other than control bytes, and the CRLF after
+    /// the value of a header the filter does not act on. Returns how many it took, 0 to 8. The state is then exactly
     /// what that many `step` calls would have left; the caller steps the next byte with
     /// `step`.
     #[inline(always)]
@@ -656,6 +701,20 @@ impl Stream {
                     return lf + 1 + self.name_start(swar::skip(w, lf + 1), avail - lf - 1);
                 }
                 lf
+            }
+            phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => skip_query_run(w),
+            phase::QUERY_NAME
+                if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
+            {
+                // A name that starts with a letter, digit or `-` is not `_method` in any
+                // spelling: the rest of the parameter is skipped with it.
+                let b = w as u8;
+                if !(b.is_ascii_alphanumeric() || b == b'-') {
+                    return 0;
+                }
+                self.phase = phase::QUERY_SKIP;
+                // Past `avail`, LF: the skip stops there.
+                1 + skip_query_run(w >> 8)
             }
             phase::HEADER_START if self.count <= HEADER_LIMIT - 8 => {
                 return self.name_start(w, avail);
@@ -791,6 +850,8 @@ impl Stream {
                 // lookup has no place in the per-byte step the verifier walks.
                 if b == b'\n' {
                     self.start_headers();
+                } else if b == b'?' {
+                    self.start_query_param();
                 } else {
                     self.phase = phase::LINE_REST;
                 }
@@ -819,6 +880,122 @@ impl Stream {
             Step::Fail(Reason::PathTooLong) => Ev::Fail(Reason::LineTooLong),
             Step::Fail(r) => Ev::Fail(r),
         }
+    }
+
+    /// A query parameter starts (after the path's `?`, or a `&` / `;`).
+    #[inline(always)]
+    fn start_query_param(&mut self) {
+        self.phase = phase::QUERY_NAME;
+        self.qmatch = 0;
+        self.qesc = 0;
+    }
+
+    /// One byte of the query string (see "Method overrides" in the module's doc).
+    #[inline(always)]
+    fn step_query(&mut self, b: u8) -> Ev {
+        let end = b == b' ' || b == b'\t' || b == b'\r' || b == b'\n';
+        if end || b == b'&' || b == b';' {
+            // The parameter ends: a `_method` one names a method (none without `=`).
+            let ev = if self.phase == phase::QUERY_VALUE {
+                if self.qesc != 0 {
+                    // Ends inside an escape: not a method token.
+                    self.push_query_value(QUERY_INVALID);
+                }
+                Ev::Override
+            } else if self.phase == phase::QUERY_NAME && self.qmatch >= METHOD_PARAM.len() as u8 {
+                self.clear_value();
+                self.value_len = 0;
+                Ev::Override
+            } else {
+                Ev::More
+            };
+            if b == b'\n' {
+                self.start_headers();
+            } else if end {
+                self.phase = phase::LINE_REST;
+            } else {
+                self.start_query_param();
+            }
+            return ev;
+        }
+        if self.phase == phase::QUERY_SKIP {
+            return Ev::More;
+        }
+        if self.phase == phase::QUERY_NAME && b == b'=' && self.qesc == 0 {
+            if self.qmatch >= METHOD_PARAM.len() as u8 {
+                self.phase = phase::QUERY_VALUE;
+                self.clear_value();
+                self.value_len = 0;
+            } else {
+                self.phase = phase::QUERY_SKIP;
+            }
+            return Ev::More;
+        }
+        let Some(c) = self.query_byte(b) else {
+            return Ev::More;
+        };
+        if self.phase == phase::QUERY_VALUE {
+            self.push_query_value(c);
+        } else {
+            self.query_name_byte(c);
+        }
+        Ev::More
+    }
+
+    /// The decoded byte a raw query byte stands for (`+` is a space, `%XX` the byte it
+    /// encodes, an invalid escape `QUERY_INVALID`), or `None` inside an escape.
+    #[inline(always)]
+    fn query_byte(&mut self, b: u8) -> Option<u8> {
+        if self.qesc == 0 {
+            if b == b'%' {
+                self.qesc = 1;
+                return None;
+            }
+            return Some(if b == b'+' { b' ' } else { b });
+        }
+        let Some(d) = hex(b) else {
+            self.qesc = 0;
+            return Some(QUERY_INVALID);
+        };
+        if self.qesc == 1 {
+            self.qesc = 0x10 | d;
+            return None;
+        }
+        let c = ((self.qesc & 0xf) << 4) | d;
+        self.qesc = 0;
+        Some(c)
+    }
+
+    /// One decoded byte of a query parameter's name, compared with `_method` as PHP reads
+    /// names: leading spaces dropped, `.` and space as `_`, the name ended by `[` or NUL.
+    #[inline(always)]
+    fn query_name_byte(&mut self, c: u8) {
+        let n = self.qmatch as usize;
+        if n >= QMATCH_ENDED as usize || (n == 0 && c == b' ') {
+            return;
+        }
+        let c = if c == b'.' || c == b' ' {
+            b'_'
+        } else {
+            c.to_ascii_lowercase()
+        };
+        if n == METHOD_PARAM.len() && (c == b'[' || c == 0) {
+            self.qmatch = QMATCH_ENDED;
+        } else if n < METHOD_PARAM.len() && c == METHOD_PARAM[n % METHOD_PARAM.len()] {
+            self.qmatch += 1;
+        } else {
+            self.phase = phase::QUERY_SKIP;
+        }
+    }
+
+    /// One decoded byte of a `_method` value, upper-cased (frameworks upper-case it).
+    #[inline(always)]
+    fn push_query_value(&mut self, c: u8) {
+        let n = self.value_len as usize;
+        if n < 16 {
+            self.value[(n / 8) % 2] |= (c.to_ascii_uppercase() as u64) << (8 * (n % 8));
+        }
+        self.value_len = self.value_len.saturating_add(1);
     }
 
     #[inline(always)]
@@ -1065,6 +1242,13 @@ impl Stream {
         self.phase = phase::CHUNK_DATA;
         Ev::Bulk
     }
+}
+
+/// How many leading bytes of `w` are the rest of a query parameter (up to a `&`, `;`, SP,
+/// HTAB, CR, LF or any other control byte, which `Stream::step` takes).
+#[inline(always)]
+fn skip_query_run(w: u64) -> usize {
+    swar::leading(swar::lt(w, 0x21) | swar::eq(w, b'&') | swar::eq(w, b';'))
 }
 
 #[cfg(test)]

@@ -60,6 +60,25 @@ pub const fn in_range(x: u64, lo: u8, hi: u8) -> u64 {
     lt(x, hi + 1) & !lt(x, lo)
 }
 
+/// Bit 7 of each byte of `x` that a path in normal form holds as itself inside a segment
+/// (RFC 3986 `pchar` without `%` and `;`): ALPHA, DIGIT, `-._~`, the sub-delimiters but `;`
+/// (`!$&'()*+,=`), `:` and `@`. Every other byte is a separator (`/`), starts an escape or
+/// path parameters, is refused, or is written as its escape (`crate::canon`).
+#[inline(always)]
+pub const fn literal(x: u64) -> u64 {
+    // `A`-`Z` and `a`-`z` differ in bit 5 only, and no other byte lands in `a`-`z` with it
+    // set; `&'()*+,-.` and `0`-`9` `:` are two runs around `/`.
+    in_range(x | ONES.wrapping_mul(0x20), b'a', b'z')
+        | in_range(x, b'&', b'.')
+        | in_range(x, b'0', b':')
+        | eq(x, b'!')
+        | eq(x, b'$')
+        | eq(x, b'=')
+        | eq(x, b'@')
+        | eq(x, b'_')
+        | eq(x, b'~')
+}
+
 /// `x` with ASCII `A`-`Z` lowercased (what `u8::to_ascii_lowercase` does to each byte).
 #[inline(always)]
 pub const fn lower(x: u64) -> u64 {
@@ -243,6 +262,8 @@ mod tests {
                         assert_eq!(bytes_of(ge(x, 0x7f))[i], v >= 0x7f);
                         assert_eq!(bytes_of(ge(x, 0x21))[i], v >= 0x21);
                         assert_eq!(bytes_of(in_range(x, b'a', b'z'))[i], v.is_ascii_lowercase());
+                        let lit = v.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&v);
+                        assert_eq!(bytes_of(literal(x))[i], lit, "{v:#x}");
                     }
                     let stop = eq(x, b'/');
                     let want = w.iter().position(|&v| v == b'/').unwrap_or(8);

@@ -21,7 +21,7 @@
 
 use core::hash::Hasher;
 
-use filter_common::canon::canonicalize;
+use filter_common::canon::{canonicalize, is_literal, readings};
 use filter_common::hash::{hash_slice, path_hash};
 use filter_common::http::parse_request_line;
 use filter_common::reply::{feed, feed_bytes, Replies, ReqView};
@@ -63,9 +63,10 @@ fn parse_request_line_never_panics() {
 
 fn check_canonical(input: &[u8]) {
     let mut out = [0u8; PATH_MAX];
-    let Ok(n) = canonicalize(input, &mut out) else {
+    let Ok(r) = readings(input, &mut out) else {
         return;
     };
+    let n = r.len;
     let c = &out[..n];
     let shown = String::from_utf8_lossy(input);
     assert!(c.first() == Some(&b'/'), "{shown:?}");
@@ -74,7 +75,40 @@ fn check_canonical(input: &[u8]) {
         assert!(!c.windows(bad.len()).any(|w| w == bad), "{shown:?}");
     }
     assert!(!c.ends_with(b"/.") && !c.ends_with(b"/.."), "{shown:?}");
-    assert!(!c.contains(&b';') && !c.contains(&b'\\'), "{shown:?}");
+    // Normal form: `/`, literal characters, and uppercase escapes of everything else.
+    let mut i = 0;
+    while i < n {
+        if c[i] == b'%' {
+            let e = &c[i + 1..i + 3];
+            assert!(
+                e.iter()
+                    .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(h)),
+                "{shown:?}"
+            );
+            let v = u8::from_str_radix(std::str::from_utf8(e).unwrap(), 16).unwrap();
+            assert!(!is_literal(v) && v != b'/', "{shown:?}");
+            i += 3;
+        } else {
+            assert!(c[i] == b'/' || is_literal(c[i]), "{shown:?}");
+            i += 1;
+        }
+    }
+    // Unchanged exactly when the output is the input; the other readings point into the
+    // paths at segment starts, and the raw path is in normal form before its first change.
+    assert_eq!(r.changed.is_none(), c == input, "{shown:?}");
+    if let Some(p) = r.changed {
+        assert!(input[..p].ends_with(b"/"), "{shown:?}");
+        let mut before = [0u8; PATH_MAX];
+        let b = readings(&input[..p], &mut before).unwrap();
+        assert_eq!(
+            (&before[..b.len], b.changed),
+            (&input[..p], None),
+            "{shown:?}"
+        );
+    }
+    if let Some(p) = r.params_at {
+        assert!(r.changed.is_some() && c[..p].ends_with(b"/"), "{shown:?}");
+    }
     let mut again = [0u8; PATH_MAX];
     let m = canonicalize(c, &mut again);
     assert_eq!(m, Ok(n), "{shown:?}");
@@ -95,7 +129,7 @@ fn canonical_paths_are_canonical() {
             p.extend(
                 input
                     .iter()
-                    .map(|&b| b"/.%2eEfF5cC;a0\\3bB~\x80"[b as usize % 20]),
+                    .map(|&b| b"/.%2eEfF5cC;a0\\3bB~\x80@\"4"[b as usize % 23]),
             );
             check_canonical(&p);
         });

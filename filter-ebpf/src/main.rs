@@ -17,8 +17,9 @@
 //! * `ingress_parse`: the new bytes through the stream parser, and each request judged as its
 //!   path completes (hash, rule lookup, verdict); → `ingress_canon` for a path that is not
 //!   plain, → `ingress_finish` at the end;
-//! * `ingress_canon`: such a path canonicalized; → back to `ingress_parse`, or
-//!   `ingress_finish` to refuse an ambiguous one;
+//! * `ingress_canon`: such a path canonicalized (and, in `paths = "normalize"`, its other
+//!   readings looked up); → back to `ingress_parse`, or `ingress_finish` to refuse one that
+//!   backends read differently, or (`paths = "strict"`) one not in normal form;
 //! * `ingress_finish`: the segment's verdict applied and the stream state saved;
 //! * `http_egress` (entry) → `egress_frame`: the server's responses framed.
 //!

@@ -689,6 +689,10 @@ async fn upsert_rule(
     off_the_workers(move || {
         let mut inner = state.lock();
         check_revision(&headers, None, inner.revision)?;
+        inner
+            .policy
+            .admits(0, &rule)
+            .map_err(|e| bad_request(e.to_string().replacen("rules[0].", "", 1)))?;
         let key = rule.key();
         let is_new = !inner.policy.rules.contains_key(&key);
         let mut next = inner.policy.clone();
@@ -1028,6 +1032,8 @@ pub fn schemas() -> Value {
                 "default": {"oneOf": [{"type": "string", "enum": ["any"]}, methods], "default": "any"},
                 "options": {"type": "string", "enum": ["pass", "answer"], "default": "pass"},
                 "oversize": {"type": "string", "enum": ["reject", "pass"], "default": "reject"},
+                "paths": {"type": "string", "enum": ["strict", "normalize"], "default": "strict",
+                    "description": "strict: 400 for a request path not in normal form; normalize: canonicalize it and judge it under every reading backends give it"},
                 "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}
             }
         },
@@ -1349,7 +1355,7 @@ mod tests {
     #[tokio::test]
     async fn whole_policy_switches_round_trip() {
         let (app, log) = app(false);
-        let doc = json!({"default":["GET"],"options":"answer","oversize":"pass",
+        let doc = json!({"default":["GET"],"options":"answer","oversize":"pass","paths":"normalize",
             "rules":[{"path":"/x","methods":["GET"],"head":false}]});
         let r = send(&app, "PUT", "/v1/policy", &doc.to_string(), &[]).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -1362,8 +1368,8 @@ mod tests {
         call(&app, "PUT", "/v1/rules", r#"{"rules":[]}"#).await;
         let (_, p) = call(&app, "GET", "/v1/policy", "").await;
         assert_eq!(
-            (&p["options"], &p["default"]),
-            (&json!("answer"), &json!(["GET"]))
+            (&p["options"], &p["default"], &p["paths"]),
+            (&json!("answer"), &json!(["GET"]), &json!("normalize"))
         );
         assert_eq!(*log.lock().unwrap(), ["replace 1", "replace 0"]);
     }
@@ -1420,6 +1426,12 @@ mod tests {
                 "/v1/policy",
                 r#"{"options":"reply","rules":[]}"#,
                 "options: \"reply\"",
+            ),
+            (
+                "PUT",
+                "/v1/policy",
+                r#"{"paths":"lenient","rules":[]}"#,
+                "paths: \"lenient\"",
             ),
             (
                 "PUT",
@@ -1707,6 +1719,7 @@ mod tests {
             default: Some(policy::DefaultSpec::Keyword("any".into())),
             options: Some("pass".into()),
             oversize: Some("reject".into()),
+            paths: Some("strict".into()),
             rules: vec![rule.clone()],
         };
         assert_eq!(keys(serde_json::to_value(&full).unwrap()), props("Policy"));

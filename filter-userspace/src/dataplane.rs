@@ -57,10 +57,10 @@ use filter_common::{
     GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STAGES,
     MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT, RULES_MAX,
     RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
-    STAGE_PROGS,
+    SETTINGS_PATHS_NORMALIZE, STAGE_PROGS,
 };
 
-use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, Policy, Rule, RuleKey};
+use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, PathsMode, Policy, Rule, RuleKey};
 use crate::tc_netlink::{self, TcNetlinkError, HANDLE as TC_HANDLE, PRIORITY as TC_PRIORITY};
 use crate::verifier;
 
@@ -1287,6 +1287,9 @@ impl Dataplane {
         }
         if policy.oversize == Oversize::Pass {
             flags |= SETTINGS_OVERSIZE_PASS;
+        }
+        if policy.paths == PathsMode::Normalize {
+            flags |= SETTINGS_PATHS_NORMALIZE;
         }
         flags
     }

@@ -15,6 +15,9 @@
 //!   responder answer OPTIONS on governed paths with `204` + `Allow`. OPTIONS never gets 405.
 //! - `oversize = "reject"` (default) answers 414/431 to request lines/headers past the
 //!   inspection bound; `"pass"` lets them through undecided.
+//! - `paths = "strict"` (default) answers 400 to a request whose path is not already in normal
+//!   form (`filter_common::canon`); `"normalize"` canonicalizes it and judges it under every
+//!   reading common backends give it (the refusals of ambiguous forms stay).
 //! - `default = "any"` (default) or a method list: what paths without a rule allow.
 
 use std::collections::BTreeMap;
@@ -93,6 +96,9 @@ pub struct PolicyFile {
     /// `"reject"` (default) or `"pass"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oversize: Option<String>,
+    /// `"strict"` (default) or `"normalize"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<String>,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
 }
@@ -138,6 +144,8 @@ pub enum PolicyError {
     BadOptions(String),
     #[error("oversize: {0:?} is neither \"reject\" nor \"pass\"")]
     BadOversize(String),
+    #[error("paths: {0:?} is neither \"strict\" nor \"normalize\"")]
+    BadPaths(String),
     #[error("rules: {count} {kind} rules is more than the dataplane holds ({max})")]
     TooManyRules {
         count: usize,
@@ -168,6 +176,7 @@ impl PolicyError {
             PolicyError::BadDefault(_) | PolicyError::BadDefaultMethod(_) => Some("default"),
             PolicyError::BadOptions(_) => Some("options"),
             PolicyError::BadOversize(_) => Some("oversize"),
+            PolicyError::BadPaths(_) => Some("paths"),
             _ => None,
         }
     }
@@ -234,6 +243,18 @@ pub enum Oversize {
     Reject,
     /// Passed undecided.
     Pass,
+}
+
+/// What happens to a request whose path is not already in normal form (`filter_common::canon`
+/// says exactly what normal form is, and which forms are refused in either mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathsMode {
+    /// Answered 400: the path is judged only as it was sent.
+    #[default]
+    Strict,
+    /// Canonicalized, and judged under every reading common backends give it: the request
+    /// passes only if each reading's rule (or the default) allows its method.
+    Normalize,
 }
 
 /// The identity of a rule: an exact and a prefix rule may name the same path.
@@ -390,6 +411,7 @@ pub struct Policy {
     pub default: DefaultPolicy,
     pub options: OptionsMode,
     pub oversize: Oversize,
+    pub paths: PathsMode,
     pub rules: BTreeMap<RuleKey, Rule>,
 }
 
@@ -416,6 +438,7 @@ impl Policy {
         let mut rules = BTreeMap::new();
         for (index, spec) in specs.iter().enumerate() {
             let rule = Rule::from_spec(index, spec)?;
+            self.admits(index, &rule)?;
             let key = rule.key();
             if rules.contains_key(&key) {
                 return Err(PolicyError::DuplicatePath {
@@ -432,6 +455,22 @@ impl Policy {
         };
         next.check_capacity()?;
         Ok(next)
+    }
+
+    /// Whether `rule` (the `index`-th of a rule set) may be part of a policy with this one's
+    /// switches: in `paths = "normalize"` no rule path may hold `%3B`. A request path with a
+    /// `;` is judged with the `;` read as text too (nginx reads `/a;b` as the path a rule
+    /// `/a%3Bb` names), and that reading is only looked up in the prefix rules above the
+    /// segment with the `;`.
+    pub fn admits(&self, index: usize, rule: &Rule) -> Result<(), PolicyError> {
+        if self.paths == PathsMode::Normalize && rule.path.contains("%3B") {
+            return Err(PolicyError::BadPath {
+                index,
+                path: rule.path.clone(),
+                why: "holds %3B, which paths = \"normalize\" cannot judge: a request with a ';' there is read as this path by nginx and Go but as a shorter one by Tomcat; drop the rule or use paths = \"strict\"",
+            });
+        }
+        Ok(())
     }
 
     /// Refuse more rules of a kind than its map holds.
@@ -466,10 +505,16 @@ impl Policy {
             Some("pass") => Oversize::Pass,
             Some(s) => return Err(PolicyError::BadOversize(s.to_owned())),
         };
+        let paths = match file.paths.as_deref() {
+            None | Some("strict") => PathsMode::Strict,
+            Some("normalize") => PathsMode::Normalize,
+            Some(s) => return Err(PolicyError::BadPaths(s.to_owned())),
+        };
         Policy {
             default,
             options,
             oversize,
+            paths,
             rules: BTreeMap::new(),
         }
         .with_rules(&file.rules)
@@ -482,6 +527,7 @@ impl Policy {
             default: self.default.to_spec(),
             options: (self.options == OptionsMode::Answer).then(|| "answer".to_owned()),
             oversize: (self.oversize == Oversize::Pass).then(|| "pass".to_owned()),
+            paths: (self.paths == PathsMode::Normalize).then(|| "normalize".to_owned()),
             rules: self.specs(),
         }
     }
@@ -499,10 +545,14 @@ impl Policy {
 /// The path as the kernel compares it, or why it cannot be a rule path.
 ///
 /// Rule paths go through the same canonicalizer the kernel runs on request paths
-/// ([`filter_common::canon::canonicalize`]: unreserved escapes decoded, `;` parameters, dot
-/// segments and repeated slashes removed), so `/%61dmin` and `/x/../admin` are stored as
-/// `/admin`. A path the kernel would refuse with 400 (`%2F`, `%5C`, `%00`, a backslash, an
-/// invalid escape, `..` above the root) is refused here too: no request could ever match it.
+/// ([`filter_common::canon::canonicalize`]: escapes of literal characters decoded, other bytes
+/// written as escapes, dot segments and repeated slashes removed), so `/%61dmin`,
+/// `/x/../admin` and `//admin` are stored as `/admin`, and `/users/%40me` as `/users/@me`. A
+/// path the kernel would answer with 400 (`%2F`, `%5C`, `%00`, a backslash, an invalid
+/// escape, `..` above the root, `..;`, an escaped dot segment, `..` after `//`) is refused
+/// here too: no request could ever match it. So is a path with `;`: backends disagree on
+/// whether it starts parameters (`%3B` is text to all of them; [`Policy::admits`] says where
+/// it may be used).
 pub fn canonical_path(path: &str, kind: MatchKind) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with '/'");
@@ -515,13 +565,18 @@ pub fn canonical_path(path: &str, kind: MatchKind) -> Result<String, &'static st
     if path.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
         return Err("must be visible ASCII (percent-encode other bytes)");
     }
+    if path.contains(';') {
+        return Err(
+            "must not contain ';': Tomcat and Spring strip a ';' and what follows in its segment as parameters, nginx, Go, Express and axum keep it; write the path without parameters (or as %3B, in paths = \"strict\")",
+        );
+    }
     if path.len() > PATH_MAX {
         return Err("is longer than the 1024 bytes the kernel inspects");
     }
     let mut out = [0u8; PATH_MAX];
     let n = filter_common::canon::canonicalize(path.as_bytes(), &mut out).map_err(|r| match r {
         filter_common::Reason::PathTooLong => "is longer than the 1024 bytes the kernel inspects",
-        _ => "has an ambiguous encoding the filter refuses with 400 (%2F, %5C, %00, a backslash, an invalid escape, or '..' above the root), so no request could match it",
+        _ => "has a form the filter refuses with 400 (%2F, %5C, %00, a backslash, an invalid escape, '..' above the root, '..;' or '.;', a dot segment spelled with an escape, or '..' after '//'), so no request could match it",
     })?;
     // Canonical output is ASCII when the input is (escapes stay encoded).
     let canonical = String::from_utf8_lossy(&out[..n]).into_owned();
@@ -752,7 +807,9 @@ mod tests {
             ("/%61dmin", MatchKind::Exact, "/admin"),
             ("/x/../admin", MatchKind::Exact, "/admin"),
             ("//api///items", MatchKind::Exact, "/api/items"),
-            ("/admin;jsessionid=1", MatchKind::Exact, "/admin"),
+            ("/users/%40me", MatchKind::Exact, "/users/@me"),
+            ("/a%3Ab%2c", MatchKind::Exact, "/a:b,"),
+            ("/a%c3%a9\"", MatchKind::Exact, "/a%C3%A9%22"),
             ("/a%3bb", MatchKind::Exact, "/a%3Bb"),
             ("/api/", MatchKind::Prefix, "/api/"),
             ("/api/./v1/", MatchKind::Prefix, "/api/v1/"),
@@ -769,6 +826,21 @@ mod tests {
             dup,
             Err(PolicyError::DuplicatePath { index: 1, .. })
         ));
+    }
+
+    #[test]
+    fn escaped_semicolons_are_rule_paths_only_in_strict_mode() {
+        let doc = |paths: &str| {
+            format!("paths = \"{paths}\"\n[[rules]]\npath = \"/a%3bb\"\nmethods = [\"GET\"]\n")
+        };
+        assert_eq!(parse_toml(&doc("strict")).unwrap().rules.len(), 1);
+        match parse_toml(&doc("normalize")) {
+            Err(TomlError::Invalid {
+                line: Some(2),
+                source: PolicyError::BadPath { index: 0, why, .. },
+            }) => assert!(why.contains("%3B"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -792,6 +864,7 @@ mod tests {
         let text = r#"
 options = "answer"
 oversize = "pass"
+paths = "normalize"
 default = ["GET"]
 
 [[rules]]
@@ -808,6 +881,12 @@ methods = ["POST"]
         assert_eq!(p.rules.len(), 2);
         assert_eq!(p.options, OptionsMode::Answer);
         assert_eq!(p.oversize, Oversize::Pass);
+        assert_eq!(p.paths, PathsMode::Normalize);
+        assert_eq!(
+            parse_toml("").unwrap().paths,
+            PathsMode::Strict,
+            "the default"
+        );
         let pre = &p.rules[&RuleKey::prefix("/api/")];
         assert_eq!((pre.kind, pre.mode), (MatchKind::Prefix, Mode::Monitor));
         assert_eq!(p.exact("/api/").unwrap().mode, Mode::Enforce);
@@ -855,10 +934,17 @@ methods = ["POST"]
                 }),
                 "256 bytes",
             ),
-            (spec("/a%2Fb", &["GET"]), "ambiguous encoding"),
-            (spec("/a\\b", &["GET"]), "ambiguous encoding"),
-            (spec("/a/../..", &["GET"]), "ambiguous encoding"),
-            (spec("/a%zz", &["GET"]), "ambiguous encoding"),
+            (spec("/a%2Fb", &["GET"]), "refuses with 400"),
+            (spec("/a\\b", &["GET"]), "refuses with 400"),
+            (spec("/a/../..", &["GET"]), "refuses with 400"),
+            (spec("/a%zz", &["GET"]), "refuses with 400"),
+            (spec("/a/..;x/b", &["GET"]), "must not contain ';'"),
+            (spec("/a//../b", &["GET"]), "refuses with 400"),
+            (spec("/a/%2e%2e/b", &["GET"]), "refuses with 400"),
+            (
+                spec("/admin;jsessionid=1", &["GET"]),
+                "must not contain ';'",
+            ),
         ];
         for (s, want) in cases {
             let err = Policy::from_specs(DefaultPolicy::Any, std::slice::from_ref(s)).unwrap_err();
@@ -902,6 +988,13 @@ methods = ["POST"]
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            parse_toml("\npaths = \"lax\""),
+            Err(TomlError::Invalid {
+                line: Some(2),
+                source: PolicyError::BadPaths(_)
+            })
+        ));
         assert!(matches!(
             parse_toml("default = \"none\""),
             Err(TomlError::Invalid {

@@ -11,7 +11,9 @@ pub enum Answer {
     MethodNotAllowed,
     /// `204 No Content` with `Allow`, for OPTIONS on a governed path (`options = "answer"`).
     OptionsNoContent,
-    /// `400 Bad Request`: an ambiguous path encoding the filter does not forward.
+    /// `400 Bad Request`: a request the filter does not forward: a target backends read
+    /// differently or (`paths = "strict"`) not in normal form, ambiguous framing, bytes that
+    /// are not HTTP/1.x.
     BadRequest,
     /// `414 URI Too Long`: the request line runs past the inspection bound.
     UriTooLong,
@@ -58,7 +60,8 @@ pub fn build(answer: Answer, allow: MethodSet, method: Method, now: SystemTime) 
         }
         Answer::OptionsNoContent => String::new(),
         Answer::BadRequest => {
-            "400 Bad Request: the request target's encoding is ambiguous.\n".to_owned()
+            "400 Bad Request: the request's target or framing is ambiguous, or not in normal form.\n"
+                .to_owned()
         }
         Answer::UriTooLong => "414 URI Too Long\n".to_owned(),
         Answer::HeadersTooLarge => "431 Request Header Fields Too Large\n".to_owned(),

@@ -27,9 +27,13 @@
 //! dropped by the server (PACKET_OTHERHOST) after TC: the backend never reads
 //! it, so the filter must not answer for it either.
 //!
-//! Policy: `/api/items` GET+POST, `/admin` GET, default any. Ambiguous
-//! encodings (`%2F`, `%5C`, `%00`, invalid escapes) are answered 400 by the
-//! filter and never forwarded; request lines past the inspection window 414,
+//! Policy: `/api/items` GET+POST, `/admin` GET, `/users/@me` GET, default any,
+//! `paths = "strict"` (the default) unless a row says `paths = "normalize"`
+//! (the runner switches the policy through the REST API before such rows).
+//! Paths backends read differently (`%2F`, `%5C`, `%00`, invalid escapes, `..;`,
+//! escaped dot segments, `..` after `//`, a fragment) are answered 400 by the
+//! filter and never forwarded, in both modes; in strict mode so is every path
+//! not already in normal form. Request lines past the inspection window 414,
 //! header blocks 431.
 //!
 //! Run: `FILTER_E2E=1 cargo test -p filter-tests --test evasion -- --test-threads=1`
@@ -45,7 +49,47 @@ use filter_tests::lab::{self, Backend, Daemon, Lab, Recorded};
 use serde::Deserialize;
 use serde_json::json;
 
-use filter_tests::lab::{ADMIN_ALLOW, ITEMS_ALLOW, SAMPLE_POLICY as POLICY};
+use filter_tests::lab::{ADMIN_ALLOW, ITEMS_ALLOW};
+/// The lab's sample policy and a rule on a path with a reserved character.
+const POLICY: &str = r#"[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+
+[[rules]]
+path = "/users/@me"
+methods = ["GET"]
+"#;
+const USERS_ALLOW: &str = "GET, HEAD";
+
+/// [`POLICY`] as the REST API's document, with `paths` set.
+fn policy_json(paths: Paths) -> String {
+    let rules = json!([
+        {"path": "/api/items", "methods": ["GET", "POST"]},
+        {"path": "/admin", "methods": ["GET"]},
+        {"path": "/users/@me", "methods": ["GET"]},
+    ]);
+    json!({"paths": paths.wire(), "rules": rules}).to_string()
+}
+
+/// The policy's `paths` mode a row runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Paths {
+    Strict,
+    Normalize,
+}
+
+impl Paths {
+    fn wire(self) -> &'static str {
+        match self {
+            Paths::Strict => "strict",
+            Paths::Normalize => "normalize",
+        }
+    }
+}
 /// The kernel inspects this many bytes of a request line / header block.
 const WINDOW: usize = 1024;
 const VLAN_ID: u16 = 100;
@@ -135,6 +179,8 @@ struct Case {
     client: &'static [Answer],
     /// Set to say "fails today, for this reason": reported, not fatal.
     known_gap: Option<&'static str>,
+    /// The policy's `paths` mode for this row.
+    paths: Paths,
 }
 
 // Stream builders.
@@ -280,6 +326,11 @@ fn table() -> Vec<Case> {
     let n = del_admin.len();
     let plain = |name, segments, reach, never, client| Case {
         name, segments, ip: Ip::Plain, vlan: &[], reach, never, client, known_gap: None,
+        paths: Paths::Strict,
+    };
+    let norm = |name, segments, reach, never, client| Case {
+        name, segments, ip: Ip::Plain, vlan: &[], reach, never, client, known_gap: None,
+        paths: Paths::Normalize,
     };
     let long_admin = long_dotdot(WINDOW + 100, "/admin");
     let long_query = format!("/admin?{}", "q".repeat(WINDOW + 100));
@@ -352,16 +403,40 @@ fn table() -> Vec<Case> {
         plain("body: chunked, request-looking chunk is data", one(cat(&[&post_chunked("/api/items", &[std::str::from_utf8(&del_admin).unwrap()]), &get_admin])), &[POST_ITEMS, GET_ADMIN], &[DEL_ADMIN], &[B(200), B(200)]),
         plain("body: chunked, split inside the chunk size line", cut(&cat(&[&post_chunked("/api/items", &["0123456789abcdefX"]), &del_admin]), &[post_chunked("/api/items", &[]).len() - 4]), &[POST_ITEMS], &[DEL_ADMIN], &[B(200), ADMIN_405]),
 
-        // --- path tricks (all of these are /admin to a normalizing backend)
-        plain("path: /a/../admin", one(req("DELETE", "/a/../admin")), &[], &[("DELETE", "/a/../admin"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /./admin", one(req("DELETE", "/./admin")), &[], &[("DELETE", "/./admin"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /x/%2e%2e/admin", one(req("DELETE", "/x/%2e%2e/admin")), &[], &[("DELETE", "/x/%2e%2e/admin"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /x/.%2E/admin", one(req("DELETE", "/x/.%2E/admin")), &[], &[("DELETE", "/x/.%2E/admin"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: //admin", one(req("DELETE", "//admin")), &[], &[("DELETE", "//admin"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /admin;x=1", one(req("DELETE", "/admin;x=1")), &[], &[("DELETE", "/admin;x=1"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /%61dmin", one(req("DELETE", "/%61dmin")), &[], &[("DELETE", "/%61dmin"), DEL_ADMIN], &[ADMIN_405]),
+        // --- path tricks (all of these are /admin to a normalizing backend). paths = "strict",
+        // the default: a path not in normal form is answered 400 and never forwarded.
+        plain("path: /a/../admin (400)", one(req("DELETE", "/a/../admin")), &[], &[("DELETE", "/a/../admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: GET /a/../admin is refused too (400)", one(req("GET", "/a/../admin")), &[], &[("GET", "/a/../admin")], &[F(400)]),
+        plain("path: /./admin (400)", one(req("DELETE", "/./admin")), &[], &[("DELETE", "/./admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: /x/%2e%2e/admin (400)", one(req("DELETE", "/x/%2e%2e/admin")), &[], &[("DELETE", "/x/%2e%2e/admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: /x/.%2E/admin (400)", one(req("DELETE", "/x/.%2E/admin")), &[], &[("DELETE", "/x/.%2E/admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: //admin (400)", one(req("DELETE", "//admin")), &[], &[("DELETE", "//admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: /admin;x=1 (400)", one(req("DELETE", "/admin;x=1")), &[], &[("DELETE", "/admin;x=1"), DEL_ADMIN], &[F(400)]),
+        plain("path: /%61dmin (400)", one(req("DELETE", "/%61dmin")), &[], &[("DELETE", "/%61dmin"), DEL_ADMIN], &[F(400)]),
+        plain("path: /public/..;/admin, Tomcat's .. (400)", one(req("DELETE", "/public/..;/admin")), &[], &[("DELETE", "/public/..;/admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: /users/%40me, an escaped @ (400)", one(req("DELETE", "/users/%40me")), &[], &[("DELETE", "/users/%40me")], &[F(400)]),
+        plain("path: /users/@me (405)", one(req("DELETE", "/users/@me")), &[], &[("DELETE", "/users/@me")], &[NA(USERS_ALLOW)]),
+        plain("path: raw UTF-8 bytes (400)", one(req("DELETE", "/caf\u{e9}")), &[], &[("DELETE", "/caf\u{e9}")], &[F(400)]),
         plain("path: /admin?x=1", one(req("DELETE", "/admin?x=1")), &[], &[("DELETE", "/admin?x=1"), DEL_ADMIN], &[ADMIN_405]),
-        plain("path: /admin#frag", one(req("DELETE", "/admin#frag")), &[], &[("DELETE", "/admin#frag"), DEL_ADMIN], &[ADMIN_405]),
+        plain("path: /admin#frag (400)", one(req("DELETE", "/admin#frag")), &[], &[("DELETE", "/admin#frag"), DEL_ADMIN], &[F(400)]),
+        plain("path: /a/..|/admin split across segments (400)", cut(&req("DELETE", "/a/../admin"), &[11]), &[], &[("DELETE", "/a/../admin"), DEL_ADMIN], &[F(400)]),
+        plain("path: normal form but not plain arrives (/.well-known, %3B, %C3%A9)", one(req("DELETE", "/.well-known/a%3Bb%C3%A9")), &[("DELETE", "/.well-known/a%3Bb%C3%A9")], &[], &[B(200)]),
+        // paths = "normalize": canonicalized and judged (every reading: here the default,
+        // any, is all the other readings fall under); what backends disagree on stays 400.
+        norm("normalize: /a/../admin (405)", one(req("DELETE", "/a/../admin")), &[], &[("DELETE", "/a/../admin"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: GET /a/../admin arrives as sent", one(req("GET", "/a/../admin")), &[("GET", "/a/../admin")], &[], &[B(200)]),
+        norm("normalize: /./admin (405)", one(req("DELETE", "/./admin")), &[], &[("DELETE", "/./admin"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: //admin (405)", one(req("DELETE", "//admin")), &[], &[("DELETE", "//admin"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: /admin;x=1 (405)", one(req("DELETE", "/admin;x=1")), &[], &[("DELETE", "/admin;x=1"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: /%61dmin (405)", one(req("DELETE", "/%61dmin")), &[], &[("DELETE", "/%61dmin"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: /users/%40me is /users/@me (405)", one(req("DELETE", "/users/%40me")), &[], &[("DELETE", "/users/%40me")], &[NA(USERS_ALLOW)]),
+        norm("normalize: GET /users/%40me arrives", one(req("GET", "/users/%40me")), &[("GET", "/users/%40me")], &[], &[B(200)]),
+        norm("normalize: /a/..|/admin split across segments (405)", cut(&req("DELETE", "/a/../admin"), &[11]), &[], &[("DELETE", "/a/../admin"), DEL_ADMIN], &[ADMIN_405]),
+        norm("normalize: /public/..;/admin stays 400", one(req("DELETE", "/public/..;/admin")), &[], &[("DELETE", "/public/..;/admin"), DEL_ADMIN], &[F(400)]),
+        norm("normalize: GET /public/..;/admin stays 400", one(req("GET", "/public/..;/admin")), &[], &[("GET", "/public/..;/admin")], &[F(400)]),
+        norm("normalize: /x//../admin, // before .. (400)", one(req("DELETE", "/x//../admin")), &[], &[("DELETE", "/x//../admin"), DEL_ADMIN], &[F(400)]),
+        norm("normalize: /x/%2e%2e/admin, an escaped dot segment (400)", one(req("DELETE", "/x/%2e%2e/admin")), &[], &[("DELETE", "/x/%2e%2e/admin"), DEL_ADMIN], &[F(400)]),
+        norm("normalize: /admin#frag (400)", one(req("DELETE", "/admin#frag")), &[], &[("DELETE", "/admin#frag"), DEL_ADMIN], &[F(400)]),
         plain("path: absolute-form http://lab/admin", one(req("DELETE", "http://lab/admin")), &[], &[("DELETE", "http://lab/admin"), DEL_ADMIN], &[ADMIN_405]),
         plain("path: absolute-form, allowed GET arrives", one(req("GET", "http://lab/admin")), &[("GET", "http://lab/admin")], &[], &[B(200)]),
         plain("path: OPTIONS * passes (never 405)", one(req("OPTIONS", "*")), &[("OPTIONS", "*")], &[], &[B(200)]),
@@ -385,6 +460,16 @@ fn table() -> Vec<Case> {
         plain("override: header in a later segment", cut(&req_h("GET", "/admin", &["X-HTTP-Method-Override: DELETE"]), &[get_admin.len() - 2]), &[], &[GET_ADMIN], &[ADMIN_405]),
         plain("override: on the second keep-alive request", keepalive(&[get_admin.clone(), req_h("GET", "/admin", &["X-HTTP-Method: DELETE"])], 150), &[GET_ADMIN], &[], &[B(200), ADMIN_405]),
         plain("override: naming an allowed method arrives", one(req_h("POST", "/api/items", &["X-HTTP-Method-Override: GET", "Content-Length: 0"])), &[POST_ITEMS], &[], &[B(200)]),
+        plain("override: header on OPTIONS is checked (405 names the override)", one(req_h("OPTIONS", "/admin", &["X-HTTP-Method-Override: DELETE"])), &[], &[("OPTIONS", "/admin")], &[ADMIN_405]),
+        plain("override: _method=DELETE in the query of a POST (Symfony, Laravel)", one(req_h("POST", "/api/items?_method=DELETE", &["Content-Length: 0"])), &[], &[("POST", "/api/items?_method=DELETE")], &[ITEMS_405]),
+        plain("override: .method=delete, which PHP reads as _method", one(req_h("POST", "/api/items?x=1&.method=delete", &["Content-Length: 0"])), &[], &[("POST", "/api/items?x=1&.method=delete")], &[ITEMS_405]),
+        plain("override: %5Fmethod[]=PUT", one(req_h("POST", "/api/items?%5Fmethod[]=PUT", &["Content-Length: 0"])), &[], &[("POST", "/api/items?%5Fmethod[]=PUT")], &[ITEMS_405]),
+        plain("override: the second of two _method parameters", one(req_h("POST", "/api/items?_method=GET&_method=DELETE", &["Content-Length: 0"])), &[], &[("POST", "/api/items?_method=GET&_method=DELETE")], &[ITEMS_405]),
+        plain("override: _method on GET is checked too", one(req("GET", "/admin?_method=PUT")), &[], &[("GET", "/admin?_method=PUT")], &[ADMIN_405]),
+        plain("override: _method on OPTIONS is checked", one(req("OPTIONS", "/admin?_method=DELETE")), &[], &[("OPTIONS", "/admin?_method=DELETE")], &[ADMIN_405]),
+        plain("override: _method split across segments", cut(&req("GET", "/admin?_method=DELETE"), &[14, 19]), &[], &[("GET", "/admin?_method=DELETE")], &[ADMIN_405]),
+        plain("override: _method naming an allowed method arrives", one(req_h("POST", "/api/items?_method=get", &["Content-Length: 0"])), &[("POST", "/api/items?_method=get")], &[], &[B(200)]),
+        plain("override: other query parameters arrive", one(req("GET", "/admin?x_method=PUT&method=DELETE&q=_method")), &[("GET", "/admin?x_method=PUT&method=DELETE&q=_method")], &[], &[B(200)]),
 
         // --- past the inspection window
         plain("window: dot segments push /admin past the window (414)", one(req("DELETE", &long_admin)), &[], one_of("DELETE", &long_admin), &[F(414)]),
@@ -428,6 +513,7 @@ fn table() -> Vec<Case> {
     // --- the IP layer and the link
     let ipcase = |name, ip, segments, reach, never, client| Case {
         name, segments, ip, vlan: &[], reach, never, client, known_gap: None,
+        paths: Paths::Strict,
     };
     t.extend([
         ipcase("ipv4 options: disallowed", Ip::V4Options, one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
@@ -445,6 +531,7 @@ fn table() -> Vec<Case> {
     ]);
     let vlan = |name, vlan, segments, reach, never, client| Case {
         name, segments, ip: Ip::Plain, vlan, reach, never, client, known_gap: None,
+        paths: Paths::Strict,
     };
     t.extend([
         vlan("vlan: priority tag (VID 0), disallowed", &[0], one(del_admin.clone()), &[], &[DEL_ADMIN], &[ADMIN_405]),
@@ -483,6 +570,8 @@ struct Setup {
     backend: Backend,
     lab: Lab,
     family: Family,
+    /// The policy's `paths` mode in force.
+    paths: Paths,
 }
 
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 9);
@@ -524,6 +613,7 @@ fn setup(test: &str, family: Family) -> Option<Setup> {
         backend,
         lab,
         family,
+        paths: Paths::Strict,
     })
 }
 
@@ -867,6 +957,16 @@ fn run_suite(test: &str, family: Family) {
             c.name
         );
         ran += 1;
+        if c.paths != s.paths {
+            match s
+                .daemon
+                .api("PUT", "/v1/policy", Some(&policy_json(c.paths)))
+            {
+                Ok((200, _)) => s.paths = c.paths,
+                Ok((st, body)) => panic!("switching to paths = {:?}: {st} {body}", c.paths),
+                Err(e) => panic!("switching to paths = {:?}: {e:#}", c.paths),
+            }
+        }
         let t0 = Instant::now();
         let verdict = check(&mut s, &c);
         let line = format!("[{family:?}] {}", c.name);

@@ -454,6 +454,52 @@ fn verdicts_table() {
             Delete,
             &[Get, Head],
         ),
+        // paths = "strict" (the default): a path not in normal form is answered 400.
+        answer(
+            "strict: a dot segment",
+            tcp(Ip::V4, 80, b"GET /x/../admin HTTP/1.1\r\n\r\n"),
+            Reason::BadPath,
+            Get,
+            &[],
+        ),
+        answer(
+            "strict: ..; (Tomcat's ..)",
+            tcp(Ip::V6, 80, b"DELETE /public/..;/admin HTTP/1.1\r\n\r\n"),
+            Reason::BadPath,
+            Delete,
+            &[],
+        ),
+        answer(
+            "strict: an escaped literal character",
+            tcp(Ip::V4, 80, b"GET /users/%40me HTTP/1.1\r\n\r\n"),
+            Reason::BadPath,
+            Get,
+            &[],
+        ),
+        answer(
+            "strict: a raw byte >= 0x80",
+            tcp(Ip::V4, 80, b"GET /caf\xc3\xa9 HTTP/1.1\r\n\r\n"),
+            Reason::BadPath,
+            Get,
+            &[],
+        ),
+        answer(
+            // Refused by the request-line parser, before the method is looked up.
+            "a fragment in the target",
+            tcp(Ip::V4, 80, b"GET /admin#x HTTP/1.1\r\n\r\n"),
+            Reason::BadPath,
+            Other,
+            &[],
+        ),
+        case(
+            "strict: in normal form but not plain",
+            tcp(
+                Ip::V4,
+                80,
+                b"DELETE /.well-known/a%3Bb%C3%A9 HTTP/1.1\r\n\r\n",
+            ),
+            Reason::AllowedByDefault,
+        ),
     ];
     for c in &cases {
         let before = counters(&dp);
@@ -521,10 +567,11 @@ fn verdicts_table() {
                     assert_eq!(ev.client_addr_be, v6(1), "{}: client", c.name);
                 }
                 // The event carries the canonical path (none for a line refused before its path
-                // was complete).
+                // was complete; the part read so far of a path refused with 400).
                 let line = &ev.line[..ev.line_len as usize];
                 assert!(
                     c.reason == Reason::LineTooLong
+                        || c.reason == Reason::BadPath
                         || (!line.is_empty() && c.frame.windows(line.len()).any(|w| w == line)),
                     "{}: event carries the path: {:?}",
                     c.name,
@@ -613,14 +660,37 @@ fn streams_table() {
         ("method override", &[
             (0, b"POST /api/items HTTP/1.1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", &[AllowedByRule, Rejected], true),
         ]),
+        ("_method in the query", &[
+            (0, b"POST /api/items?_method=DELETE HTTP/1.1\r\n\r\n", &[AllowedByRule, Rejected], true),
+        ]),
+        ("_method in the query, spelled otherwise, among other parameters", &[
+            (0, b"POST /api/items?a=1&%5fMETHOD[]=put;b=2 HTTP/1.1\r\n\r\n", &[AllowedByRule, Rejected], true),
+        ]),
+        ("_method naming an allowed method", &[
+            (0, b"POST /api/items?x=_method&_method=get HTTP/1.1\r\n\r\n", &[AllowedByRule], false),
+        ]),
+        ("_method split across segments", &[
+            (0, b"GET /admin?_met", &[AllowedByRule], false),
+            (NEXT, b"hod=DEL", &[MidStream], false),
+            (NEXT, b"ETE HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ]),
+        ("an override on OPTIONS is checked (OPTIONS itself is never 405)", &[
+            (0, b"OPTIONS /admin HTTP/1.1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", &[OptionsPassed, Rejected], true),
+        ]),
+        ("_method on OPTIONS", &[
+            (0, b"OPTIONS /admin?_method=PUT HTTP/1.1\r\n\r\n", &[OptionsPassed, Rejected], true),
+        ]),
+        ("an allowed override on OPTIONS", &[
+            (0, b"OPTIONS /admin HTTP/1.1\r\nX-HTTP-Method: GET\r\n\r\n", &[OptionsPassed], false),
+        ]),
         ("smuggling framing", &[
             (0, b"POST /api/items HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", &[AllowedByRule, BadFraming], true),
         ]),
         ("ambiguous path", &[
             (0, b"GET /a%2Fdmin HTTP/1.1\r\n\r\n", &[BadPath], true),
         ]),
-        ("dot segments", &[
-            (0, b"DELETE /x/../ad%6din;p=1 HTTP/1.1\r\n\r\n", &[Rejected], true),
+        ("a path not in normal form (paths = \"strict\")", &[
+            (0, b"GET /x/../ad%6din;p=1 HTTP/1.1\r\n\r\n", &[BadPath], true),
         ]),
     ];
     let mut failures = Vec::new();
@@ -646,61 +716,274 @@ fn streams_table() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
-/// The host's decision for one request line on a fresh connection: the same stream parser,
-/// canonicalizer and policy semantics, run in userspace.
-fn host_decision(policy: &Policy, payload: &[u8]) -> Reason {
+/// What the kernel counts for one request (its head) on a fresh connection, modelled on the
+/// host: the same stream parser and canonicalizer, the policy's rules looked up the way the
+/// kernel does (exact, else the longest prefix rule) for the canonical path and, in
+/// `paths = "normalize"`, for each other reading the canonicalizer reports; then the method
+/// overrides (headers and `_method` in the query) against the methods every reading allows.
+/// The reasons come sorted, as [`run_counted`] reports them.
+fn host_decision(policy: &Policy, payload: &[u8]) -> Vec<Reason> {
     use filter_common::stream::{flag, Ev, Stream};
-    use filter_userspace::policy::MatchKind;
+    use filter_common::MethodSet;
+    use filter_userspace::policy::{MatchKind, Mode, OptionsMode, PathsMode};
     let mut s = Stream::new(0, flag::SYN);
     let mut raw = [0u8; filter_common::PATH_MAX];
+    let mut counted = Vec::new();
+    let done = |mut v: Vec<Reason>| {
+        v.sort_by_key(|r| *r as u32);
+        v.dedup();
+        v
+    };
+    // The rule for `path` (canonical bytes, or a prefix of the raw path): exact only if
+    // `exact`, else the longest prefix rule.
+    let rule_for = |path: &[u8], exact: bool| {
+        let e = policy
+            .rules
+            .values()
+            .find(|r| exact && r.kind == MatchKind::Exact && r.path.as_bytes() == path);
+        e.or_else(|| {
+            policy
+                .rules
+                .values()
+                .filter(|r| r.kind == MatchKind::Prefix && path.starts_with(r.path.as_bytes()))
+                .max_by_key(|r| r.path.len())
+        })
+    };
+    // (allows, allows in enforce mode): what a reading's rule, or the default, says.
+    let verdict_of = |rule: Option<&filter_userspace::policy::Rule>| match rule {
+        Some(r) if r.mode == Mode::Monitor => (r.effective(), MethodSet::ANY),
+        Some(r) => (r.effective(), r.effective()),
+        None => (policy.default.effective(), policy.default.effective()),
+    };
+    let mut allow = MethodSet::ANY;
+    let mut monitor_overrides = false;
     for &b in payload {
         if s.in_bulk() {
-            return Reason::MidStream;
+            break;
         }
         match s.step(b, &mut raw) {
             Ev::More | Ev::Bulk | Ev::Await => {}
-            Ev::Tunnel => return Reason::Tunnel,
-            Ev::Override => return Reason::MidStream,
-            Ev::Fail(r) => return r,
+            Ev::Tunnel => {
+                counted.push(Reason::Tunnel);
+                break;
+            }
+            Ev::Override if !allow.contains(s.override_method()) => {
+                if !monitor_overrides {
+                    counted.push(Reason::Rejected);
+                    return done(counted);
+                }
+                counted.push(Reason::Monitored);
+            }
+            Ev::Override => {}
+            Ev::Fail(r) => {
+                counted.push(r);
+                return done(counted);
+            }
             Ev::Decide => {
                 let method = s.take_method();
-                let mut path = [0u8; filter_common::PATH_MAX];
                 let n = s.line.path_len();
-                let canon = if n == 0 {
-                    String::new()
+                let mut path = [0u8; filter_common::PATH_MAX];
+                let (canon, readings) = if n == 0 {
+                    (Vec::new(), None)
                 } else {
-                    match filter_common::canon::canonicalize(&raw[..n], &mut path) {
-                        Ok(len) => String::from_utf8_lossy(&path[..len]).into_owned(),
-                        Err(Reason::PathTooLong) => return Reason::LineTooLong,
-                        Err(_) => return Reason::BadPath,
+                    match filter_common::canon::readings(&raw[..n], &mut path) {
+                        Ok(r) => (path[..r.len].to_vec(), Some(r)),
+                        Err(_) => {
+                            counted.push(Reason::BadPath);
+                            return done(counted);
+                        }
                     }
                 };
-                let exact = policy
-                    .rules
-                    .values()
-                    .find(|r| r.kind == MatchKind::Exact && r.path == canon);
-                let prefix = policy
-                    .rules
-                    .values()
-                    .filter(|r| r.kind == MatchKind::Prefix && canon.starts_with(&r.path))
-                    .max_by_key(|r| r.path.len());
-                let rule = exact.or(prefix);
-                if method == Method::Options {
-                    return Reason::OptionsPassed;
+                let changed = readings.and_then(|r| r.changed);
+                if policy.paths == PathsMode::Strict && changed.is_some() {
+                    counted.push(Reason::BadPath);
+                    return done(counted);
                 }
-                let (allow, verdict) = match rule {
-                    Some(r) => (r.effective(), Reason::AllowedByRule),
-                    None => (policy.default.effective(), Reason::AllowedByDefault),
-                };
-                return if allow.contains(method) {
-                    verdict
+                let rule = rule_for(&canon, true);
+                let (mut a, mut enforced) = verdict_of(rule);
+                let others = [
+                    changed.map(|p| raw[..p].to_vec()),
+                    readings
+                        .and_then(|r| r.params_at)
+                        .map(|p| canon[..p].to_vec()),
+                ];
+                for other in others.into_iter().flatten() {
+                    let (oa, oe) = verdict_of(rule_for(&other, false));
+                    a = MethodSet(a.0 & oa.0);
+                    enforced = MethodSet(enforced.0 & oe.0);
+                }
+                allow = a;
+                monitor_overrides = enforced == MethodSet::ANY;
+                if method == Method::Options {
+                    if rule.is_some() && policy.options == OptionsMode::Answer {
+                        counted.push(Reason::OptionsAnswered);
+                        return done(counted);
+                    }
+                    counted.push(Reason::OptionsPassed);
+                    continue;
+                }
+                if !enforced.contains(method) {
+                    counted.push(Reason::Rejected);
+                    return done(counted);
+                } else if !allow.contains(method) {
+                    counted.push(Reason::Monitored);
+                } else if rule.is_some() {
+                    counted.push(Reason::AllowedByRule);
                 } else {
-                    Reason::Rejected
-                };
+                    counted.push(Reason::AllowedByDefault);
+                }
             }
         }
     }
-    Reason::MidStream
+    if counted.is_empty() {
+        counted.push(Reason::MidStream);
+    }
+    done(counted)
+}
+
+/// The policy of [`host_and_kernel_agree_on_generated_requests`] and [`path_modes_table`]:
+/// exact and prefix rules, some of them under others, a monitor rule and a default that
+/// refuses some methods, so that every reading of a path can make a difference.
+const READINGS_POLICY: &str = r#"default = ["GET", "POST"]
+
+[[rules]]
+path = "/api/items"
+methods = ["GET", "POST"]
+
+[[rules]]
+path = "/api/"
+match = "prefix"
+methods = ["GET", "POST", "DELETE"]
+
+[[rules]]
+path = "/admin"
+methods = ["GET"]
+
+[[rules]]
+path = "/static/"
+match = "prefix"
+methods = ["GET"]
+
+[[rules]]
+path = "/static/up/"
+match = "prefix"
+methods = ["PUT"]
+
+[[rules]]
+path = "/users/@me"
+methods = ["GET", "DELETE"]
+
+[[rules]]
+path = "/users/"
+match = "prefix"
+methods = ["GET", "DELETE", "PATCH"]
+
+[[rules]]
+path = "/public/"
+match = "prefix"
+methods = ["GET", "PUT", "DELETE"]
+
+[[rules]]
+path = "/beta/"
+match = "prefix"
+methods = ["GET"]
+mode = "monitor"
+"#;
+
+/// `READINGS_POLICY` with `paths = mode`.
+fn readings_policy(mode: &str) -> Policy {
+    parse_toml(&format!("paths = \"{mode}\"\n{READINGS_POLICY}")).unwrap()
+}
+
+/// What a user sees, per path mode: each request on a connection of its own, the reasons the
+/// kernel counts it under in `paths = "strict"` and in `paths = "normalize"` (and a refused
+/// request comes out as a reset either way).
+#[test]
+fn path_modes_table() {
+    if !lab::e2e_enabled("kernel::path_modes_table") {
+        return;
+    }
+    use Reason::*;
+    type Row = (&'static [u8], &'static [Reason], &'static [Reason]);
+    let rows: &[Row] = &[
+        // In normal form: the same in both modes.
+        (b"DELETE /users/@me", &[AllowedByRule], &[AllowedByRule]),
+        (
+            b"GET /.well-known/x",
+            &[AllowedByDefault],
+            &[AllowedByDefault],
+        ),
+        (b"GET /a%3Bb", &[AllowedByDefault], &[AllowedByDefault]),
+        (b"DELETE /admin", &[Rejected], &[Rejected]),
+        // Read differently by different backends: refused in both modes.
+        (b"DELETE /public/..;/admin", &[BadPath], &[BadPath]),
+        (b"GET /public/..;x/admin", &[BadPath], &[BadPath]),
+        (b"GET /public/.;/x", &[BadPath], &[BadPath]),
+        (b"GET /a//../admin", &[BadPath], &[BadPath]),
+        (b"GET /a/;x/../admin", &[BadPath], &[BadPath]),
+        (b"GET /x/%2e%2e/admin", &[BadPath], &[BadPath]),
+        (b"GET /x/.%2E/admin", &[BadPath], &[BadPath]),
+        (b"GET /admin#frag", &[BadPath], &[BadPath]),
+        (b"GET /a%2Fb", &[BadPath], &[BadPath]),
+        // Not in normal form: 400 in strict; in normalize, judged under every reading.
+        (b"GET /public/../admin", &[BadPath], &[AllowedByRule]),
+        (b"DELETE /public/../admin", &[BadPath], &[Rejected]),
+        // As sent (Express, axum) `/admin/../public/x` is under no prefix rule: the default
+        // refuses DELETE, although the canonical path's rule allows it.
+        (b"DELETE /admin/../public/x", &[BadPath], &[Rejected]),
+        (b"GET /admin/../public/x", &[BadPath], &[AllowedByRule]),
+        (b"DELETE /users/%40me", &[BadPath], &[AllowedByRule]),
+        (b"PATCH /users/%40me", &[BadPath], &[Rejected]),
+        (b"PUT /public/a%40b", &[BadPath], &[AllowedByRule]),
+        (b"PATCH /public/a%40b", &[BadPath], &[Rejected]),
+        (b"GET /caf%c3%a9", &[BadPath], &[AllowedByDefault]),
+        (b"GET /caf\xc3\xa9", &[BadPath], &[AllowedByDefault]),
+        (b"DELETE //api/x", &[BadPath], &[Rejected]),
+        (b"DELETE /api//x", &[BadPath], &[AllowedByRule]),
+        // `;` as text (nginx) is under `/api/` like the canonical path: allowed.
+        (b"DELETE /api/x;jsessionid=1", &[BadPath], &[AllowedByRule]),
+        (b"DELETE /api/items;x=1", &[BadPath], &[Rejected]),
+        (b"GET /api/items;x=1", &[BadPath], &[AllowedByRule]),
+        // `;` as text, where the other readings part: `/x/../users/a;b` is under `/users/` as
+        // canonical and as text, but as sent under nothing (the default refuses DELETE).
+        (b"DELETE /x/../users/a;b", &[BadPath], &[Rejected]),
+        (b"GET /x/../users/a;b", &[BadPath], &[AllowedByRule]),
+        // A monitor rule refuses nothing; an enforcing rule (the default) of another reading
+        // does refuse what it does not allow.
+        (b"DELETE /beta/x", &[Monitored], &[Monitored]),
+        (b"DELETE /beta/%78", &[BadPath], &[Monitored]),
+        (b"DELETE /x/../beta/x", &[BadPath], &[Rejected]),
+        (b"POST /x/../beta/x", &[BadPath], &[Monitored]),
+    ];
+    let mut failures = Vec::new();
+    for (m, mode) in ["strict", "normalize"].into_iter().enumerate() {
+        let policy = readings_policy(mode);
+        let mut dp = load(&policy);
+        let _events = dp.take_events().expect("event ring");
+        for (i, (line, strict, normalize)) in rows.iter().enumerate() {
+            let want = if m == 0 { strict } else { normalize };
+            let mut req = line.to_vec();
+            req.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\n\r\n");
+            let sport = 31000 + (m * 100 + i) as u16;
+            open_conn(&mut dp, Ip::V4, sport);
+            let frame = build(&client_segment(Ip::V4, sport, 0, &req));
+            let (got, out) = run_counted(&mut dp, &frame);
+            let reset = out.len() < frame.len() && out[out.len() - 20 + 13] & tcp_flags::RST != 0;
+            let refused = want.iter().any(|r| matches!(r, Rejected | BadPath));
+            let shown = String::from_utf8_lossy(line);
+            if got != *want || reset != refused {
+                failures.push(format!(
+                    "{mode}: {shown}: counted {got:?} (want {want:?}), reset {reset}"
+                ));
+            }
+            // The host's model agrees with the table.
+            let host = host_decision(&policy, &req);
+            if host != *want {
+                failures.push(format!("{mode}: {shown}: the host model says {host:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
 /// Property: on generated request lines, the kernel (through `BPF_PROG_TEST_RUN`) and the
@@ -710,15 +993,6 @@ fn host_and_kernel_agree_on_generated_requests() {
     if !lab::e2e_enabled("kernel::host_and_kernel_agree_on_generated_requests") {
         return;
     }
-    let policy = parse_toml(
-        "[[rules]]\npath = \"/api/items\"\nmethods = [\"GET\", \"POST\"]\n\
-         [[rules]]\npath = \"/admin\"\nmethods = [\"GET\"]\n\
-         [[rules]]\npath = \"/static/\"\nmatch = \"prefix\"\nmethods = [\"GET\"]\n\
-         [[rules]]\npath = \"/static/up/\"\nmatch = \"prefix\"\nmethods = [\"PUT\"]\n",
-    )
-    .unwrap();
-    let mut dp = load(&policy);
-    let _events = dp.take_events().expect("event ring");
     let methods = [
         "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "get", "BREW", "PATCH",
     ];
@@ -728,29 +1002,45 @@ fn host_and_kernel_agree_on_generated_requests() {
         "/items",
         "/static",
         "/up",
+        "/users",
+        "/@me",
+        "/public",
+        "/beta",
         "/x",
         "/..",
         "/.",
         "//",
         "/%61dmin",
+        "/%40me",
         "%2e",
         "%2F",
+        "%3a",
+        "%3B",
+        "%c3%a9",
+        "\u{e9}",
+        "\"",
         ";p=1",
+        "..;",
         "/a",
         "%zz",
         "?q=/admin",
+        "?_method=DELETE",
+        "?x=1&%5fmethod=put",
+        "?a=b;.method=patch&_method=",
         "#f",
         // Long plain runs and dotted names: the kernel takes these eight bytes at a time.
         "/segment-with-plain-bytes-0123456789",
         "/v1.2.3/archive.tar.gz",
         ";jsessionid=0123456789abcdef0123",
     ];
-    // Header lines the filter does not act on, long enough for the word-at-a-time paths.
+    // Header lines, long enough for the word-at-a-time paths, and method overrides.
     let headers = [
         "",
         "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/115.0\r\n",
         "Accept-Language: en-US,en;q=0.9,de;q=0.8\r\nX-Request-Identifier-Long-Name: 0123456789abcdef\r\n",
         "Cookie:   a=b;   c=d    \r\n",
+        "X-HTTP-Method-Override: DELETE\r\n",
+        "X-Method-Override: get\r\n",
     ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = |n: usize| {
@@ -759,8 +1049,6 @@ fn host_and_kernel_agree_on_generated_requests() {
         state ^= state << 17;
         (state % n as u64) as usize
     };
-    let mut disagreements = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
     // Request lines that cross the 1 KiB inspection window at every alignment (a run of
     // words ending exactly at the window's end must not wrap around to its start).
     let mut lines: Vec<String> = (1000..1040)
@@ -772,58 +1060,84 @@ fn host_and_kernel_agree_on_generated_requests() {
             "p".repeat(n - 980) + &"/q".repeat(490)
         )
     }));
-    for (i, line) in lines.iter().enumerate() {
-        let sport = 30000 + i as u16;
-        open_conn(&mut dp, Ip::V4, sport);
-        let (kernel, _) = run_counted(
-            &mut dp,
-            &build(&client_segment(Ip::V4, sport, 0, line.as_bytes())),
-        );
-        let host = host_decision(&policy, line.as_bytes());
-        if kernel != [host] {
-            disagreements.push(format!(
-                "{}-byte line: kernel {kernel:?}, host {host:?}",
-                line.len()
-            ));
-        }
-    }
-    for i in 0..300u32 {
+    // Random pieces; and half the time a rule's path, one change that gives the target
+    // several readings, another rule's path and a piece: so that the readings of a path fall
+    // under different rules.
+    let heads = [
+        "",
+        "/public",
+        "/users",
+        "/api",
+        "/static/up",
+        "/beta",
+        "/admin",
+        "/x",
+    ];
+    let changes = [
+        "/..", "/.", "//", "/%40me", "/@me", ";p=1", "/%61", "/a%3a", "..;", "/%2e%2e", "#f",
+        "\u{e9}", "%3B", "",
+    ];
+    for i in 0..400 {
         let mut target = String::new();
-        for _ in 0..1 + next(4) {
-            target.push_str(pieces[next(pieces.len())]);
+        if i % 2 == 0 {
+            target += heads[next(heads.len())];
+            target += changes[next(changes.len())];
+            target += heads[next(heads.len())];
+            target += pieces[next(pieces.len())];
+        } else {
+            for _ in 0..1 + next(4) {
+                target.push_str(pieces[next(pieces.len())]);
+            }
         }
         if !target.starts_with('/') {
             target.insert(0, '/');
         }
-        let line = format!(
+        lines.push(format!(
             "{} {} HTTP/1.1\r\nHost: x\r\n{}\r\n",
             methods[next(methods.len())],
             target,
             headers[next(headers.len())]
-        );
-        let sport = 20000 + i as u16;
-        open_conn(&mut dp, Ip::V4, sport);
-        let (kernel, _) = run_counted(
-            &mut dp,
-            &build(&client_segment(Ip::V4, sport, 0, line.as_bytes())),
-        );
-        let host = host_decision(&policy, line.as_bytes());
-        seen.insert(host as u32);
-        if kernel != [host] {
-            disagreements.push(format!("{line:?}: kernel {kernel:?}, host {host:?}"));
+        ));
+    }
+    let mut disagreements = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (m, mode) in ["strict", "normalize"].into_iter().enumerate() {
+        let policy = readings_policy(mode);
+        let mut dp = load(&policy);
+        let _events = dp.take_events().expect("event ring");
+        for (i, line) in lines.iter().enumerate() {
+            let sport = 20000 + (m * lines.len() + i) as u16;
+            open_conn(&mut dp, Ip::V4, sport);
+            let (kernel, _) = run_counted(
+                &mut dp,
+                &build(&client_segment(Ip::V4, sport, 0, line.as_bytes())),
+            );
+            let host = host_decision(&policy, line.as_bytes());
+            seen.insert((mode, host.iter().map(|r| *r as u32).collect::<Vec<_>>()));
+            if kernel != host {
+                let shown: String = line.chars().take(160).collect();
+                disagreements.push(format!(
+                    "{mode}: {shown:?}: kernel {kernel:?}, host {host:?}"
+                ));
+            }
         }
     }
     assert!(
         disagreements.is_empty(),
-        "{} of 380 disagree:\n{}",
+        "{} of {} disagree:\n{}",
         disagreements.len(),
+        2 * lines.len(),
         disagreements.join("\n")
     );
-    // The generator must reach allowed, rejected, prefix and refused (400) verdicts alike.
-    assert!(
-        seen.len() >= 5,
-        "the generated requests reached only {seen:?}"
-    );
+    // The generator must reach allowed, rejected, monitored, prefix and refused (400)
+    // verdicts alike, and overrides, in both modes.
+    for mode in ["strict", "normalize"] {
+        let reached: Vec<_> = seen.iter().filter(|(m, _)| *m == mode).collect();
+        assert!(
+            reached.len() >= 8,
+            "{mode}: the generated requests reached only {reached:?}"
+        );
+    }
 }
 
 /// A path of `len` bytes, `/long/` then letters: plain, so the kernel takes it a whole word
@@ -842,7 +1156,9 @@ fn long_path(prefix: &str, len: usize) -> String {
 /// eight, and with the request line cut across two segments (the second goes on from the
 /// path saved between them), an exact rule on a long path decides its requests and a path one
 /// byte off does not; the same for a long prefix rule; and a doubled slash or a dot segment
-/// far into a path (where the kernel reads whole words) is still resolved to the rule's path.
+/// far into a path (where the kernel reads whole words) is still resolved to the rule's path
+/// (`paths = "normalize"`; the path as sent falls under a prefix rule that allows the method,
+/// the canonical path's exact rule does not).
 #[test]
 fn long_paths_match_their_rules() {
     if !lab::e2e_enabled("kernel::long_paths_match_their_rules") {
@@ -851,7 +1167,7 @@ fn long_paths_match_their_rules() {
     let lens: Vec<usize> = (72..=80).chain([300, 513, 1000, 1019]).collect();
     // A prefix rule covers the subtree under it: its path ends in `/`.
     let prefix = long_path("/pre/", 249) + "/";
-    let mut toml = String::from("default = [\"GET\"]\n");
+    let mut toml = String::from("paths = \"normalize\"\ndefault = [\"GET\"]\n");
     for &len in &lens {
         toml += &format!(
             "[[rules]]\npath = \"{}\"\nmethods = [\"DELETE\"]\n",
@@ -882,8 +1198,12 @@ fn long_paths_match_their_rules() {
     while sliced.len() < 400 {
         sliced += "abcdef/";
     }
-    toml += &format!("[[rules]]\npath = \"{sliced}\"\nmethods = [\"DELETE\"]\n");
-    cases.push((sliced.clone(), Reason::AllowedByRule));
+    // The exact rule refuses DELETE where the prefix rule over it allows it: a path resolved
+    // to anything but the exact rule's is let through.
+    toml += &format!("[[rules]]\npath = \"{sliced}\"\nmethods = [\"GET\"]\n");
+    toml += "[[rules]]\npath = \"/seg/\"\nmatch = \"prefix\"\nmethods = [\"GET\", \"DELETE\"]\n";
+    cases.push((sliced.clone(), Reason::Rejected));
+    cases.push((format!("{sliced}x"), Reason::AllowedByRule));
     let slashes: Vec<usize> = sliced
         .match_indices('/')
         .map(|(i, _)| i)
@@ -892,7 +1212,7 @@ fn long_paths_match_their_rules() {
     for &at in &slashes[..8] {
         for extra in ["/", "./", "q/../"] {
             let odd = format!("{}{extra}{}", &sliced[..=at], &sliced[at + 1..]);
-            cases.push((odd, Reason::AllowedByRule));
+            cases.push((odd, Reason::Rejected));
         }
     }
     let under = long_path(&prefix, 900);

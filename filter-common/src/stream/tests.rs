@@ -1,5 +1,6 @@
 use super::*;
 use std::string::String;
+use std::vec;
 use std::vec::Vec;
 
 /// What the caller of a [`Stream`] saw, in order.
@@ -176,6 +177,70 @@ fn method_override_headers_are_reported() {
     check(
         b"POST /a HTTP/1.1\r\nX-HTTP-Method-Override: BREW\r\n\r\n",
         &[req(Post, "/a"), Seen::Override(Other)],
+    );
+}
+
+/// `_method` in the query string is an override, spelled any way PHP reads it; other
+/// parameters are not.
+#[test]
+fn method_parameters_in_the_query_are_reported() {
+    use Method::*;
+    let cases: &[(&str, &[Method])] = &[
+        ("/a?_method=DELETE", &[Delete]),
+        ("/a?x=1&_method=put&y=2", &[Put]),
+        ("/a?x=1;_method=patch", &[Patch]),
+        ("/a?%5Fmethod=DELETE", &[Delete]),
+        ("/a?%5fMeThOd=DELETE", &[Delete]),
+        ("/a?.method=DELETE", &[Delete]),
+        ("/a?%2Emethod=DELETE", &[Delete]),
+        ("/a?_METHOD=delete", &[Delete]),
+        ("/a?++_method=DELETE", &[Delete]),
+        ("/a?_method[]=DELETE", &[Delete]),
+        ("/a?_method%00x=DELETE", &[Delete]),
+        ("/a?_method=%44ELETE", &[Delete]),
+        ("/a?_method=%64elete", &[Delete]),
+        // Every one of several, not only the last (which PHP keeps).
+        ("/a?_method=GET&_method=DELETE", &[Get, Delete]),
+        // Not a method token: `Other`, which no rule allows.
+        ("/a?_method=DEL+ETE", &[Other]),
+        ("/a?_method=DELETE%", &[Other]),
+        ("/a?_method=DELETE%2", &[Other]),
+        ("/a?_method=%zzDELETE", &[Other]),
+        ("/a?_method=DELETE#x", &[Other]),
+        ("/a?_method=", &[Other]),
+        ("/a?_method", &[Other]),
+        ("/a?_method&x=1", &[Other]),
+        ("/a?_method=VERYLONGMETHODNAMEXYZ", &[Other]),
+        // Other parameters.
+        ("/a?_methodx=DELETE", &[]),
+        ("/a?x_method=DELETE", &[]),
+        ("/a?method=DELETE", &[]),
+        ("/a?_method%3DDELETE", &[]),
+        ("/a?_meth=DELETE", &[]),
+        ("/a?x=_method=DELETE", &[]),
+        ("/a?x=1&y=_method", &[]),
+        ("/a?", &[]),
+        ("/a?&&", &[]),
+    ];
+    for (target, overrides) in cases {
+        for end in [" HTTP/1.1\r\nHost: x\r\n\r\n", "\r\n\r\n", "\n\n"] {
+            let data = format!("POST {target}{end}");
+            let mut want = vec![req(Post, "/a")];
+            want.extend(overrides.iter().map(|m| Seen::Override(*m)));
+            check(data.as_bytes(), &want);
+        }
+    }
+    // The request after it starts fresh.
+    check(
+        b"GET /a?_method=PUT HTTP/1.1\r\n\r\nGET /b?x=_method HTTP/1.1\r\n\r\n",
+        &[req(Get, "/a"), Seen::Override(Put), req(Get, "/b")],
+    );
+    // Past the line's limit inside the query: 414, as anywhere in the line.
+    let mut long = Vec::from(&b"GET /a?_method="[..]);
+    long.extend(core::iter::repeat_n(b'D', LINE_LIMIT as usize));
+    assert_eq!(
+        run(&long, &[]).last(),
+        Some(&Seen::Fail(Reason::LineTooLong))
     );
 }
 
@@ -478,6 +543,7 @@ const WORD_CORPUS: &[&[u8]] = &[
     b"POST /upload?x=1 HTTP/1.1\r\nUSER-AGENT: Mozilla/5.0 (X11; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/115.0\r\nX-HTTP-Method-Override: delete\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n",
     b"PUT http://example.com/a/b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Long-Header-Name-Here: a  b\t c    d     e      f\r\n\r\n5\r\nhello\r\n0\r\nTrailer-Field: x\r\n\r\n",
     b"DELETE /a%2e%2E/b;x=1//c HTTP/1.1\r\nX-Method-Override:      PATCH     \r\nAccept-Language: en-US,en;q=0.9,de;q=0.8,fr;q=0.7\r\n\r\n",
+    b"POST /search?utm_source=newsletter&utm_medium=email;q=a+b&_method=delete&%5Fmethod[]=PUT&.x=1&-y=2 HTTP/1.1\r\nHost: x\r\n\r\n",
 ];
 
 #[test]

@@ -1,11 +1,15 @@
 //! Judging a request whose path is known: hash it with the load-time key (keyed SipHash-1-3,
 //! a `bpf_loop`), look the rule up (exact, then longest prefix, else the default) and judge
-//! the method. A plain path (`LineParser::plain_mask`: already canonical) is judged as it was
-//! read; any other goes through stage `INGRESS_CANON` first. Runs in stage `INGRESS_PARSE`.
+//! the method. A plain path (`LineParser::plain_mask`: already in normal form) is judged as it
+//! was read; any other goes through stage `INGRESS_CANON` first, and comes back with the
+//! canonicalizer's report of where the path's other readings leave the canonical one
+//! (`filter_common::canon`: the path as sent, and `;` read as text), whose rules that stage
+//! looked up (each can only fall under a prefix rule above that point, or the default): the
+//! request is judged under the methods every reading allows. Runs in stage `INGRESS_PARSE`.
 
 use aya_ebpf::{helpers::bpf_loop, maps::lpm_trie::Key};
 use core::ffi::c_void;
-use core::ptr::{addr_of, read_unaligned, read_volatile, write_unaligned};
+use core::ptr::{addr_of, read_volatile};
 use filter_common::{
     hash::{full_words, SipState},
     reply::{infer, Infer, OUTSTANDING_MAX},
@@ -45,30 +49,113 @@ pub fn judge(s: &mut Scratch, canonical: bool) -> i64 {
             return stop(s, STOP_CANON);
         }
         s.canon_len = s.conn.stream.line.path_len() as u16;
+        // No other reading; the rule set in force now.
+        s.other_allow = MethodSet::ANY.0;
+        s.other_enforced = MethodSet::ANY.0;
+        s.rules_active = settings.active_rules;
+        s.rules_default = settings.default_allow;
     }
-    let rule = lookup(s, s.canon_len as usize, settings.active_rules);
-    let (allow, rule_flags, verdict) = match rule {
-        Some(r) => (r.allow, r.flags, Reason::AllowedByRule),
-        None => (settings.default_allow, 0, Reason::AllowedByDefault),
+    // A canonicalized path's other readings were looked up in stage `INGRESS_CANON`, under
+    // the rule set it read: the canonical one is judged under the same. verifier: read back
+    // from map memory, one state whichever branch wrote them.
+    let active = unsafe { read_volatile(addr_of!(s.rules_active)) };
+    let default = unsafe { read_volatile(addr_of!(s.rules_default)) };
+    let rule = lookup(s, s.canon_len as usize, active);
+    reading(s, rule, default);
+    s.judge_allow &= s.other_allow;
+    s.judge_enforced &= s.other_enforced;
+    // verifier: read back from map memory: what follows is walked once, not once per
+    // combination of lookup outcomes.
+    let allow = unsafe { read_volatile(addr_of!(s.judge_allow)) };
+    let enforced = if settings.flags & SETTINGS_DRY_RUN != 0 {
+        MethodSet::ANY.0
+    } else {
+        unsafe { read_volatile(addr_of!(s.judge_enforced)) }
     };
+    let rule_flags = unsafe { read_volatile(addr_of!(s.judge_flags)) };
+    let has_rule = unsafe { read_volatile(addr_of!(s.judge_rule)) } != 0;
+    // For the method overrides to come: every refusal reported only (monitor mode) when no
+    // reading's rule enforces a restriction, else every refusal enforced.
+    let monitor_all = enforced == MethodSet::ANY.0;
+    s.conn.stream.set_verdict(
+        allow,
+        rule_flags | if monitor_all { RULE_MONITOR } else { 0 },
+    );
     if method == Method::Options {
-        // Never 405 for OPTIONS (CORS preflight): pass it, or answer 204 + Allow.
-        if rule.is_some() && settings.flags & SETTINGS_OPTIONS_ANSWER != 0 {
+        // Never 405 for OPTIONS (CORS preflight): pass it, or answer 204 + Allow. A method
+        // override on it is checked against `allow` like on any other request.
+        if has_rule && settings.flags & SETTINGS_OPTIONS_ANSWER != 0 {
             return refuse_stop(s, Reason::OptionsAnswered, allow, method);
         }
         count(Reason::OptionsPassed);
-        s.conn.stream.set_verdict(MethodSet::ANY.0, rule_flags);
         return 0;
     }
-    let monitor = rule_flags & RULE_MONITOR != 0 || settings.flags & SETTINGS_DRY_RUN != 0;
-    s.conn
-        .stream
-        .set_verdict(allow, rule_flags | if monitor { RULE_MONITOR } else { 0 });
     if allow & method.bit() != 0 {
-        count(verdict);
+        count(if has_rule {
+            Reason::AllowedByRule
+        } else {
+            Reason::AllowedByDefault
+        });
         return 0;
     }
-    violation(s, allow, method, monitor)
+    // Refused if a reading whose rule enforces refuses it (`Allow`: the methods no such
+    // reading refuses), else only reported (with the methods every reading allows).
+    if enforced & method.bit() == 0 {
+        return violation(s, enforced, method, false);
+    }
+    violation(s, allow, method, true)
+}
+
+/// The canonical path's rule (`None`: the default) as the judgement in the scratch.
+#[inline(always)]
+fn reading(s: &mut Scratch, rule: Option<RuleValue>, default: u32) {
+    let (allow, flags) = match rule {
+        Some(r) => (r.allow, r.flags),
+        None => (default, 0),
+    };
+    s.judge_allow = allow;
+    s.judge_enforced = enforced(allow, flags);
+    s.judge_flags = flags;
+    s.judge_rule = rule.is_some() as u32;
+}
+
+/// What a rule (or the default, flags 0) with this allow set and these flags allows in
+/// enforce mode: its allow set, or every method for a monitor-mode rule.
+#[inline(always)]
+pub fn enforced(allow: u32, flags: u32) -> u32 {
+    if flags & RULE_MONITOR != 0 {
+        MethodSet::ANY.0
+    } else {
+        allow
+    }
+}
+
+/// The longest prefix rule in `prefixes` that is a prefix of `src[..len]` (`src`: a path in
+/// the scratch, 8-aligned).
+#[inline(always)]
+pub fn prefix_rule(
+    s: &mut Scratch,
+    src: *const u8,
+    len: usize,
+    prefixes: &aya_ebpf::maps::LpmTrie<PrefixData, RuleValue>,
+) -> Option<RuleValue> {
+    let n = if len < PREFIX_MAX { len } else { PREFIX_MAX };
+    s.prefix_key.prefixlen = (n * 8) as u32;
+    let mut i = 0;
+    while i < PREFIX_MAX / 8 {
+        // verifier: constant-bounded word copy of the path into the LPM key: aligned loads
+        // (`src` is 8-aligned), two aligned 4-byte stores (the key's data is 4-aligned), not
+        // the byte loads and stores an unaligned access is in BPF.
+        let w = unsafe { src.add(i * 8).cast::<u64>().read() };
+        let d = unsafe { s.prefix_key.data.as_mut_ptr().add(i * 8).cast::<u32>() };
+        unsafe {
+            d.write(w as u32);
+            d.add(1).write((w >> 32) as u32);
+        }
+        i += 1;
+    }
+    let key = unsafe { &*(addr_of!(s.prefix_key).cast::<Key<PrefixData>>()) };
+    prefixes.get(key).copied()
 }
 
 /// Whether the current request may go on as far as the earlier responses go: not while
@@ -161,21 +248,17 @@ fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
     if let Some(r) = unsafe { rules.get(hash) } {
         return Some(*r);
     }
-    let n = if path_len < PREFIX_MAX {
-        path_len
-    } else {
-        PREFIX_MAX
-    };
-    s.prefix_key.prefixlen = (n * 8) as u32;
-    let mut i = 0;
-    while i < PREFIX_MAX / 8 {
-        // verifier: constant-bounded word copy of the path into the LPM key.
-        let w = unsafe { read_unaligned(s.path.as_ptr().add(i * 8).cast::<u64>()) };
-        unsafe { write_unaligned(s.prefix_key.data.as_mut_ptr().add(i * 8).cast::<u64>(), w) };
-        i += 1;
-    }
-    let key = unsafe { &*(addr_of!(s.prefix_key).cast::<Key<PrefixData>>()) };
-    prefixes.get(key).copied()
+    let path = s.path.as_ptr();
+    prefix_rule(s, path, path_len, prefixes)
 }
 
 const _: () = assert!(PATH_MAX >= EVENT_LINE_MAX && PATH_MAX >= PREFIX_MAX);
+// `prefix_rule` reads the paths as aligned words and writes the key's data as aligned halves.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Scratch, path).is_multiple_of(8));
+    assert!(offset_of!(Scratch, raw).is_multiple_of(8));
+    assert!(offset_of!(Scratch, prefix_key).is_multiple_of(4));
+    assert!(offset_of!(filter_common::PrefixKey, data) == 4);
+    assert!(core::mem::align_of::<Scratch>() >= 8);
+};
