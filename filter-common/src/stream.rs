@@ -202,7 +202,10 @@ pub struct Stream {
     /// Non-zero once a method-override header made a request's `HEAD`-ness uncertain (see
     /// `reply::ReqView::unsure`).
     pub unsure: u8,
-    _pad_e: [u8; 2],
+    /// Non-zero once the filter refused a request on this connection and reset the backend's
+    /// side: nothing of it lives on the server, so a new SYN on its tuple starts afresh.
+    pub refused: u8,
+    _pad_e: u8,
     /// Non-zero once the lockstep inference took a response for complete without seeing it
     /// end (`crate::reply::infer`): framing, if it starts later, starts where the inference
     /// put a response boundary, which a server pausing inside a response could have misled, so
@@ -248,7 +251,8 @@ impl Stream {
             reqs: 0,
             switch: SWITCH_NONE,
             unsure: 0,
-            _pad_e: [0; 2],
+            refused: 0,
+            _pad_e: 0,
             inferred: 0,
             head_ring: 0,
             lock_done: 0,
@@ -289,8 +293,6 @@ impl Stream {
         put(&mut self.qesc, 0);
     }
 
-    /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
-    /// request (used when a segment is cut before a refused request).
     /// Make this a fresh connection state, in place (see [`Stream::new`]).
     #[inline(always)]
     pub fn reset(&mut self, pos: u32, flags: u8) {
@@ -301,8 +303,8 @@ impl Stream {
         put(&mut self.reqs, 0);
         put(&mut self.switch, SWITCH_NONE);
         put(&mut self.unsure, 0);
-        put(&mut self._pad_e[0], 0);
-        put(&mut self._pad_e[1], 0);
+        put(&mut self.refused, 0);
+        put(&mut self._pad_e, 0);
         put(&mut self.inferred, 0);
         put(&mut self.head_ring, 0);
         put(&mut self.lock_done, 0);
@@ -339,6 +341,8 @@ impl Stream {
         }
     }
 
+    /// Forget everything from `pos` on: the bytes from `pos` will be sent again and start a
+    /// request (used when a segment is cut before a refused request).
     pub fn restart_at(&mut self, pos: u32) {
         self.pos = pos;
         self.next_request();

@@ -551,6 +551,47 @@ fn curl_sees_no_reset_on_a_405() {
     }
 }
 
+/// A client that reuses its port right after a refused request (the backend's side of the old
+/// connection was reset) gets a new connection that works: the refused connection's state does
+/// not swallow the new one.
+#[test]
+fn a_client_port_reused_after_a_405_starts_afresh() {
+    let Some(s) = setup("a_client_port_reused_after_a_405_starts_afresh") else {
+        return;
+    };
+    for (i, addr) in s.lab.server_addrs().into_iter().enumerate() {
+        let port = (41000 + i).to_string();
+        // The 405's connection ends with the responder's close, so the client's port is free
+        // at once (no TIME_WAIT on the client's side); the 200's is not, so it comes last.
+        for (method, status) in [("DELETE", "405"), ("DELETE", "405"), ("GET", "200")] {
+            let what = format!("{method} /api/items from port {port} over {}", family(addr));
+            let out = s
+                .lab
+                .client_cmd("curl")
+                .args([
+                    "-sS",
+                    "-g",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
+                .args(["--local-port", &port, "-X", method])
+                .arg(url(addr, "/api/items"))
+                .output()
+                .expect("running curl");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                status,
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[test]
 fn api_adds_lists_and_deletes_a_rule() {
     let Some(s) = setup("api_adds_lists_and_deletes_a_rule") else {

@@ -2143,6 +2143,23 @@ fn normalization_table() {
             ],
         },
         Row {
+            // The refusal reset the backend's side: a SYN on the tuple (the client reusing its
+            // port) is a new connection, not one inside the old stream.
+            name: "SYN after a refusal starts afresh",
+            ts: false,
+            window: 0xffff,
+            steps: vec![
+                (0, REFUSED, none, &[Rejected], Act::Reset),
+                (
+                    0,
+                    ALLOWED,
+                    |w| w.flags |= tcp_flags::SYN,
+                    &[NoPayload],
+                    Act::Changed,
+                ),
+            ],
+        },
+        Row {
             name: "RST off the next byte changes nothing",
             ts: false,
             window: 0xffff,

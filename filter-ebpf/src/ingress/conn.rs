@@ -18,12 +18,13 @@ use crate::skb::{checksum_ok, trim_payload, Layout};
 use crate::tcp::{options, server_socket, Sock};
 use crate::util::copy_words;
 
-/// A client SYN. Without ACK, a handshake starts (`SYNS`). Either way a connection the filter
-/// follows keeps its state: in an established connection the server's TCP answers a SYN with a
-/// challenge ACK and discards it (RFC 5961 §4; counted `syn_in_stream`); if the connection is
-/// gone on the server's side, the new handshake's last ACK replaces the state. The SYN passes
-/// (it may start a connection), but data on it (TCP Fast Open) is cut off: the client sends it
-/// again after the handshake, where it is read.
+/// A client SYN. Without ACK, a handshake starts (`SYNS`). On a tuple the filter follows, the
+/// state stays while a connection may live on the server's side (an established connection
+/// answers a SYN with a challenge ACK and discards it, RFC 5961 §4; counted `syn_in_stream`),
+/// and goes when none can: the filter refused a request on it and reset the backend's side,
+/// or the server's socket shows nothing established (the client reuses its port after a close
+/// the filter did not see end). The SYN passes, but data on it (TCP Fast Open) is cut off: the
+/// client sends it again after the handshake, where it is read.
 #[inline(always)]
 pub fn syn(ctx: &TcContext, s: &mut Scratch, at: &Layout, seq: u32, ack_flag: bool) -> Reason {
     if at.payload_len > 0 && !trim_payload(ctx, &mut s.line, &mut s.sum, at, 0) {
@@ -35,11 +36,22 @@ pub fn syn(ctx: &TcContext, s: &mut Scratch, at: &Layout, seq: u32, ack_flag: bo
         let h = Handshake::syn(seq, &o);
         let _ = SYNS.insert(&s.key, &h, 0);
     }
-    if unsafe { CONNS.get(&s.key) }.is_some() {
-        Reason::SynInStream
-    } else {
-        Reason::NoPayload
+    // SAFETY: a valid map value for this run (read once, here).
+    let Some(c) = (unsafe { CONNS.get(&s.key) }) else {
+        return Reason::NoPayload;
+    };
+    if c.stream.refused == 0 {
+        match server_socket(ctx, &s.key) {
+            // The server's TCP answers with a challenge ACK and keeps the connection; so does
+            // the filter. Where the backend is elsewhere the filter cannot know whether a
+            // connection lives there, and keeps its state too: forgetting it on a SYN would let
+            // a client restart the filter's reading in the middle of the server's stream.
+            Sock::Live { .. } | Sock::Remote => return Reason::SynInStream,
+            Sock::Pending | Sock::Closed => {}
+        }
     }
+    forget(&s.key);
+    Reason::NoPayload
 }
 
 /// A client RST: the connection's state goes only when the server's TCP takes the reset (its

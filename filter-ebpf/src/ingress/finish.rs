@@ -191,6 +191,7 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
     let _ = PENDING.remove(&s.key);
     if let Some(e) = entry {
         s.conn.stream.restart_at(pos);
+        s.conn.stream.refused = 1;
         copy_words(unsafe { &mut (*e).stream }, &s.conn.stream);
     }
     let reset = Reset {
