@@ -281,7 +281,7 @@ pub fn other_port_frame() -> Vec<u8> {
 }
 
 /// Calls of each program per round (alternating), for the repeated figure.
-const PAIRS: usize = 5;
+pub const PAIRS: usize = 5;
 
 fn other_port(b: &mut Bench, rules: usize, round: usize, repeat: u32) -> Result<Vec<RepeatRun>> {
     let frame = other_port_frame();

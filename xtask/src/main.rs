@@ -74,7 +74,7 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Build, then run the benchmarks (`filter-bench`, the `bench/` crate) and write
-    /// docs/BENCHMARKS.md and docs/bench/ (~12 min, root). Arguments go to the benchmark:
+    /// docs/BENCHMARKS.md and docs/bench/ (~10 min, root). Arguments go to the benchmark:
     /// `cargo xtask bench --help` lists them.
     #[command(disable_help_flag = true)]
     Bench {
