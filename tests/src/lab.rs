@@ -48,8 +48,9 @@ pub const API_ADDR: &str = "127.0.0.1:9405";
 /// Environment variable that enables the privileged tests.
 pub const E2E_ENV: &str = "FILTER_E2E";
 
-const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The lab's client and server IPv4 addresses (also those of [`crate::frames`]).
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
 const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 

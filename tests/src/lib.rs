@@ -1,6 +1,7 @@
 //! Test support for the HTTP method firewall: the throwaway two-host network
-//! ([`lab`]) that the end-to-end tests (`tests/tests/e2e.rs`) and
-//! `cargo xtask demo` run the real `filterd`, a real backend and real clients in.
+//! ([`lab`]) that the end-to-end tests (`tests/tests/e2e.rs`), `cargo xtask demo` and the
+//! benchmarks run the real `filterd`, a real backend and real clients in, and the TCP
+//! segments ([`frames`]) that `BPF_PROG_TEST_RUN` callers feed the classifiers.
 //!
 //! This crate owns test scaffolding only. It must not contain firewall logic
 //! (parsing, matching, the 405 response): tests assert what a user sees from
@@ -8,5 +9,6 @@
 //! touch the host's own network: everything it creates lives in network
 //! namespaces it names uniquely and deletes again.
 
+pub mod frames;
 pub mod lab;
 pub mod verifier;

@@ -3,7 +3,8 @@
 //! Bootstraps the BPF toolchain (the nightly's `rust-src` and a `bpf-linker` built against
 //! that nightly's own libLLVM), builds the kernel object and the daemon with the object
 //! embedded, and runs the privileged things: the daemon, the demo, the test tiers that need
-//! root, and the kernel matrix (other kernels under QEMU, provisioned here). It must stay
+//! root, the kernel matrix (other kernels under QEMU, provisioned here) and the benchmarks
+//! (built here, run from their own crate, `bench/`). It must stay
 //! plain Rust with few dependencies: no shell scripts.
 
 mod bench;
@@ -72,8 +73,14 @@ enum Command {
         print: bool,
         files: Vec<PathBuf>,
     },
-    /// Build, then run the benchmarks and write docs/BENCHMARKS.md and docs/bench/ (~12 min, root).
-    Bench(Box<bench::Args>),
+    /// Build, then run the benchmarks (`filter-bench`, the `bench/` crate) and write
+    /// docs/BENCHMARKS.md and docs/bench/ (~10 min, root). Arguments go to the benchmark:
+    /// `cargo xtask bench --help` lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -98,7 +105,7 @@ fn main() {
         Command::VerifierTable { print, files } => {
             verifier_table::main(&build::workspace_root(), &files, print)
         }
-        Command::Bench(args) => bench::main(&args),
+        Command::Bench { args } => bench::main(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

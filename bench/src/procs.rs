@@ -1,5 +1,6 @@
 //! The processes the benchmarks run inside the lab: nginx (backend and 405 front, each with
-//! its own config and prefix in the lab's temp dir), wrk, curl; and what they cost in CPU
+//! its own config and prefix in the lab's temp dir), wrk, the flood generator (this binary's
+//! `flood` command, [`crate::flood`]), curl, `filterd`; and what they cost in CPU
 //! (`/proc/<pid>/stat` utime+stime of a process and its children, `/proc/stat` for the
 //! whole machine).
 //!
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use filter_tests::lab::Lab;
 use serde::{Deserialize, Serialize};
+
+use crate::flood::{FloodResult, FloodSpec};
 
 // ---------------------------------------------------------------------------
 // Bounded commands.
@@ -37,7 +40,7 @@ pub fn output_bounded(cmd: &mut Command, limit: Duration) -> Result<String> {
 
 /// Waits for `child` up to `limit` (SIGKILL and reap after it), collecting its output and the
 /// CPU it used (user + system seconds, from `wait4`'s resource usage).
-fn wait_bounded(
+pub fn wait_bounded(
     child: &mut Child,
     limit: Duration,
 ) -> Result<(String, String, std::process::ExitStatus, f64)> {
@@ -133,7 +136,7 @@ pub fn curl_head(lab: &Lab, method: &str, url: &str) -> Result<String> {
 fn common_conf(dir: &std::path::Path, name: &str) -> String {
     let d = dir.display();
     format!(
-        "# Written by cargo xtask bench; nothing here refers to the system nginx.\n\
+        "# Written by filter-bench; nothing here refers to the system nginx.\n\
          daemon off;\n\
          master_process on;\n\
          worker_processes 2;\n\
@@ -173,12 +176,14 @@ pub fn backend_conf(port: u16) -> impl Fn(&std::path::Path, &str) -> String {
 }
 
 /// The 405 front: the same method check as the filter's policy for /api/items (GET, HEAD,
-/// POST), answered by nginx itself with `Allow`; allowed methods get the backend's answer.
-pub fn front_conf(ka_port: u16, close_port: u16) -> impl Fn(&std::path::Path, &str) -> String {
+/// POST), answered by nginx itself with `Allow`, closing every connection after its answer
+/// (`keepalive_timeout 0`: the connection shape of `filterd`'s 405 + FIN); allowed methods get
+/// the backend's answer.
+pub fn front_conf(port: u16) -> impl Fn(&std::path::Path, &str) -> String {
     move |dir, name| {
         let loc = "        location / {\n            if ($request_method !~ ^(GET|HEAD|POST)$) {\n                add_header Allow \"GET, HEAD, POST\" always;\n                return 405;\n            }\n            return 200 \"ok\\n\";\n        }\n";
         format!(
-            "{}http {{\n{}    server {{\n        listen {ka_port} backlog=4096;\n{loc}    }}\n    server {{\n        listen {close_port} backlog=4096;\n        keepalive_timeout 0;\n{loc}    }}\n}}\n",
+            "{}http {{\n{}    server {{\n        listen {port} backlog=4096;\n        keepalive_timeout 0;\n{loc}    }}\n}}\n",
             common_conf(dir, name),
             http_common(dir, name)
         )
@@ -350,24 +355,6 @@ fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmRSS:")
-}
-
-pub fn hwm_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmHWM:")
-}
-
 /// (busy, steal, total) jiffies over all CPUs from /proc/stat.
 fn machine_jiffies() -> (u64, u64, u64) {
     let s = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -513,7 +500,7 @@ fn spawn_wrk(lab: &Lab, spec: &WrkSpec, tag: &str) -> Result<Child> {
     fs::write(
         &script,
         format!(
-            "-- written by cargo xtask bench\nwrk.method = \"{}\"\n{WRK_LUA_DONE}",
+            "-- written by filter-bench\nwrk.method = \"{}\"\n{WRK_LUA_DONE}",
             spec.method
         ),
     )?;
@@ -545,44 +532,48 @@ fn parse_wrk(spec: &WrkSpec, out: &str, err: &str) -> Result<WrkResult> {
     Ok(r)
 }
 
-/// Runs `main` (and `second` at the same time, if given), each bounded to its duration + 20 s.
-pub fn run_wrk_pair(
+/// Runs wrk as `main` (and the flood generator at the same time, if given), each bounded to
+/// its duration + 20 s.
+pub fn run_load(
     lab: &Lab,
     main: &WrkSpec,
-    second: Option<&WrkSpec>,
-) -> Result<(WrkResult, Option<WrkResult>)> {
+    flood: Option<&FloodSpec>,
+) -> Result<(WrkResult, Option<FloodResult>)> {
     let mut a = spawn_wrk(lab, main, "main")?;
-    let mut b = match second {
-        Some(s) => Some(spawn_wrk(lab, s, "second")?),
+    let mut b = match flood {
+        Some(f) => Some(crate::flood::spawn(lab, f)?),
         None => None,
     };
-    let limit = Duration::from_secs(main.seconds.max(second.map_or(0, |s| s.seconds)) + 20);
+    let limit = Duration::from_secs(main.seconds.max(flood.map_or(0, |f| f.seconds)) + 20);
     let ra = wait_bounded(&mut a, limit);
     let rb = b.as_mut().map(|c| wait_bounded(c, limit));
-    let (oa, ea, sa, ca) = ra.context("wrk (main)")?;
+    let (oa, ea, sa, ca) = ra.context("wrk")?;
     ensure!(sa.success(), "wrk failed ({sa}): {}", ea.trim());
     let mut wa = parse_wrk(main, &oa, &ea)?;
     wa.cpu_s = ca;
-    let wb = match (rb, second) {
-        (Some(r), Some(spec)) => {
-            let (ob, eb, sb, cb) = r.context("wrk (second)")?;
-            ensure!(sb.success(), "wrk (second) failed ({sb}): {}", eb.trim());
-            let mut wb = parse_wrk(spec, &ob, &eb)?;
-            wb.cpu_s = cb;
-            Some(wb)
+    let fb = match rb {
+        Some(r) => {
+            let (ob, eb, sb, cb) = r.context("the flood generator")?;
+            ensure!(
+                sb.success(),
+                "the flood generator failed ({sb}): {}",
+                eb.trim()
+            );
+            let mut fb = crate::flood::parse(&ob, &eb)?;
+            fb.cpu_s = cb;
+            Some(fb)
         }
-        _ => None,
+        None => None,
     };
-    Ok((wa, wb))
+    Ok((wa, fb))
 }
 
 // ---------------------------------------------------------------------------
 // filterd.
 
 /// `filterd` run by the bench in the server namespace. The bench starts it itself rather than
-/// through `Lab::start_filterd` so that it can wait as long as a slow verifier needs, and pass
-/// only the flags this binary knows (`--help`): older builds lack `--no-auth`, `--fail-open`,
-/// `--pin-dir`. Dropping it stops it (SIGTERM, then SIGKILL by PID).
+/// through `Lab::start_filterd` so that it can wait as long as a slow verifier needs, with its
+/// own pin directory and fail-open. Dropping it stops it (SIGTERM, then SIGKILL by PID).
 pub struct Filterd {
     child: Option<Child>,
     pub log: PathBuf,
@@ -600,9 +591,11 @@ impl Filterd {
         pin_dir: &Path,
         limit: Duration,
     ) -> Result<Filterd> {
-        ensure!(bin.is_file(), "filterd binary {} not found", bin.display());
-        let help = output_bounded(Command::new(bin).arg("--help"), Duration::from_secs(10))
-            .unwrap_or_default();
+        ensure!(
+            bin.is_file(),
+            "filterd binary {} not found (cargo xtask build)",
+            bin.display()
+        );
         let n = fs::read_dir(lab.dir())?.count();
         let policy = lab.dir().join(format!("bench-policy-{n}.toml"));
         fs::write(&policy, policy_toml)?;
@@ -611,25 +604,14 @@ impl Filterd {
         let mut cmd = lab.server_cmd(bin);
         cmd.args(["--iface", lab.server_iface(), "--port", "80", "--policy"])
             .arg(&policy)
-            .args(["--api", API]);
-        // No token: the API listens only on the namespace's loopback.
-        if help.contains("--no-auth") {
-            cmd.arg("--no-auth");
-        }
-        // Fail-open, so that stopping the daemon removes the filter (the `no filter` arms).
-        if help.contains("--fail-open") {
-            cmd.arg("--fail-open");
-        }
-        // Our own pins: the default directory is shared by every filterd on the machine.
-        if help.contains("--pin-dir") {
-            cmd.arg("--pin-dir").arg(pin_dir);
-        }
-        // Section 2 replays request frames without a SYN (each from its own client port, with
-        // FIN): every repeat is a connection the classifier adopts. Keep adopting for the
-        // whole run, or those frames would measure the refusal of an evicted connection.
-        if help.contains("--adopt-window") {
-            cmd.args(["--adopt-window", "31536000"]);
-        }
+            .args(["--api", API])
+            // No token: the API listens only on the namespace's loopback.
+            .arg("--no-auth")
+            // Fail-open, so that stopping the daemon removes the filter (the `no filter` arms).
+            .arg("--fail-open")
+            // Our own pins: the default directory is shared by every filterd on the machine.
+            .arg("--pin-dir")
+            .arg(pin_dir);
         let child = cmd
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 const TOOLS: &[(&str, &str, &[&str])] = &[
     ("wrk", "wrk", &["-v"]),
     ("nginx", "nginx", &["-v"]),
-    ("bpftool", "bpftool", &["version"]),
     ("curl", "curl", &["--version"]),
     ("ip", "iproute2", &["-V"]),
     ("ss", "iproute2", &["-V"]),
@@ -124,7 +123,6 @@ pub struct Environment {
     pub git_dirty: Vec<String>,
     pub filterd: String,
     pub filterd_sha256: String,
-    pub bpf_stats_enabled_before: String,
     pub loadavg_start: String,
 }
 
@@ -152,7 +150,7 @@ impl Environment {
             .unwrap_or("")
             .trim_matches('"')
             .to_owned();
-        let root = crate::build::workspace_root();
+        let root = crate::workspace_root();
         let git = |args: &[&str]| {
             Command::new("git")
                 .arg("-C")
@@ -164,7 +162,7 @@ impl Environment {
         };
         let mut tools: Vec<(String, String)> = TOOLS
             .iter()
-            .filter(|(b, _, _)| ["wrk", "nginx", "bpftool", "curl"].contains(b))
+            .filter(|(b, _, _)| ["wrk", "nginx"].contains(b))
             .map(|(b, _, a)| (b.to_string(), first_line(b, a)))
             .collect();
         tools.push(("rustc".into(), first_line("rustc", &["--version"])));
@@ -197,7 +195,6 @@ impl Environment {
                 .next()
                 .unwrap_or("")
                 .to_owned(),
-            bpf_stats_enabled_before: read("/proc/sys/kernel/bpf_stats_enabled"),
             loadavg_start: read("/proc/loadavg"),
         }
     }
