@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod demo;
+mod dist;
 mod kernels;
 mod test;
 mod verifier_table;
@@ -74,6 +75,13 @@ enum Command {
     },
     /// Build, then run the benchmarks and write docs/BENCHMARKS.md and docs/bench/ (~12 min, root).
     Bench(Box<bench::Args>),
+    /// Generate shell completions and man pages from the clap definitions (target/dist/);
+    /// with --deb, build and assemble the Debian package (dpkg-deb).
+    Dist {
+        /// Also build the binaries and the .deb (target/dist/filterd_VERSION_ARCH.deb).
+        #[arg(long)]
+        deb: bool,
+    },
 }
 
 fn main() {
@@ -99,6 +107,7 @@ fn main() {
             verifier_table::main(&build::workspace_root(), &files, print)
         }
         Command::Bench(args) => bench::main(&args),
+        Command::Dist { deb } => dist::main(deb),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
