@@ -993,17 +993,13 @@ fn commit(
             ));
         }
     }
-    let d = crate::diff::diff(&inner.policy, &next);
+    let (switches, added, removed, changed) = crate::diff::counts(&inner.policy, &next);
     inner.policy = next;
     inner.revision = revision;
     inner.sink.committed(&inner.policy);
     *lock(&shared.summary) = Summary::of(&inner.policy, revision);
     let summary = format!(
-        "{} switches, {} rules added, {} removed, {} changed; {} rules in force",
-        d.switches.len(),
-        d.added.len(),
-        d.removed.len(),
-        d.changed.len(),
+        "{switches} switches, {added} rules added, {removed} removed, {changed} changed; {} rules in force",
         inner.policy.rules.len()
     );
     tracing::info!(
@@ -1012,10 +1008,10 @@ fn commit(
         via = actor.via,
         change = change.name(),
         revision,
-        switches = d.switches.len(),
-        added = d.added.len(),
-        removed = d.removed.len(),
-        changed = d.changed.len(),
+        switches,
+        added,
+        removed,
+        changed,
         rules = inner.policy.rules.len(),
         "policy changed"
     );

@@ -364,7 +364,7 @@ fn summary(e: &Explanation, refusal: Option<Reason>, opts: &Options) -> String {
         e.allow.join(", ")
     };
     let what = e.override_method.map_or(e.method.clone(), |m| {
-        format!("{} (overridden to {m})", e.method)
+        format!("{m} (a method-override header on {})", e.method)
     });
     match refusal {
         Some(Reason::Rejected) => format!("405: {matched} allows {allows}, not {what}"),
@@ -514,6 +514,12 @@ mod tests {
     fn explains_overrides_monitor_rules_options_and_dry_run() {
         let e = ex("POST", "/api/items", &["X-HTTP-Method-Override: DELETE"]);
         assert_eq!(e.override_method, Some("DELETE"));
+        assert!(
+            e.summary
+                .ends_with("not DELETE (a method-override header on POST)"),
+            "{}",
+            e.summary
+        );
         assert_eq!(
             (e.answer, e.reasons.clone()),
             (Some(405), vec!["allowed_by_rule", "rejected"])

@@ -607,7 +607,7 @@ fn sighup_with_a_broken_file_keeps_the_policy() {
     e.daemon().signal(libc::SIGHUP).unwrap();
     e.wait_log("not reloaded");
     assert!(
-        e.daemon().log().contains("policy.toml:5:8: rules[1].path"),
+        e.daemon().log().contains("policy.toml:6:8: rules[1].path"),
         "the log names the place"
     );
     let (_, after) = e.api("GET", "/v1/policy", None);
