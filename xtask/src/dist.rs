@@ -36,15 +36,37 @@ pub fn generate(out: &Path) -> anyhow::Result<Generated> {
                 .with_context(|| format!("{shell} completions of {name}"))?;
             completions.push((shell, name.clone(), path));
         }
-        let page = man_dir.join(format!("{name}.{section}"));
-        let mut buf = Vec::new();
-        clap_mangen::Man::new(cmd.clone())
-            .section(section)
-            .manual("filterd")
-            .source(format!("filterd {}", env!("CARGO_PKG_VERSION")))
-            .render(&mut buf)?;
-        std::fs::write(&page, buf)?;
-        man.push(page);
+        cmd.build();
+        // The command's page, and one per subcommand (`filterctl-explain(1)`, ...).
+        let mut pages = vec![(name.clone(), cmd.clone())];
+        let mut stack: Vec<(String, clap::Command)> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .map(|s| (format!("{name}-{}", s.get_name()), s.clone()))
+            .collect();
+        while let Some((page_name, sub)) = stack.pop() {
+            stack.extend(
+                sub.get_subcommands()
+                    .filter(|s| s.get_name() != "help")
+                    .map(|s| (format!("{page_name}-{}", s.get_name()), s.clone())),
+            );
+            let bin = page_name.replace('-', " ");
+            pages.push((
+                page_name.clone(),
+                sub.clone().display_name(page_name).bin_name(bin),
+            ));
+        }
+        for (page_name, page_cmd) in pages {
+            let page = man_dir.join(format!("{page_name}.{section}"));
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(page_cmd)
+                .section(section)
+                .manual("filterd")
+                .source(format!("filterd {}", env!("CARGO_PKG_VERSION")))
+                .render(&mut buf)?;
+            std::fs::write(&page, buf)?;
+            man.push(page);
+        }
     }
     Ok(Generated { completions, man })
 }
