@@ -1412,6 +1412,17 @@ impl Dataplane {
         count_entries(&self.conns)
     }
 
+    /// Connections the classifier follows now, counted with batch lookups only (no fallback):
+    /// the kernel fixture tier checks the batch path works on every kernel of the matrix.
+    pub fn tracked_connections_batched(&self) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        batch_count(
+            self.conns.map().fd().as_fd().as_raw_fd(),
+            size_of::<ConnKey>(),
+            size_of::<Conn>(),
+        )
+    }
+
     /// Connections the classifier follows now, walked key by key (one syscall each): what
     /// [`Dataplane::tracked_connections`] is checked against.
     pub fn tracked_connections_walked(&self) -> usize {

@@ -1965,3 +1965,27 @@ fn check_changed(name: &str, ip: Ip, input: &[u8], out: &[u8], failures: &mut Ve
         failures.push(format!("{name} ({}): the segment grew", ip_name(ip)));
     }
 }
+
+/// `/metrics` counts the connection table with batch lookups (`BPF_MAP_LOOKUP_BATCH`, a few
+/// syscalls for the whole table): the same count as a walk key by key, over more entries than
+/// one batch takes.
+#[test]
+fn the_connection_table_is_counted_in_batches() {
+    if !lab::e2e_enabled("kernel::the_connection_table_is_counted_in_batches") {
+        return;
+    }
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let _events = dp.take_events().expect("event ring");
+    let base = dp.tracked_connections_walked();
+    for i in 0..2500u16 {
+        open_conn(&mut dp, Ip::V4, 10_000 + i);
+    }
+    let walked = dp.tracked_connections_walked();
+    assert_eq!(walked, base + 2500, "every handshake left its state");
+    assert_eq!(dp.tracked_connections(), walked);
+    assert_eq!(
+        dp.tracked_connections_batched()
+            .expect("the kernel has batch lookups for LRU hashes"),
+        walked
+    );
+}
