@@ -1,50 +1,79 @@
 //! The REST API: `pub fn router(state) -> Router`. Handlers validate input into the policy
-//! model, apply it through a [`PolicySink`] (the dataplane), persist it to the policy file, and
-//! only then change the policy they report and acknowledge, so what `GET /v1/rules` shows is
-//! what the kernel enforces and what a restart restores.
+//! model, apply it through a [`PolicySink`] (the dataplane), persist it to the policy state
+//! file, and only then change the policy they report and acknowledge, so what `GET /v1/rules`
+//! shows is what the kernel enforces and what a restart restores.
 //!
 //! Every route is registered through [`ApiBuilder::route`] together with its description, and
 //! `GET /v1/openapi.json` is generated from those descriptions: a route cannot exist without
 //! being documented. Routes marked `auth` need `Authorization: Bearer <token>` when the state
 //! has a token. Writes carry the policy's revision (`ETag`); a write naming a stale revision
-//! (`If-Match` header: 412; `revision` in the body: 409) changes nothing.
+//! (`If-Match` header: 412; `revision` in the body: 409) changes nothing. A write with
+//! `?dry_run=true` answers what it would change and changes nothing. Writes need
+//! `Content-Type: application/json` (a browser's cross-site form cannot send it), and
+//! [`host_guard`] holds `Host` to the address the API serves (DNS rebinding).
+//!
+//! Who owns the policy ([`PolicyStore`]): the API (`--state FILE`, the daemon's own file,
+//! rewritten on every change), or the operator (`--policy FILE|DIR`, read-only: reloaded
+//! from there, API writes refused with 409). Every accepted change is logged in one audit line
+//! (target `filterd::audit`) naming who made it: the TCP peer, the uid over the Unix socket,
+//! or the source that was reloaded.
+//!
+//! Reads of the dataplane (`/metrics`, `/v1/stats`, `/v1/status`, `/readyz`) go through an
+//! [`Observer`] and never take the policy lock, so a scrape never waits for a policy change.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use filter_common::Reason;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dataplane::{DataplaneError, MapFill};
+use crate::document::{self, Diagnostic};
+use crate::events::{EventHub, Line, SubscribeError, HEARTBEAT};
 use crate::hits::{HitKey, Outcome};
-use crate::policy::{self, MatchKind, Policy, PolicyFile, Rule, RuleKey, RuleSetSpec, RuleSpec};
+use crate::policy::{
+    self, MatchKind, Mode, Policy, PolicyFile, Rule, RuleKey, RuleSetSpec, RuleSpec,
+};
+use crate::serve::Peer;
 
 /// Where validated policy changes go: the dataplane in the daemon.
 pub trait PolicySink: Send {
     fn replace(&mut self, policy: &Policy) -> Result<(), DataplaneError>;
     fn upsert(&mut self, rule: &Rule) -> Result<(), DataplaneError>;
     fn remove(&mut self, key: &RuleKey) -> Result<(), DataplaneError>;
-    /// Counters by name: kernel verdict reasons, `responses_sent`, `responses_failed`,
-    /// `responses_limited`.
-    fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError>;
     /// Called after a change is applied and persisted, with the policy now in force.
     fn committed(&mut self, _policy: &Policy) {}
+    /// What reads the dataplane without the policy lock. Asked once, when the state is built.
+    fn observer(&self) -> Arc<dyn Observer> {
+        Arc::new(NoObserver)
+    }
+    /// Let go of the kernel objects at exit (`fail_open`: detach).
+    fn release(&mut self, _fail_open: bool) {}
+}
+
+/// Reads of the dataplane and the responder, safe to make while a policy change runs.
+pub trait Observer: Send + Sync {
+    /// Counters by name: kernel verdict reasons, `responses_sent`, `responses_failed`,
+    /// `responses_limited`.
+    fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+        Ok(BTreeMap::new())
+    }
     /// Rejections and monitor hits by rule, method and outcome ([`crate::hits`]), sorted.
     fn rule_hits(&self) -> Vec<(HitKey, u64)> {
         Vec::new()
     }
-    /// Policy map entries and capacities.
+    /// Policy map entries and capacities, and the connection table's.
     fn map_fill(&self) -> Vec<MapFill> {
         Vec::new()
     }
@@ -56,9 +85,21 @@ pub trait PolicySink: Send {
     fn status(&self) -> SinkStatus {
         SinkStatus::default()
     }
-    /// Let go of the kernel objects at exit (`fail_open`: detach).
-    fn release(&mut self, _fail_open: bool) {}
+    /// Whether every configured interface has both classifiers attached, asked of the kernel;
+    /// `Err` names what is missing (`/readyz`).
+    fn ready(&self) -> Result<(), Vec<String>> {
+        Ok(())
+    }
+    /// The live feed of refusals (`/v1/events`).
+    fn events(&self) -> Option<Arc<EventHub>> {
+        None
+    }
 }
+
+/// An observer of nothing (tests, a daemon without a dataplane).
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
 
 /// The dataplane's part of `GET /v1/status`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -73,17 +114,51 @@ pub struct SinkStatus {
     pub prefix_rules_supported: bool,
 }
 
-/// Where accepted policies are written.
-#[derive(Clone, Debug)]
-pub struct PolicyStore {
-    pub path: PathBuf,
+/// Who owns the policy and where it lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyStore {
+    /// API-owned (`--state FILE`): the daemon's own file, loaded at start (missing: an empty
+    /// policy) and rewritten on every accepted API change.
+    State(PathBuf),
+    /// Operator-owned (`--policy PATH`), read-only: a file, or a directory of `*.toml` files
+    /// (a mounted ConfigMap). Never written; reloaded from there (SIGHUP, or when the watch
+    /// sees it change). API writes are refused (409).
+    ReadOnly(PathBuf),
 }
 
 impl PolicyStore {
+    pub fn path(&self) -> &Path {
+        match self {
+            PolicyStore::State(p) | PolicyStore::ReadOnly(p) => p,
+        }
+    }
+
+    /// `state`, `file` or `directory` (`/v1/status`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyStore::State(_) => "state",
+            PolicyStore::ReadOnly(p) if p.is_dir() => "directory",
+            PolicyStore::ReadOnly(_) => "file",
+        }
+    }
+
+    /// Read and check the policy: every error, placed. A `--state` file that does not exist
+    /// yet is an empty policy at revision 0 when `missing_ok` (the first start).
+    pub fn load(&self, missing_ok: bool) -> document::Checked {
+        match self {
+            PolicyStore::State(p) if missing_ok && !p.exists() => Ok((Policy::default(), 0)),
+            PolicyStore::State(p) => document::check_source(p),
+            PolicyStore::ReadOnly(p) => document::check_source(p).map(|(p, _)| (p, 0)),
+        }
+    }
+
     fn save(&self, policy: &Policy, revision: u64) -> Result<(), policy::PolicyFileError> {
-        policy::write_atomic(&self.path, &policy::render_toml(policy, revision)).map_err(|source| {
+        let PolicyStore::State(path) = self else {
+            return Ok(());
+        };
+        policy::write_atomic(path, &policy::render_toml(policy, revision)).map_err(|source| {
             policy::PolicyFileError::Write {
-                path: self.path.display().to_string(),
+                path: path.display().to_string(),
                 source,
             }
         })
@@ -98,6 +173,77 @@ pub struct DaemonInfo {
     pub policy_file: Option<String>,
 }
 
+/// Who made a policy change, for the audit line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// The API client (`127.0.0.1:51234`, `uid 0 (pid 812) on the Unix socket`), or the source
+    /// that was reloaded.
+    pub who: String,
+    /// `api`, `reload` (SIGHUP, or the watch saw the source change).
+    pub via: &'static str,
+}
+
+impl Actor {
+    fn api(peer: Option<&Peer>) -> Actor {
+        Actor {
+            who: peer.map_or_else(|| "in-process".to_owned(), ToString::to_string),
+            via: "api",
+        }
+    }
+
+    /// A reload of the policy source, for `why` (`SIGHUP`, `the watch`).
+    pub fn reload(why: &str) -> Actor {
+        Actor {
+            who: why.to_owned(),
+            via: "reload",
+        }
+    }
+}
+
+/// The last accepted change (`/v1/status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct LastChange {
+    pub who: String,
+    pub via: &'static str,
+    pub at: String,
+    pub revision: u64,
+    pub change: &'static str,
+    pub summary: String,
+}
+
+/// How the policy source's last load went (`/v1/status`, `/metrics`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceHealth {
+    /// The last load or reload applied (or found nothing to change).
+    pub ok: bool,
+    pub at: Option<String>,
+    /// Why the source's current content is not in force: every error, placed.
+    pub errors: Vec<String>,
+    /// Reloads that failed since start.
+    pub failures: u64,
+}
+
+/// What `/metrics` reports of the policy, kept apart from the policy lock.
+#[derive(Clone, Debug, Default)]
+struct Summary {
+    revision: u64,
+    /// Rules by (match kind, mode): exact/enforce, exact/monitor, prefix/enforce,
+    /// prefix/monitor.
+    rules: [u64; 4],
+}
+
+impl Summary {
+    fn of(policy: &Policy, revision: u64) -> Summary {
+        let mut rules = [0u64; 4];
+        for r in policy.rules.values() {
+            let i =
+                usize::from(r.kind == MatchKind::Prefix) * 2 + usize::from(r.mode == Mode::Monitor);
+            rules[i] += 1;
+        }
+        Summary { revision, rules }
+    }
+}
+
 struct Inner {
     policy: Policy,
     revision: u64,
@@ -109,12 +255,36 @@ struct Shared {
     inner: Mutex<Inner>,
     token: Option<String>,
     info: DaemonInfo,
+    observer: Arc<dyn Observer>,
+    summary: Mutex<Summary>,
+    last_change: Mutex<Option<LastChange>>,
+    source: Mutex<SourceHealth>,
 }
 
 /// Shared state of the API: the policy, its revision and the sink, behind one lock so that each
 /// change is validated, applied, persisted and recorded as one step.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The source holds the policy in force.
+    Unchanged(u64),
+    /// Applied at this revision.
+    Applied(u64),
+}
+
+/// Why a reload kept the policy in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no policy source to reload (start filterd with --policy or --state)")]
+    NoSource,
+    #[error("{} (the policy in force is kept)", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Diagnostic>),
+    #[error("{0} (the policy in force is kept)")]
+    Apply(String),
+}
 
 impl AppState {
     /// State without a token (every route open) and without persistence.
@@ -130,6 +300,8 @@ impl AppState {
         token: Option<String>,
         info: DaemonInfo,
     ) -> AppState {
+        let observer = sink.observer();
+        let summary = Summary::of(&policy, revision);
         AppState(Arc::new(Shared {
             inner: Mutex::new(Inner {
                 policy,
@@ -139,6 +311,14 @@ impl AppState {
             }),
             token,
             info,
+            observer,
+            summary: Mutex::new(summary),
+            last_change: Mutex::new(None),
+            source: Mutex::new(SourceHealth {
+                ok: true,
+                at: Some(crate::events::now_rfc3339()),
+                ..SourceHealth::default()
+            }),
         }))
     }
 
@@ -156,28 +336,63 @@ impl AppState {
         self.lock().revision
     }
 
-    /// Re-read the policy file (SIGHUP). An invalid file keeps the policy in force; the error
-    /// says why. Returns the revision in force afterwards.
-    pub fn reload(&self) -> Result<u64, String> {
+    /// How the policy source's last load went.
+    pub fn source_health(&self) -> SourceHealth {
+        lock(&self.0.source).clone()
+    }
+
+    /// The last accepted change.
+    pub fn last_change(&self) -> Option<LastChange> {
+        lock(&self.0.last_change).clone()
+    }
+
+    /// Re-read the policy source (SIGHUP, or the watch saw it change). A source that does not
+    /// check keeps the policy in force and says why (every error, placed), here, in
+    /// `/v1/status` and in `/metrics`; a valid one is applied atomically under a new revision.
+    pub fn reload(&self, actor: &Actor) -> Result<Reloaded, ReloadError> {
+        let result = self.reload_inner(actor);
+        let mut health = lock(&self.0.source);
+        health.at = Some(crate::events::now_rfc3339());
+        match &result {
+            Ok(_) => {
+                health.ok = true;
+                health.errors.clear();
+            }
+            Err(ReloadError::NoSource) => {}
+            Err(e) => {
+                health.ok = false;
+                health.failures += 1;
+                health.errors = match e {
+                    ReloadError::Invalid(d) => document::one_per_line(d),
+                    other => vec![other.to_string()],
+                };
+            }
+        }
+        result
+    }
+
+    fn reload_inner(&self, actor: &Actor) -> Result<Reloaded, ReloadError> {
+        let store = self.lock().store.clone().ok_or(ReloadError::NoSource)?;
+        // Read and check without the lock: a large file takes a while.
+        let (next, file_revision) = store.load(false).map_err(ReloadError::Invalid)?;
         let mut inner = self.lock();
-        let store = inner
-            .store
-            .clone()
-            .ok_or_else(|| "no --policy file to reload".to_owned())?;
-        let (next, file_revision) =
-            policy::load_document(&store.path).map_err(|e| e.to_string())?;
         if next == inner.policy {
-            return Ok(inner.revision);
+            return Ok(Reloaded::Unchanged(inner.revision));
         }
         let revision = inner.revision.max(file_revision) + 1;
-        commit(&mut inner, next, Change::Replace, revision).map_err(|e| e.1)?;
-        Ok(revision)
+        commit(&self.0, &mut inner, next, Change::Replace, revision, actor)
+            .map_err(|e| ReloadError::Apply(e.1))?;
+        Ok(Reloaded::Applied(revision))
     }
 
     /// Hand the sink its exit (see [`PolicySink::release`]).
     pub fn release(&self, fail_open: bool) {
         self.lock().sink.release(fail_open);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Largest request body: a 100k-rule document fits.
@@ -255,6 +470,7 @@ impl ApiBuilder {
                 }),
             )
             .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(middleware::from_fn(json_writes))
             .layer(middleware::from_fn(timeout))
             .with_state(self.state)
     }
@@ -277,10 +493,27 @@ pub fn routes() -> Vec<RouteDoc> {
         responses: &[],
     };
     const UNAUTH: (u16, &str, Option<&str>) = (401, "Missing or wrong bearer token", ERR);
+    const DRY_RUN: (&str, bool, &str) = (
+        "dry_run",
+        false,
+        "`true`: answer what the change would do (a DryRun: the diff), change nothing",
+    );
     vec![
         RouteDoc {
             responses: &[(200, "The daemon answers", Some("Health"))],
             ..d("GET", "/healthz", "Liveness check", false)
+        },
+        RouteDoc {
+            responses: &[
+                (200, "Every configured interface has both classifiers attached", Some("Readiness")),
+                (503, "An interface is missing a classifier (named in `missing`)", Some("Readiness")),
+            ],
+            ..d(
+                "GET",
+                "/readyz",
+                "Readiness: the classifiers are attached on every interface, asked of the kernel",
+                false,
+            )
         },
         RouteDoc {
             responses: &[
@@ -297,8 +530,9 @@ pub fn routes() -> Vec<RouteDoc> {
         RouteDoc {
             request: Some("Policy"),
             if_match: true,
+            query: &[DRY_RUN],
             responses: &[
-                (200, "The policy now in force", Some("Policy")),
+                (200, "The policy now in force (with dry_run: the changes, as DryRun)", Some("Policy")),
                 (400, "Invalid document; the message names the field", ERR),
                 UNAUTH,
                 (409, "`revision` in the body is stale", ERR),
@@ -327,8 +561,9 @@ pub fn routes() -> Vec<RouteDoc> {
         RouteDoc {
             request: Some("RuleSet"),
             if_match: true,
+            query: &[DRY_RUN],
             responses: &[
-                (200, "The rules now in force", Some("RuleSet")),
+                (200, "The rules now in force (with dry_run: the changes, as DryRun)", Some("RuleSet")),
                 (400, "Invalid rules; the message names the field", ERR),
                 UNAUTH,
                 (409, "`revision` in the body is stale", ERR),
@@ -350,6 +585,7 @@ pub fn routes() -> Vec<RouteDoc> {
         RouteDoc {
             request: Some("Rule"),
             if_match: true,
+            query: &[DRY_RUN],
             responses: &[
                 (200, "Rule replaced", Some("RuleChange")),
                 (201, "Rule added", Some("RuleChange")),
@@ -364,6 +600,7 @@ pub fn routes() -> Vec<RouteDoc> {
             query: &[
                 ("path", true, "The rule's path"),
                 ("match", false, "`exact` (default) or `prefix`"),
+                DRY_RUN,
             ],
             if_match: true,
             responses: &[
@@ -389,6 +626,37 @@ pub fn routes() -> Vec<RouteDoc> {
             )
         },
         RouteDoc {
+            query: &[
+                ("method", true, "The request method, e.g. DELETE"),
+                ("target", true, "The request target as sent, e.g. /api/%61dmin/../x?y"),
+                ("header", false, "A request header `Name: value` (repeatable), e.g. a method override"),
+            ],
+            responses: &[
+                (200, "What the filter does with the request", Some("Explanation")),
+                (400, "Missing or invalid parameter", ERR),
+                UNAUTH,
+            ],
+            ..d(
+                "GET",
+                "/v1/explain",
+                "Explain the decision on a request: canonical path, rule, Allow set, answer",
+                true,
+            )
+        },
+        RouteDoc {
+            responses: &[
+                (200, "application/x-ndjson (or text/event-stream with `Accept: text/event-stream`): one Event per line as it happens; `{\"type\":\"lost\",\"count\":N}` when the reader fell behind, `{\"type\":\"heartbeat\"}` every 15 s", None),
+                UNAUTH,
+                (503, "Too many readers already", ERR),
+            ],
+            ..d(
+                "GET",
+                "/v1/events",
+                "Live feed of refusals and monitor-mode hits",
+                true,
+            )
+        },
+        RouteDoc {
             responses: &[
                 (200, "Prometheus text exposition format 0.0.4", None),
                 UNAUTH,
@@ -403,6 +671,9 @@ pub fn router(state: AppState) -> Router {
     for doc in routes() {
         b = match (doc.method, doc.path) {
             ("GET", "/healthz") => b.route(doc, healthz),
+            ("GET", "/readyz") => b.route(doc, readyz),
+            ("GET", "/v1/explain") => b.route(doc, explain),
+            ("GET", "/v1/events") => b.route(doc, events),
             ("GET", "/v1/policy") => b.route(doc, get_policy),
             ("PUT", "/v1/policy") => b.route(doc, put_policy),
             ("GET", "/v1/rules") => b.route(doc, list_rules),
@@ -447,6 +718,129 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
             );
             resp
         }
+    }
+}
+
+/// Writes (`POST`, `PUT`) must say `Content-Type: application/json`: an HTML form cannot, so
+/// a page in the operator's browser cannot post to the API behind its back (with `--no-auth`
+/// there is no token to stop it).
+async fn json_writes(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), HttpMethod::POST | HttpMethod::PUT) {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Type: {:?}: writes take `Content-Type: application/json`",
+                    ct
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The `Host` values an API listener accepts: the address it listens on (`localhost` too on
+/// loopback; any IP literal on a wildcard address), and the names given with `--api-host`.
+/// A browser lured to a name that resolves to this host (DNS rebinding) sends that name, and
+/// is refused with 421.
+#[derive(Clone, Debug)]
+pub struct AllowedHosts {
+    port: u16,
+    /// Lowercased `host` or `host:port` values.
+    names: Vec<String>,
+    /// Any IP literal (the API listens on 0.0.0.0 or ::).
+    any_ip: bool,
+}
+
+impl AllowedHosts {
+    pub fn new(listen: std::net::SocketAddr, extra: &[String]) -> AllowedHosts {
+        let ip = listen.ip();
+        let mut names = vec![match ip {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("[{a}]"),
+        }];
+        if ip.is_loopback() || ip.is_unspecified() {
+            names.push("localhost".into());
+        }
+        names.extend(extra.iter().map(|n| n.to_ascii_lowercase()));
+        AllowedHosts {
+            port: listen.port(),
+            names,
+            any_ip: ip.is_unspecified(),
+        }
+    }
+
+    /// Whether a request's `Host` names this listener.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p))
+                if !n.ends_with(':')
+                    && (n.starts_with('[') == n.ends_with(']'))
+                    && p.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (n.to_owned(), p.parse::<u16>().ok())
+            }
+            _ => (host.clone(), None),
+        };
+        if port.is_some_and(|p| p != self.port) {
+            return self.names.contains(&host);
+        }
+        if self.names.contains(&name) || self.names.contains(&host) {
+            return true;
+        }
+        self.any_ip
+            && name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+    }
+}
+
+/// `router` answering only requests whose `Host` is in `allowed` (TCP listeners; the Unix
+/// socket needs none: no browser reaches it).
+pub fn host_guard(router: Router, allowed: AllowedHosts) -> Router {
+    router.layer(middleware::from_fn_with_state(
+        Arc::new(allowed),
+        check_host,
+    ))
+}
+
+async fn check_host(
+    State(allowed): State<Arc<AllowedHosts>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if allowed.allows(&h) => next.run(req).await,
+        h => ApiError(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "Host {:?} is not an address this API serves (it accepts {}); to reach it under another name, start filterd with --api-host NAME",
+                h.unwrap_or_default(),
+                allowed
+                    .names
+                    .iter()
+                    .map(|n| format!("{n}:{}", allowed.port))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .into_response(),
     }
 }
 
@@ -557,9 +951,30 @@ enum Change {
     Remove(RuleKey),
 }
 
+impl Change {
+    fn name(&self) -> &'static str {
+        match self {
+            Change::Replace => "replace",
+            Change::Upsert(_) => "upsert",
+            Change::Remove(_) => "remove",
+        }
+    }
+}
+
 /// Apply `next` (reached from the policy in force by `change`) to the sink, persist it, and
-/// only then make it the policy in force at `revision`. On any failure nothing changes.
-fn commit(inner: &mut Inner, next: Policy, change: Change, revision: u64) -> Result<(), ApiError> {
+/// only then make it the policy in force at `revision`; log the audit line. On any failure
+/// nothing changes.
+fn commit(
+    shared: &Shared,
+    inner: &mut Inner,
+    next: Policy,
+    change: Change,
+    revision: u64,
+    actor: &Actor,
+) -> Result<(), ApiError> {
+    if actor.via == "api" {
+        writable(inner)?;
+    }
     match &change {
         Change::Replace => inner.sink.replace(&next)?,
         Change::Upsert(rule) => inner.sink.upsert(rule)?,
@@ -573,14 +988,99 @@ fn commit(inner: &mut Inner, next: Policy, change: Change, revision: u64) -> Res
             }
             return Err(ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "the policy file could not be written; the policy in force is unchanged".into(),
+                "the policy state file could not be written; the policy in force is unchanged"
+                    .into(),
             ));
         }
     }
+    let (switches, added, removed, changed) = crate::diff::counts(&inner.policy, &next);
     inner.policy = next;
     inner.revision = revision;
     inner.sink.committed(&inner.policy);
+    *lock(&shared.summary) = Summary::of(&inner.policy, revision);
+    let summary = format!(
+        "{switches} switches, {added} rules added, {removed} removed, {changed} changed; {} rules in force",
+        inner.policy.rules.len()
+    );
+    tracing::info!(
+        target: "filterd::audit",
+        who = %actor.who,
+        via = actor.via,
+        change = change.name(),
+        revision,
+        switches,
+        added,
+        removed,
+        changed,
+        rules = inner.policy.rules.len(),
+        "policy changed"
+    );
+    *lock(&shared.last_change) = Some(LastChange {
+        who: actor.who.clone(),
+        via: actor.via,
+        at: crate::events::now_rfc3339(),
+        revision,
+        change: change.name(),
+        summary,
+    });
     Ok(())
+}
+
+/// 409 when the policy is the operator's (`--policy`): the API does not write it.
+fn writable(inner: &Inner) -> Result<(), ApiError> {
+    match &inner.store {
+        Some(PolicyStore::ReadOnly(path)) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "the policy is read-only: filterd loads it from {} (--policy), watches it and never writes it; change that file (or its ConfigMap), or run filterd with --state FILE to manage the policy through the API",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `?dry_run=true` on a write.
+#[derive(Deserialize, Default)]
+struct WriteQuery {
+    dry_run: Option<bool>,
+}
+
+/// The answer to a write with `?dry_run=true`: what it would change.
+#[derive(Serialize)]
+pub struct DryRun {
+    pub dry_run: bool,
+    /// The revision in force (nothing changed).
+    pub revision: u64,
+    /// The revision the change would make.
+    pub would_be_revision: u64,
+    pub changes: crate::diff::PolicyDiff,
+}
+
+fn dry_run_answer(inner: &Inner, next: &Policy) -> Response {
+    (
+        etag(inner.revision),
+        Json(DryRun {
+            dry_run: true,
+            revision: inner.revision,
+            would_be_revision: inner.revision + 1,
+            changes: crate::diff::diff(&inner.policy, next),
+        }),
+    )
+        .into_response()
+}
+
+fn query_of(
+    q: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<bool, ApiError> {
+    Ok(q.map_err(|e| bad_request(format!("query: {e}")))?
+        .0
+        .dry_run
+        .unwrap_or(false))
+}
+
+fn peer_of(p: &Option<Extension<Peer>>) -> Option<&Peer> {
+    p.as_ref().map(|Extension(p)| p)
 }
 
 // ---------------------------------------------------------------------------
@@ -588,6 +1088,21 @@ fn commit(inner: &mut Inner, next: Policy, change: Change, revision: u64) -> Res
 
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let observer = state.0.observer.clone();
+    let ready = tokio::task::spawn_blocking(move || observer.ready())
+        .await
+        .unwrap_or_else(|e| Err(vec![format!("the readiness check failed: {e}")]));
+    match ready {
+        Ok(()) => Json(json!({"ready": true, "missing": []})).into_response(),
+        Err(missing) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "missing": missing})),
+        )
+            .into_response(),
+    }
 }
 
 async fn get_policy(State(state): State<AppState>) -> Response {
@@ -601,16 +1116,30 @@ async fn get_policy(State(state): State<AppState>) -> Response {
 
 async fn put_policy(
     State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    query: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let dry = query_of(query)?;
+    let actor = Actor::api(peer_of(&peer));
     off_the_workers(move || {
         let doc: PolicyFile = parse_json(&body)?;
         let next = Policy::from_file(&doc).map_err(|e| bad_request(e.to_string()))?;
         let mut inner = state.lock();
         check_revision(&headers, doc.revision, inner.revision)?;
+        if dry {
+            return Ok(dry_run_answer(&inner, &next));
+        }
         let revision = inner.revision + 1;
-        commit(&mut inner, next, Change::Replace, revision)?;
+        commit(
+            &state.0,
+            &mut inner,
+            next,
+            Change::Replace,
+            revision,
+            &actor,
+        )?;
         Ok((
             etag(inner.revision),
             Json(inner.policy.to_file(Some(inner.revision))),
@@ -653,9 +1182,13 @@ async fn list_rules(State(state): State<AppState>) -> Response {
 
 async fn replace_rules(
     State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    query: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let dry = query_of(query)?;
+    let actor = Actor::api(peer_of(&peer));
     off_the_workers(move || {
         let spec: RuleSetSpec = parse_json(&body)?;
         let mut inner = state.lock();
@@ -664,8 +1197,18 @@ async fn replace_rules(
             .policy
             .with_rules(&spec.rules)
             .map_err(|e| bad_request(e.to_string()))?;
+        if dry {
+            return Ok(dry_run_answer(&inner, &next));
+        }
         let revision = inner.revision + 1;
-        commit(&mut inner, next, Change::Replace, revision)?;
+        commit(
+            &state.0,
+            &mut inner,
+            next,
+            Change::Replace,
+            revision,
+            &actor,
+        )?;
         Ok(rule_set(&inner))
     })
     .await
@@ -680,9 +1223,13 @@ pub struct RuleChange {
 
 async fn upsert_rule(
     State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    query: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let dry = query_of(query)?;
+    let actor = Actor::api(peer_of(&peer));
     let spec: RuleSpec = parse_json(&body)?;
     let rule = Rule::from_spec(0, &spec)
         .map_err(|e| bad_request(e.to_string().replacen("rules[0].", "", 1)))?;
@@ -703,9 +1250,19 @@ async fn upsert_rule(
                 format!("the {} policy map is full", rule.kind),
             ));
         }
+        if dry {
+            return Ok(dry_run_answer(&inner, &next));
+        }
         let revision = inner.revision + 1;
         let out = rule.to_spec();
-        commit(&mut inner, next, Change::Upsert(rule), revision)?;
+        commit(
+            &state.0,
+            &mut inner,
+            next,
+            Change::Upsert(rule),
+            revision,
+            &actor,
+        )?;
         let status = if is_new {
             StatusCode::CREATED
         } else {
@@ -729,14 +1286,18 @@ struct RuleQuery {
     path: Option<String>,
     #[serde(rename = "match")]
     match_kind: Option<String>,
+    dry_run: Option<bool>,
 }
 
 async fn remove_rule(
     State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     query: Result<Query<RuleQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query.map_err(|e| bad_request(format!("query: {e}")))?.0;
+    let dry = q.dry_run.unwrap_or(false);
+    let actor = Actor::api(peer_of(&peer));
     let path = q.path.ok_or_else(|| {
         bad_request("query parameter `path` is required: DELETE /v1/rules?path=/api/items")
     })?;
@@ -761,19 +1322,116 @@ async fn remove_rule(
         }
         let mut next = inner.policy.clone();
         next.rules.remove(&key);
+        if dry {
+            return Ok(dry_run_answer(&inner, &next));
+        }
         let revision = inner.revision + 1;
-        commit(&mut inner, next, Change::Remove(key), revision)?;
+        commit(
+            &state.0,
+            &mut inner,
+            next,
+            Change::Remove(key),
+            revision,
+            &actor,
+        )?;
         Ok((StatusCode::NO_CONTENT, etag(revision)).into_response())
     })
     .await
 }
 
-async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn explain(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query.map_err(|e| bad_request(format!("query: {e}")))?.0;
+    let one = |name: &str| {
+        q.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "query parameter `{name}` is required: GET /v1/explain?method=DELETE&target=/api/items"
+                ))
+            })
+    };
+    let (method, target) = (one("method")?, one("target")?);
+    let headers: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "header")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let opts = crate::explain::Options {
+        dry_run: state.0.observer.status().dry_run,
+    };
     let inner = state.lock();
-    let counters = inner.sink.counters()?;
-    let by_rule: Vec<Value> = inner
-        .sink
-        .rule_hits()
+    let e = crate::explain::explain(&inner.policy, &opts, &method, &target, &headers)
+        .map_err(|e| bad_request(e.to_string()))?;
+    let mut v = serde_json::to_value(e).expect("an explanation serializes");
+    v["revision"] = json!(inner.revision);
+    Ok((etag(inner.revision), Json(v)).into_response())
+}
+
+async fn events(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let hub = state.0.observer.events().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this daemon has no event feed".into(),
+        )
+    })?;
+    let sub = hub.subscribe().map_err(|e| match e {
+        SubscribeError::Full | SubscribeError::Closed => {
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    })?;
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let body = Body::from_stream(futures_util::stream::unfold(
+        sub,
+        move |mut sub| async move {
+            let line = sub.next(HEARTBEAT).await?;
+            Some((
+                Ok::<Bytes, std::convert::Infallible>(render_line(&line, sse)),
+                sub,
+            ))
+        },
+    ));
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// One line of the feed: a JSON line, or a server-sent event.
+pub fn render_line(line: &Line, sse: bool) -> Bytes {
+    let json = serde_json::to_string(line).expect("a feed line serializes");
+    if !sse {
+        return Bytes::from(json + "\n");
+    }
+    match line {
+        Line::Heartbeat { .. } => Bytes::from_static(b": heartbeat\n\n"),
+        Line::Lost { .. } => Bytes::from(format!("event: lost\ndata: {json}\n\n")),
+        Line::Event(e) => Bytes::from(format!("event: {}\ndata: {json}\n\n", e.kind)),
+    }
+}
+
+async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let observer = state.0.observer.clone();
+    let (counters, hits) =
+        tokio::task::spawn_blocking(move || observer.counters().map(|c| (c, observer.rule_hits())))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let by_rule: Vec<Value> = hits
         .into_iter()
         .map(|(k, n)| {
             json!({
@@ -785,41 +1443,71 @@ async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
             })
         })
         .collect();
+    let summary = lock(&state.0.summary).clone();
     Ok(Json(json!({
         "counters": counters,
         "by_rule": by_rule,
-        "rules": inner.policy.rules.len(),
-        "revision": inner.revision,
+        "rules": summary.rules.iter().sum::<u64>(),
+        "revision": summary.revision,
     })))
 }
 
 async fn status(State(state): State<AppState>) -> Json<Value> {
-    let inner = state.lock();
+    let dataplane = state.0.observer.status();
+    let summary = lock(&state.0.summary).clone();
+    let store = state.lock().store.clone();
+    let source = match &store {
+        None => json!({"source": "memory", "path": null, "read_only": false}),
+        Some(s) => json!({
+            "source": s.kind(),
+            "path": s.path().display().to_string(),
+            "read_only": matches!(s, PolicyStore::ReadOnly(_)),
+        }),
+    };
+    let mut policy = source;
+    policy["health"] = serde_json::to_value(state.source_health()).expect("serializes");
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "revision": inner.revision,
+        "build": {"revision": crate::GIT_REVISION, "bpf_object_sha256": crate::BPF_OBJECT_SHA256},
+        "revision": summary.revision,
         "rules": {
-            "exact": inner.policy.count(MatchKind::Exact),
-            "prefix": inner.policy.count(MatchKind::Prefix),
+            "exact": summary.rules[0] + summary.rules[1],
+            "prefix": summary.rules[2] + summary.rules[3],
         },
         "fail_mode": state.0.info.fail_mode,
         "policy_file": state.0.info.policy_file,
-        "dataplane": inner.sink.status(),
+        "policy": policy,
+        "last_change": state.last_change(),
+        "dataplane": dataplane,
     }))
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let inner = state.lock();
-    let counters = inner.sink.counters()?;
-    let text = render_metrics(
-        &counters,
-        &inner.sink.rule_hits(),
-        &inner.policy,
-        inner.revision,
-        &inner.sink.map_fill(),
-        inner.sink.write_failures(),
-        &inner.sink.status(),
-    );
+    let s = state.clone();
+    // The kernel's counters and the connection table are read on a blocking thread, without
+    // the policy lock.
+    let text = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
+        let o = &s.0.observer;
+        let counters = o.counters()?;
+        let summary = lock(&s.0.summary).clone();
+        let health = s.source_health();
+        let events = o.events();
+        Ok(render_metrics(&MetricsInput {
+            counters: &counters,
+            hits: &o.rule_hits(),
+            rules: summary.rules,
+            revision: summary.revision,
+            fill: &o.map_fill(),
+            write_failures: o.write_failures(),
+            status: &o.status(),
+            reload_ok: health.ok,
+            reload_failures: health.failures,
+            event_readers: events.as_ref().map_or(0, |h| h.subscribers()),
+            event_lost: events.as_ref().map_or(0, |h| h.lost()),
+        }))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -844,18 +1532,54 @@ pub fn label_value(v: &str) -> String {
     out
 }
 
-/// The Prometheus text exposition of the daemon's state. `hits` are the rows of
-/// [`crate::hits::RuleHits`].
-pub fn render_metrics(
-    counters: &BTreeMap<String, u64>,
-    hits: &[(HitKey, u64)],
-    policy: &Policy,
-    revision: u64,
-    fill: &[MapFill],
-    write_failures: u64,
-    status: &SinkStatus,
-) -> String {
+/// Reasons the kernel counts besides a packet's own verdict (the packet is counted under its
+/// verdict too): each its own counter in `/metrics`, out of `filterd_packets_total`, whose
+/// reasons add up to the packets and requests decided. Every other reason is a verdict
+/// (`reset_failed` included: the segment is dropped and counted there only).
+pub const EXTRA_COUNTS: [(Reason, &str, &str); 4] = [
+    (
+        Reason::EventLost,
+        "filterd_events_lost_total",
+        "Refusals whose event did not fit the kernel's ring buffer: the backend was reset, the client got no answer.",
+    ),
+    (
+        Reason::ReplyLost,
+        "filterd_replies_lost_total",
+        "Connections whose responses the egress classifier could not frame (they fall back to refusing without waiting for earlier responses).",
+    ),
+    (
+        Reason::UrgentCleared,
+        "filterd_urgent_cleared_total",
+        "Segments whose TCP urgent pointer was cleared so the server reads the urgent byte in line.",
+    ),
+    (
+        Reason::UpgradeRefused,
+        "filterd_upgrades_refused_total",
+        "Upgrade or CONNECT requests the backend answered without switching protocols (the connection goes on as HTTP/1.1).",
+    ),
+];
+
+/// What [`render_metrics`] renders.
+pub struct MetricsInput<'a> {
+    pub counters: &'a BTreeMap<String, u64>,
+    /// The rows of [`crate::hits::RuleHits`].
+    pub hits: &'a [(HitKey, u64)],
+    /// Rules by (match, mode): exact/enforce, exact/monitor, prefix/enforce, prefix/monitor.
+    pub rules: [u64; 4],
+    pub revision: u64,
+    pub fill: &'a [MapFill],
+    pub write_failures: u64,
+    pub status: &'a SinkStatus,
+    pub reload_ok: bool,
+    pub reload_failures: u64,
+    pub event_readers: usize,
+    pub event_lost: u64,
+}
+
+/// The Prometheus text exposition of the daemon's state.
+pub fn render_metrics(m: &MetricsInput<'_>) -> String {
     use std::fmt::Write as _;
+    let counters = m.counters;
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -864,20 +1588,34 @@ pub fn render_metrics(
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
+    let count = |r: Reason| counters.get(r.name()).copied().unwrap_or(0);
+    family(
+        "filterd_build_info",
+        "gauge",
+        "The build: version, git revision, SHA-256 of the embedded kernel object.",
+        vec![(
+            format!(
+                "{{version=\"{}\",revision=\"{}\",bpf_object_sha256=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                label_value(crate::GIT_REVISION),
+                crate::BPF_OBJECT_SHA256
+            ),
+            1,
+        )],
+    );
     family(
         "filterd_packets_total",
         "counter",
-        "Packets the classifier decided on, by verdict reason (kernel counters; see ARCHITECTURE.md).",
+        "Packets and requests the classifiers decided on, by verdict reason (kernel counters; see ARCHITECTURE.md).",
         Reason::ALL
             .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.name()),
-                    counters.get(r.name()).copied().unwrap_or(0),
-                )
-            })
+            .filter(|r| !EXTRA_COUNTS.iter().any(|(x, _, _)| x == *r))
+            .map(|r| (format!("{{reason=\"{}\"}}", r.name()), count(*r)))
             .collect(),
     );
+    for (r, name, help) in EXTRA_COUNTS {
+        family(name, "counter", help, vec![(String::new(), count(r))]);
+    }
     family(
         "filterd_responses_total",
         "counter",
@@ -913,7 +1651,8 @@ pub fn render_metrics(
             name,
             "counter",
             help,
-            hits.iter()
+            m.hits
+                .iter()
                 .filter(|(k, _)| k.outcome == outcome)
                 .map(|(k, n)| {
                     (
@@ -930,33 +1669,33 @@ pub fn render_metrics(
         );
     }
     let mut rules = Vec::new();
-    for kind in [MatchKind::Exact, MatchKind::Prefix] {
-        for (mode, m) in [
-            ("enforce", policy::Mode::Enforce),
-            ("monitor", policy::Mode::Monitor),
-        ] {
-            let n = policy
-                .rules
-                .values()
-                .filter(|r| r.kind == kind && r.mode == m)
-                .count();
-            rules.push((format!("{{match=\"{kind}\",mode=\"{mode}\"}}"), n as u64));
-        }
+    for (i, (kind, mode)) in [
+        ("exact", "enforce"),
+        ("exact", "monitor"),
+        ("prefix", "enforce"),
+        ("prefix", "monitor"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        rules.push((format!("{{match=\"{kind}\",mode=\"{mode}\"}}"), m.rules[i]));
     }
     family("filterd_rules", "gauge", "Rules in force.", rules);
     family(
         "filterd_map_entries",
         "gauge",
-        "Entries in the active policy maps.",
-        fill.iter()
+        "Entries in the kernel's maps: the policy in force (rules_exact, rules_prefix) and the connection table (connections).",
+        m.fill
+            .iter()
             .map(|f| (format!("{{map=\"{}\"}}", f.map), f.entries as u64))
             .collect(),
     );
     family(
         "filterd_map_capacity",
         "gauge",
-        "Capacity of the active policy maps.",
-        fill.iter()
+        "Capacity of the kernel's maps (as filterd_map_entries).",
+        m.fill
+            .iter()
             .map(|f| (format!("{{map=\"{}\"}}", f.map), f.capacity as u64))
             .collect(),
     );
@@ -964,25 +1703,49 @@ pub fn render_metrics(
         "filterd_map_write_failures_total",
         "counter",
         "Kernel map writes that failed (the change was refused).",
-        vec![(String::new(), write_failures)],
+        vec![(String::new(), m.write_failures)],
     );
     family(
         "filterd_policy_revision",
         "gauge",
         "Revision of the policy in force.",
-        vec![(String::new(), revision)],
+        vec![(String::new(), m.revision)],
+    );
+    family(
+        "filterd_policy_last_reload_successful",
+        "gauge",
+        "1 when the policy source's last load was applied (or held the policy in force); 0 when it does not check and the previous policy is kept (see /v1/status).",
+        vec![(String::new(), u64::from(m.reload_ok))],
+    );
+    family(
+        "filterd_policy_reload_failures_total",
+        "counter",
+        "Reloads of the policy source that were refused.",
+        vec![(String::new(), m.reload_failures)],
     );
     family(
         "filterd_dry_run",
         "gauge",
         "1 when the daemon runs with --dry-run (nothing is blocked).",
-        vec![(String::new(), status.dry_run as u64)],
+        vec![(String::new(), m.status.dry_run as u64)],
     );
     family(
         "filterd_interfaces_attached",
         "gauge",
         "Interfaces the classifier is attached to.",
-        vec![(String::new(), status.interfaces.len() as u64)],
+        vec![(String::new(), m.status.interfaces.len() as u64)],
+    );
+    family(
+        "filterd_event_readers",
+        "gauge",
+        "Readers of the live event feed (/v1/events).",
+        vec![(String::new(), m.event_readers as u64)],
+    );
+    family(
+        "filterd_event_feed_lost_total",
+        "counter",
+        "Events readers of the live feed lost by falling behind.",
+        vec![(String::new(), m.event_lost)],
     );
     out
 }
@@ -1066,6 +1829,51 @@ pub fn schemas() -> Value {
                 "revision": {"type": "integer"}
             }
         },
+        "Readiness": {
+            "type": "object", "required": ["ready", "missing"],
+            "properties": {
+                "ready": {"type": "boolean"},
+                "missing": {"type": "array", "items": {"type": "string"}, "description": "`IFACE HOOK: why` for each classifier not attached"}
+            }
+        },
+        "Explanation": {
+            "type": "object",
+            "properties": {
+                "method": {"type": "string"},
+                "target": {"type": "string"},
+                "path": {"type": ["string", "null"], "description": "The path as the request line carries it (no query)"},
+                "canonical": {"type": ["string", "null"], "description": "The path rules are looked up with"},
+                "path_refused": {"type": ["string", "null"], "description": "Why the path is refused (400)"},
+                "rule": {"type": ["object", "null"], "properties": {
+                    "path": {"type": "string"}, "match": {"type": "string", "enum": ["exact", "prefix"]},
+                    "mode": {"type": "string", "enum": ["enforce", "monitor"]},
+                    "methods": {"type": "array", "items": {"type": "string"}}
+                }},
+                "allow": {"type": "array", "items": {"type": "string"}, "description": "The Allow set; [\"*\"]: any method"},
+                "override_method": {"type": ["string", "null"]},
+                "reasons": {"type": "array", "items": {"type": "string"}, "description": "What the kernel counts"},
+                "verdict": {"type": "string", "enum": ["pass", "monitor", "refuse"]},
+                "answer": {"type": ["integer", "null"], "description": "405, 400, 414, 431 or 204 when refused"},
+                "summary": {"type": "string"},
+                "revision": {"type": "integer"}
+            }
+        },
+        "DryRun": {
+            "type": "object",
+            "properties": {
+                "dry_run": {"type": "boolean"},
+                "revision": {"type": "integer"},
+                "would_be_revision": {"type": "integer"},
+                "changes": {"type": "object", "properties": {
+                    "switches": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "before": {}, "after": {}}}},
+                    "added": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
+                    "removed": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
+                    "changed": {"type": "array", "items": {"type": "object", "properties": {
+                        "before": {"$ref": "#/components/schemas/Rule"}, "after": {"$ref": "#/components/schemas/Rule"}}}},
+                    "unchanged": {"type": "integer"}
+                }}
+            }
+        },
         "Status": {
             "type": "object",
             "properties": {
@@ -1102,7 +1910,24 @@ pub fn openapi(docs: &[RouteDoc]) -> Value {
             );
         }
         let mut responses = serde_json::Map::new();
-        for (code, desc, schema) in d.responses {
+        let write = matches!(d.method, "POST" | "PUT" | "DELETE");
+        let mut extra: Vec<(u16, &str, Option<&str>)> = Vec::new();
+        if write {
+            extra.push((
+                409,
+                "The policy is read-only (filterd --policy): change its file",
+                ERR,
+            ));
+        }
+        if matches!(d.method, "POST" | "PUT") {
+            extra.push((415, "Content-Type is not application/json", ERR));
+        }
+        for (code, desc, schema) in d.responses.iter().chain(extra.iter()) {
+            if let Some(r) = responses.get_mut(&code.to_string()) {
+                let joined = format!("{}; or: {desc}", r["description"].as_str().unwrap_or(""));
+                r["description"] = json!(joined);
+                continue;
+            }
             let mut r = json!({"description": desc});
             match schema {
                 Some(s) => {
@@ -1172,6 +1997,10 @@ mod tests {
         fail: bool,
         /// Given each committed policy and reported, as the daemon's sink does.
         hits: Arc<RuleHits>,
+        /// The event feed the observer offers.
+        events: Option<Arc<EventHub>>,
+        /// What `/readyz` reports missing.
+        missing: Vec<String>,
     }
 
     impl PolicySink for Recorder {
@@ -1196,14 +2025,41 @@ mod tests {
                 .push(format!("remove {} {}", key.kind, key.path));
             Ok(())
         }
-        fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
-            Ok(BTreeMap::from([("rejected".to_owned(), 3)]))
-        }
         fn committed(&mut self, p: &Policy) {
             self.hits.set_policy(p);
         }
+        fn observer(&self) -> Arc<dyn Observer> {
+            Arc::new(RecorderView {
+                hits: self.hits.clone(),
+                events: self.events.clone(),
+                missing: self.missing.clone(),
+            })
+        }
+    }
+
+    /// What the API reads of a [`Recorder`].
+    struct RecorderView {
+        hits: Arc<RuleHits>,
+        events: Option<Arc<EventHub>>,
+        missing: Vec<String>,
+    }
+
+    impl Observer for RecorderView {
+        fn counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+            Ok(BTreeMap::from([("rejected".to_owned(), 3)]))
+        }
         fn rule_hits(&self) -> Vec<(HitKey, u64)> {
             self.hits.snapshot()
+        }
+        fn ready(&self) -> Result<(), Vec<String>> {
+            if self.missing.is_empty() {
+                Ok(())
+            } else {
+                Err(self.missing.clone())
+            }
+        }
+        fn events(&self) -> Option<Arc<EventHub>> {
+            self.events.clone()
         }
     }
 
@@ -1224,6 +2080,14 @@ mod tests {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in hdrs {
             req = req.header(*k, *v);
+        }
+        // Writes say what they send, as every client of the API does.
+        if matches!(method, "POST" | "PUT")
+            && !hdrs
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/json");
         }
         let req = req.body(Body::from(body.to_owned())).unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
@@ -1263,7 +2127,7 @@ mod tests {
             Policy::default(),
             0,
             Box::new(Recorder::default()),
-            store.map(|path| PolicyStore { path }),
+            store.map(PolicyStore::State),
             Some(TOKEN.into()),
             DaemonInfo {
                 fail_mode: "closed".into(),
@@ -1601,15 +2465,23 @@ mod tests {
 
         // A broken file: reload refuses it and keeps the policy.
         std::fs::write(&file, "[[rules]]\npath = \"nope\"\nmethods = [\"GET\"]\n").unwrap();
-        let err = state.reload().unwrap_err();
-        assert!(
-            err.contains("line 1") && err.contains("rules[0].path"),
-            "{err}"
-        );
+        let err = state
+            .reload(&Actor::reload("test"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2:8: rules[0].path"), "{err}");
+        let health = state.source_health();
+        assert!(!health.ok && health.failures == 1, "{health:?}");
+        assert!(health.errors[0].contains("rules[0].path"), "{health:?}");
         assert_eq!(state.policy().rules.len(), 1);
         // A good one replaces it and bumps the revision.
         std::fs::write(&file, "[[rules]]\npath = \"/q\"\nmethods = [\"PUT\"]\n").unwrap();
-        assert_eq!(state.reload().unwrap(), 2);
+        assert_eq!(
+            state.reload(&Actor::reload("test")).unwrap(),
+            Reloaded::Applied(2)
+        );
+        assert!(state.source_health().ok);
+        assert_eq!(state.last_change().unwrap().who, "test");
         assert!(state.policy().exact("/q").is_some());
         assert_eq!(policy::load_document(&file).unwrap().1, 2);
 
@@ -1739,6 +2611,27 @@ mod tests {
         }
     }
 
+    fn input<'a>(
+        counters: &'a BTreeMap<String, u64>,
+        hits: &'a [(HitKey, u64)],
+        fill: &'a [MapFill],
+    ) -> MetricsInput<'a> {
+        static STATUS: std::sync::OnceLock<SinkStatus> = std::sync::OnceLock::new();
+        MetricsInput {
+            counters,
+            hits,
+            rules: [0; 4],
+            revision: 9,
+            fill,
+            write_failures: 0,
+            status: STATUS.get_or_init(SinkStatus::default),
+            reload_ok: true,
+            reload_failures: 0,
+            event_readers: 0,
+            event_lost: 0,
+        }
+    }
+
     #[test]
     fn metrics_have_every_reason_and_valid_lines() {
         let counters = BTreeMap::from([
@@ -1747,35 +2640,68 @@ mod tests {
         ]);
         let p = Policy::from_specs(policy::DefaultPolicy::Any, &[RuleSpec::new("/a", &["GET"])])
             .unwrap();
-        let text = render_metrics(
-            &counters,
-            &[],
-            &p,
-            9,
-            &[MapFill {
-                map: "RULES_A",
-                entries: 1,
-                capacity: 10,
-            }],
-            0,
-            &SinkStatus::default(),
-        );
+        let text = render_metrics(&MetricsInput {
+            rules: Summary::of(&p, 9).rules,
+            ..input(
+                &counters,
+                &[],
+                &[MapFill {
+                    map: "rules_exact",
+                    entries: 1,
+                    capacity: 10,
+                }],
+            )
+        });
+        // Every reason by name: a verdict in filterd_packets_total, an extra count in a
+        // counter of its own (and not in filterd_packets_total).
         for r in Reason::ALL {
+            let verdict = format!("filterd_packets_total{{reason=\"{}\"}} ", r.name());
+            match EXTRA_COUNTS.iter().find(|(x, _, _)| *x == r) {
+                Some((_, name, _)) => {
+                    assert!(!text.contains(&verdict), "{}", r.name());
+                    assert!(text.contains(&format!("\n{name} 0\n")), "{name}");
+                }
+                None => assert!(text.contains(&verdict), "{}", r.name()),
+            }
+        }
+        for extra in [
+            "event_lost",
+            "reply_lost",
+            "urgent_cleared",
+            "upgrade_refused",
+        ] {
             assert!(
-                text.contains(&format!(
-                    "filterd_packets_total{{reason=\"{}\"}} ",
-                    r.name()
-                )),
-                "{}",
-                r.name()
+                EXTRA_COUNTS.iter().any(|(r, _, _)| r.name() == extra),
+                "{extra}"
             );
         }
         assert!(text.contains("filterd_packets_total{reason=\"rejected\"} 5\n"));
+        assert!(text.contains("filterd_packets_total{reason=\"reset_failed\"} 0\n"));
         assert!(text.contains("filterd_responses_total{result=\"sent\"} 4\n"));
         assert!(text.contains("filterd_rules{match=\"exact\",mode=\"enforce\"} 1\n"));
-        assert!(text.contains("filterd_map_entries{map=\"RULES_A\"} 1\n"));
+        assert!(text.contains("filterd_map_entries{map=\"rules_exact\"} 1\n"));
         assert!(text.contains("filterd_policy_revision 9\n"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(text.contains("filterd_policy_last_reload_successful 1\n"));
+        assert!(text.contains(&format!(
+            "filterd_build_info{{version=\"{}\",revision=\"{}\",bpf_object_sha256=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            crate::GIT_REVISION,
+            crate::BPF_OBJECT_SHA256
+        )));
+        // Prometheus conventions: counters end in _total, every family has HELP and TYPE
+        // once, every sample's value is a number.
+        let mut families = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(families.insert(name.to_owned()), "{name} twice");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+                assert!(name.starts_with("filterd_"), "{line}");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
             let (_, v) = line.rsplit_once(' ').unwrap();
             v.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
         }
@@ -1816,15 +2742,7 @@ mod tests {
             method: "PATCH",
             outcome: Outcome::Rejected,
         });
-        let text = render_metrics(
-            &BTreeMap::new(),
-            &hits.snapshot(),
-            &p,
-            1,
-            &[],
-            0,
-            &SinkStatus::default(),
-        );
+        let text = render_metrics(&input(&BTreeMap::new(), &hits.snapshot(), &[]));
         let samples = |name: &str| -> Vec<&str> {
             text.lines()
                 .filter(|l| l.starts_with(&format!("{name}{{")))
@@ -1854,15 +2772,7 @@ mod tests {
             method: "PATCH",
             outcome: Outcome::Rejected,
         });
-        let text = render_metrics(
-            &BTreeMap::new(),
-            &hits.snapshot(),
-            &p,
-            1,
-            &[],
-            0,
-            &SinkStatus::default(),
-        );
+        let text = render_metrics(&input(&BTreeMap::new(), &hits.snapshot(), &[]));
         assert!(
             text.contains(
                 "filterd_rejections_total{rule=\"/q\\\"uote\\\\\",match=\"exact\",method=\"PATCH\"} 1\n"
@@ -1913,5 +2823,406 @@ mod tests {
         ] {
             assert!(r.text.contains(want), "{want}\n{}", r.text);
         }
+    }
+
+    #[tokio::test]
+    async fn dry_runs_answer_the_changes_and_change_nothing() {
+        let (app, log) = app(false);
+        call(
+            &app,
+            "PUT",
+            "/v1/rules",
+            r#"{"rules":[{"path":"/a","methods":["GET"]},{"path":"/b","methods":["GET"]}]}"#,
+        )
+        .await;
+        let r = send(
+            &app,
+            "PUT",
+            "/v1/rules?dry_run=true",
+            r#"{"rules":[{"path":"/%61","methods":["GET","PUT"]},{"path":"/c/","match":"prefix","methods":["GET"]}]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.json["dry_run"], true);
+        assert_eq!(
+            (&r.json["revision"], &r.json["would_be_revision"]),
+            (&json!(1), &json!(2))
+        );
+        let c = &r.json["changes"];
+        assert_eq!(
+            c["added"],
+            json!([{"path":"/c/","match":"prefix","methods":["GET"]}])
+        );
+        assert_eq!(c["removed"], json!([{"path":"/b","methods":["GET"]}]));
+        assert_eq!(c["changed"][0]["after"]["methods"], json!(["GET", "PUT"]));
+        // The other writes too; none of them reaches the dataplane or the revision.
+        let r = send(
+            &app,
+            "PUT",
+            "/v1/policy?dry_run=true",
+            r#"{"default":["GET"],"rules":[]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(
+            r.json["changes"]["switches"][0]["field"], "default",
+            "{}",
+            r.text
+        );
+        assert_eq!(r.json["changes"]["removed"].as_array().unwrap().len(), 2);
+        let r = send(
+            &app,
+            "POST",
+            "/v1/rules?dry_run=true",
+            r#"{"path":"/z","methods":["GET"]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.json["changes"]["added"][0]["path"], "/z");
+        let r = send(&app, "DELETE", "/v1/rules?path=/a&dry_run=true", "", &[]).await;
+        assert_eq!(r.json["changes"]["removed"][0]["path"], "/a", "{}", r.text);
+        // Invalid input and stale revisions are refused as without dry_run.
+        let r = send(
+            &app,
+            "PUT",
+            "/v1/rules?dry_run=true",
+            r#"{"revision":0,"rules":[]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CONFLICT);
+        let r = send(
+            &app,
+            "PUT",
+            "/v1/rules?dry_run=maybe",
+            r#"{"rules":[]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(*log.lock().unwrap(), ["replace 2"]);
+        let (_, rules) = call(&app, "GET", "/v1/rules", "").await;
+        assert_eq!(rules["revision"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_policy_refuses_api_writes_and_reloads_from_its_source() {
+        let dir = std::env::temp_dir().join(format!("filterd-ro-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        let text = "# the operator's comment\n[[rules]]\npath = \"/a\"\nmethods = [\"GET\"]\n";
+        std::fs::write(&file, text).unwrap();
+        let state = AppState::with(
+            policy::parse_toml(text).unwrap(),
+            1,
+            Box::new(Recorder::default()),
+            Some(PolicyStore::ReadOnly(file.clone())),
+            None,
+            DaemonInfo::default(),
+        );
+        let app = router(state.clone());
+        for (method, uri, body) in [
+            ("POST", "/v1/rules", r#"{"path":"/b","methods":["GET"]}"#),
+            ("PUT", "/v1/rules", r#"{"rules":[]}"#),
+            ("PUT", "/v1/policy", r#"{"rules":[]}"#),
+            ("DELETE", "/v1/rules?path=/a", ""),
+        ] {
+            let r = send(&app, method, uri, body, &[]).await;
+            assert_eq!(r.status, StatusCode::CONFLICT, "{method} {uri}");
+            let msg = r.json["error"].as_str().unwrap();
+            assert!(
+                msg.contains("read-only") && msg.contains("--state"),
+                "{msg}"
+            );
+        }
+        // A dry run still answers.
+        let r = send(
+            &app,
+            "PUT",
+            "/v1/rules?dry_run=true",
+            r#"{"rules":[]}"#,
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            text,
+            "never written"
+        );
+        // A bad new version keeps the old policy and says why, in the status too.
+        std::fs::write(&file, "[[rules]]\npath = \"/a\"\nmethods = [\"FETCH\"]\n").unwrap();
+        assert!(state.reload(&Actor::reload("the watch")).is_err());
+        let (_, st) = call(&app, "GET", "/v1/status", "").await;
+        assert_eq!(st["policy"]["source"], "file");
+        assert_eq!(st["policy"]["read_only"], true);
+        assert_eq!(st["policy"]["health"]["ok"], false);
+        assert!(
+            st["policy"]["health"]["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains(":3:12: rules[0].methods"),
+            "{st}"
+        );
+        assert!(state.policy().exact("/a").is_some());
+        let r = send(&app, "GET", "/metrics", "", &[]).await;
+        assert!(
+            r.text.contains("filterd_policy_last_reload_successful 0\n"),
+            "{}",
+            r.text
+        );
+        // A good one is applied, and the audit names the watch.
+        std::fs::write(&file, "[[rules]]\npath = \"/b\"\nmethods = [\"PUT\"]\n").unwrap();
+        assert_eq!(
+            state.reload(&Actor::reload("the watch")).unwrap(),
+            Reloaded::Applied(2)
+        );
+        let (_, st) = call(&app, "GET", "/v1/status", "").await;
+        assert_eq!(st["policy"]["health"]["ok"], true);
+        assert_eq!(st["last_change"]["who"], "the watch");
+        assert_eq!(st["last_change"]["via"], "reload");
+        assert_eq!(
+            state.reload(&Actor::reload("x")).unwrap(),
+            Reloaded::Unchanged(2)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_need_json_and_say_who_made_them() {
+        let (app, _) = app(false);
+        for ct in [
+            None,
+            Some("application/x-www-form-urlencoded"),
+            Some("text/plain"),
+        ] {
+            let mut req = Request::builder().method("POST").uri("/v1/rules");
+            if let Some(ct) = ct {
+                req = req.header("content-type", ct);
+            }
+            let req = req
+                .body(Body::from(r#"{"path":"/a","methods":["GET"]}"#))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
+        }
+        let r = send(
+            &app,
+            "POST",
+            "/v1/rules",
+            r#"{"path":"/a","methods":["GET"]}"#,
+            &[("content-type", "application/json; charset=utf-8")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        // The peer the connection came from is the audit's `who`.
+        let peer = Peer::Unix {
+            uid: Some(0),
+            pid: Some(42),
+        };
+        let req = Request::builder()
+            .method("DELETE")
+            .uri("/v1/rules?path=/a")
+            .extension(peer)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            app.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::NO_CONTENT
+        );
+        let (_, st) = call(&app, "GET", "/v1/status", "").await;
+        assert_eq!(
+            st["last_change"]["who"],
+            "uid 0 (pid 42) on the Unix socket"
+        );
+        assert_eq!(st["last_change"]["change"], "remove");
+    }
+
+    #[tokio::test]
+    async fn the_host_must_be_the_address_served() {
+        let (app, _) = app(false);
+        let guarded = host_guard(
+            app,
+            AllowedHosts::new(
+                "127.0.0.1:9405".parse().unwrap(),
+                &["filterd.internal".into()],
+            ),
+        );
+        for (host, ok) in [
+            ("127.0.0.1:9405", true),
+            ("localhost:9405", true),
+            ("LOCALHOST:9405", true),
+            ("filterd.internal:9405", true),
+            ("filterd.internal", true),
+            ("evil.example:9405", false),
+            ("127.0.0.1:80", false),
+            ("127.0.0.2:9405", false),
+            ("", false),
+        ] {
+            let r = send(&guarded, "GET", "/healthz", "", &[("host", host)]).await;
+            let want = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::MISDIRECTED_REQUEST
+            };
+            assert_eq!(r.status, want, "Host: {host}");
+        }
+        let any = AllowedHosts::new("0.0.0.0:9405".parse().unwrap(), &[]);
+        assert!(
+            any.allows("10.1.2.3:9405")
+                && any.allows("[fe80::1]:9405")
+                && !any.allows("rebind.example:9405")
+        );
+        let v6 = AllowedHosts::new("[::1]:9405".parse().unwrap(), &[]);
+        assert!(v6.allows("[::1]:9405") && v6.allows("localhost:9405") && !v6.allows("[::2]:9405"));
+    }
+
+    #[tokio::test]
+    async fn explain_answers_with_the_policy_in_force() {
+        let (app, _) = app(false);
+        call(
+            &app,
+            "PUT",
+            "/v1/policy",
+            r#"{"paths":"normalize","rules":[{"path":"/api/","match":"prefix","methods":["GET","POST"]}]}"#,
+        )
+        .await;
+        let r = send(
+            &app,
+            "GET",
+            "/v1/explain?method=DELETE&target=%2Fapi%2F%2561dmin%2F..%2Fx%3Fy",
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.json["canonical"], "/api/x");
+        assert_eq!(r.json["rule"]["path"], "/api/");
+        assert_eq!(r.json["allow"], json!(["GET", "HEAD", "POST"]));
+        assert_eq!(
+            (&r.json["answer"], &r.json["revision"]),
+            (&json!(405), &json!(1))
+        );
+        let r = send(
+            &app,
+            "GET",
+            "/v1/explain?method=POST&target=/api/x&header=X-HTTP-Method-Override:%20DELETE",
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (&r.json["override_method"], &r.json["answer"]),
+            (&json!("DELETE"), &json!(405))
+        );
+        let r = send(&app, "GET", "/v1/explain?method=GET", "", &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = send(
+            &app,
+            "GET",
+            "/v1/explain?method=GET&target=/a%0D%0AX:%20y",
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn readyz_names_what_is_missing() {
+        let rec = Recorder {
+            missing: vec!["eth0 egress: no filter at pref 405 (netlink tc)".into()],
+            ..Recorder::default()
+        };
+        let broken = router(AppState::new(Policy::default(), Box::new(rec)));
+        let r = send(&broken, "GET", "/readyz", "", &[]).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.json["missing"][0],
+            "eth0 egress: no filter at pref 405 (netlink tc)"
+        );
+        let (fine, _) = app(false);
+        assert_eq!(
+            send(&fine, "GET", "/readyz", "", &[]).await.json,
+            json!({"ready": true, "missing": []})
+        );
+    }
+
+    #[tokio::test]
+    async fn events_stream_as_json_lines_and_as_server_sent_events() {
+        use futures_util::StreamExt as _;
+        let hub = Arc::new(EventHub::default());
+        let rec = Recorder {
+            events: Some(hub.clone()),
+            ..Recorder::default()
+        };
+        let app = router(AppState::new(Policy::default(), Box::new(rec)));
+        let ev = crate::events::Event {
+            kind: "rejected",
+            time: "2026-12-06T08:00:00.000Z".into(),
+            client: "10.0.0.1:5000".into(),
+            method: "DELETE",
+            path: "/admin".into(),
+            rule: "/admin".into(),
+            match_kind: "exact",
+            reason: "rejected",
+            answer: Some(405),
+            result: "sent",
+        };
+        for sse in [false, true] {
+            let mut req = Request::builder().uri("/v1/events");
+            if sse {
+                req = req.header("accept", "text/event-stream");
+            }
+            let resp = app
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let ct = resp.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert_eq!(
+                ct,
+                if sse {
+                    "text/event-stream"
+                } else {
+                    "application/x-ndjson"
+                }
+            );
+            let mut body = resp.into_body().into_data_stream();
+            hub.publish(ev.clone());
+            let chunk = body.next().await.unwrap().unwrap();
+            let text = String::from_utf8_lossy(&chunk).into_owned();
+            if sse {
+                assert!(text.starts_with("event: rejected\ndata: {"), "{text}");
+                assert!(text.ends_with("}\n\n"), "{text}");
+            } else {
+                let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+                assert_eq!(
+                    (&v["client"], &v["answer"], &v["rule"]),
+                    (&json!("10.0.0.1:5000"), &json!(405), &json!("/admin"))
+                );
+                assert!(text.ends_with('\n'));
+            }
+        }
+        // Shutdown ends the feeds.
+        let resp = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/v1/events")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut body = resp.into_body().into_data_stream();
+        hub.close();
+        assert!(body.next().await.is_none());
     }
 }

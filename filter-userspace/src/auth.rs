@@ -1,5 +1,7 @@
 //! The API's bearer token: read from a file, or generated on first start into a new file that
-//! only its owner can read. The token is compared in constant time.
+//! only its owner can read. A token file must belong to the user the daemon runs as (root)
+//! and be readable by nobody else: otherwise whoever owns it could read or change the token.
+//! The token is compared in constant time.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -22,6 +24,8 @@ pub enum TokenError {
         "token file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
     Permissions { path: String, mode: u32 },
+    #[error("token file {path} belongs to uid {owner}, not to uid {want} that filterd runs as (root): whoever owns it can read or replace the token; run `chown {want} {path}`")]
+    Owner { path: String, owner: u32, want: u32 },
 }
 
 /// What [`load_or_create`] did.
@@ -40,7 +44,16 @@ pub fn load_or_create(path: &Path) -> Result<(String, TokenSource), TokenError> 
     };
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+            let meta = std::fs::metadata(path).map_err(io)?;
+            let want = unsafe { libc::geteuid() };
+            if std::os::unix::fs::MetadataExt::uid(&meta) != want {
+                return Err(TokenError::Owner {
+                    path: shown,
+                    owner: std::os::unix::fs::MetadataExt::uid(&meta),
+                    want,
+                });
+            }
+            let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(TokenError::Permissions { path: shown, mode });
             }
@@ -120,6 +133,27 @@ mod tests {
             load_or_create(&path),
             Err(TokenError::Permissions { mode: 0o644, .. })
         ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Owned by someone else: refused (only root can give a file away).
+        let me = unsafe { libc::geteuid() };
+        if me == 0 {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+            match load_or_create(&path) {
+                Err(
+                    e @ TokenError::Owner {
+                        owner: 65534,
+                        want: 0,
+                        ..
+                    },
+                ) => {
+                    assert!(e.to_string().contains("chown 0"), "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+        } else {
+            eprintln!("auth: not root, the owner check is not exercised with another owner");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

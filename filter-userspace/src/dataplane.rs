@@ -38,12 +38,15 @@
 //! detaches them however it exits) and netlink filters are deleted when the daemon exits
 //! cleanly (a crash leaves them: nothing ties them to the process).
 
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray,
-        RingBuf,
+        lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray,
+        ProgramArray, RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -399,10 +402,9 @@ pub struct Dataplane {
     conns: HashMap<MapData, ConnKey, [u8; size_of::<Conn>()]>,
     max_connections: u32,
     dry_run: bool,
-    /// Entries in the active maps: exact, prefix.
-    fill: [usize; 2],
-    /// Map writes that failed, ever.
-    write_failures: u64,
+    /// Entries in the active maps (exact, prefix) and map writes that failed, ever: shared
+    /// with the [`Observer`]s.
+    shared: Arc<Shared>,
     pin_root: Option<PathBuf>,
     attached: Vec<Attached>,
     /// The stage table (a `ProgramArray`), held so its entries stay (see [`STAGES_DIR`]).
@@ -562,8 +564,7 @@ impl Dataplane {
             conns,
             max_connections: opts.max_connections,
             dry_run: false,
-            fill: [0, 0],
-            write_failures: 0,
+            shared: Arc::default(),
             pin_root: pin_root.map(Path::to_owned),
             attached: Vec::new(),
             stages,
@@ -1235,7 +1236,7 @@ impl Dataplane {
 
     fn counted<T>(&mut self, r: Result<T, DataplaneError>) -> Result<T, DataplaneError> {
         if r.is_err() {
-            self.write_failures += 1;
+            self.shared.write_failures.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -1315,10 +1316,10 @@ impl Dataplane {
         // that read the old index just before the switch still finds the old policy complete.
         self.active = next;
         self.settings_now = s;
-        self.fill = [
+        self.set_fill(
             policy.count(MatchKind::Exact),
             policy.count(MatchKind::Prefix),
-        ];
+        );
         Ok(())
     }
 
@@ -1392,36 +1393,86 @@ impl Dataplane {
 
     /// Record the active maps' entry counts after incremental changes.
     pub fn set_fill(&mut self, exact: usize, prefix: usize) {
-        self.fill = [exact, prefix];
+        self.shared.fill[0].store(exact, Ordering::Relaxed);
+        self.shared.fill[1].store(prefix, Ordering::Relaxed);
     }
 
-    /// Entries and capacity of the active policy maps and of the connection table (counted
-    /// by walking its keys: one syscall per tracked connection).
+    /// Entries and capacity of the policy in force and of the connection table, under stable
+    /// names (`rules_exact`, `rules_prefix`, `connections`; which of the two map pairs is
+    /// active changes with every replace).
     pub fn map_fill(&self) -> Vec<MapFill> {
-        let a = self.active as usize;
-        let mut out = vec![MapFill {
-            map: MAP_RULES[a],
-            entries: self.fill[0],
-            capacity: RULES_CAPACITY,
-        }];
-        if self.prefix.is_some() {
-            out.push(MapFill {
-                map: MAP_PREFIX[a],
-                entries: self.fill[1],
-                capacity: PREFIX_CAPACITY,
-            });
-        }
-        out.push(MapFill {
-            map: MAP_CONNS,
-            entries: self.tracked_connections(),
-            capacity: self.max_connections as usize,
-        });
-        out
+        map_fill(
+            &self.shared,
+            self.prefix.is_some(),
+            count_entries(&self.conns),
+            self.max_connections,
+        )
     }
 
-    /// Connections the classifier follows now.
+    /// Connections the classifier follows now: a few batch lookups (`BPF_MAP_LOOKUP_BATCH`),
+    /// not one syscall per connection.
     pub fn tracked_connections(&self) -> usize {
+        count_entries(&self.conns)
+    }
+
+    /// Connections the classifier follows now, counted with batch lookups only (no fallback):
+    /// the kernel fixture tier checks the batch path works on every kernel of the matrix.
+    pub fn tracked_connections_batched(&self) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        batch_count(
+            self.conns.map().fd().as_fd().as_raw_fd(),
+            size_of::<ConnKey>(),
+            size_of::<Conn>(),
+        )
+    }
+
+    /// Connections the classifier follows now, walked key by key (one syscall each): what
+    /// [`Dataplane::tracked_connections`] is checked against.
+    pub fn tracked_connections_walked(&self) -> usize {
         self.conns.keys().filter(Result::is_ok).count()
+    }
+
+    /// A reader of this dataplane's counters, fill levels and attachments with handles of its
+    /// own, for the API to use without the policy lock. `ifaces` are the interfaces the daemon
+    /// is configured with (`/readyz` asks the kernel about each).
+    pub fn observer(&mut self, ifaces: &[String]) -> Result<DataplaneObserver, DataplaneError> {
+        let dup = |m: &MapData, name: &'static str| {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DataplaneError::PinDir {
+                    path: PathBuf::from(name),
+                    why: format!("cannot duplicate the map's descriptor: {e}"),
+                })
+                .and_then(|fd| MapData::from_fd(fd).map_err(map_err(name)))
+        };
+        let stats = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup(
+            self.stats.map(),
+            MAP_STATS,
+        )?))
+        .map_err(map_err(MAP_STATS))?;
+        let conns = HashMap::try_from(aya::maps::Map::LruHashMap(dup(
+            self.conns.map(),
+            MAP_CONNS,
+        )?))
+        .map_err(map_err(MAP_CONNS))?;
+        let mode = self.attach_mode();
+        let progs = match mode {
+            Some(_) => Some((self.prog_id(PROG_INGRESS)?, self.prog_id(PROG_EGRESS)?)),
+            None => None,
+        };
+        Ok(DataplaneObserver {
+            stats,
+            conns,
+            shared: self.shared.clone(),
+            max_connections: self.max_connections,
+            prefix: self.prefix.is_some(),
+            ifaces: ifaces.to_vec(),
+            mode,
+            progs,
+            pinned: self.pinned(),
+            dry_run: self.dry_run,
+        })
     }
 
     /// Change the adoption window (see [`LoadOptions::adopt_window`]), counted from now.
@@ -1437,7 +1488,7 @@ impl Dataplane {
 
     /// Map writes that failed since the daemon started.
     pub fn write_failures(&self) -> u64 {
-        self.write_failures
+        self.shared.write_failures.load(Ordering::Relaxed)
     }
 
     /// Run one frame through the loaded classifier with `BPF_PROG_TEST_RUN` (no attachment
@@ -1718,4 +1769,238 @@ pub fn verify_each(ports: &[u16]) -> Result<Vec<ProgramVerdict>, DataplaneError>
         verdicts.push(ProgramVerdict { program, result });
     }
     Ok(verdicts)
+}
+
+// ---------------------------------------------------------------------------
+// Reading the dataplane without holding it (the API's /metrics, /v1/status, /readyz).
+
+/// What a [`Dataplane`] shares with its observers.
+#[derive(Debug, Default)]
+struct Shared {
+    fill: [AtomicUsize; 2],
+    write_failures: AtomicU64,
+}
+
+fn map_fill(shared: &Shared, prefix: bool, conns: usize, max_connections: u32) -> Vec<MapFill> {
+    let mut out = vec![MapFill {
+        map: "rules_exact",
+        entries: shared.fill[0].load(Ordering::Relaxed),
+        capacity: RULES_CAPACITY,
+    }];
+    if prefix {
+        out.push(MapFill {
+            map: "rules_prefix",
+            entries: shared.fill[1].load(Ordering::Relaxed),
+            capacity: PREFIX_CAPACITY,
+        });
+    }
+    out.push(MapFill {
+        map: "connections",
+        entries: conns,
+        capacity: max_connections as usize,
+    });
+    out
+}
+
+/// A [`Dataplane`]'s counters, fill levels and attachments, read through map handles of its
+/// own: safe to use from the API while the dataplane is busy with a policy change.
+pub struct DataplaneObserver {
+    stats: PerCpuArray<MapData, u64>,
+    conns: HashMap<MapData, ConnKey, [u8; size_of::<Conn>()]>,
+    shared: Arc<Shared>,
+    max_connections: u32,
+    prefix: bool,
+    ifaces: Vec<String>,
+    mode: Option<AttachMode>,
+    /// The program ids of this load's ingress and egress classifiers.
+    progs: Option<(u32, u32)>,
+    pinned: bool,
+    dry_run: bool,
+}
+
+impl DataplaneObserver {
+    /// Verdict counters summed over CPUs, by reason.
+    pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let per_cpu = self.stats.get(&(r as u32), 0).map_err(map_err(MAP_STATS))?;
+                Ok((r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        map_fill(
+            &self.shared,
+            self.prefix,
+            count_entries(&self.conns),
+            self.max_connections,
+        )
+    }
+
+    pub fn write_failures(&self) -> u64 {
+        self.shared.write_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn interfaces(&self) -> &[String] {
+        &self.ifaces
+    }
+
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.mode
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    pub fn supports_prefix(&self) -> bool {
+        self.prefix
+    }
+
+    /// Whether every configured interface runs this load's two classifiers, asked of the
+    /// kernel (TCX: `BPF_PROG_QUERY`; netlink: a filter dump). `Err` names each missing one.
+    pub fn ready(&self) -> Result<(), Vec<String>> {
+        let (Some(mode), Some((ingress, egress))) = (self.mode, self.progs) else {
+            return Err(vec!["the classifiers are not attached yet".into()]);
+        };
+        let mut missing = Vec::new();
+        for iface in &self.ifaces {
+            for (point, id) in [
+                (TcAttachType::Ingress, ingress),
+                (TcAttachType::Egress, egress),
+            ] {
+                if let Err(why) = attached_here(iface, point, mode, id) {
+                    missing.push(format!("{iface} {}: {why}", hook_name(point)));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
+    }
+}
+
+/// Whether program `prog_id` runs on `point` of `iface`, attached in `mode`.
+fn attached_here(
+    iface: &str,
+    point: TcAttachType,
+    mode: AttachMode,
+    prog_id: u32,
+) -> Result<(), String> {
+    match mode {
+        AttachMode::Tcx => {
+            let (_, progs) = SchedClassifier::query_tcx(iface, point)
+                .map_err(|e| format!("cannot query its TCX programs: {e}"))?;
+            if progs.iter().any(|p| p.id() == prog_id) {
+                Ok(())
+            } else {
+                Err(format!("program {prog_id} is not attached (TCX)"))
+            }
+        }
+        AttachMode::Netlink => {
+            let index = ifindex(iface).map_err(|e| format!("no such interface: {e}"))?;
+            let filters = tc_netlink::filters(index, point)
+                .map_err(|e| format!("cannot list its tc filters: {e}"))?;
+            match filters.iter().find(|f| f.at_our_place()) {
+                Some(f) if f.prog_id == Some(prog_id) => Ok(()),
+                Some(f) => Err(format!(
+                    "the filter at pref {TC_PRIORITY} runs another program ({f})"
+                )),
+                None => Err(format!("no filter at pref {TC_PRIORITY} (netlink tc)")),
+            }
+        }
+    }
+}
+
+/// Entries in a hash map, counted with `BPF_MAP_LOOKUP_BATCH` (a few syscalls for the whole
+/// table, the values copied into a reused buffer and dropped); key by key where the kernel
+/// has no batch lookups for the map.
+pub fn count_entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> usize {
+    use std::os::fd::AsRawFd as _;
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    match batch_count(fd, size_of::<K>(), size_of::<V>()) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "no batch lookups for the map; counting key by key");
+            map.keys().filter(Result::is_ok).count()
+        }
+    }
+}
+
+/// `union bpf_attr`'s `batch` member (`BPF_MAP_*_BATCH` commands).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per batch lookup.
+const BATCH: usize = 1024;
+
+fn batch_count(fd: i32, key_size: usize, value_size: usize) -> std::io::Result<usize> {
+    let mut per_call = BATCH;
+    let mut keys = vec![0u8; per_call * key_size];
+    let mut values = vec![0u8; per_call * value_size];
+    // Hash maps' batch cursor is a bucket index (u32).
+    let (mut cursor_in, mut cursor_out) = (0u64, 0u64);
+    let mut first = true;
+    let mut total = 0usize;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor_in as *const u64 as u64
+            },
+            out_batch: &mut cursor_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: per_call as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: bpf(2) with a batch attr whose buffers hold `count` keys and values.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc == 0 {
+            total += attr.count as usize;
+            cursor_in = cursor_out;
+            first = false;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The end: the last entries came with it.
+            Some(libc::ENOENT) => return Ok(total + attr.count as usize),
+            // A bucket holds more than one call takes: ask for more at once.
+            Some(libc::ENOSPC) if per_call < (1 << 20) => {
+                per_call *= 4;
+                keys.resize(per_call * key_size, 0);
+                values.resize(per_call * value_size, 0);
+            }
+            _ => return Err(e),
+        }
+    }
 }

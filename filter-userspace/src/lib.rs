@@ -9,13 +9,20 @@
 
 pub mod api;
 pub mod auth;
+pub mod cli;
+pub mod client;
 pub mod dataplane;
+pub mod diff;
+pub mod document;
+pub mod events;
+pub mod explain;
 pub mod hits;
 pub mod packet;
 pub mod policy;
 pub mod ratelimit;
 pub mod responder;
 pub mod response;
+pub mod sd_notify;
 pub mod serve;
 pub mod tc_netlink;
 pub mod verifier;
@@ -26,13 +33,32 @@ use std::sync::Arc;
 
 use policy::MatchKind;
 
-/// The dataplane as the API sees it, plus the responder's counters for `/v1/stats` and
-/// `/metrics` (it also hands the responder each policy put in force, to attribute rejections
-/// to rules).
+/// The git revision the binaries were built from (`-dirty` with uncommitted changes).
+pub const GIT_REVISION: &str = env!("FILTERD_GIT_REVISION");
+/// SHA-256 of the embedded kernel object (`none` without one); compare with `sha256sum` of
+/// `target/ebpf/bpfel-unknown-none/release/filter-ebpf`.
+pub const BPF_OBJECT_SHA256: &str = env!("FILTERD_BPF_SHA256");
+
+/// `--version`: the version, the git revision and the kernel object's hash.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FILTERD_GIT_REVISION"),
+    ", bpf object sha256:",
+    env!("FILTERD_BPF_SHA256"),
+    ")"
+);
+
+/// The dataplane as the API changes it (writes, under the API's policy lock), with the
+/// responder's statistics (it also hands the responder each policy put in force, to attribute
+/// rejections to rules).
 pub struct DaemonSink {
     /// `None` once released at exit.
     pub dataplane: Option<dataplane::Dataplane>,
     pub responder: Arc<responder::ResponderStats>,
+    /// What the API reads without the lock: the dataplane's observer and the responder's
+    /// statistics.
+    pub observer: Arc<DaemonObserver>,
 }
 
 impl DaemonSink {
@@ -66,26 +92,38 @@ impl api::PolicySink for DaemonSink {
         }
     }
 
+    fn observer(&self) -> Arc<dyn api::Observer> {
+        self.observer.clone()
+    }
+
+    fn release(&mut self, fail_open: bool) {
+        if let Some(dp) = self.dataplane.take() {
+            dp.release(fail_open);
+        }
+    }
+}
+
+/// The daemon's reads for the API: kernel counters, fill levels and attachments through the
+/// dataplane's observer (map handles of its own), the responder's statistics.
+pub struct DaemonObserver {
+    pub dataplane: dataplane::DataplaneObserver,
+    pub responder: Arc<responder::ResponderStats>,
+}
+
+impl api::Observer for DaemonObserver {
     fn counters(&self) -> Result<BTreeMap<String, u64>, dataplane::DataplaneError> {
-        let mut out: BTreeMap<String, u64> = match &self.dataplane {
-            Some(dp) => dp
-                .counters()?
-                .into_iter()
-                .map(|(r, n)| (r.name().to_owned(), n))
-                .collect(),
-            None => BTreeMap::new(),
-        };
-        out.insert(
-            "responses_sent".into(),
-            self.responder.sent.load(Ordering::Relaxed),
-        );
-        out.insert(
-            "responses_failed".into(),
-            self.responder.failed.load(Ordering::Relaxed),
-        );
+        let mut out: BTreeMap<String, u64> = self
+            .dataplane
+            .counters()?
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
+        let r = &self.responder;
+        out.insert("responses_sent".into(), r.sent.load(Ordering::Relaxed));
+        out.insert("responses_failed".into(), r.failed.load(Ordering::Relaxed));
         out.insert(
             "responses_limited".into(),
-            self.responder.limited.load(Ordering::Relaxed),
+            r.limited.load(Ordering::Relaxed),
         );
         Ok(out)
     }
@@ -95,35 +133,29 @@ impl api::PolicySink for DaemonSink {
     }
 
     fn map_fill(&self) -> Vec<dataplane::MapFill> {
-        self.dataplane
-            .as_ref()
-            .map(|d| d.map_fill())
-            .unwrap_or_default()
+        self.dataplane.map_fill()
     }
 
     fn write_failures(&self) -> u64 {
-        self.dataplane
-            .as_ref()
-            .map(|d| d.write_failures())
-            .unwrap_or(0)
+        self.dataplane.write_failures()
     }
 
     fn status(&self) -> api::SinkStatus {
-        match &self.dataplane {
-            Some(dp) => api::SinkStatus {
-                interfaces: dp.attached(),
-                attach: dp.attach_mode().map(|m| m.name().to_owned()),
-                pinned: dp.pinned(),
-                dry_run: dp.dry_run(),
-                prefix_rules_supported: dp.supports_prefix(),
-            },
-            None => api::SinkStatus::default(),
+        let dp = &self.dataplane;
+        api::SinkStatus {
+            interfaces: dp.interfaces().to_vec(),
+            attach: dp.attach_mode().map(|m| m.name().to_owned()),
+            pinned: dp.pinned(),
+            dry_run: dp.dry_run(),
+            prefix_rules_supported: dp.supports_prefix(),
         }
     }
 
-    fn release(&mut self, fail_open: bool) {
-        if let Some(dp) = self.dataplane.take() {
-            dp.release(fail_open);
-        }
+    fn ready(&self) -> Result<(), Vec<String>> {
+        self.dataplane.ready()
+    }
+
+    fn events(&self) -> Option<Arc<events::EventHub>> {
+        Some(self.responder.events.clone())
     }
 }

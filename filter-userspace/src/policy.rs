@@ -182,6 +182,61 @@ impl PolicyError {
     }
 }
 
+/// The first of a non-empty list of errors (the one-error interfaces).
+fn first(mut errors: Vec<PolicyError>) -> PolicyError {
+    errors.swap_remove(0)
+}
+
+impl PolicyError {
+    /// The same error about rule `map(index)` instead of rule `index`: a rule set validated
+    /// apart from the document it came from (a directory's files, one at a time) names its
+    /// rules by their place in the document.
+    pub fn reindex(self, map: impl Fn(usize) -> usize) -> PolicyError {
+        use PolicyError::*;
+        match self {
+            BadPath { index, path, why } => BadPath {
+                index: map(index),
+                path,
+                why,
+            },
+            BadMethodToken { index, token } => BadMethodToken {
+                index: map(index),
+                token,
+            },
+            UnknownMethod {
+                index,
+                token,
+                known,
+            } => UnknownMethod {
+                index: map(index),
+                token,
+                known,
+            },
+            EmptyMethods { index } => EmptyMethods { index: map(index) },
+            BadMatch { index, value } => BadMatch {
+                index: map(index),
+                value,
+            },
+            BadMode { index, value } => BadMode {
+                index: map(index),
+                value,
+            },
+            HeadContradiction { index } => HeadContradiction { index: map(index) },
+            DuplicatePath { index, path, kind } => DuplicatePath {
+                index: map(index),
+                path,
+                kind,
+            },
+            other => other,
+        }
+    }
+
+    /// The top-level field at fault, if it is not a rule (`default`, `options`, ...).
+    pub fn field(&self) -> Option<&'static str> {
+        self.top_field()
+    }
+}
+
 /// How a rule's path matches request paths.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MatchKind {
@@ -428,24 +483,41 @@ impl Policy {
 
     /// This policy's switches with `specs` as its rules.
     pub fn with_rules(&self, specs: &[RuleSpec]) -> Result<Policy, PolicyError> {
+        self.with_rules_all(specs).map_err(first)
+    }
+
+    /// As [`Policy::with_rules`], with every error the rules hold (in document order), not
+    /// only the first: `filterd --check` reports them all.
+    pub fn with_rules_all(&self, specs: &[RuleSpec]) -> Result<Policy, Vec<PolicyError>> {
         if specs.len() > RULES_MAX as usize + PREFIX_RULES_MAX as usize {
-            return Err(PolicyError::TooManyRules {
+            return Err(vec![PolicyError::TooManyRules {
                 count: specs.len(),
                 max: RULES_MAX as usize,
                 kind: MatchKind::Exact,
-            });
+            }]);
         }
+        let mut errors = Vec::new();
         let mut rules = BTreeMap::new();
         for (index, spec) in specs.iter().enumerate() {
-            let rule = Rule::from_spec(index, spec)?;
-            self.admits(index, &rule)?;
+            let rule = match Rule::from_spec(index, spec) {
+                Ok(rule) => rule,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if let Err(e) = self.admits(index, &rule) {
+                errors.push(e);
+                continue;
+            }
             let key = rule.key();
             if rules.contains_key(&key) {
-                return Err(PolicyError::DuplicatePath {
+                errors.push(PolicyError::DuplicatePath {
                     index,
                     path: rule.path,
                     kind: rule.kind,
                 });
+                continue;
             }
             rules.insert(key, rule);
         }
@@ -453,8 +525,14 @@ impl Policy {
             rules,
             ..self.clone()
         };
-        next.check_capacity()?;
-        Ok(next)
+        if let Err(e) = next.check_capacity() {
+            errors.push(e);
+        }
+        if errors.is_empty() {
+            Ok(next)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Whether `rule` (the `index`-th of a rule set) may be part of a policy with this one's
@@ -494,30 +572,57 @@ impl Policy {
 
     /// Validate a policy document. Its `revision` is not part of the policy.
     pub fn from_file(file: &PolicyFile) -> Result<Policy, PolicyError> {
-        let default = DefaultPolicy::from_spec(file.default.as_ref())?;
+        Policy::from_file_all(file).map_err(first)
+    }
+
+    /// As [`Policy::from_file`], with every error the document holds: the switches' first,
+    /// then the rules' in order.
+    pub fn from_file_all(file: &PolicyFile) -> Result<Policy, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let default = DefaultPolicy::from_spec(file.default.as_ref()).unwrap_or_else(|e| {
+            errors.push(e);
+            DefaultPolicy::Any
+        });
         let options = match file.options.as_deref() {
             None | Some("pass") => OptionsMode::Pass,
             Some("answer") => OptionsMode::Answer,
-            Some(s) => return Err(PolicyError::BadOptions(s.to_owned())),
+            Some(s) => {
+                errors.push(PolicyError::BadOptions(s.to_owned()));
+                OptionsMode::Pass
+            }
         };
         let oversize = match file.oversize.as_deref() {
             None | Some("reject") => Oversize::Reject,
             Some("pass") => Oversize::Pass,
-            Some(s) => return Err(PolicyError::BadOversize(s.to_owned())),
+            Some(s) => {
+                errors.push(PolicyError::BadOversize(s.to_owned()));
+                Oversize::Reject
+            }
         };
         let paths = match file.paths.as_deref() {
             None | Some("strict") => PathsMode::Strict,
             Some("normalize") => PathsMode::Normalize,
-            Some(s) => return Err(PolicyError::BadPaths(s.to_owned())),
+            Some(s) => {
+                errors.push(PolicyError::BadPaths(s.to_owned()));
+                PathsMode::Strict
+            }
         };
-        Policy {
+        let policy = Policy {
             default,
             options,
             oversize,
             paths,
             rules: BTreeMap::new(),
         }
-        .with_rules(&file.rules)
+        .with_rules_all(&file.rules);
+        match policy {
+            Ok(p) if errors.is_empty() => Ok(p),
+            Ok(_) => Err(errors),
+            Err(more) => {
+                errors.extend(more);
+                Err(errors)
+            }
+        }
     }
 
     /// The policy as a document, with `revision`.
@@ -734,14 +839,19 @@ pub fn render_toml(policy: &Policy, revision: u64) -> String {
     let body = toml::to_string(&policy.to_file(Some(revision)))
         .expect("a policy document always serializes");
     format!(
-        "# filterd policy. The daemon rewrites this file on every accepted API change;\n\
-         # comments are not kept. Edit it and send SIGHUP (systemctl reload filterd) to reload.\n{body}"
+        "# filterd's own policy state (filterd --state): the daemon rewrites this file on every\n\
+         # accepted API change and keeps no comments. Change the policy through the API\n\
+         # (filterctl); for a policy file of your own, run filterd with --policy FILE instead.\n{body}"
     )
 }
 
 /// Write `text` to `path` atomically and durably: a temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory. Readers see the old file or the new one, never a
 /// mix, and after a crash the file holds one of them.
+///
+/// The temp file is created with `O_CREAT|O_EXCL|O_NOFOLLOW` under a random name: whoever can
+/// write the directory cannot make the daemon write through a symlink or into a file planted
+/// in advance (the create fails instead; it is retried under a new name).
 pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -755,22 +865,33 @@ pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
             "the path has no file name",
         )
     })?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
     // Keep the old file's permissions; a new file is owner read/write only.
     let mode = std::fs::metadata(path)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
         .unwrap_or(0o600);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
+    let mut attempt = 0;
+    let (tmp, mut f) = loop {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).expect("the kernel's random source is available");
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}-{:016x}",
+            name.to_string_lossy(),
+            std::process::id(),
+            u64::from_le_bytes(nonce)
+        ));
+        match std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
-            .open(&tmp)?;
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let result = (|| {
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         drop(f);
@@ -1035,5 +1156,61 @@ methods = ["POST"]
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 1, "no temp file left behind");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_atomic_never_writes_through_a_planted_symlink() {
+        let dir = std::env::temp_dir().join(format!("filterd-policy-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        // Every name the old scheme used (pid only) planted as a symlink to the victim.
+        let f = dir.join("policy.toml");
+        std::os::unix::fs::symlink(
+            &victim,
+            dir.join(format!(".policy.toml.tmp-{}", std::process::id())),
+        )
+        .unwrap();
+        write_atomic(&f, "a = 1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "a = 1\n");
+        assert!(!std::fs::symlink_metadata(&f)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_error_of_a_document_is_reported_in_order() {
+        let file = PolicyFile {
+            options: Some("reply".into()),
+            rules: vec![
+                RuleSpec::new("api", &["GET"]),
+                RuleSpec::new("/ok", &["GET"]),
+                RuleSpec::new("/b", &["FETCH"]),
+                RuleSpec::new("/ok", &["PUT"]),
+            ],
+            ..PolicyFile::default()
+        };
+        let errors: Vec<String> = Policy::from_file_all(&file)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors[0].starts_with("options:"), "{}", errors[0]);
+        assert!(errors[1].starts_with("rules[0].path"), "{}", errors[1]);
+        assert!(errors[2].starts_with("rules[2].methods"), "{}", errors[2]);
+        assert!(
+            errors[3].starts_with("rules[3]: a exact rule"),
+            "{}",
+            errors[3]
+        );
+        // The one-error interface answers the first.
+        assert_eq!(Policy::from_file(&file).unwrap_err().to_string(), errors[0]);
+        let moved = PolicyError::EmptyMethods { index: 1 }.reindex(|i| i + 10);
+        assert_eq!(moved.rule_index(), Some(11));
     }
 }

@@ -19,6 +19,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
 
+use crate::events::Event;
 use crate::hits::{Outcome, RuleHits, RuleRef};
 use crate::packet;
 use crate::response::{self, Answer};
@@ -36,6 +37,8 @@ pub struct ResponderStats {
     pub log_suppressed: AtomicU64,
     /// Rejections and monitor hits by rule and method.
     pub hits: RuleHits,
+    /// The live feed of what the responder handles (`GET /v1/events`).
+    pub events: Arc<crate::events::EventHub>,
 }
 
 /// At most `per_second` log lines a second; the rest are counted, and the count is reported
@@ -225,6 +228,7 @@ impl Responder {
             Reason::ConnTableFull => {
                 if self.unavailable.allow().is_none() {
                     self.stats.limited.fetch_add(1, Ordering::Relaxed);
+                    self.publish(ev, method, reason, None, Some(503), "rate_limited");
                     return;
                 }
                 Answer::Unavailable
@@ -232,6 +236,7 @@ impl Responder {
             Reason::Monitored => {
                 self.stats.monitored.fetch_add(1, Ordering::Relaxed);
                 let rule = self.count(ev, method, Outcome::Monitored);
+                self.publish(ev, method, reason, Some(&rule), None, "passed");
                 if self.log_limit.allow() {
                     tracing::info!(client = %client(ev), method = method.as_str(), path = %event_path(ev), rule = rule.rule_label(), "monitor: would reject with 405 (not blocked)");
                 }
@@ -262,6 +267,15 @@ impl Responder {
             &self.stats.failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let result = if sent.is_ok() { "sent" } else { "failed" };
+        self.publish(
+            ev,
+            method,
+            reason,
+            rule.as_ref(),
+            crate::explain::answer_of(reason),
+            result,
+        );
         if !self.log_limit.allow() {
             return;
         }
@@ -275,6 +289,38 @@ impl Responder {
                 tracing::warn!(%client, method, path = %path, rule, error = %e, "rejected, but the answer could not be sent")
             }
         }
+    }
+
+    /// Put the event on the live feed, if anybody reads it.
+    fn publish(
+        &self,
+        ev: &RejectEvent,
+        method: Method,
+        reason: Reason,
+        rule: Option<&RuleRef>,
+        answer: Option<u16>,
+        result: &'static str,
+    ) {
+        let hub = &self.stats.events;
+        if !hub.wanted() {
+            return;
+        }
+        hub.publish(Event {
+            kind: if reason == Reason::Monitored {
+                "monitored"
+            } else {
+                "rejected"
+            },
+            time: crate::events::now_rfc3339(),
+            client: client(ev),
+            method: method.as_str(),
+            path: event_path(ev),
+            rule: rule.map(|r| r.rule_label().to_owned()).unwrap_or_default(),
+            match_kind: rule.map_or("", RuleRef::match_label),
+            reason: reason.name(),
+            answer,
+            result,
+        });
     }
 
     /// Count the event under the rule its path matched; returns that rule.

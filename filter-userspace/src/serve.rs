@@ -8,8 +8,12 @@
 //! Shutdown: when the shared signal changes, no new connection is accepted; a connection with
 //! a request in flight finishes it (the router's own per-request timeout bounds that) and is
 //! closed, an idle one is closed at once; [`serve`] returns when all are gone.
-//! It must not know about routes, auth or limits: those are the router's ([`crate::api`]).
+//! Each request carries the connection's [`Peer`] (an extension): the TCP peer's address, or
+//! over the Unix socket the peer's uid and pid (`SO_PEERCRED`), for the audit line of a policy
+//! change. It must not know about routes, auth or limits: those are the router's
+//! ([`crate::api`]).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::serve::Listener;
@@ -24,8 +28,63 @@ use tokio::task::JoinSet;
 /// --api-header-timeout`).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Who is at the other end of an API connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// The Unix socket: the peer process's credentials, as the kernel gives them.
+    Unix {
+        uid: Option<u32>,
+        pid: Option<i32>,
+    },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix { uid, pid } => {
+                match uid {
+                    Some(u) => write!(f, "uid {u}")?,
+                    None => write!(f, "uid ?")?,
+                }
+                if let Some(p) = pid {
+                    write!(f, " (pid {p})")?;
+                }
+                write!(f, " on the Unix socket")
+            }
+        }
+    }
+}
+
+/// A listener whose connections can say who is at their other end.
+pub trait ApiListener: Listener {
+    fn peer(io: &Self::Io, addr: &Self::Addr) -> Peer;
+}
+
+impl ApiListener for tokio::net::TcpListener {
+    fn peer(_io: &Self::Io, addr: &Self::Addr) -> Peer {
+        Peer::Tcp(*addr)
+    }
+}
+
+impl ApiListener for tokio::net::UnixListener {
+    fn peer(io: &Self::Io, _addr: &Self::Addr) -> Peer {
+        match io.peer_cred() {
+            Ok(c) => Peer::Unix {
+                uid: Some(c.uid()),
+                pid: c.pid(),
+            },
+            Err(_) => Peer::Unix {
+                uid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
 /// Serve `router` on `listener` until `shutdown` changes (or its sender is gone).
-pub async fn serve<L: Listener>(
+pub async fn serve<L: ApiListener>(
     mut listener: L,
     router: Router,
     header_timeout: Duration,
@@ -42,10 +101,17 @@ pub async fn serve<L: Listener>(
             _ = shutdown.changed() => break,
             // Reap finished connections as they go.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            (io, _addr) = listener.accept() => io,
+            (io, addr) = listener.accept() => (L::peer(&io, &addr), io),
         };
-        let conn =
-            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+        let (peer, io) = io;
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            },
+        );
+        let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         let mut stop = shutdown.clone();
         conns.spawn(async move {
             tokio::pin!(conn);

@@ -498,7 +498,7 @@ impl Lab {
     }
 
     /// Writes `policy_toml` to a file and runs
-    /// `binary --iface <server iface> --port 80 --policy FILE --api 127.0.0.1:9405
+    /// `binary --iface <server iface> --port 80 --state FILE --api 127.0.0.1:9405
     /// --token-file <lab dir>/token-N <extra_args>` in the server namespace, output to a log
     /// file; waits until `/healthz` answers 200. An early exit or timeout is an error carrying
     /// the log. [`Daemon::api`] sends the token filterd generated.
@@ -514,9 +514,10 @@ impl Lab {
         self.start_filterd_with_file(binary, &policy, extra_args)
     }
 
-    /// As [`Lab::start_filterd`], with an existing policy file (a restart reads the file the
-    /// previous run persisted). A `--token-file` in `extra_args` replaces the lab's; with
-    /// `--no-auth` none is passed.
+    /// As [`Lab::start_filterd`], with an existing policy file, the daemon's own (`--state`: a
+    /// restart reads the file the previous run persisted). A `--policy` or `--state` in
+    /// `extra_args` replaces it (then `policy` is not passed); a `--token-file` in `extra_args`
+    /// replaces the lab's; with `--no-auth` none is passed.
     pub fn start_filterd_with_file(
         &self,
         binary: &Path,
@@ -537,9 +538,14 @@ impl Lab {
             None => Some(self.dir.join("api-token")),
         };
         let mut cmd = self.server_cmd(binary);
-        cmd.args(["--iface", &self.server_iface, "--port", "80", "--policy"])
-            .arg(policy)
-            .args(["--api", API_ADDR]);
+        cmd.args(["--iface", &self.server_iface, "--port", "80"]);
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--policy" || *a == "--state")
+        {
+            cmd.arg("--state").arg(policy);
+        }
+        cmd.args(["--api", API_ADDR]);
         if let (Some(t), false) = (&token_file, extra_args.contains(&"--token-file")) {
             cmd.arg("--token-file").arg(t);
         }

@@ -798,7 +798,7 @@ fn a_connection_whose_state_was_evicted_is_refused() {
             .unwrap_or_else(|| panic!("/metrics has no {name}:\n{text}"))
     };
     let full = "filterd_packets_total{reason=\"conn_table_full\"}";
-    let tracked = "filterd_map_entries{map=\"CONNS\"}";
+    let tracked = "filterd_map_entries{map=\"connections\"}";
     for addr in s.lab.server_addrs() {
         let mark = backend_mark(&s);
         let before = metric(full);

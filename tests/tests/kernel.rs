@@ -716,129 +716,13 @@ fn streams_table() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
-/// What the kernel counts for one request (its head) on a fresh connection, modelled on the
-/// host: the same stream parser and canonicalizer, the policy's rules looked up the way the
-/// kernel does (exact, else the longest prefix rule) for the canonical path and, in
-/// `paths = "normalize"`, for each other reading the canonicalizer reports; then the method
-/// overrides (headers and `_method` in the query) against the methods every reading allows.
-/// The reasons come sorted, as [`run_counted`] reports them.
+/// The host's decision for one request on a fresh connection: `filter_userspace::explain::decide`,
+/// the same stream parser, canonicalizer and rule lookup run in userspace, and what
+/// `filterctl explain` and `GET /v1/explain` answer with. The reasons come sorted, as
+/// [`run_counted`] reports them.
 fn host_decision(policy: &Policy, payload: &[u8]) -> Vec<Reason> {
-    use filter_common::stream::{flag, Ev, Stream};
-    use filter_common::MethodSet;
-    use filter_userspace::policy::{MatchKind, Mode, OptionsMode, PathsMode};
-    let mut s = Stream::new(0, flag::SYN);
-    let mut raw = [0u8; filter_common::PATH_MAX];
-    let mut counted = Vec::new();
-    let done = |mut v: Vec<Reason>| {
-        v.sort_by_key(|r| *r as u32);
-        v.dedup();
-        v
-    };
-    // The rule for `path` (canonical bytes, or a prefix of the raw path): exact only if
-    // `exact`, else the longest prefix rule.
-    let rule_for = |path: &[u8], exact: bool| {
-        let e = policy
-            .rules
-            .values()
-            .find(|r| exact && r.kind == MatchKind::Exact && r.path.as_bytes() == path);
-        e.or_else(|| {
-            policy
-                .rules
-                .values()
-                .filter(|r| r.kind == MatchKind::Prefix && path.starts_with(r.path.as_bytes()))
-                .max_by_key(|r| r.path.len())
-        })
-    };
-    // (allows, allows in enforce mode): what a reading's rule, or the default, says.
-    let verdict_of = |rule: Option<&filter_userspace::policy::Rule>| match rule {
-        Some(r) if r.mode == Mode::Monitor => (r.effective(), MethodSet::ANY),
-        Some(r) => (r.effective(), r.effective()),
-        None => (policy.default.effective(), policy.default.effective()),
-    };
-    let mut allow = MethodSet::ANY;
-    let mut monitor_overrides = false;
-    for &b in payload {
-        if s.in_bulk() {
-            break;
-        }
-        match s.step(b, &mut raw) {
-            Ev::More | Ev::Bulk | Ev::Await => {}
-            Ev::Tunnel => {
-                counted.push(Reason::Tunnel);
-                break;
-            }
-            Ev::Override if !allow.contains(s.override_method()) => {
-                if !monitor_overrides {
-                    counted.push(Reason::Rejected);
-                    return done(counted);
-                }
-                counted.push(Reason::Monitored);
-            }
-            Ev::Override => {}
-            Ev::Fail(r) => {
-                counted.push(r);
-                return done(counted);
-            }
-            Ev::Decide => {
-                let method = s.take_method();
-                let n = s.line.path_len();
-                let mut path = [0u8; filter_common::PATH_MAX];
-                let (canon, readings) = if n == 0 {
-                    (Vec::new(), None)
-                } else {
-                    match filter_common::canon::readings(&raw[..n], &mut path) {
-                        Ok(r) => (path[..r.len].to_vec(), Some(r)),
-                        Err(_) => {
-                            counted.push(Reason::BadPath);
-                            return done(counted);
-                        }
-                    }
-                };
-                let changed = readings.and_then(|r| r.changed);
-                if policy.paths == PathsMode::Strict && changed.is_some() {
-                    counted.push(Reason::BadPath);
-                    return done(counted);
-                }
-                let rule = rule_for(&canon, true);
-                let (mut a, mut enforced) = verdict_of(rule);
-                let others = [
-                    changed.map(|p| raw[..p].to_vec()),
-                    readings
-                        .and_then(|r| r.params_at)
-                        .map(|p| canon[..p].to_vec()),
-                ];
-                for other in others.into_iter().flatten() {
-                    let (oa, oe) = verdict_of(rule_for(&other, false));
-                    a = MethodSet(a.0 & oa.0);
-                    enforced = MethodSet(enforced.0 & oe.0);
-                }
-                allow = a;
-                monitor_overrides = enforced == MethodSet::ANY;
-                if method == Method::Options {
-                    if rule.is_some() && policy.options == OptionsMode::Answer {
-                        counted.push(Reason::OptionsAnswered);
-                        return done(counted);
-                    }
-                    counted.push(Reason::OptionsPassed);
-                    continue;
-                }
-                if !enforced.contains(method) {
-                    counted.push(Reason::Rejected);
-                    return done(counted);
-                } else if !allow.contains(method) {
-                    counted.push(Reason::Monitored);
-                } else if rule.is_some() {
-                    counted.push(Reason::AllowedByRule);
-                } else {
-                    counted.push(Reason::AllowedByDefault);
-                }
-            }
-        }
-    }
-    if counted.is_empty() {
-        counted.push(Reason::MidStream);
-    }
-    done(counted)
+    use filter_userspace::explain::{decide, Options};
+    decide(policy, &Options::default(), payload).reasons
 }
 
 /// The policy of [`host_and_kernel_agree_on_generated_requests`] and [`path_modes_table`]:
@@ -2384,4 +2268,28 @@ fn check_changed(name: &str, ip: Ip, input: &[u8], out: &[u8], failures: &mut Ve
     if out.len() > input.len() {
         failures.push(format!("{name} ({}): the segment grew", ip_name(ip)));
     }
+}
+
+/// `/metrics` counts the connection table with batch lookups (`BPF_MAP_LOOKUP_BATCH`, a few
+/// syscalls for the whole table): the same count as a walk key by key, over more entries than
+/// one batch takes.
+#[test]
+fn the_connection_table_is_counted_in_batches() {
+    if !lab::e2e_enabled("kernel::the_connection_table_is_counted_in_batches") {
+        return;
+    }
+    let mut dp = load(&parse_toml(POLICY).unwrap());
+    let _events = dp.take_events().expect("event ring");
+    let base = dp.tracked_connections_walked();
+    for i in 0..2500u16 {
+        open_conn(&mut dp, Ip::V4, 10_000 + i);
+    }
+    let walked = dp.tracked_connections_walked();
+    assert_eq!(walked, base + 2500, "every handshake left its state");
+    assert_eq!(dp.tracked_connections(), walked);
+    assert_eq!(
+        dp.tracked_connections_batched()
+            .expect("the kernel has batch lookups for LRU hashes"),
+        walked
+    );
 }

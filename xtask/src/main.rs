@@ -10,6 +10,7 @@
 mod bench;
 mod build;
 mod demo;
+mod dist;
 mod kernels;
 mod test;
 mod verifier_table;
@@ -81,6 +82,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Generate shell completions and man pages from the clap definitions (target/dist/);
+    /// with --deb, build and assemble the Debian package (dpkg-deb).
+    Dist {
+        /// Also build the binaries and the .deb (target/dist/filterd_VERSION_ARCH.deb).
+        #[arg(long)]
+        deb: bool,
+    },
 }
 
 fn main() {
@@ -106,6 +114,7 @@ fn main() {
             verifier_table::main(&build::workspace_root(), &files, print)
         }
         Command::Bench { args } => bench::main(&args),
+        Command::Dist { deb } => dist::main(deb),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -6,87 +6,96 @@
 //! gap. `--fail-open` detaches them when filterd exits: TCX links belong to the process and go
 //! however it exits; netlink filters are deleted at a clean exit (a crash leaves them).
 //! `--attach` picks TCX (kernel ≥ 6.6) or netlink tc; `auto` takes TCX where the kernel has it.
+//!
+//! The policy belongs to the operator (`--policy FILE|DIR`: read-only, watched) or to the API
+//! (`--state FILE`: the daemon's own file). `--check` validates it and exits. Under systemd
+//! (`Type=notify`) filterd says `READY=1` once the classifiers are attached on every
+//! interface and the API serves.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use filter_userspace::{api, auth, dataplane, policy, responder, serve, DaemonSink};
+use filter_userspace::api::{self, Actor, PolicyStore, Reloaded};
+use filter_userspace::cli::{Filterd as Args, LogFormat};
+use filter_userspace::sd_notify::Notifier;
+use filter_userspace::{auth, dataplane, document, responder, serve, DaemonObserver, DaemonSink};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// HTTP method firewall daemon: enforces allowed methods per path in the kernel and answers
-/// violations with `405 Method Not Allowed`.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// Interface to filter ingress traffic on (repeatable).
-    #[arg(long = "iface", required = true)]
-    ifaces: Vec<String>,
-    /// TCP destination port carrying plaintext HTTP/1.x (repeatable).
-    #[arg(long = "port", default_values_t = [80u16])]
-    ports: Vec<u16>,
-    /// Policy file (TOML). Loaded at start (an invalid file stops the start), reloaded on
-    /// SIGHUP, and rewritten atomically on every accepted API change. Without it, API changes
-    /// are lost on restart.
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// TCP address of the REST API.
-    #[arg(long, default_value = "127.0.0.1:9405")]
-    api: SocketAddr,
-    /// Also serve the REST API on this Unix socket (mode 0600).
-    #[arg(long)]
-    api_socket: Option<PathBuf>,
-    /// File holding the API's bearer token; generated (mode 0600) if missing.
-    #[arg(long, default_value = auth::DEFAULT_TOKEN_FILE)]
-    token_file: PathBuf,
-    /// Serve the API without a token. Refused unless the API listens on loopback only.
-    #[arg(long)]
-    no_auth: bool,
-    /// Count and log what would be rejected; block nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Detach the classifier when filterd exits (default: keep enforcing via pinned TCX links
-    /// or netlink filters). With netlink tc a crash still leaves the filters attached.
-    #[arg(long)]
-    fail_open: bool,
-    /// How to attach: TCX links (kernel 6.6 and later), netlink tc (clsact qdisc, cls_bpf
-    /// filters; any kernel), or auto (TCX where the kernel has it, else netlink).
-    #[arg(long, value_enum, default_value_t = dataplane::AttachChoice::Auto)]
-    attach: dataplane::AttachChoice,
-    /// bpffs directory for the pinned links and counters (bpffs is mounted at /sys/fs/bpf if
-    /// it is not).
-    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
-    /// Connections the classifier follows at once. When the table is full the least recently
-    /// active connection's state is evicted, and that connection's next data segment is
-    /// refused (503, backend reset): size it above the host's peak of concurrent connections.
-    #[arg(long, default_value_t = filter_common::CONNS_MAX, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
-    /// Seconds after start during which connections already open (no state in the new
-    /// classifier) are adopted at their next segment; afterwards a connection without state
-    /// is one whose state was evicted, and its segment is refused.
-    #[arg(long, default_value_t = dataplane::DEFAULT_ADOPT_WINDOW.as_secs())]
-    adopt_window: u64,
-    /// Seconds an API client may take to send a request's line and headers; a connection
-    /// that has not (slowloris), or that stays idle that long, is closed.
-    #[arg(long, default_value_t = serve::HEADER_READ_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
-    api_header_timeout: u64,
-}
-
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_env_filter(filter)
+            .with_target(true)
+            .init(),
+    }
+    if args.check {
+        std::process::exit(check(&args));
+    }
     if let Err(e) = run(args) {
+        if let Ok(Some(n)) = Notifier::from_env() {
+            let _ = n.status(&format!("failed: {e:#}"));
+        }
         eprintln!("filterd: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn store_of(args: &Args) -> Option<PolicyStore> {
+    match (&args.policy, &args.state) {
+        (Some(p), _) => Some(PolicyStore::ReadOnly(p.clone())),
+        (None, Some(s)) => Some(PolicyStore::State(s.clone())),
+        (None, None) => None,
+    }
+}
+
+/// `filterd --check`: every error of the policy source, placed; exit 0 (valid) or 1.
+fn check(args: &Args) -> i32 {
+    let Some(store) = store_of(args) else {
+        eprintln!("filterd: --check needs --policy or --state");
+        return 2;
+    };
+    let shown = store.path().display();
+    match store.load(false) {
+        Ok((policy, _)) => {
+            println!(
+                "filterd: policy {shown} is valid: {} rules ({} exact, {} prefix), default {}",
+                policy.rules.len(),
+                policy.count(filter_userspace::policy::MatchKind::Exact),
+                policy.count(filter_userspace::policy::MatchKind::Prefix),
+                match policy.default {
+                    filter_userspace::policy::DefaultPolicy::Any => "any".to_owned(),
+                    d => d
+                        .effective()
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            );
+            0
+        }
+        Err(diagnostics) => {
+            eprintln!("{}", document::render_all(&diagnostics));
+            eprintln!(
+                "filterd: policy {shown}: {} error{}",
+                diagnostics.len(),
+                if diagnostics.len() == 1 { "" } else { "s" }
+            );
+            1
+        }
     }
 }
 
@@ -95,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("must run as root (it loads eBPF programs and sends raw packets: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW)");
     }
+    let notifier = Notifier::from_env().context("$NOTIFY_SOCKET")?;
     for iface in &args.ifaces {
         let name = std::ffi::CString::new(iface.as_str()).context("interface name contains NUL")?;
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
@@ -102,23 +112,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     // Everything that can be wrong with the configuration is found before the kernel is touched.
-    let (policy, revision) = match &args.policy {
-        Some(path) => policy::load_document(path).with_context(|| {
-            if path.exists() {
-                "refusing to start with an invalid policy".to_owned()
-            } else {
-                format!(
-                    "create {} (an empty file is an empty policy: every method allowed)",
-                    path.display()
-                )
-            }
+    let store = store_of(&args);
+    let (policy, revision) = match &store {
+        Some(s) => s.load(true).map_err(|d| {
+            anyhow::anyhow!(
+                "refusing to start with an invalid policy:\n{}",
+                document::render_all(&d)
+            )
         })?,
         None => {
             tracing::warn!(
-                "no --policy file: API changes are not persisted and are lost on restart"
+                "no --policy or --state: the policy lives in memory and API changes are lost on restart"
             );
-            (policy::Policy::default(), 0)
+            (filter_userspace::policy::Policy::default(), 0)
         }
+    };
+    // A read-only source's policy starts at revision 1 (there is no file revision to keep).
+    let revision = match &store {
+        Some(PolicyStore::ReadOnly(_)) => 1,
+        _ => revision,
     };
     let token = if args.no_auth {
         if !args.api.ip().is_loopback() {
@@ -154,13 +166,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let opts = dataplane::LoadOptions {
         max_connections: args.max_connections,
-        adopt_window: std::time::Duration::from_secs(args.adopt_window),
+        adopt_window: Duration::from_secs(args.adopt_window),
         verifier_log_dir: None,
     };
     let kernel = filter_userspace::verifier::kernel_release();
     let mode = dataplane::AttachMode::choose(args.attach, &args.ifaces[0])?;
     let mut dataplane = dataplane::Dataplane::load_opts(&args.ports, Some(&args.pin_dir), &opts)?;
-    tracing::info!(kernel, attach = %mode, "classifiers verified and loaded");
+    tracing::info!(kernel, attach = %mode, version = filter_userspace::LONG_VERSION, "classifiers verified and loaded");
     dataplane.set_dry_run(args.dry_run)?;
     dataplane.apply(&policy)?;
     let ring = dataplane
@@ -193,11 +205,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let fail_mode = if args.fail_open { "open" } else { "closed" };
+    let source = match &store {
+        Some(s) => format!("{} {}", s.kind(), s.path().display()),
+        None => "memory".into(),
+    };
     tracing::info!(
         ifaces = ?args.ifaces,
         ports = ?args.ports,
         rules = policy.rules.len(),
         revision,
+        policy = %source,
         api = %args.api,
         dry_run = args.dry_run,
         fail_mode,
@@ -214,24 +231,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let responder_task = tokio::spawn(responder.run(ring, shutdown_rx.clone()));
+    let observer = Arc::new(DaemonObserver {
+        dataplane: dataplane.observer(&args.ifaces)?,
+        responder: stats.clone(),
+    });
+    let events = stats.events.clone();
     let state = api::AppState::with(
         policy,
         revision,
         Box::new(DaemonSink {
             dataplane: Some(dataplane),
             responder: stats,
+            observer,
         }),
-        args.policy.clone().map(|path| api::PolicyStore { path }),
+        store.clone(),
         token,
         api::DaemonInfo {
             fail_mode: fail_mode.into(),
-            policy_file: args.policy.as_ref().map(|p| p.display().to_string()),
+            policy_file: store.as_ref().map(|s| s.path().display().to_string()),
         },
     );
-    let header_timeout = std::time::Duration::from_secs(args.api_header_timeout);
+    let header_timeout = Duration::from_secs(args.api_header_timeout);
+    let tcp_router = api::host_guard(
+        api::router(state.clone()),
+        api::AllowedHosts::new(args.api, &args.api_hosts),
+    );
     let mut servers = vec![tokio::spawn(serve::serve(
         listener,
-        api::router(state.clone()),
+        tcp_router,
         header_timeout,
         shutdown_rx.clone(),
     ))];
@@ -243,6 +270,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         )));
     }
+    let ready_status = format!(
+        "filtering {} on {} ({} rules, revision {revision}, policy {source})",
+        args.ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        args.ifaces.join(", "),
+        state.policy().rules.len()
+    );
+    if let Some(n) = &notifier {
+        n.ready(&ready_status)
+            .context("telling systemd filterd is ready")?;
+    }
+
+    // The operator's source is watched: a change is checked and applied, or refused.
+    let watch = match (&store, args.watch_interval) {
+        (Some(PolicyStore::ReadOnly(path)), secs) if secs > 0 => {
+            let (state, path) = (state.clone(), path.clone());
+            let mut stop = shutdown_rx.clone();
+            Some(tokio::spawn(async move {
+                let mut seen = document::fingerprint(&path);
+                let mut tick = tokio::time::interval(Duration::from_secs(secs));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let now = document::fingerprint(&path);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    let st = state.clone();
+                    let actor = Actor::reload(&format!("the watch on {}", path.display()));
+                    log_reload(
+                        "the policy source changed",
+                        tokio::task::spawn_blocking(move || st.reload(&actor)).await,
+                    );
+                }
+            }))
+        }
+        _ => None,
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -252,16 +324,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: exiting"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: exiting"); break; }
             _ = hup.recv() => {
+                if let Some(n) = &notifier {
+                    let _ = n.reloading();
+                }
                 let st = state.clone();
-                match tokio::task::spawn_blocking(move || st.reload()).await {
-                    Ok(Ok(rev)) => tracing::info!(revision = rev, "SIGHUP: policy file reloaded"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: policy file not reloaded; the policy in force is unchanged"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+                let result = tokio::task::spawn_blocking(move || st.reload(&Actor::reload("SIGHUP"))).await;
+                let status = match &result {
+                    Ok(Ok(_)) => ready_status.clone(),
+                    Ok(Err(e)) => format!("reload failed, the policy in force is kept: {e}"),
+                    Err(e) => format!("reload failed: {e}"),
+                };
+                log_reload("SIGHUP", result);
+                if let Some(n) = &notifier {
+                    let _ = n.notify(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
                 }
             }
         }
     }
+    if let Some(n) = &notifier {
+        let _ = n.stopping();
+    }
     let _ = shutdown_tx.send(true);
+    events.close();
+    if let Some(w) = watch {
+        let _ = w.await;
+    }
     if let Ok(Err(e)) = responder_task.await {
         tracing::warn!(error = %e, "responder stopped with an error");
     }
@@ -283,4 +370,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+fn log_reload(
+    why: &str,
+    result: Result<Result<Reloaded, api::ReloadError>, tokio::task::JoinError>,
+) {
+    match result {
+        Ok(Ok(Reloaded::Applied(rev))) => {
+            tracing::info!(revision = rev, "{why}: policy reloaded")
+        }
+        Ok(Ok(Reloaded::Unchanged(rev))) => {
+            tracing::info!(
+                revision = rev,
+                "{why}: the source holds the policy in force"
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "{why}: policy not reloaded; the policy in force is unchanged")
+        }
+        Err(e) => tracing::error!(error = %e, "{why}: reload task failed"),
+    }
 }
