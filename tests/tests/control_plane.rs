@@ -1397,6 +1397,14 @@ fn systemd_readiness_audit_and_filterctl_over_the_socket() {
     let (code, out, err) = filterctl(&sock, &token, &["status"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("netlink") && out.contains("POLICY"), "{out}");
+    let (code, out, err) = filterctl(&sock, &token, &["explain", "DELETE", "/api/items?y"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("canonical  /api/items"), "{out}");
+    assert!(
+        out.contains("405: rule /api/items (exact) allows GET, HEAD, POST, not DELETE"),
+        "{out}"
+    );
+    // paths = "strict" (the default): a path not in normal form is answered 400.
     let (code, out, err) = filterctl(
         &sock,
         &token,
@@ -1404,8 +1412,9 @@ fn systemd_readiness_audit_and_filterctl_over_the_socket() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("canonical  /api/items"), "{out}");
+    assert!(!out.contains("rule "), "{out}");
     assert!(
-        out.contains("405: rule /api/items (exact) allows GET, HEAD, POST, not DELETE"),
+        out.contains("400: the path is refused: not in normal form"),
         "{out}"
     );
     // A change over the socket: one audit line, naming the peer's uid.

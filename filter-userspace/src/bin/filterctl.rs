@@ -427,7 +427,8 @@ fn explain_cmd(args: &Args, e: &ExplainArgs) -> anyhow::Result<i32> {
         (None, Some(why)) => println!("{:<10} refused: {why}", "canonical"),
         _ => {}
     }
-    if v["canonical"].is_string() {
+    // A path refused before any rule was looked up (`paths = "strict"`) shows no rule.
+    if v["canonical"].is_string() && v["path_refused"].is_null() {
         match v["rule"].as_object() {
             Some(r) => println!(
                 "{:<10} {} ({}, {}): {}",
