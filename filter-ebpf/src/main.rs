@@ -23,13 +23,15 @@
 //! * `ingress_finish`: the segment's verdict applied and the stream state saved;
 //! * `http_egress` (entry) → `egress_frame`: the server's responses framed.
 //!
-//! It must not log per packet, allocate, or hold policy of its own.
+//! It must not log per packet (`diag` logs cold paths only, and only when asked), allocate,
+//! or hold policy of its own.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value, a 40-byte `ConnKey` is copied onto
 // the 512-byte stack first.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod diag;
 mod egress;
 mod frame;
 mod ingress;

@@ -102,6 +102,11 @@ pub struct Filterd {
     /// Log lines as text or as JSON objects (one per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log the classifiers' own diagnostics (kernel side, cold paths only: a failed stage,
+    /// packet rewrite or map insert, a lost event) under the target `filterd::kernel`. Off,
+    /// the verifier removes them from the programs.
+    #[arg(long)]
+    pub bpf_log: bool,
 }
 
 /// Manage a running filterd: rules, status, explanations of decisions, the live feed of

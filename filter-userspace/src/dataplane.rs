@@ -359,6 +359,9 @@ pub struct LoadOptions {
     /// Where the full verifier log of a refused program goes (`None`: [`verifier::LOG_DIR`],
     /// else the temporary directory).
     pub verifier_log_dir: Option<PathBuf>,
+    /// The classifiers' own diagnostics (`filterd --bpf-log`, [`crate::kernel_log`]); off, the
+    /// verifier removes them from the programs.
+    pub bpf_log: bool,
 }
 
 /// Default of [`LoadOptions::adopt_window`]: longer than common keep-alive timeouts (nginx 75 s),
@@ -371,6 +374,7 @@ impl Default for LoadOptions {
             max_connections: CONNS_MAX,
             adopt_window: DEFAULT_ADOPT_WINDOW,
             verifier_log_dir: None,
+            bpf_log: false,
         }
     }
 }
@@ -392,6 +396,8 @@ pub struct Dataplane {
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// The classifiers' log records, with `LoadOptions::bpf_log` (for the daemon, once).
+    kernel_log: Option<crate::kernel_log::KernelLog>,
     key: [u64; 2],
     active: u32,
     /// Whether the inactive maps may hold entries (they are cleared before the next apply).
@@ -504,6 +510,8 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_CONFIG, &*config, true);
+        let log_level = crate::kernel_log::level(opts.bpf_log);
+        loader.override_global(crate::kernel_log::LEVEL_GLOBAL, &log_level, true);
         loader.map_max_entries(MAP_CONNS, opts.max_connections);
         let stats_pin;
         if let Some(root) = pin_root {
@@ -522,6 +530,14 @@ impl Dataplane {
             load_program(&mut ebpf, name, opts.verifier_log_dir.as_deref())?;
         }
         let stages = fill_stages(&mut ebpf)?;
+        let kernel_log = if opts.bpf_log {
+            let log =
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::kernel_log::ToTracing)
+                    .map_err(|e| DataplaneError::BadOption(format!("--bpf-log: {e}")))?;
+            Some(log)
+        } else {
+            None
+        };
 
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
@@ -553,6 +569,7 @@ impl Dataplane {
             settings,
             stats,
             events: Some(events),
+            kernel_log,
             key,
             active: 0,
             // A fresh program's maps are empty.
@@ -1208,6 +1225,12 @@ impl Dataplane {
         self.events.take()
     }
 
+    /// The classifiers' log records (`LoadOptions::bpf_log`), for [`crate::kernel_log::run`]
+    /// (once).
+    pub fn take_kernel_log(&mut self) -> Option<crate::kernel_log::KernelLog> {
+        self.kernel_log.take()
+    }
+
     fn key_of(&self, path: &str) -> u64 {
         // Validated rule paths are at most PATH_MAX bytes.
         hash::hash_slice(&self.key, path.as_bytes()).expect("rule paths are validated")
@@ -1718,10 +1741,11 @@ pub struct ProgramVerdict {
 
 /// Load every program of the embedded object on its own (the classifiers and their stages:
 /// [`ALL_PROGRAMS`] first, in its order, then any other), with the load-time globals
-/// [`Dataplane::load`] gives them, and report what the verifier said about each. Unlike
+/// [`Dataplane::load`] gives them (`bpf_log`: with the classifiers' diagnostics on, as
+/// `filterd --bpf-log` loads them), and report what the verifier said about each. Unlike
 /// `load`, a refused program does not keep the others from being tried. Nothing is attached
 /// or joined by tail calls, and the programs are unloaded again on return.
-pub fn verify_each(ports: &[u16]) -> Result<Vec<ProgramVerdict>, DataplaneError> {
+pub fn verify_each(ports: &[u16], bpf_log: bool) -> Result<Vec<ProgramVerdict>, DataplaneError> {
     if OBJECT.is_empty() {
         return Err(DataplaneError::NoObject);
     }
@@ -1731,8 +1755,10 @@ pub fn verify_each(ports: &[u16]) -> Result<Vec<ProgramVerdict>, DataplaneError>
     for &p in ports {
         config.add_port(p);
     }
+    let log_level = crate::kernel_log::level(bpf_log);
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &*config, true)
+        .override_global(crate::kernel_log::LEVEL_GLOBAL, &log_level, true)
         .load(OBJECT)
         .map_err(DataplaneError::Load)?;
     // Every program of the object, those of `ALL_PROGRAMS` first in its order.

@@ -17,6 +17,7 @@ pub mod document;
 pub mod events;
 pub mod explain;
 pub mod hits;
+pub mod kernel_log;
 pub mod packet;
 pub mod policy;
 pub mod ratelimit;

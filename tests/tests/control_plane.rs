@@ -1342,6 +1342,51 @@ fn recv_notify(s: &std::os::unix::net::UnixDatagram) -> String {
 /// reload bracketed by RELOADING=1 / READY=1; /readyz asks the kernel and names the hook a
 /// deleted filter left bare; JSON logs with one audit line per change naming the Unix
 /// socket's uid; filterctl over the socket: status, explain, policy diff, events.
+/// `--bpf-log`: the classifiers' own diagnostics reach the daemon's log. A stage missing from
+/// the pinned stage table (removed from outside) makes the ingress classifier drop the
+/// segment it cannot parse, and say so, as a JSON line under the target `filterd::kernel`.
+#[test]
+fn bpf_log_puts_the_classifiers_cold_path_messages_in_the_log() {
+    let test = "control_plane::bpf_log_puts_the_classifiers_cold_path_messages_in_the_log";
+    let Some(e) = env(test, POLICY, &["--bpf-log", "--log-format", "json"]) else {
+        return;
+    };
+    let addr = e.lab.server_addrs()[0];
+    assert_eq!(e.request(addr, "GET", "/api/items"), 200);
+    assert!(
+        !e.daemon().log().contains("filterd::kernel"),
+        "kernel messages with nothing wrong:\n{}",
+        e.daemon().log()
+    );
+    // The stage table this load pinned: take the parsing stage out of it.
+    let dir = e.pins.0.join("stages");
+    let pin = std::fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        .next()
+        .expect("the stage table is pinned")
+        .unwrap()
+        .path();
+    let map = aya::maps::MapData::from_pin(&pin).expect("opening the pinned stage table");
+    let mut stages = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(map))
+        .expect("a program array");
+    stages
+        .clear_index(&filter_common::stage::INGRESS_PARSE)
+        .expect("removing a stage");
+    // The request's segment cannot be parsed: dropped (curl gives up), and reported.
+    assert_eq!(e.request(addr, "GET", "/api/items"), 0);
+    e.wait_log("stage_failed: a tail call into a stage failed");
+    let line = e
+        .daemon()
+        .log()
+        .lines()
+        .find(|l| l.contains("stage_failed: a tail call"))
+        .map(str::to_owned)
+        .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|err| panic!("{line}: {err}"));
+    assert_eq!(v["target"], "filterd::kernel", "{line}");
+    assert_eq!(v["level"], "WARN", "{line}");
+}
+
 #[test]
 fn systemd_readiness_audit_and_filterctl_over_the_socket() {
     let test = "control_plane::systemd_readiness_audit_and_filterctl_over_the_socket";

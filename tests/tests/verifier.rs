@@ -17,58 +17,12 @@ fn every_program_verifies_within_budget() {
         return;
     }
     lab::check_root().expect("prerequisites");
-    let (verdicts, logs) = verifier::capture_stats(|| dataplane::verify_each(&[80]))
-        .expect("collecting the verifier's statistics");
-    let verdicts = verdicts.expect("the kernel object loads (maps, BTF)");
-    assert!(!verdicts.is_empty(), "the kernel object has no programs");
-
     let kernel = verifier::kernel_release();
     let mut records = Vec::new();
-    for v in &verdicts {
-        // The kernel keeps 15 bytes of a program's name.
-        let short: String = v.program.chars().take(15).collect();
-        let load = logs.iter().rev().find(|l| l.name == short);
-        let stats = load
-            .map(|l| verifier::parse_log(&l.log))
-            .unwrap_or_default();
-        let calls = load.and_then(|l| l.calls.as_deref());
-        let chain = |frames: &Option<Vec<u32>>| {
-            frames
-                .as_deref()
-                .and_then(|f| verifier::deepest_chain(f, calls))
-        };
-        let record = match &v.result {
-            Ok(insns) => Record {
-                kernel: kernel.clone(),
-                program: v.program.clone(),
-                accepted: true,
-                insns: Some(*insns).filter(|&n| n > 0).or(stats.insns),
-                insn_budget: INSN_BUDGET,
-                stack_chain: chain(&stats.stack),
-                stack: stats.stack,
-                stack_budget: STACK_BUDGET,
-                reason: None,
-            },
-            Err(text) => {
-                let refusal = verifier::parse_log(text);
-                let stack = refusal.stack.or(stats.stack);
-                Record {
-                    kernel: kernel.clone(),
-                    program: v.program.clone(),
-                    accepted: false,
-                    insns: refusal.insns.or(stats.insns),
-                    insn_budget: INSN_BUDGET,
-                    stack_chain: chain(&stack),
-                    stack,
-                    stack_budget: STACK_BUDGET,
-                    reason: refusal
-                        .reason
-                        .or_else(|| text.lines().next().map(str::to_owned)),
-                }
-            }
-        };
-        eprintln!("verifier: {}", describe(&record));
-        records.push(record);
+    // As `filterd` loads them, and with `filterd --bpf-log` (the classifiers' diagnostics on:
+    // their records show as `PROGRAM (--bpf-log)`).
+    for bpf_log in [false, true] {
+        records.extend(verify(&kernel, bpf_log));
     }
 
     if let Some(path) = std::env::var_os(REPORT_ENV) {
@@ -91,6 +45,70 @@ fn every_program_verifies_within_budget() {
         records.len(),
         failures.join("\n")
     );
+}
+
+/// Every program of the object through the verifier (`bpf_log`: with the classifiers'
+/// diagnostics on), one record each.
+fn verify(kernel: &str, bpf_log: bool) -> Vec<Record> {
+    let (verdicts, logs) = verifier::capture_stats(|| dataplane::verify_each(&[80], bpf_log))
+        .expect("collecting the verifier's statistics");
+    let verdicts = verdicts.expect("the kernel object loads (maps, BTF)");
+    assert!(!verdicts.is_empty(), "the kernel object has no programs");
+
+    let mut records = Vec::new();
+    for v in &verdicts {
+        let name = if bpf_log {
+            format!("{} (--bpf-log)", v.program)
+        } else {
+            v.program.clone()
+        };
+        // The kernel keeps 15 bytes of a program's name.
+        let short: String = v.program.chars().take(15).collect();
+        let load = logs.iter().rev().find(|l| l.name == short);
+        let stats = load
+            .map(|l| verifier::parse_log(&l.log))
+            .unwrap_or_default();
+        let calls = load.and_then(|l| l.calls.as_deref());
+        let chain = |frames: &Option<Vec<u32>>| {
+            frames
+                .as_deref()
+                .and_then(|f| verifier::deepest_chain(f, calls))
+        };
+        let record = match &v.result {
+            Ok(insns) => Record {
+                kernel: kernel.to_owned(),
+                program: name.clone(),
+                accepted: true,
+                insns: Some(*insns).filter(|&n| n > 0).or(stats.insns),
+                insn_budget: INSN_BUDGET,
+                stack_chain: chain(&stats.stack),
+                stack: stats.stack,
+                stack_budget: STACK_BUDGET,
+                reason: None,
+            },
+            Err(text) => {
+                let refusal = verifier::parse_log(text);
+                let stack = refusal.stack.or(stats.stack);
+                Record {
+                    kernel: kernel.to_owned(),
+                    program: name.clone(),
+                    accepted: false,
+                    insns: refusal.insns.or(stats.insns),
+                    insn_budget: INSN_BUDGET,
+                    stack_chain: chain(&stack),
+                    stack,
+                    stack_budget: STACK_BUDGET,
+                    reason: refusal
+                        .reason
+                        .or_else(|| text.lines().next().map(str::to_owned)),
+                }
+            }
+        };
+        eprintln!("verifier: {}", describe(&record));
+        records.push(record);
+    }
+
+    records
 }
 
 fn describe(r: &Record) -> String {

@@ -53,6 +53,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         }
         count(Reason::StageFailed);
         count(Reason::ReplyLost);
+        crate::diag::cold(Reason::StageFailed);
     }
     PASS
 }

@@ -73,6 +73,7 @@ pub fn finish(ctx: &TcContext, out: Result<Out, Reason>) -> i32 {
         Err(r) => r,
     };
     count(reason);
+    crate::diag::cold(reason);
     match reason {
         Reason::ResetFailed
         | Reason::OutOfOrder
@@ -472,6 +473,7 @@ pub fn send_event(s: &mut Scratch, reason: u32, allow: u32, method: u32) {
     }
     if EVENTS.output::<RejectEvent>(&*ev, 0).is_err() {
         count(Reason::EventLost);
+        crate::diag::cold(Reason::EventLost);
     }
 }
 

@@ -168,6 +168,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         adopt_window: Duration::from_secs(args.adopt_window),
         verifier_log_dir: None,
+        bpf_log: args.bpf_log,
     };
     let kernel = filter_userspace::verifier::kernel_release();
     let mode = dataplane::AttachMode::choose(args.attach, &args.ifaces[0])?;
@@ -231,6 +232,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let responder_task = tokio::spawn(responder.run(ring, shutdown_rx.clone()));
+    if let Some(log) = dataplane.take_kernel_log() {
+        let stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = filter_userspace::kernel_log::run(log, stop).await {
+                tracing::warn!("the classifiers' log stopped: {e}");
+            }
+        });
+        tracing::info!("the classifiers' diagnostics are on (--bpf-log)");
+    }
     let observer = Arc::new(DaemonObserver {
         dataplane: dataplane.observer(&args.ifaces)?,
         responder: stats.clone(),
