@@ -334,11 +334,15 @@ pub mod kind {
     pub const GET: &str = "keep-alive GET (wrk's request), ingress";
     pub const RESPONSE: &str = "its response (nginx's 200, 3 B body), egress";
     pub const LONG: &str = "keep-alive GET, 1 KiB request line, ingress";
+    pub const BROWSER: &str = "keep-alive GET with a browser's headers (587 B), ingress";
     pub const UP: &str = "request body segment (512 B), ingress";
     pub const DOWN: &str = "response body segment (1436 B), egress";
     pub const EMPTY: &str = "empty classifier, one call (the GET's frame)";
-    pub const ALL: [&str; 6] = [GET, RESPONSE, LONG, UP, DOWN, EMPTY];
+    pub const ALL: [&str; 7] = [GET, RESPONSE, LONG, BROWSER, UP, DOWN, EMPTY];
 }
+
+/// A GET as a browser sends it: long header lines the filter does not act on.
+const BROWSER_REQUEST: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: 10.77.0.2\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\nAccept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8\r\nAccept-Language: en-US,en;q=0.9,de;q=0.8\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nCookie: session=3f2a9c0e7b5d4e1f8a6b2c9d0e3f4a5b; theme=dark; consent=functional,analytics; _ga=GA1.1.123456789.1700000000\r\nUpgrade-Insecure-Requests: 1\r\nSec-Fetch-Dest: document\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Site: none\r\nSec-Fetch-User: ?1\r\nPriority: u=0, i\r\n\r\n";
 
 /// A GET of a path of `len` bytes, with wrk's `Host` header.
 pub fn long_request(len: usize) -> Vec<u8> {
@@ -431,6 +435,7 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
     let mut long = Conn::open(b, base + 1)?;
     let mut up = Conn::open(b, base + 2)?;
     let mut down = Conn::open(b, base + 3)?;
+    let mut browser = Conn::open(b, base + 4)?;
     let f = up.client_segment(UPLOAD);
     b.ingress("the upload's head", &f)?;
     let f = down.client_segment(REQUEST);
@@ -444,7 +449,7 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
     );
     let empty_frame = Segment::client(base, BACKEND_PORT, 1, 1, REQUEST).build();
     let mut ns: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    const GROUPS: usize = 5;
+    const GROUPS: usize = 6;
     for step in 0..PACKETS {
         for g in 0..GROUPS {
             match (g + step) % GROUPS {
@@ -466,6 +471,10 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
                     let f = up.server_segment(&[]);
                     b.egress("the server's ACK", &f)?;
                 }
+                5 => {
+                    let (t, _) = browser.exchange(b, BROWSER_REQUEST, RESPONSE)?;
+                    ns.entry(kind::BROWSER).or_default().push(t);
+                }
                 3 => {
                     let f = down.server_segment(&down_body);
                     let t = b.egress("a response body segment", &f)?;
@@ -478,7 +487,7 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
             }
         }
     }
-    for c in [keep, long, up, down] {
+    for c in [keep, long, up, down, browser] {
         c.close(b)?;
     }
     Ok(kind::ALL
