@@ -7,10 +7,10 @@
 //!
 //! It is built to cost little per refusal under a flood:
 //! - it runs on a thread of its own, asleep in `ppoll` on the ring until an event arrives;
-//!   after a busy wakeup it lets events gather for [`GATHER`] before it drains again, so a flood
-//!   costs one wakeup per [`GATHER`], not one per refusal (the kernel wakes the reader only
-//!   for a record written to a ring the reader had emptied). A refusal after a quiet moment is
-//!   answered at once;
+//!   while events are dense (two or more per [`GATHER`], [`Pace`]) it lets them gather for
+//!   [`GATHER`] after each drain, so a flood costs one wakeup per [`GATHER`], not one per
+//!   refusal (the kernel wakes the reader only for a record written to a ring the reader had
+//!   emptied). A trickle of refusals is answered as each arrives;
 //! - it drains the ring in batches of up to [`BATCH`] events, reads the clock once per batch,
 //!   and sends the batch's answers with one `sendmmsg`;
 //! - the answers come from [`AnswerCache`] (each distinct answer built once a second, with the
@@ -150,6 +150,39 @@ impl LogLimit {
     /// When the current second ends, if it has a summary to write.
     fn pending_until(&self) -> Option<Instant> {
         (self.suppressed > 0).then(|| self.window + Duration::from_secs(1))
+    }
+}
+
+/// Whether events come often enough that letting them gather pays for the wakeup it costs:
+/// at least two per [`GATHER`] on average over the last [`PACE_WINDOW`] measured. A trickle
+/// (each event alone in its `GATHER`) is answered as each arrives, one wakeup each.
+struct Pace {
+    since: Instant,
+    events: u64,
+    dense: bool,
+}
+
+/// How long the responder counts events to decide whether they are dense.
+const PACE_WINDOW: Duration = Duration::from_millis(10);
+
+impl Pace {
+    fn new(now: Instant) -> Pace {
+        Pace {
+            since: now,
+            events: 0,
+            dense: false,
+        }
+    }
+
+    /// `taken` events were drained at `now`.
+    fn note(&mut self, taken: usize, now: Instant) {
+        self.events += taken as u64;
+        let span = now.saturating_duration_since(self.since);
+        if span >= PACE_WINDOW {
+            self.dense = u128::from(self.events) * GATHER.as_nanos() >= 2 * span.as_nanos();
+            self.since = now;
+            self.events = 0;
+        }
     }
 }
 
@@ -665,6 +698,7 @@ impl Responder {
         const RING: u32 = 1;
         const STOP: u32 = 2;
         let (ring_fd, stop_fd) = (ring.as_raw_fd(), stop.0.as_raw_fd());
+        let mut pace = Pace::new(Instant::now());
         loop {
             let timeout = self
                 .log
@@ -678,17 +712,17 @@ impl Responder {
             if ready & RING == 0 {
                 continue;
             }
-            // Busy: drain, let events gather, drain again, until a drain finds nothing. A
-            // drain that stopped at its bound may have left events: look again at once.
+            // Drain; while events are dense, let them gather and drain again, until a drain
+            // finds nothing. A drain that stopped at its bound may have left events: look
+            // again at once. Sparse events go back to `ppoll`: the ring wakes it for the next.
             loop {
                 let taken = self.drain(&mut ring);
-                if taken == 0 {
-                    break;
-                }
-                let pause = if taken >= DRAIN_MAX {
-                    Duration::ZERO
-                } else {
-                    GATHER
+                pace.note(taken, Instant::now());
+                let pause = match taken {
+                    0 => break,
+                    n if n >= DRAIN_MAX => Duration::ZERO,
+                    _ if pace.dense => GATHER,
+                    _ => break,
                 };
                 if wait(&[stop_fd], Some(pause))? != 0 {
                     return Ok(());
@@ -822,6 +856,27 @@ mod tests {
         // A flushed run counts nothing twice.
         run.flush(&in_runs);
         assert_eq!(in_runs.snapshot(), one_by_one.snapshot());
+    }
+
+    #[test]
+    fn events_are_dense_from_two_per_gather() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(t0);
+        assert!(!pace.dense, "a start answers each event as it comes");
+        // Per window of 10 ms: 2000/s is 20 events (half one per GATHER), 8000/s is 80.
+        let windows = [
+            (20, false),
+            (80, true),
+            (79, false),
+            (400, true),
+            (0, false),
+        ];
+        for (k, (events, dense)) in windows.into_iter().enumerate() {
+            let start = t0 + PACE_WINDOW * k as u32;
+            pace.note(events, start + PACE_WINDOW / 2);
+            pace.note(0, start + PACE_WINDOW);
+            assert_eq!(pace.dense, dense, "{events} events in {PACE_WINDOW:?}");
+        }
     }
 
     #[test]
