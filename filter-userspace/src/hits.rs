@@ -217,32 +217,53 @@ impl RuleHits {
         method: Method,
         outcome: Outcome,
     ) -> RuleRef {
+        self.record_n(seen, len, allow, method, outcome, 1)
+    }
+
+    /// As [`RuleHits::record`], for `n` events alike (the responder counts a run of equal
+    /// events of one batch at once).
+    pub fn record_n(
+        &self,
+        seen: &[u8],
+        len: usize,
+        allow: u32,
+        method: Method,
+        outcome: Outcome,
+        n: u64,
+    ) -> RuleRef {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner()).clone();
         let rule = index.resolve(seen, len, allow);
-        self.add(HitKey {
-            rule: rule.clone(),
-            method: method.as_str(),
-            outcome,
-        });
+        self.add_n(
+            HitKey {
+                rule: rule.clone(),
+                method: method.as_str(),
+                outcome,
+            },
+            n,
+        );
         rule
     }
 
     /// Count one row, folding a new rule row into `(other)` once the table is full.
-    pub fn add(&self, mut key: HitKey) {
+    pub fn add(&self, key: HitKey) {
+        self.add_n(key, 1)
+    }
+
+    fn add_n(&self, mut key: HitKey, n: u64) {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = t.counts.get_mut(&key) {
-            *n += 1;
+        if let Some(count) = t.counts.get_mut(&key) {
+            *count += n;
             return;
         }
         if let RuleRef::Rule(k) = &key.rule {
             if t.rule_rows >= t.rule_rows_max {
                 key.rule = RuleRef::Other(k.kind);
-                *t.counts.entry(key).or_default() += 1;
+                *t.counts.entry(key).or_default() += n;
                 return;
             }
             t.rule_rows += 1;
         }
-        t.counts.insert(key, 1);
+        t.counts.insert(key, n);
     }
 
     /// Every row, sorted by rule, method and outcome.
@@ -438,5 +459,39 @@ mod tests {
             rules,
             [RuleRef::Rule(RuleKey::exact("/admin")), RuleRef::Default]
         );
+    }
+
+    #[test]
+    fn recording_n_alike_counts_as_n_records() {
+        let specs: Vec<RuleSpec> = (0..3)
+            .map(|i| RuleSpec::new(format!("/r{i}"), &["GET"]))
+            .collect();
+        let p = Policy::from_specs(DefaultPolicy::Any, &specs).unwrap();
+        let (one_by_one, at_once) = (RuleHits::with_limit(1), RuleHits::with_limit(1));
+        for hits in [&one_by_one, &at_once] {
+            hits.set_policy(&p);
+        }
+        // The second rule folds into `(other)`: the table keeps one rule row.
+        for (path, n) in [("/r0", 3), ("/r1", 4), ("/zzz", 2), ("/r0", 1)] {
+            for _ in 0..n {
+                one_by_one.record(
+                    path.as_bytes(),
+                    path.len(),
+                    GET_HEAD,
+                    Method::Put,
+                    Outcome::Rejected,
+                );
+            }
+            at_once.record_n(
+                path.as_bytes(),
+                path.len(),
+                GET_HEAD,
+                Method::Put,
+                Outcome::Rejected,
+                n,
+            );
+        }
+        assert_eq!(at_once.snapshot(), one_by_one.snapshot());
+        assert_eq!(at_once.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 10);
     }
 }

@@ -1,14 +1,15 @@
-//! A rate limiter for log lines: at most `burst` lines at once and `per_sec` lines a second on
-//! average; the lines it suppresses are counted and reported with the next line it allows.
+//! A token bucket: at most `burst` at once and `per_sec` a second on average; what it refuses
+//! is counted and reported with the next one it allows.
 //!
-//! The responder calls it once per rejection, so a flood of rejected requests costs a counter
-//! increment each, not a log line each:
+//! The responder takes a token for each 503 it would send to a connection the kernel has no
+//! state for (`conn_table_full`), so those answers cannot be turned into a reflector; its log
+//! lines have their own per-second sample (`responder::LogLimit`).
 //!
 //! ```
 //! use filter_userspace::ratelimit::RateLimiter;
 //! let limiter = RateLimiter::new(10, 20);
-//! if let Some(suppressed) = limiter.allow() {
-//!     tracing::info!(suppressed, "rejected: answered 405");
+//! if let Some(refused_before) = limiter.allow() {
+//!     tracing::info!(refused_before, "answered 503");
 //! }
 //! ```
 

@@ -995,3 +995,167 @@ fn refusals_wait_for_earlier_responses_and_upgrades_for_their_answer() {
         );
     }
 }
+
+/// Opens N connections to HOST:80 (one after the other, 2 ms apart: the backend's accept
+/// queue is 5 deep, and a dropped SYN costs a second), then writes one refused request on each as fast as it can (a burst of
+/// refusals the responder answers in batches), and reads every connection to its end.
+/// Prints, per connection in order, the bytes it read (latin-1) and how it ended: `clean`
+/// (EOF), `reset` or `timeout`.
+const BURST_CLIENT: &str = r#"
+import json, selectors, socket, sys, time
+host, n = sys.argv[1], int(sys.argv[2])
+requests = [r.encode() for r in sys.argv[3:]]
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, 80), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conns.append(s)
+    time.sleep(0.002)
+for i, s in enumerate(conns):
+    s.sendall(requests[i % len(requests)])
+sel = selectors.DefaultSelector()
+got = [b""] * n
+end = ["timeout"] * n
+for i, s in enumerate(conns):
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, i)
+deadline = time.monotonic() + 15
+open_ = n
+while open_ and time.monotonic() < deadline:
+    for key, _ in sel.select(timeout=0.5):
+        i = key.data
+        try:
+            b = key.fileobj.recv(65536)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            b, end[i] = None, "reset"
+        if b:
+            got[i] += b
+            continue
+        if b == b"":
+            end[i] = "clean"
+        sel.unregister(key.fileobj)
+        open_ -= 1
+for s in conns:
+    s.close()
+print(json.dumps([{"raw": g.decode("latin-1"), "end": e} for g, e in zip(got, end)]))
+"#;
+
+/// Refusals in connections opened together in a burst: every one gets its byte-exact answer
+/// and a clean close, none is lost, and every counter counts each one exactly once.
+#[test]
+fn a_burst_of_refusals_is_answered_in_full() {
+    let Some(s) = setup("a_burst_of_refusals_is_answered_in_full") else {
+        return;
+    };
+    add_rule(&s, r#"{"path":"/upload","methods":["POST"]}"#);
+    /// Connections per address family.
+    const N: usize = 160;
+    let items_body = |m: &str| {
+        format!("405 Method Not Allowed: {m} is not allowed here. Allowed: GET, HEAD, POST.\n")
+    };
+    let head = |allow: &str, date: &str| {
+        format!("HTTP/1.1 405 Method Not Allowed\r\nAllow: {allow}\r\nDate: {date}\r\nContent-Type: text/plain; charset=utf-8\r\n")
+    };
+    let with_body = |allow: &str, date: &str, body: String| {
+        format!(
+            "{}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            head(allow, date),
+            body.len()
+        )
+    };
+    // (request, the answer with a given Date, its rule and method in /metrics)
+    type Expect<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let cases: [(&str, Expect, &str, &str); 4] = [
+        (
+            "DELETE /api/items HTTP/1.1\r\nHost: t\r\n\r\n",
+            Box::new(|d: &str| with_body(ITEMS_ALLOW, d, items_body("DELETE"))),
+            "/api/items",
+            "DELETE",
+        ),
+        (
+            "PUT /admin HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+            Box::new(|d: &str| {
+                let body = format!(
+                    "405 Method Not Allowed: PUT is not allowed here. Allowed: {ADMIN_ALLOW}.\n"
+                );
+                with_body(ADMIN_ALLOW, d, body)
+            }),
+            "/admin",
+            "PUT",
+        ),
+        (
+            "HEAD /upload HTTP/1.1\r\nHost: t\r\n\r\n",
+            // RFC 9110 §9.3.2: no content, and no Content-Length, in an answer to HEAD.
+            Box::new(|d: &str| format!("{}Connection: close\r\n\r\n", head("POST", d))),
+            "/upload",
+            "HEAD",
+        ),
+        (
+            "delete /api/items HTTP/1.1\r\nHost: t\r\n\r\n",
+            Box::new(|d: &str| with_body(ITEMS_ALLOW, d, items_body("this method"))),
+            "/api/items",
+            "(other)",
+        ),
+    ];
+    let metric_line = |rule: &str, method: &str| {
+        format!("filterd_rejections_total{{rule=\"{rule}\",match=\"exact\",method=\"{method}\"}}")
+    };
+    let metric = |line: &str| -> u64 {
+        let (status, text) = api(&s, "GET", "/metrics", None);
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let series: Vec<String> = cases.iter().map(|c| metric_line(c.2, c.3)).collect();
+    let before_hits: Vec<u64> = series.iter().map(|l| metric(l)).collect();
+    let (rejected, sent, failed) = (
+        rejected_counter(&s),
+        counter(&s, "responses_sent"),
+        counter(&s, "responses_failed"),
+    );
+    let mark = backend_mark(&s);
+    for addr in s.lab.server_addrs() {
+        let what = format!("a burst of {N} refusals over {}", family(addr));
+        let mut cmd = s.lab.client_cmd("python3");
+        cmd.args(["-c", BURST_CLIENT, &addr.to_string(), &N.to_string()]);
+        cmd.args(cases.iter().map(|c| c.0));
+        let out = lab::run(&mut cmd).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let v: Value = serde_json::from_str(out.trim()).expect("the burst client's JSON");
+        let conns = v.as_array().expect("one entry per connection");
+        assert_eq!(conns.len(), N, "{what}");
+        for (i, c) in conns.iter().enumerate() {
+            let (raw, end) = (c["raw"].as_str().unwrap(), c["end"].as_str().unwrap());
+            let (request, expect, ..) = &cases[i % cases.len()];
+            let what = format!("{what}, connection {i} ({:?})", request.lines().next());
+            assert_eq!(end, "clean", "{what}: no clean close after {raw:?}");
+            let date = raw
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("Date: "))
+                .unwrap_or_else(|| panic!("{what}: no Date in {raw:?}"));
+            assert_imf_fixdate(date, &what);
+            assert_eq!(raw, expect(date), "{what}: not the byte-exact answer");
+        }
+    }
+    // Every refusal counted once: by the kernel, by the responder, by rule and method.
+    let total = 2 * N as u64;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while counter(&s, "responses_sent") < sent + total && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rejected_counter(&s) - rejected, total, "rejected");
+    assert_eq!(
+        counter(&s, "responses_sent") - sent,
+        total,
+        "responses_sent"
+    );
+    assert_eq!(counter(&s, "responses_failed"), failed, "responses_failed");
+    for (k, line) in series.iter().enumerate() {
+        let want = (0..N).filter(|i| i % cases.len() == k).count() as u64 * 2;
+        assert_eq!(metric(line) - before_hits[k], want, "{line}");
+    }
+    let seen = backend_since(&s, mark);
+    assert!(seen.is_empty(), "the backend received {seen:?}");
+}
