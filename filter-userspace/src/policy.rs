@@ -4,7 +4,7 @@
 //! [`Rule`]s on the way in, so that nothing invalid ever reaches the dataplane. The dataplane
 //! converts a validated [`Policy`] into map entries; this module never touches maps.
 //!
-//! Semantics (the README's "Policy semantics" section says the same for operators):
+//! Semantics (docs/control-plane.md's "Policy semantics" says the same for operators):
 //! - `match = "exact"` (default) names one path; `match = "prefix"` names a subtree and its path
 //!   must end in `/`. An exact rule beats a prefix rule; among prefix rules the longest wins.
 //!   The kernel does the matching.
