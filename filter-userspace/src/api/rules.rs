@@ -85,6 +85,24 @@ pub struct DryRun {
     pub changes: crate::diff::PolicyDiff,
 }
 
+/// Commit `next` (reached from the policy in force by `change`) as the next revision; with
+/// `dry`, change nothing and answer what it would change (`Some`).
+fn commit_or_dry(
+    state: &AppState,
+    inner: &mut Inner,
+    next: Policy,
+    change: Change,
+    actor: &Actor,
+    dry: bool,
+) -> Result<Option<Response>, ApiError> {
+    if dry {
+        return Ok(Some(dry_run_answer(inner, &next)));
+    }
+    let revision = inner.revision + 1;
+    commit(&state.0, inner, next, change, revision, actor)?;
+    Ok(None)
+}
+
 fn dry_run_answer(inner: &Inner, next: &Policy) -> Response {
     (
         etag(inner.revision),
@@ -134,18 +152,10 @@ pub(super) async fn put_policy(
         let next = Policy::from_file(&doc).map_err(|e| bad_request(e.to_string()))?;
         let mut inner = state.lock();
         check_revision(&headers, doc.revision, inner.revision)?;
-        if dry {
-            return Ok(dry_run_answer(&inner, &next));
+        if let Some(answer) = commit_or_dry(&state, &mut inner, next, Change::Replace, &actor, dry)?
+        {
+            return Ok(answer);
         }
-        let revision = inner.revision + 1;
-        commit(
-            &state.0,
-            &mut inner,
-            next,
-            Change::Replace,
-            revision,
-            &actor,
-        )?;
         Ok((
             etag(inner.revision),
             Json(inner.policy.to_file(Some(inner.revision))),
@@ -203,18 +213,10 @@ pub(super) async fn replace_rules(
             .policy
             .with_rules(&spec.rules)
             .map_err(|e| bad_request(e.to_string()))?;
-        if dry {
-            return Ok(dry_run_answer(&inner, &next));
+        if let Some(answer) = commit_or_dry(&state, &mut inner, next, Change::Replace, &actor, dry)?
+        {
+            return Ok(answer);
         }
-        let revision = inner.revision + 1;
-        commit(
-            &state.0,
-            &mut inner,
-            next,
-            Change::Replace,
-            revision,
-            &actor,
-        )?;
         Ok(rule_set(&inner))
     })
     .await
@@ -256,19 +258,13 @@ pub(super) async fn upsert_rule(
                 format!("the {} policy map is full", rule.kind),
             ));
         }
-        if dry {
-            return Ok(dry_run_answer(&inner, &next));
-        }
-        let revision = inner.revision + 1;
         let out = rule.to_spec();
-        commit(
-            &state.0,
-            &mut inner,
-            next,
-            Change::Upsert(rule),
-            revision,
-            &actor,
-        )?;
+        if let Some(answer) =
+            commit_or_dry(&state, &mut inner, next, Change::Upsert(rule), &actor, dry)?
+        {
+            return Ok(answer);
+        }
+        let revision = inner.revision;
         let status = if is_new {
             StatusCode::CREATED
         } else {
@@ -328,18 +324,12 @@ pub(super) async fn remove_rule(
         }
         let mut next = inner.policy.clone();
         next.rules.remove(&key);
-        if dry {
-            return Ok(dry_run_answer(&inner, &next));
+        if let Some(answer) =
+            commit_or_dry(&state, &mut inner, next, Change::Remove(key), &actor, dry)?
+        {
+            return Ok(answer);
         }
-        let revision = inner.revision + 1;
-        commit(
-            &state.0,
-            &mut inner,
-            next,
-            Change::Remove(key),
-            revision,
-            &actor,
-        )?;
+        let revision = inner.revision;
         Ok((StatusCode::NO_CONTENT, etag(revision)).into_response())
     })
     .await
