@@ -25,6 +25,7 @@ pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
 }
 
 pub mod canon;
+pub mod chunk;
 pub mod csum;
 pub mod hash;
 pub mod http;

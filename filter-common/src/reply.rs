@@ -34,8 +34,9 @@
 //! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
+use crate::chunk::{self, Chunk};
 use crate::swar;
-use crate::token::{hex, insert, pack, zero, NAME_WORDS};
+use crate::token::{insert, pack, zero, NAME_WORDS};
 
 /// Requests outstanding (sent, response not complete) that [`ReqView::head_ring`] can
 /// describe: the ingress side holds a new request rather than let more be outstanding.
@@ -46,8 +47,8 @@ pub const OUTSTANDING_MAX: u32 = RING - 1;
 const HEAD_LIMIT: u32 = 65536;
 /// Bytes one [`Replies::skip_words`] call takes at most.
 pub const LINE_SKIP_MAX: u32 = 64;
-/// Largest chunk size followed (1 TiB).
-const CHUNK_MAX: u64 = 1 << 40;
+/// Largest `Content-Length` followed (1 TiB, as a chunk's size).
+const LENGTH_MAX: u64 = chunk::SIZE_MAX;
 
 /// [`ReqView::switch`]: the last request sent asked to switch protocols.
 pub const SWITCH_NONE: u8 = 0;
@@ -65,12 +66,12 @@ mod phase {
     pub const HEADER_LF: u8 = 5;
     pub const HEADERS_END_LF: u8 = 6;
     pub const BODY: u8 = 7;
-    pub const CHUNK_SIZE: u8 = 8;
-    pub const CHUNK_EXT: u8 = 9;
-    pub const CHUNK_SIZE_LF: u8 = 10;
-    pub const CHUNK_DATA: u8 = 11;
-    pub const CHUNK_DATA_CR: u8 = 12;
-    pub const CHUNK_DATA_LF: u8 = 13;
+    pub const CHUNK_SIZE: u8 = crate::chunk::SIZE;
+    pub const CHUNK_EXT: u8 = crate::chunk::EXT;
+    pub const CHUNK_SIZE_LF: u8 = crate::chunk::SIZE_LF;
+    pub const CHUNK_DATA: u8 = crate::chunk::DATA;
+    pub const CHUNK_DATA_CR: u8 = crate::chunk::DATA_CR;
+    pub const CHUNK_DATA_LF: u8 = crate::chunk::DATA_LF;
     /// A body delimited by the server closing the connection.
     pub const CLOSE: u8 = 14;
     /// The connection switched protocols: nothing more to frame.
@@ -307,7 +308,7 @@ impl Replies {
                 if self.phase == phase::BODY {
                     self.complete();
                 } else {
-                    self.phase = phase::CHUNK_DATA_CR;
+                    chunk::data_done(&mut self.phase);
                 }
             }
         }
@@ -373,61 +374,24 @@ impl Replies {
                 }
                 self.step_header(b, req)
             }
-            phase::CHUNK_SIZE => {
-                if let Some(d) = hex(b) {
-                    if self.body_left > CHUNK_MAX {
-                        self.lose();
-                        return REv::More;
+            phase::CHUNK_SIZE
+            | phase::CHUNK_EXT
+            | phase::CHUNK_SIZE_LF
+            | phase::CHUNK_DATA_CR
+            | phase::CHUNK_DATA_LF => {
+                match chunk::step(&mut self.phase, &mut self.body_left, &mut self.count, b) {
+                    Chunk::More => REv::More,
+                    Chunk::Data => REv::Bulk,
+                    Chunk::Last => {
+                        self.flags |= flag::TRAILER;
+                        self.start_headers();
+                        REv::More
                     }
-                    self.body_left = self.body_left.wrapping_mul(16).wrapping_add(d as u64);
-                    self.count = self.count.wrapping_add(1);
-                    REv::More
-                } else if b == b';' || b == b' ' || b == b'\t' {
-                    self.phase = phase::CHUNK_EXT;
-                    REv::More
-                } else if b == b'\r' {
-                    self.phase = phase::CHUNK_SIZE_LF;
-                    REv::More
-                } else if b == b'\n' {
-                    self.chunk_size_done()
-                } else {
-                    self.lose();
-                    REv::More
+                    Chunk::Bad => {
+                        self.lose();
+                        REv::More
+                    }
                 }
-            }
-            phase::CHUNK_EXT => {
-                if b == b'\r' {
-                    self.phase = phase::CHUNK_SIZE_LF;
-                } else if b == b'\n' {
-                    return self.chunk_size_done();
-                }
-                REv::More
-            }
-            phase::CHUNK_SIZE_LF => {
-                if b == b'\n' {
-                    self.chunk_size_done()
-                } else {
-                    self.lose();
-                    REv::More
-                }
-            }
-            phase::CHUNK_DATA_CR => {
-                if b == b'\r' {
-                    self.phase = phase::CHUNK_DATA_LF;
-                } else if b == b'\n' {
-                    self.start_chunk_size();
-                } else {
-                    self.lose();
-                }
-                REv::More
-            }
-            phase::CHUNK_DATA_LF => {
-                if b == b'\n' {
-                    self.start_chunk_size();
-                } else {
-                    self.lose();
-                }
-                REv::More
             }
             _ => {
                 // Bulk phases fed one byte at a time, or a corrupted phase.
@@ -777,7 +741,7 @@ impl Replies {
                 }
             } else if !b.is_ascii_digit()
                 || self.flags & flag::CL_SPACE != 0
-                || self.body_left > CHUNK_MAX
+                || self.body_left > LENGTH_MAX
             {
                 self.lose();
             } else {
@@ -891,24 +855,7 @@ impl Replies {
 
     #[inline(always)]
     fn start_chunk_size(&mut self) {
-        self.phase = phase::CHUNK_SIZE;
-        self.body_left = 0;
-        self.count = 0;
-    }
-
-    #[inline(always)]
-    fn chunk_size_done(&mut self) -> REv {
-        if self.count == 0 {
-            self.lose();
-            return REv::More;
-        }
-        if self.body_left == 0 {
-            self.flags |= flag::TRAILER;
-            self.start_headers();
-            return REv::More;
-        }
-        self.phase = phase::CHUNK_DATA;
-        REv::Bulk
+        chunk::start(&mut self.phase, &mut self.body_left, &mut self.count);
     }
 }
 

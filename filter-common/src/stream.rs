@@ -46,6 +46,7 @@
 //! Same constraints as the rest of the crate: runs inside a `bpf_loop` callback; no panics,
 //! constant-bounded loops, integer-only state (any byte pattern is a valid state).
 
+use crate::chunk::{self, Chunk};
 use crate::http::{LineParser, Step};
 use crate::method::{is_tchar, Method};
 use crate::reply::{ReqView, RING, SWITCH_CONNECT, SWITCH_NONE, SWITCH_UPGRADE};
@@ -56,8 +57,9 @@ use crate::{put, swar, Reason, PATH_MAX};
 pub const LINE_LIMIT: u32 = 8192;
 /// Longest header block: 431 past it.
 pub const HEADER_LIMIT: u32 = 16384;
-/// Largest chunk size accepted (1 TiB): larger is [`Reason::BadFraming`].
-const CHUNK_MAX: u64 = 1 << 40;
+/// Largest `Content-Length` accepted (1 TiB, as a chunk's size): larger is
+/// [`Reason::BadFraming`].
+const LENGTH_MAX: u64 = chunk::SIZE_MAX;
 
 mod phase {
     pub const LINE: u8 = 0;
@@ -68,12 +70,12 @@ mod phase {
     pub const HEADER_LF: u8 = 5;
     pub const HEADERS_END_LF: u8 = 6;
     pub const BODY: u8 = 7;
-    pub const CHUNK_SIZE: u8 = 8;
-    pub const CHUNK_EXT: u8 = 9;
-    pub const CHUNK_SIZE_LF: u8 = 10;
-    pub const CHUNK_DATA: u8 = 11;
-    pub const CHUNK_DATA_CR: u8 = 12;
-    pub const CHUNK_DATA_LF: u8 = 13;
+    pub const CHUNK_SIZE: u8 = crate::chunk::SIZE;
+    pub const CHUNK_EXT: u8 = crate::chunk::EXT;
+    pub const CHUNK_SIZE_LF: u8 = crate::chunk::SIZE_LF;
+    pub const CHUNK_DATA: u8 = crate::chunk::DATA;
+    pub const CHUNK_DATA_CR: u8 = crate::chunk::DATA_CR;
+    pub const CHUNK_DATA_LF: u8 = crate::chunk::DATA_LF;
     pub const TUNNEL: u8 = 14;
     /// After an `Upgrade` / `CONNECT` request: waiting for the server's answer.
     pub const AWAIT: u8 = 15;
@@ -490,7 +492,7 @@ impl Stream {
             if self.phase == phase::BODY {
                 self.next_request();
             } else if self.phase == phase::CHUNK_DATA {
-                self.phase = phase::CHUNK_DATA_CR;
+                chunk::data_done(&mut self.phase);
             }
         }
         n
@@ -532,62 +534,21 @@ impl Stream {
                 }
                 self.step_header(b)
             }
-            phase::CHUNK_SIZE => {
-                if let Some(d) = hex(b) {
-                    if self.body_left > CHUNK_MAX {
-                        return Ev::Fail(Reason::BadFraming);
+            phase::CHUNK_SIZE
+            | phase::CHUNK_EXT
+            | phase::CHUNK_SIZE_LF
+            | phase::CHUNK_DATA_CR
+            | phase::CHUNK_DATA_LF => {
+                match chunk::step(&mut self.phase, &mut self.body_left, &mut self.count, b) {
+                    Chunk::More => Ev::More,
+                    Chunk::Data => Ev::Bulk,
+                    Chunk::Last => {
+                        // The trailer section follows, ended by an empty line.
+                        self.flags |= flag::TRAILER;
+                        self.start_headers();
+                        Ev::More
                     }
-                    self.body_left = self.body_left.wrapping_mul(16).wrapping_add(d as u64);
-                    self.count += 1;
-                    Ev::More
-                } else if b == b';' || b == b' ' || b == b'\t' {
-                    self.phase = phase::CHUNK_EXT;
-                    Ev::More
-                } else if b == b'\r' {
-                    self.phase = phase::CHUNK_SIZE_LF;
-                    Ev::More
-                } else if b == b'\n' {
-                    self.chunk_size_done()
-                } else {
-                    Ev::Fail(Reason::BadFraming)
-                }
-            }
-            phase::CHUNK_EXT => {
-                if b == b'\r' {
-                    self.phase = phase::CHUNK_SIZE_LF;
-                    Ev::More
-                } else if b == b'\n' {
-                    self.chunk_size_done()
-                } else if b < 0x20 && b != b'\t' {
-                    Ev::Fail(Reason::BadFraming)
-                } else {
-                    Ev::More
-                }
-            }
-            phase::CHUNK_SIZE_LF => {
-                if b == b'\n' {
-                    self.chunk_size_done()
-                } else {
-                    Ev::Fail(Reason::BadFraming)
-                }
-            }
-            phase::CHUNK_DATA_CR => {
-                if b == b'\r' {
-                    self.phase = phase::CHUNK_DATA_LF;
-                    Ev::More
-                } else if b == b'\n' {
-                    self.start_chunk_size();
-                    Ev::More
-                } else {
-                    Ev::Fail(Reason::BadFraming)
-                }
-            }
-            phase::CHUNK_DATA_LF => {
-                if b == b'\n' {
-                    self.start_chunk_size();
-                    Ev::More
-                } else {
-                    Ev::Fail(Reason::BadFraming)
+                    Chunk::Bad => Ev::Fail(Reason::BadFraming),
                 }
             }
             phase::TUNNEL => Ev::More,
@@ -1131,7 +1092,7 @@ impl Stream {
                 return Ev::Fail(Reason::BadFraming);
             };
             // Checked before the multiply (no 128-bit overflow arithmetic in BPF).
-            if self.cl > CHUNK_MAX {
+            if self.cl > LENGTH_MAX {
                 return Ev::Fail(Reason::BadFraming);
             }
             self.cl = self.cl.wrapping_mul(10).wrapping_add(d as u64);
@@ -1227,24 +1188,7 @@ impl Stream {
 
     #[inline(always)]
     fn start_chunk_size(&mut self) {
-        self.phase = phase::CHUNK_SIZE;
-        self.body_left = 0;
-        self.count = 0;
-    }
-
-    #[inline(always)]
-    fn chunk_size_done(&mut self) -> Ev {
-        if self.count == 0 {
-            return Ev::Fail(Reason::BadFraming);
-        }
-        if self.body_left == 0 {
-            // Last chunk: the trailer section follows, ended by an empty line.
-            self.flags |= flag::TRAILER;
-            self.start_headers();
-            return Ev::More;
-        }
-        self.phase = phase::CHUNK_DATA;
-        Ev::Bulk
+        chunk::start(&mut self.phase, &mut self.body_left, &mut self.count);
     }
 }
 

@@ -580,3 +580,53 @@ fn fuzz_word_fast_path_matches_byte_steps() {
             word_fast_path_is_exact(&d, Stream::new(1, flag::SYN));
         });
 }
+
+/// A chunked body reads the same in both directions: a request's body (this stream) and a
+/// response's ([`crate::reply`]) share one chunk framing, so what one accepts the other does.
+#[test]
+fn chunked_framing_is_read_alike_by_requests_and_responses() {
+    let bodies: &[(&[u8], bool)] = &[
+        (b"5\r\nhello\r\n0\r\n\r\n", true),
+        (
+            b"5;ext=\"a b\"\r\nhello\r\nA\r\n0123456789\r\n0\r\nT: 1\r\n\r\n",
+            true,
+        ),
+        (b"3\nabc\n0\n\n", true),
+        (b"1 \t;x\r\na\r\n0\r\n\r\n", true),
+        (b"\r\nhello\r\n0\r\n\r\n", false),
+        (b"5g\r\nhello\r\n0\r\n\r\n", false),
+        (b"1\r\nab\r\n0\r\n\r\n", false),
+        (b"1\rxa\r\n0\r\n\r\n", false),
+        (b"1;a\x00b\r\nx\r\n0\r\n\r\n", false),
+        (b"1;a\x1b\r\nx\r\n0\r\n\r\n", false),
+        (b"fffffffffffff\r\n", false),
+    ];
+    for &(body, good) in bodies {
+        let text = String::from_utf8_lossy(body);
+        let mut request = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        request.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+        let seen = run(&request, &[]);
+        let request_ok = seen == [req(Method::Post, "/a"), req(Method::Get, "/next")];
+        if !request_ok {
+            assert_eq!(
+                seen,
+                [req(Method::Post, "/a"), Seen::Fail(Reason::BadFraming)],
+                "{text:?}"
+            );
+        }
+
+        let mut response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        response.extend_from_slice(body);
+        let mut r = crate::reply::Replies::new(0);
+        let view = ReqView {
+            reqs: 1,
+            ..Default::default()
+        };
+        crate::reply::feed(&mut r, &response, &view);
+        let response_ok = r.done == 1 && !r.is_lost();
+
+        assert_eq!(request_ok, good, "request with {text:?}");
+        assert_eq!(response_ok, good, "response with {text:?}");
+    }
+}
