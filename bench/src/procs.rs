@@ -602,7 +602,7 @@ impl Filterd {
         let log = lab.dir().join(format!("bench-filterd-{n}.log"));
         let file = fs::File::create(&log)?;
         let mut cmd = lab.server_cmd(bin);
-        cmd.args(["--iface", lab.server_iface(), "--port", "80", "--policy"])
+        cmd.args(["--iface", lab.server_iface(), "--port", "80", "--state"])
             .arg(&policy)
             .args(["--api", API])
             // No token: the API listens only on the namespace's loopback.

@@ -92,6 +92,12 @@ fn fmt_ci(s: &Spread, digits: usize, unit: &str) -> String {
     )
 }
 
+/// `filterd`'s CPU per 405 it answered in a run, µs.
+fn cpu_per_405_us(x: &Run) -> Option<f64> {
+    let rps = non2xx_rps(x)?;
+    (rps > 0.0).then(|| x.cpu.filterd_cores / rps * 1e6)
+}
+
 /// One row of the targets table.
 struct Target {
     name: &'static str,
@@ -361,6 +367,13 @@ pub fn markdown(r: &Results) -> String {
         Goal::AtLeast,
         |s| fmt_ci(s, 2, ""),
     ));
+    rows.push(target(
+        "`filterd` CPU per 405 under a pure 405 flood ≤ 4 µs",
+        spread(&values(r, "rejection", "filterd 405", cpu_per_405_us)),
+        4.0,
+        Goal::AtMost,
+        |s| fmt_ci(s, 1, " µs"),
+    ));
     let flood_runs = runs(r, "flood", FLOODED).len();
     let delivered = spread(&ratios_where(r, "flood", FLOODED, "clean", rps, delivered));
     let mut row = target(
@@ -598,21 +611,27 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
         let empty = spread(&steady(k, kind::EMPTY, 10));
         let med = |s: Option<Spread>| s.map_or(f64::NAN, |s| s.median);
         let get100k = spread(&steady(k, kind::GET, 100_000));
+        let (head_in, head_out) = (med(get) - med(up), med(resp) - med(down));
         out.push(format!(
             "**Kernel time per request.** In steady state wrk's GET costs {:.0} ns on ingress \
              (10 rules; {:.0} with 100k: the rule count barely matters) and nginx's response \
              {:.0} ns on egress. A body segment of the same connections, the per-packet part, is \
              {:.0} / {:.0} ns, and one test-run call of an empty classifier {:.0} ns: the rest, \
-             {:.0} ns on ingress and {:.0} on egress, is reading the request's line and headers \
-             and framing the response's head.",
+             {:.0} ns on ingress, is reading the request's line and headers{}",
             med(get),
             med(get100k),
             med(resp),
             med(up),
             med(down),
             med(empty),
-            med(get) - med(up),
-            med(resp) - med(down)
+            head_in,
+            if head_out > 0.0 {
+                format!("; the {head_out:.0} ns on egress, framing the response's head.")
+            } else {
+                "; on egress the response's head costs no more than a body segment (in lockstep \
+                 its head is not framed)."
+                    .to_owned()
+            }
         ));
     }
     if missed(3) {
@@ -664,12 +683,13 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                  a reset, the answer and the close); `filterd`'s responder spent {:.1} µs of CPU \
                  on each, and the machine kept {:.2} of its {} CPUs busy. The daemon counted {} \
                  in that arm{}{}",
-                c.median / f.median * 1e6,
+                spread(&values(r, "rejection", "filterd 405", cpu_per_405_us))
+                    .map_or(c.median / f.median * 1e6, |s| s.median),
                 busy.median,
                 r.env.cpus,
                 dropped,
                 if dropped == "no drop" {
-                    ""
+                    "."
                 } else {
                     ": segments of wrk's new connections dropped, which the clients wait out \
                      (a stall, not a cost)."
@@ -710,7 +730,7 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                 SYN_IN_STREAM
             }
         ));
-    } else if missed(6) {
+    } else if missed(7) {
         let g = spread(&values(r, "flood", FLOODED, |x| {
             x.flood.as_ref().map(|f| f.cores())
         }));
@@ -1020,6 +1040,9 @@ mod tests {
         assert!(md.contains("| allowed throughput, 100k rules ≥ 0.98 × no filter | 0.900"));
         assert!(md.contains(
             "| 405s ≥ 2 × nginx closing each connection | not measured in this run | not judged |"
+        ));
+        assert!(md.contains(
+            "| `filterd` CPU per 405 under a pure 405 flood ≤ 4 µs | not measured in this run | not judged |"
         ));
         assert!(md.lines().count() < 150, "{} lines", md.lines().count());
     }
