@@ -553,7 +553,20 @@ pub fn markdown(r: &Results) -> String {
         if e.git_dirty.is_empty() {
             String::new()
         } else {
-            format!(" and {} uncommitted paths", e.git_dirty.len())
+            format!(
+                ", with {} uncommitted: {}",
+                if e.git_dirty.len() == 1 {
+                    "a path".to_owned()
+                } else {
+                    format!("{} paths", e.git_dirty.len())
+                },
+                e.git_dirty
+                    .iter()
+                    .take(3)
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     );
     let _ = writeln!(m, "| Load average at start | `{}` |", e.loadavg_start);
