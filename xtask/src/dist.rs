@@ -125,10 +125,14 @@ pub fn deb(built: &Built, gen: &Generated, out: &Path) -> anyhow::Result<PathBuf
         0o644,
     )?;
     let doc = root.join("usr/share/doc/filterd");
+    // The guides keep the source tree's layout, so their links to each other resolve; a link to
+    // anything not shipped becomes text naming the file in the source tree.
+    for from in SHIPPED_DOCS {
+        let text = std::fs::read_to_string(src.join(from))
+            .with_context(|| format!("reading {from}"))?;
+        write(&doc.join(from), &unlink_unshipped(&text, from), 0o644)?;
+    }
     for (from, to) in [
-        ("README.md", "README.md"),
-        ("ARCHITECTURE.md", "ARCHITECTURE.md"),
-        ("docs/control-plane.md", "control-plane.md"),
         ("dist/deb/copyright", "copyright"),
         ("dist/k8s/filterd.yaml", "examples/filterd.yaml"),
     ] {
@@ -200,6 +204,91 @@ pub fn deb(built: &Built, gen: &Generated, out: &Path) -> anyhow::Result<PathBuf
     Ok(deb)
 }
 
+/// The Markdown guides the package ships under `/usr/share/doc/filterd`, at their paths in the
+/// source tree.
+const SHIPPED_DOCS: [&str; 4] = [
+    "README.md",
+    "ARCHITECTURE.md",
+    "docs/control-plane.md",
+    "docs/BENCHMARKS.md",
+];
+
+/// `text` (the Markdown file at `path` in the source tree) with every relative link to a file
+/// the package does not ship turned into text: `[label](target)` becomes `label (target in
+/// the source tree)`. Links to web addresses, to anchors and to shipped guides stay.
+pub fn unlink_unshipped(text: &str, path: &str) -> String {
+    let dir = Path::new(path).parent().unwrap_or(Path::new(""));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open..];
+        let Some((label, target, len)) = link_at(after) else {
+            out.push('[');
+            rest = &after[1..];
+            continue;
+        };
+        let file = target.split('#').next().unwrap_or("");
+        let external = file.is_empty() || file.contains(':') || file.starts_with('/');
+        if external || SHIPPED_DOCS.contains(&normalize(&dir.join(file)).as_str()) {
+            out.push_str(&after[..len]);
+        } else {
+            let shown = normalize(&dir.join(file));
+            if label.trim_matches('`') == file {
+                out.push_str(&format!("{label} (in the source tree)"));
+            } else {
+                out.push_str(&format!("{label} (`{shown}` in the source tree)"));
+            }
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The inline link `[label](target)` at the start of `s`: its label, target and length.
+fn link_at(s: &str) -> Option<(&str, &str, usize)> {
+    let mut depth = 0;
+    let mut close = None;
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(i);
+                    break;
+                }
+            }
+            '\n' => return None,
+            _ => {}
+        }
+    }
+    let close = close?;
+    let tail = s[close + 1..].strip_prefix('(')?;
+    let end = tail.find(')')?;
+    let target = &tail[..end];
+    if target.is_empty() || target.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((&s[1..close], target, close + 1 + 1 + end + 1))
+}
+
+/// `a/./b/../c` as `a/c` (no file system access).
+fn normalize(p: &Path) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                parts.pop();
+            }
+            c => parts.push(c.as_os_str().to_str().unwrap_or("")),
+        }
+    }
+    parts.join("/")
+}
+
 fn dir_size(dir: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
@@ -234,4 +323,26 @@ pub fn main(deb_too: bool) -> anyhow::Result<()> {
         println!("{}", deb.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unlink_unshipped;
+
+    #[test]
+    fn links_to_unshipped_files_become_text_and_the_rest_stay() {
+        let md = "See [the guide](docs/control-plane.md#rest-api), [CI](.ci/run), \
+                  [`tests/README.md`](tests/README.md), [web](https://example.org/x) and \
+                  [top](#top); a [bracket] alone.";
+        assert_eq!(
+            unlink_unshipped(md, "README.md"),
+            "See [the guide](docs/control-plane.md#rest-api), CI (`.ci/run` in the source \
+             tree), `tests/README.md` (in the source tree), [web](https://example.org/x) and \
+             [top](#top); a [bracket] alone."
+        );
+        assert_eq!(
+            unlink_unshipped("[raw](bench/results.json) [up](../README.md)", "docs/BENCHMARKS.md"),
+            "raw (`docs/bench/results.json` in the source tree) [up](../README.md)"
+        );
+    }
 }
