@@ -4,6 +4,11 @@
 //! (policy from the ConfigMap's mount, pins on the host's bpffs, the token on the state
 //! volume), the probes hit the unauthenticated health routes on the API's address, and the
 //! example policies check. No root, no cluster: the manifest is read as YAML.
+//!
+//! Under `cargo xtask test` (`FILTER_E2E=1`, `FILTER_DEB`: the package it assembles) the
+//! `.deb` is opened as an operator would find it installed: its file list, its conffiles, the
+//! extracted binaries' `--version` and `--check` of the policy it ships, man pages that are
+//! man pages, and guides whose links resolve inside the package.
 
 use std::path::{Path, PathBuf};
 
@@ -287,4 +292,151 @@ fn the_example_policy_checks() {
     let (p, _) = document::check_text("dist/policy.toml", &read("dist/policy.toml"))
         .unwrap_or_else(|d| panic!("{d:?}"));
     assert_eq!(p, filter_userspace::policy::Policy::default());
+}
+
+/// `dpkg-deb ARGS...`, its output.
+fn dpkg_deb(args: &[&str]) -> String {
+    let out = std::process::Command::new("dpkg-deb")
+        .args(args)
+        .output()
+        .expect("dpkg-deb runs");
+    assert!(
+        out.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// Every relative link target of the Markdown `text` (the anchors cut off).
+fn relative_links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("](") {
+        rest = &rest[i + 2..];
+        let Some(end) = rest.find(')') else { break };
+        let target = &rest[..end];
+        let file = target.split('#').next().unwrap_or("");
+        if !file.is_empty() && !file.contains(':') && !target.contains(char::is_whitespace) {
+            out.push(file.to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_deb_ships_what_an_operator_installs() {
+    if !filter_tests::lab::e2e_enabled("the_deb_ships_what_an_operator_installs") {
+        return;
+    }
+    let deb =
+        std::env::var("FILTER_DEB").expect("FILTER_DEB: the .deb `cargo xtask test` assembles");
+    let fields = dpkg_deb(&["-f", &deb]);
+    assert!(fields.contains("Package: filterd\n"), "{fields}");
+    assert!(
+        fields.contains(&format!("Version: {}\n", env!("CARGO_PKG_VERSION"))),
+        "{fields}"
+    );
+    let list = dpkg_deb(&["-c", &deb]);
+    let files: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(|p| p.trim_start_matches('.'))
+        .collect();
+    for want in [
+        "/usr/bin/filterd",
+        "/usr/bin/filterctl",
+        "/lib/systemd/system/filterd.service",
+        "/etc/filterd/policy.toml",
+        "/etc/default/filterd",
+        "/usr/share/man/man8/filterd.8.gz",
+        "/usr/share/man/man1/filterctl.1.gz",
+        "/usr/share/man/man1/filterctl-explain.1.gz",
+        "/usr/share/bash-completion/completions/filterd",
+        "/usr/share/bash-completion/completions/filterctl",
+        "/usr/share/zsh/vendor-completions/_filterctl",
+        "/usr/share/fish/vendor_completions.d/filterctl.fish",
+        "/usr/share/doc/filterd/README.md",
+        "/usr/share/doc/filterd/docs/control-plane.md",
+        "/usr/share/doc/filterd/copyright",
+        "/usr/share/doc/filterd/examples/filterd.yaml",
+    ] {
+        assert!(
+            files.contains(&want),
+            "{want} is not in the package:\n{list}"
+        );
+    }
+    let tmp = std::env::temp_dir().join(format!("filterd-deb-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let control = tmp.join("DEBIAN");
+    dpkg_deb(&["-e", &deb, control.to_str().unwrap()]);
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/filterd/policy.toml"),
+        "{conffiles}"
+    );
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/default/filterd"),
+        "{conffiles}"
+    );
+    let root = tmp.join("root");
+    dpkg_deb(&["-x", &deb, root.to_str().unwrap()]);
+
+    // The installed daemon names its version, and checks the policy the package installs.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(root.join("usr/bin/filterd"))
+            .args(args)
+            .output()
+            .expect("the packaged filterd runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, version) = run(&["--version"]);
+    assert!(
+        ok && version.contains(env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let policy = root.join("etc/filterd/policy.toml");
+    let (ok, check) = run(&["--check", "--policy", policy.to_str().unwrap()]);
+    assert!(ok, "the packaged policy does not check: {check}");
+    let (ok, check) = run(&[
+        "--check",
+        "--policy",
+        root.join("etc/default/filterd").to_str().unwrap(),
+    ]);
+    assert!(!ok, "--check accepted a file that is not a policy: {check}");
+
+    // Man pages are roff pages.
+    let man = std::process::Command::new("gzip")
+        .args(["-dc"])
+        .arg(root.join("usr/share/man/man8/filterd.8.gz"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&man.stdout).contains(".TH filterd 8"));
+
+    // The guides' links resolve inside the package.
+    let doc = root.join("usr/share/doc/filterd");
+    let mut guides = vec![doc.join("README.md"), doc.join("ARCHITECTURE.md")];
+    guides.extend(
+        std::fs::read_dir(doc.join("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md")),
+    );
+    for guide in &guides {
+        let text = std::fs::read_to_string(guide).unwrap();
+        for link in relative_links(&text) {
+            let target = guide.parent().unwrap().join(&link);
+            assert!(
+                target.exists(),
+                "{} links {link}, which the package does not ship",
+                guide.display()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -230,6 +230,20 @@ fn host(b: &Built, bins: &BTreeMap<String, PathBuf>, records: &Path) -> Result<L
         seconds: Some(start.elapsed().as_secs_f64()),
     });
 
+    // The Debian package an operator installs, for `dist`'s test of what it ships.
+    eprintln!("xtask: host ({release}): the .deb (cargo xtask dist --deb)");
+    let start = Instant::now();
+    let out = b.root.join("target/dist");
+    let deb = crate::dist::generate(&out).and_then(|gen| crate::dist::deb(b, &gen, &out));
+    if let Err(e) = &deb {
+        eprintln!("xtask: the .deb: {e:#}");
+    }
+    leg.parts.push(Part {
+        name: "deb".into(),
+        passed: Some(deb.is_ok()),
+        seconds: Some(start.elapsed().as_secs_f64()),
+    });
+
     // The library's own tests, the matrix's tests, then the rest (end to end).
     let mut order: Vec<&str> = vec!["filter_tests"];
     order.extend(MATRIX_TESTS);
@@ -248,7 +262,11 @@ fn host(b: &Built, bins: &BTreeMap<String, PathBuf>, records: &Path) -> Result<L
         };
         eprintln!("xtask: host ({release}): {name} (root, FILTER_E2E=1)");
         let start = Instant::now();
-        let status = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        if let Ok(deb) = &deb {
+            cmd.env("FILTER_DEB", deb);
+        }
+        let status = cmd
             .arg("--test-threads=1")
             .current_dir(&tests_dir)
             .env("FILTER_E2E", "1")
