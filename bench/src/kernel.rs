@@ -10,7 +10,10 @@
 //!   real connection's do after a real handshake, so each packet takes the path it takes under
 //!   traffic.
 //! - **`bpf_stats` under real traffic**: the run time of every program of the running daemon
-//!   ([`ALL_PROGRAMS`]) while wrk sends keep-alive GETs, per request.
+//!   ([`ALL_PROGRAMS`]) while wrk sends keep-alive GETs, per request. `bpf_stats` reads the
+//!   clock around every run, which costs the same whatever the program: an empty classifier
+//!   attached after the daemon's on the same hooks (TCX, last) runs on every packet they pass
+//!   and measures that floor in the same runs.
 //!
 //! The test runs use a `Dataplane` the bench loads itself (the object embedded in this
 //! binary, which `cargo xtask bench` builds from the same tree as `filterd`), not attached to
@@ -23,7 +26,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::programs::{loaded_programs, SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{
+    loaded_programs, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, TestRun as _,
+    TestRunOptions,
+};
 use filter_common::tcp_flags::{ACK, FIN, SYN};
 use filter_tests::frames::{syn_opts, ts_opt, Segment};
 use filter_userspace::dataplane::{Dataplane, LoadOptions, ALL_PROGRAMS};
@@ -85,6 +91,9 @@ pub struct StatsRun {
     pub duration_us: u64,
     /// Per program: (runs, run time in ns) during the run.
     pub programs: BTreeMap<String, (u64, u64)>,
+    /// The empty classifier attached after them: (runs, run time in ns) during the run.
+    #[serde(default)]
+    pub floor: Option<(u64, u64)>,
 }
 
 impl StatsRun {
@@ -92,6 +101,29 @@ impl StatsRun {
     pub fn ns_per_request(&self) -> f64 {
         let ns: u64 = self.programs.values().map(|p| p.1).sum();
         ns as f64 / self.requests.max(1) as f64
+    }
+
+    /// What `bpf_stats` charges any run, the empty classifier's mean run time.
+    pub fn floor_ns(&self) -> Option<f64> {
+        self.floor
+            .filter(|&(runs, _)| runs > 0)
+            .map(|(runs, ns)| ns as f64 / runs as f64)
+    }
+
+    /// The entry programs' runs (a tail-called stage runs inside its entry's run).
+    pub fn entry_runs(&self) -> u64 {
+        ["http_ingress", "http_egress"]
+            .iter()
+            .filter_map(|p| self.programs.get(*p))
+            .map(|p| p.0)
+            .sum()
+    }
+
+    /// Kernel time per request, net of the floor of each entry program's run.
+    pub fn net_ns_per_request(&self) -> Option<f64> {
+        let floor = self.floor_ns()?;
+        let ns: u64 = self.programs.values().map(|p| p.1).sum();
+        Some((ns as f64 - floor * self.entry_runs() as f64) / self.requests.max(1) as f64)
     }
 }
 
@@ -116,6 +148,52 @@ impl EmptyClassifier {
             .try_into()?;
         prog.load().context("loading the empty classifier")?;
         Ok(EmptyClassifier { ebpf })
+    }
+
+    /// Attach it to `iface` of the network namespace `netns`, ingress and egress, after every
+    /// program there (TCX, 6.6 on); detached when `self` goes.
+    pub fn attach_last(&mut self, netns: &str, iface: &str) -> Result<()> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(EMPTY_NAME)
+            .context("the empty classifier")?
+            .try_into()?;
+        let ns = std::fs::File::open(format!("/run/netns/{netns}"))
+            .with_context(|| format!("opening network namespace {netns}"))?;
+        // A thread of its own enters the namespace (the interface's name is looked up there);
+        // the links it makes are descriptors of the whole process.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<()> {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: `setns` on this thread only, with a namespace descriptor we hold
+                    // open; the thread ends right after.
+                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+                    for point in [TcAttachType::Ingress, TcAttachType::Egress] {
+                        prog.attach_with_options(
+                            iface,
+                            point,
+                            TcAttachOptions::TcxOrder(LinkOrder::last()),
+                        )
+                        .with_context(|| format!("attaching the empty classifier ({point:?})"))?;
+                    }
+                    Ok(())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+        })
+    }
+
+    /// (runs, run time in ns) so far, as `bpf_stats` counts them.
+    pub fn stats(&self) -> Result<(u64, u64)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(EMPTY_NAME)
+            .context("the empty classifier")?
+            .try_into()?;
+        let info = prog.info()?;
+        Ok((info.run_count(), info.run_time().as_nanos() as u64))
     }
 
     /// `frame` through it `repeat` times: the kernel's mean per run.
@@ -620,11 +698,23 @@ pub fn bpf_stats(
 ) -> Result<Vec<StatsRun>> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling the kernel's BPF run-time statistics")?;
+    // The floor: where it cannot be attached (no TCX before 6.6), the figures are raw.
+    let floor = EmptyClassifier::load().and_then(|mut e| {
+        e.attach_last(lab.server_netns(), lab.server_iface())?;
+        Ok(e)
+    });
+    if let Err(e) = &floor {
+        progress(t0, format!("  bpf_stats: no floor: {e:#}"));
+    }
+    let floor = floor.ok();
+    let floor_stats = || floor.as_ref().and_then(|f| f.stats().ok());
     let mut out = Vec::new();
     for round in 0..rounds {
         let before = daemon_stats(pid)?;
+        let floor0 = floor_stats();
         let (w, _) = run_load(lab, spec, None)?;
         let after = daemon_stats(pid)?;
+        let floor1 = floor_stats();
         let programs = after
             .iter()
             .map(|(name, &(c1, t1))| {
@@ -637,14 +727,19 @@ pub fn bpf_stats(
             requests: w.requests,
             duration_us: w.duration_us,
             programs,
+            floor: floor0
+                .zip(floor1)
+                .map(|((c0, t0), (c1, t1))| (c1.saturating_sub(c0), t1.saturating_sub(t0))),
         };
         progress(
             t0,
             format!(
-                "  bpf_stats r{round}: {:.0} ns per request over {} requests ({:?})",
+                "  bpf_stats r{round}: {:.0} ns per request ({:.0} net of the floor) over {} requests ({:?}; floor {:?})",
                 run.ns_per_request(),
+                run.net_ns_per_request().unwrap_or(f64::NAN),
                 run.requests,
-                run.programs
+                run.programs,
+                run.floor
             ),
         );
         out.push(run);
@@ -678,6 +773,14 @@ mod tests {
             ..StatsRun::default()
         };
         assert_eq!(run.ns_per_request(), 700.0);
+        assert_eq!(run.net_ns_per_request(), None);
+        // The floor, 100 ns a run, comes off each of the 2000 entry runs.
+        let run = StatsRun {
+            floor: Some((5000, 500_000)),
+            ..run
+        };
+        assert_eq!(run.floor_ns(), Some(100.0));
+        assert_eq!(run.net_ns_per_request(), Some(500.0));
     }
 
     #[test]

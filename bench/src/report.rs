@@ -164,30 +164,61 @@ fn worse(a: Option<Spread>, b: Option<Spread>) -> Option<Spread> {
     }
 }
 
-/// (ns per request, ingress ns, egress ns) per `bpf_stats` round.
-fn stats_per_request(k: &KernelResults) -> Vec<(f64, f64, f64)> {
+/// Kernel time per request of one `bpf_stats` round: as measured, and net of `bpf_stats`'
+/// own floor per run where it was measured.
+struct PerRequest {
+    raw: f64,
+    /// (total, ingress, egress), net of the floor.
+    net: Option<(f64, f64, f64)>,
+    ingress_raw: f64,
+    egress_raw: f64,
+    floor: Option<f64>,
+}
+
+impl PerRequest {
+    /// The figure the target is judged on: net where the floor was measured.
+    fn judged(&self) -> f64 {
+        self.net.map_or(self.raw, |n| n.0)
+    }
+}
+
+fn stats_per_request(k: &KernelResults) -> Vec<PerRequest> {
     k.bpf_stats
         .iter()
         .map(|s| {
             let n = s.requests.max(1) as f64;
-            let of = |names: &[&str]| -> f64 {
-                s.programs
+            let of = |names: &[&str]| -> (f64, u64) {
+                let picked = s
+                    .programs
                     .iter()
-                    .filter(|(p, _)| names.contains(&p.as_str()))
-                    .map(|(_, v)| v.1 as f64)
-                    .sum::<f64>()
-                    / n
+                    .filter(|(p, _)| names.contains(&p.as_str()));
+                let ns = picked.clone().map(|(_, v)| v.1 as f64).sum::<f64>() / n;
+                // Entry runs only: a tail-called stage runs inside its entry's run.
+                let runs = picked
+                    .filter(|(p, _)| p.starts_with("http_"))
+                    .map(|(_, v)| v.0)
+                    .sum();
+                (ns, runs)
             };
-            (
-                s.ns_per_request(),
-                of(&[
-                    "http_ingress",
-                    "ingress_parse",
-                    "ingress_canon",
-                    "ingress_finish",
-                ]),
-                of(&["http_egress", "egress_frame"]),
-            )
+            let (ingress_raw, in_runs) = of(&[
+                "http_ingress",
+                "ingress_parse",
+                "ingress_canon",
+                "ingress_finish",
+            ]);
+            let (egress_raw, out_runs) = of(&["http_egress", "egress_frame"]);
+            let floor = s.floor_ns();
+            PerRequest {
+                raw: s.ns_per_request(),
+                net: floor.map(|f| {
+                    let ing = ingress_raw - f * in_runs as f64 / n;
+                    let eg = egress_raw - f * out_runs as f64 / n;
+                    (ing + eg, ing, eg)
+                }),
+                ingress_raw,
+                egress_raw,
+                floor,
+            }
         })
         .collect()
 }
@@ -252,7 +283,11 @@ pub fn markdown(r: &Results) -> String {
          sequence numbers, acknowledgements and timestamps moving on as a connection's do, {} \
          packets of each kind per round, median per round. `bpf_stats`: run time of every \
          program of the running daemon (`ALL_PROGRAMS`; a tail-called stage's time counts in \
-         its entry program's) over {}-s wrk runs of the section-1 load, per request.\n\
+         its entry program's) over {}-s wrk runs of the section-1 load, per request; \
+         `bpf_stats` reads the clock around every run, a cost of the measurement that any \
+         program pays: an empty classifier attached after the daemon's on the same hooks (TCX, \
+         last) runs on every packet they pass, and its mean run time is taken off each entry \
+         program's run.\n\
          - **Rejection** (section 3): wrk sending only `DELETE {PATH}`, {} of {} s: \
          `filterd` answering 405 and closing, against the closing nginx.\n\
          - **Flood** (section 4): the section-1 load with 10 rules, alone and next to a flood \
@@ -301,23 +336,37 @@ pub fn markdown(r: &Results) -> String {
         ));
     }
     let per_req = stats_per_request(k);
-    let ns = spread(&per_req.iter().map(|p| p.0).collect::<Vec<_>>());
-    let (ing, eg) = (
-        spread(&per_req.iter().map(|p| p.1).collect::<Vec<_>>()),
-        spread(&per_req.iter().map(|p| p.2).collect::<Vec<_>>()),
-    );
+    let col = |f: fn(&PerRequest) -> Option<f64>| {
+        spread(&per_req.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let med = |s: Option<Spread>| s.map_or(f64::NAN, |x| x.median);
+    let net_measured = !per_req.is_empty() && per_req.iter().all(|p| p.net.is_some());
     rows.push(target(
         "kernel time per allowed request ≤ 650 ns (`bpf_stats`, ingress + egress)",
-        ns,
+        col(|p| Some(p.judged())),
         650.0,
         Goal::AtMost,
         |s| {
-            format!(
-                "{} (ingress {:.0}, egress {:.0})",
-                fmt_ci(s, 0, " ns"),
-                ing.map_or(f64::NAN, |x| x.median),
-                eg.map_or(f64::NAN, |x| x.median)
-            )
+            if net_measured {
+                format!(
+                    "{} net of `bpf_stats`' own {:.0} ns per run (ingress {:.0}, egress {:.0}); \
+                     as measured {:.0} (ingress {:.0}, egress {:.0})",
+                    fmt_ci(s, 0, " ns"),
+                    med(col(|p| p.floor)),
+                    med(col(|p| p.net.map(|n| n.1))),
+                    med(col(|p| p.net.map(|n| n.2))),
+                    med(col(|p| Some(p.raw))),
+                    med(col(|p| Some(p.ingress_raw))),
+                    med(col(|p| Some(p.egress_raw))),
+                )
+            } else {
+                format!(
+                    "{} as measured, `bpf_stats`' own cost included (ingress {:.0}, egress {:.0})",
+                    fmt_ci(s, 0, " ns"),
+                    med(col(|p| Some(p.ingress_raw))),
+                    med(col(|p| Some(p.egress_raw))),
+                )
+            }
         },
     ));
     let long = |n| spread(&steady(k, kind::LONG, n));
@@ -587,7 +636,7 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
     // Whether `syn_in_stream` was explained already.
     let mut explained = false;
     let per_req = stats_per_request(k);
-    let ns = spread(&per_req.iter().map(|p| p.0).collect::<Vec<_>>());
+    let ns = spread(&per_req.iter().map(PerRequest::judged).collect::<Vec<_>>());
     let busy = spread(&values(r, "allowed", "no filter", |x| {
         Some(x.cpu.machine_busy_cores)
     }));
