@@ -283,11 +283,7 @@ pub fn markdown(r: &Results) -> String {
          sequence numbers, acknowledgements and timestamps moving on as a connection's do, {} \
          packets of each kind per round, median per round. `bpf_stats`: run time of every \
          program of the running daemon (`ALL_PROGRAMS`; a tail-called stage's time counts in \
-         its entry program's) over {}-s wrk runs of the section-1 load, per request; \
-         `bpf_stats` reads the clock around every run, a cost of the measurement that any \
-         program pays: an empty classifier attached after the daemon's on the same hooks (TCX, \
-         last) runs on every packet they pass, and its mean run time is taken off each entry \
-         program's run.\n\
+         its entry program's) over {}-s wrk runs of the section-1 load, per request{}.\n\
          - **Rejection** (section 3): wrk sending only `DELETE {PATH}`, {} of {} s: \
          `filterd` answering 405 and closing, against the closing nginx.\n\
          - **Flood** (section 4): the section-1 load with 10 rules, alone and next to a flood \
@@ -304,6 +300,17 @@ pub fn markdown(r: &Results) -> String {
         crate::kernel::PAIRS,
         crate::kernel::PACKETS,
         args.duration.min(8),
+        if r.kernel
+            .as_ref()
+            .is_some_and(|k| k.bpf_stats.iter().any(|s| s.floor.is_some()))
+        {
+            "; `bpf_stats` reads the clock around every run, a cost of the measurement that any \
+             program pays: an empty classifier attached after the daemon's on the same hooks \
+             (TCX, last) runs on every packet they pass, and its mean run time is taken off each \
+             entry program's run"
+        } else {
+            " (this run did not measure `bpf_stats`' own cost per run: the figures include it)"
+        },
         rounds(args.rounds),
         args.duration,
         args.flood_rate,
