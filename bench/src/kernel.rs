@@ -31,6 +31,7 @@ use aya::programs::{
     TestRunOptions,
 };
 use filter_common::tcp_flags::{ACK, FIN, SYN};
+use filter_common::{PROG_EGRESS, PROG_INGRESS};
 use filter_tests::frames::{syn_opts, ts_opt, Segment};
 use filter_userspace::dataplane::{Dataplane, LoadOptions, ALL_PROGRAMS};
 use filter_userspace::policy::Policy;
@@ -99,8 +100,30 @@ pub struct StatsRun {
 impl StatsRun {
     /// Kernel time per request: every program's run time, summed, over the requests.
     pub fn ns_per_request(&self) -> f64 {
-        let ns: u64 = self.programs.values().map(|p| p.1).sum();
+        self.ns_of(&ALL_PROGRAMS)
+    }
+
+    /// Kernel time per request, net of the floor of each entry program's run.
+    pub fn net_ns_per_request(&self) -> Option<f64> {
+        self.net_ns_of(&ALL_PROGRAMS)
+    }
+
+    /// Run time per request of the programs `names`.
+    pub fn ns_of(&self, names: &[&str]) -> f64 {
+        let ns: u64 = self.picked(names).map(|(_, v)| v.1).sum();
         ns as f64 / self.requests.max(1) as f64
+    }
+
+    /// [`Self::ns_of`] net of the floor: each run of an entry program among `names` (a
+    /// tail-called stage runs inside its entry's run) pays it once.
+    pub fn net_ns_of(&self, names: &[&str]) -> Option<f64> {
+        let floor = self.floor_ns()?;
+        let runs: u64 = self
+            .picked(names)
+            .filter(|(p, _)| [PROG_INGRESS, PROG_EGRESS].contains(&p.as_str()))
+            .map(|(_, v)| v.0)
+            .sum();
+        Some(self.ns_of(names) - floor * runs as f64 / self.requests.max(1) as f64)
     }
 
     /// What `bpf_stats` charges any run, the empty classifier's mean run time.
@@ -110,20 +133,13 @@ impl StatsRun {
             .map(|(runs, ns)| ns as f64 / runs as f64)
     }
 
-    /// The entry programs' runs (a tail-called stage runs inside its entry's run).
-    pub fn entry_runs(&self) -> u64 {
-        ["http_ingress", "http_egress"]
+    fn picked<'a>(
+        &'a self,
+        names: &'a [&str],
+    ) -> impl Iterator<Item = (&'a String, &'a (u64, u64))> + Clone + 'a {
+        self.programs
             .iter()
-            .filter_map(|p| self.programs.get(*p))
-            .map(|p| p.0)
-            .sum()
-    }
-
-    /// Kernel time per request, net of the floor of each entry program's run.
-    pub fn net_ns_per_request(&self) -> Option<f64> {
-        let floor = self.floor_ns()?;
-        let ns: u64 = self.programs.values().map(|p| p.1).sum();
-        Some((ns as f64 - floor * self.entry_runs() as f64) / self.requests.max(1) as f64)
+            .filter(move |(p, _)| names.contains(&p.as_str()))
     }
 }
 

@@ -11,6 +11,7 @@ use crate::procs::WrkResult;
 use crate::run::arm_name;
 use crate::stats::{judge, level, spread, Goal, Spread, Verdict};
 use crate::{Results, Run, PATH};
+use filter_common::{PROG_EGRESS, PROG_INGRESS, STAGE_PROGS};
 
 // ---------------------------------------------------------------------------
 // Selecting figures.
@@ -164,61 +165,35 @@ fn worse(a: Option<Spread>, b: Option<Spread>) -> Option<Spread> {
     }
 }
 
-/// Kernel time per request of one `bpf_stats` round: as measured, and net of `bpf_stats`'
-/// own floor per run where it was measured.
+/// Kernel time per request of one `bpf_stats` round, (ingress, egress): as measured, and net
+/// of `bpf_stats`' own floor per run where it was measured.
 struct PerRequest {
-    raw: f64,
-    /// (total, ingress, egress), net of the floor.
-    net: Option<(f64, f64, f64)>,
-    ingress_raw: f64,
-    egress_raw: f64,
+    raw: (f64, f64),
+    net: Option<(f64, f64)>,
     floor: Option<f64>,
 }
 
 impl PerRequest {
     /// The figure the target is judged on: net where the floor was measured.
     fn judged(&self) -> f64 {
-        self.net.map_or(self.raw, |n| n.0)
+        let (i, e) = self.net.unwrap_or(self.raw);
+        i + e
     }
 }
+
+/// The programs of each direction: the entry program and its stages (`STAGE_PROGS`: the
+/// ingress stages, then `egress_frame`; asserted below).
+const INGRESS: [&str; 4] = [PROG_INGRESS, STAGE_PROGS[0], STAGE_PROGS[1], STAGE_PROGS[2]];
+const EGRESS: [&str; 2] = [PROG_EGRESS, STAGE_PROGS[3]];
+const _: () = assert!(STAGE_PROGS.len() == 4);
 
 fn stats_per_request(k: &KernelResults) -> Vec<PerRequest> {
     k.bpf_stats
         .iter()
-        .map(|s| {
-            let n = s.requests.max(1) as f64;
-            let of = |names: &[&str]| -> (f64, u64) {
-                let picked = s
-                    .programs
-                    .iter()
-                    .filter(|(p, _)| names.contains(&p.as_str()));
-                let ns = picked.clone().map(|(_, v)| v.1 as f64).sum::<f64>() / n;
-                // Entry runs only: a tail-called stage runs inside its entry's run.
-                let runs = picked
-                    .filter(|(p, _)| p.starts_with("http_"))
-                    .map(|(_, v)| v.0)
-                    .sum();
-                (ns, runs)
-            };
-            let (ingress_raw, in_runs) = of(&[
-                "http_ingress",
-                "ingress_parse",
-                "ingress_canon",
-                "ingress_finish",
-            ]);
-            let (egress_raw, out_runs) = of(&["http_egress", "egress_frame"]);
-            let floor = s.floor_ns();
-            PerRequest {
-                raw: s.ns_per_request(),
-                net: floor.map(|f| {
-                    let ing = ingress_raw - f * in_runs as f64 / n;
-                    let eg = egress_raw - f * out_runs as f64 / n;
-                    (ing + eg, ing, eg)
-                }),
-                ingress_raw,
-                egress_raw,
-                floor,
-            }
+        .map(|s| PerRequest {
+            raw: (s.ns_of(&INGRESS), s.ns_of(&EGRESS)),
+            net: s.net_ns_of(&INGRESS).zip(s.net_ns_of(&EGRESS)),
+            floor: s.floor_ns(),
         })
         .collect()
 }
@@ -360,18 +335,18 @@ pub fn markdown(r: &Results) -> String {
                      as measured {:.0} (ingress {:.0}, egress {:.0})",
                     fmt_ci(s, 0, " ns"),
                     med(col(|p| p.floor)),
+                    med(col(|p| p.net.map(|n| n.0))),
                     med(col(|p| p.net.map(|n| n.1))),
-                    med(col(|p| p.net.map(|n| n.2))),
-                    med(col(|p| Some(p.raw))),
-                    med(col(|p| Some(p.ingress_raw))),
-                    med(col(|p| Some(p.egress_raw))),
+                    med(col(|p| Some(p.raw.0 + p.raw.1))),
+                    med(col(|p| Some(p.raw.0))),
+                    med(col(|p| Some(p.raw.1))),
                 )
             } else {
                 format!(
                     "{} as measured, `bpf_stats`' own cost included (ingress {:.0}, egress {:.0})",
                     fmt_ci(s, 0, " ns"),
-                    med(col(|p| Some(p.ingress_raw))),
-                    med(col(|p| Some(p.egress_raw))),
+                    med(col(|p| Some(p.raw.0))),
+                    med(col(|p| Some(p.raw.1))),
                 )
             }
         },
@@ -738,22 +713,18 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
         );
     }
     if missed(5) {
-        let f = spread(&values(r, "rejection", "filterd 405", non2xx_rps));
-        let c = spread(&values(r, "rejection", "filterd 405", |x| {
-            Some(x.cpu.filterd_cores)
-        }));
+        let cpu = spread(&values(r, "rejection", "filterd 405", cpu_per_405_us));
         let busy = spread(&values(r, "rejection", "filterd 405", |x| {
             Some(x.cpu.machine_busy_cores)
         }));
-        if let (Some(f), Some(c), Some(busy)) = (f, c, busy) {
+        if let (Some(cpu), Some(busy)) = (cpu, busy) {
             let dropped = drops(r, "rejection", "filterd 405");
             out.push(format!(
                 "**405s.** Each refusal is a whole connection (handshake, the request turned into \
                  a reset, the answer and the close); `filterd`'s responder spent {:.1} µs of CPU \
                  on each, and the machine kept {:.2} of its {} CPUs busy. The daemon counted {} \
                  in that arm{}{}",
-                spread(&values(r, "rejection", "filterd 405", cpu_per_405_us))
-                    .map_or(c.median / f.median * 1e6, |s| s.median),
+                cpu.median,
                 busy.median,
                 r.env.cpus,
                 dropped,

@@ -128,8 +128,8 @@ pub fn deb(built: &Built, gen: &Generated, out: &Path) -> anyhow::Result<PathBuf
     // The guides keep the source tree's layout, so their links to each other resolve; a link to
     // anything not shipped becomes text naming the file in the source tree.
     for from in SHIPPED_DOCS {
-        let text = std::fs::read_to_string(src.join(from))
-            .with_context(|| format!("reading {from}"))?;
+        let text =
+            std::fs::read_to_string(src.join(from)).with_context(|| format!("reading {from}"))?;
         write(&doc.join(from), &unlink_unshipped(&text, from), 0o644)?;
     }
     for (from, to) in [
@@ -230,10 +230,10 @@ pub fn unlink_unshipped(text: &str, path: &str) -> String {
         };
         let file = target.split('#').next().unwrap_or("");
         let external = file.is_empty() || file.contains(':') || file.starts_with('/');
-        if external || SHIPPED_DOCS.contains(&normalize(&dir.join(file)).as_str()) {
+        let shown = normalize(&dir.join(file));
+        if external || SHIPPED_DOCS.contains(&shown.as_str()) {
             out.push_str(&after[..len]);
         } else {
-            let shown = normalize(&dir.join(file));
             if label.trim_matches('`') == file {
                 out.push_str(&format!("{label} (in the source tree)"));
             } else {
@@ -341,7 +341,10 @@ mod tests {
              [top](#top); a [bracket] alone."
         );
         assert_eq!(
-            unlink_unshipped("[raw](bench/results.json) [up](../README.md)", "docs/BENCHMARKS.md"),
+            unlink_unshipped(
+                "[raw](bench/results.json) [up](../README.md)",
+                "docs/BENCHMARKS.md"
+            ),
             "raw (`docs/bench/results.json` in the source tree) [up](../README.md)"
         );
     }
