@@ -41,6 +41,15 @@ pub trait Frame {
     /// The `N` bytes at `off`, or `None` if the frame ends before them.
     fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
 
+    /// `f` of the `N` bytes at `off`, or `None` if the frame ends before them. For reading a
+    /// few fields of a header: a frame that holds the bytes in place lends them to `f`, so
+    /// only the bytes `f` reads are loaded (an `[u8; N]` returned by value is assembled
+    /// byte by byte in BPF, which has no unaligned loads).
+    #[inline(always)]
+    fn view<const N: usize, R>(&self, off: usize, f: impl FnOnce(&[u8; N]) -> R) -> Option<R> {
+        self.bytes::<N>(off).map(|b| f(&b))
+    }
+
     /// The frame's length in bytes.
     fn frame_len(&self) -> usize;
 
@@ -217,18 +226,22 @@ pub fn parse<F: Frame + ?Sized>(
     let frame_len = frame.frame_len();
     let (family, l4, ip_end) = match proto {
         ETH_P_IPV4 => {
-            let ip = frame.bytes::<IPV4_HLEN_MIN>(l3).ok_or(Reason::NotIp)?;
-            if ip[0] >> 4 != 4 {
+            // Version and header length, total length, fragment field, protocol.
+            let (vihl, total, frag, proto) = frame
+                .view::<IPV4_HLEN_MIN, _>(l3, |ip| {
+                    (ip[0], be16([ip[2], ip[3]]), be16([ip[6], ip[7]]), ip[9])
+                })
+                .ok_or(Reason::NotIp)?;
+            if vihl >> 4 != 4 {
                 return Err(Reason::BadHeader);
             }
-            if ip[9] != IPPROTO_TCP {
+            if proto != IPPROTO_TCP {
                 return Err(Reason::NotTcp);
             }
-            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < IPV4_HLEN_MIN {
                 return Err(Reason::BadHeader);
             }
-            let frag = be16([ip[6], ip[7]]);
             if frag & 0x1fff != 0 {
                 // A later fragment: no TCP header to judge; without its first fragment
                 // (dropped when it is for an inspected port) it is never reassembled.
@@ -240,12 +253,12 @@ pub fn parse<F: Frame + ?Sized>(
             // Another port's segment leaves before its header is checked (a broken header
             // matters only on an inspected port): the common case of a classifier on a busy
             // interface costs the least.
-            if let Some(ports) = frame.bytes::<4>(l3 + ihl) {
-                if !inspected(server_port(ports, dir)) {
+            if let Some(port) = frame.view::<4, _>(l3 + ihl, |p| server_port(p, dir)) {
+                if !inspected(port) {
                     return Err(Reason::OtherPort);
                 }
             }
-            let total = be16([ip[2], ip[3]]) as usize;
+            let total = total as usize;
             let ip_end = if total == 0 { frame_len } else { l3 + total };
             if !v4_header_ok(frame, l3, ihl, ip_end, frame_len) {
                 return Err(reason_for(
@@ -308,8 +321,10 @@ pub fn parse<F: Frame + ?Sized>(
         }
         _ => return Err(Reason::NotIp),
     };
-    let ports = frame.bytes::<4>(l4).ok_or(Reason::NotTcp)?;
-    if !inspected(server_port(ports, dir)) {
+    let port = frame
+        .view::<4, _>(l4, |p| server_port(p, dir))
+        .ok_or(Reason::NotTcp)?;
+    if !inspected(port) {
         return Err(Reason::OtherPort);
     }
     let tcp = Tcp(frame.bytes::<TCP_HLEN_MIN>(l4).ok_or(Reason::BadHeader)?);
@@ -342,8 +357,8 @@ fn reason_for<F: Frame + ?Sized>(
     inspected: &impl Fn(u16) -> bool,
     bad: Reason,
 ) -> Reason {
-    match frame.bytes::<4>(l4) {
-        Some(ports) if inspected(server_port(ports, dir)) => bad,
+    match frame.view::<4, _>(l4, |p| server_port(p, dir)) {
+        Some(port) if inspected(port) => bad,
         Some(_) => Reason::OtherPort,
         None => bad,
     }
@@ -381,7 +396,7 @@ fn v4_header_ok<F: Frame + ?Sized>(
 }
 
 #[inline(always)]
-fn server_port(ports: [u8; 4], dir: Dir) -> u16 {
+fn server_port(ports: &[u8; 4], dir: Dir) -> u16 {
     match dir {
         Dir::ToServer => be16([ports[2], ports[3]]),
         Dir::FromServer => be16([ports[0], ports[1]]),
@@ -398,8 +413,8 @@ fn first_fragment<F: Frame + ?Sized>(
     dir: Dir,
     inspected: &impl Fn(u16) -> bool,
 ) -> Reason {
-    match frame.bytes::<4>(l4) {
-        Some(ports) if inspected(server_port(ports, dir)) => Reason::Fragment,
+    match frame.view::<4, _>(l4, |p| server_port(p, dir)) {
+        Some(port) if inspected(port) => Reason::Fragment,
         _ => Reason::Unsupported,
     }
 }

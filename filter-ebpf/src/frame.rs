@@ -28,6 +28,18 @@ impl Frame for Skb<'_> {
     }
 
     #[inline(always)]
+    fn view<const N: usize, R>(&self, off: usize, f: impl FnOnce(&[u8; N]) -> R) -> Option<R> {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        if start + off + N <= end {
+            // SAFETY: the `N` bytes are inside the packet, as just checked (the verifier checks
+            // it again); `[u8; N]` has alignment 1, and the packet is not written while `f`
+            // reads it.
+            return Some(f(unsafe { &*((start + off) as *const [u8; N]) }));
+        }
+        self.0.load::<[u8; N]>(off).ok().map(|b| f(&b))
+    }
+
+    #[inline(always)]
     fn frame_len(&self) -> usize {
         self.0.len() as usize
     }

@@ -87,14 +87,17 @@ pub fn conn_key(
             Dir::FromServer => key_v4(key, dst, src),
         }
     } else {
-        let a = frame.bytes::<32>(hdr.l3 as usize + 8).ok_or(())?;
-        // The frame's source address, then its destination.
+        // The frame's source address, then its destination, copied byte by byte.
         let (src, dst) = match dir {
             Dir::ToServer => (&mut key.client_addr_be, &mut key.server_addr_be),
             Dir::FromServer => (&mut key.server_addr_be, &mut key.client_addr_be),
         };
-        src.copy_from_slice(&a[..16]);
-        dst.copy_from_slice(&a[16..]);
+        frame
+            .view::<32, _>(hdr.l3 as usize + 8, |a| {
+                src.copy_from_slice(&a[..16]);
+                dst.copy_from_slice(&a[16..]);
+            })
+            .ok_or(())?;
     }
     key_tail(key, client_port, server_port, hdr.family as u8);
     Ok(())

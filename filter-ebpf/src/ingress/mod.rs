@@ -413,9 +413,17 @@ pub fn forget(s: &Scratch) {
 #[inline(always)]
 fn prepare_event(ctx: &TcContext, s: &mut Scratch) {
     let ack = u32::from_be_bytes([s.tcp[8], s.tcp[9], s.tcp[10], s.tcp[11]]);
-    // The Ethernet header was read before (it cannot fail now).
-    let macs = Skb(ctx).bytes::<12>(0).unwrap_or([0; 12]);
     let ev: &mut RejectEvent = &mut s.event;
+    // The Ethernet header was read before (it cannot fail now): its addresses copied byte by
+    // byte, not assembled into words first.
+    let macs = Skb(ctx).view::<12, _>(0, |m| {
+        ev.client_mac.copy_from_slice(&m[6..]);
+        ev.server_mac.copy_from_slice(&m[..6]);
+    });
+    if macs.is_none() {
+        ev.client_mac = [0; 6];
+        ev.server_mac = [0; 6];
+    }
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     ev.seq = s.seg_seq;
     ev.ack = ack;
@@ -424,8 +432,6 @@ fn prepare_event(ctx: &TcContext, s: &mut Scratch) {
     ev.server_port = s.key.server_port;
     ev.family = s.hdr.family as u8;
     ev._pad0 = [0; 2];
-    ev.client_mac.copy_from_slice(&macs[6..]);
-    ev.server_mac.copy_from_slice(&macs[..6]);
     // Both addresses, as four aligned words (a `[u8; 16]` assignment is byte by byte).
     let src = addr_of!(s.key.client_addr_be).cast::<u64>();
     let dst = addr_of_mut!(ev.client_addr_be).cast::<u64>();
