@@ -125,6 +125,21 @@ mod header {
     pub const UPGRADE: u8 = 4;
 }
 
+/// Bit 7 of each byte of `w` no header value may hold: a control byte other than HTAB, or
+/// DEL (CR and LF end the value; the rest fail the request).
+#[inline(always)]
+fn value_ctl(w: u64) -> u64 {
+    (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f)
+}
+
+/// Whether the eight bytes of `w` can all go on the value of a header the filter does not act
+/// on ([`Stream::take_value_words`]): none is a control byte (HTAB aside) or DEL, so none ends
+/// the value or fails it.
+#[inline(always)]
+pub fn plain_value_word(w: u64) -> bool {
+    value_ctl(w) == 0
+}
+
 const HEADERS: [(u8, [u64; NAME_WORDS], u8); 6] = {
     const fn h(name: &str, id: u8) -> (u8, [u64; NAME_WORDS], u8) {
         let (n, w) = pack(name);
@@ -606,6 +621,41 @@ impl Stream {
         self.line.add_path_words(k);
     }
 
+    /// How many whole words of a header value [`Stream::take_value_words`] may take now: 0
+    /// unless the stream is in the value of a header the filter does not act on (which is
+    /// checked for control bytes, not kept), else as many as keep the header block within
+    /// `HEADER_LIMIT`. Each word must pass [`plain_value_word`].
+    #[inline(always)]
+    pub fn value_words_room(&self) -> usize {
+        if self.phase != phase::HEADER_VALUE
+            || self.header != header::OTHER
+            || self.count > HEADER_LIMIT
+        {
+            return 0;
+        }
+        (HEADER_LIMIT - self.count) as usize / 8
+    }
+
+    /// Take `k` whole words of a header value (at most [`Stream::value_words_room`], each
+    /// passing [`plain_value_word`]): the state `8 * k` calls of `step` would leave.
+    #[inline(always)]
+    pub fn take_value_words(&mut self, k: usize) {
+        self.pos = self.pos.wrapping_add(8 * k as u32);
+        self.count += 8 * k as u32;
+    }
+
+    /// One word through [`Stream::take_value_words`] if there is room and it passes
+    /// [`plain_value_word`] (returns `true`), else nothing (`false`): the tests' reference for
+    /// the kernel's loop over many words (`value_words` in the kernel).
+    #[cfg(test)]
+    pub fn value_word(&mut self, w: u64) -> bool {
+        if self.value_words_room() == 0 || !plain_value_word(w) {
+            return false;
+        }
+        self.take_value_words(1);
+        true
+    }
+
     /// One word through [`Stream::take_path_words`], with the path written byte by byte: the
     /// eight bytes of `w` if there is room and they pass [`crate::http::plain_path_word`]
     /// (returns `true`), else nothing (`false`). The kernel does the same for many words at
@@ -746,15 +796,19 @@ impl Stream {
 
     /// The leading bytes of `w` as bytes of a header value other than `Content-Length`'s, up
     /// to a control byte (HTAB aside) or DEL ([`Stream::push_value`] and the whitespace flags
-    /// for each). Whitespace is taken only once the stored prefix of the value (16 bytes) is
-    /// full.
+    /// for each, for a header the filter acts on). Whitespace is taken only once the stored
+    /// prefix of such a value (16 bytes) is full.
     #[inline(always)]
     fn value_run(&mut self, w: u64) -> usize {
         if self.header == header::CONTENT_LENGTH {
             return 0;
         }
+        let ctl = value_ctl(w);
+        if self.header == header::OTHER {
+            // Checked, not kept (see `step_header`).
+            return swar::leading(ctl);
+        }
         let blank = swar::eq(w, b' ') | swar::eq(w, b'\t');
-        let ctl = (swar::lt(w, 0x20) & !swar::eq(w, b'\t')) | swar::eq(w, 0x7f);
         let n = self.value_len;
         if n < 16 {
             let k = swar::leading(ctl | blank);
@@ -1012,6 +1066,14 @@ impl Stream {
                     Ev::More
                 } else if b == b'\n' {
                     self.end_field()
+                } else if self.header == header::OTHER {
+                    // A header the filter does not act on: its value is checked, not kept
+                    // (`end_field` reads nothing of it).
+                    if (b < 0x20 && b != b'\t') || b == 0x7f {
+                        Ev::Fail(Reason::BadFraming)
+                    } else {
+                        Ev::More
+                    }
                 } else if b == b' ' || b == b'\t' {
                     if self.value_len > 0 {
                         self.flags |= flag::PENDING_SPACE;

@@ -131,6 +131,24 @@ pub fn word_at(base: *const u8, at: usize) -> u64 {
     (lo >> r) | (hi << (64 - r))
 }
 
+/// The eight bytes at `a + r / 8` (little-endian), `a` an 8-aligned offset of `base` (itself
+/// 8-aligned) with two aligned words readable there, `r` in `0, 8, .., 56`: the end of one
+/// aligned word and the start of the next, shifted together without a branch, for a loop over
+/// consecutive words at one misalignment (`word_at` branches on it). A shift by 64 is not
+/// defined: `hi << 1 << (63 - r)` is 0 for `r == 0`.
+#[inline(always)]
+pub fn word_across(base: *const u8, a: usize, r: u32) -> u64 {
+    // SAFETY: `a` and `a + 8` are 8-aligned offsets of `base` with eight bytes each inside
+    // its buffer, as the caller bounds them.
+    let (lo, hi) = unsafe {
+        (
+            u64::from_le(base.add(a).cast::<u64>().read()),
+            u64::from_le(base.add(a + 8).cast::<u64>().read()),
+        )
+    };
+    (lo >> r) | ((hi << 1) << (63 - r))
+}
+
 /// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy
 /// loop in BPF, which the verifier walks byte by byte). The struct must be 8-aligned: these
 /// are aligned word loads and stores (an unaligned one is eight byte loads or stores in BPF).

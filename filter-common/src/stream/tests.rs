@@ -46,8 +46,8 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                 // must not read beyond `avail`, as the kernel's window holds stale bytes there.
                 let avail = seg.len() - off;
                 let word = crate::swar::word_padded(seg, off, b'Z');
-                // The kernel tries a whole path word first.
-                if avail >= 8 && s.path_word(word, &mut path) {
+                // The kernel tries a whole path or header-value word first.
+                if avail >= 8 && (s.path_word(word, &mut path) || s.value_word(word)) {
                     off += 8;
                     continue;
                 }
@@ -469,13 +469,14 @@ fn an_upgrade_request_awaits_the_answer_after_its_body() {
 
 /// At every offset of `data` (fed byte by byte from a fresh stream), [`Stream::step_run`]
 /// takes k bytes and leaves exactly the state and path (up to its length) of k
-/// [`Stream::step`] calls, each of which returns [`Ev::More`]; and [`Stream::path_word`], where
-/// eight bytes are left, takes all eight the same way or leaves the state alone. Returns how
-/// many bytes `step_run` took in all, and how many words `path_word` took.
-fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize) {
+/// [`Stream::step`] calls, each of which returns [`Ev::More`]; and [`Stream::path_word`] and
+/// [`Stream::value_word`], where eight bytes are left, each take all eight the same way or
+/// leave the state alone. Returns how many bytes `step_run` took in all, and how many words
+/// `path_word` and `value_word` took.
+fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) {
     let mut s = start;
     let mut path = [0x5au8; PATH_MAX];
-    let (mut taken, mut words) = (0, 0);
+    let (mut taken, mut words, mut values) = (0, 0, 0);
     let mut off = 0;
     while off < data.len() {
         if s.in_bulk() {
@@ -522,18 +523,31 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize) {
             } else {
                 assert_eq!(format!("{fast:?}"), format!("{s:?}"), "{shown:?}");
             }
+            let mut fast = s;
+            if fast.value_word(word) {
+                let (mut slow, mut slow_path) = (s, path);
+                for &b in &data[off..off + 8] {
+                    assert_eq!(slow.step(b, &mut slow_path), Ev::More, "{shown:?} in {s:?}");
+                }
+                assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{shown:?}");
+                // The kernel reckons the room once for a run of words.
+                assert_eq!(fast.value_words_room(), s.value_words_room() - 1);
+                values += 1;
+            } else {
+                assert_eq!(format!("{fast:?}"), format!("{s:?}"), "{shown:?}");
+            }
         }
         match s.step(data[off], &mut path) {
             Ev::Decide => {
                 s.take_method();
                 s.set_verdict(MethodSet::ANY.0, 0);
             }
-            Ev::Fail(_) | Ev::Tunnel => return (taken, words),
+            Ev::Fail(_) | Ev::Tunnel => return (taken, words, values),
             _ => {}
         }
         off += 1;
     }
-    (taken, words)
+    (taken, words, values)
 }
 
 use std::format;
@@ -548,15 +562,17 @@ const WORD_CORPUS: &[&[u8]] = &[
 
 #[test]
 fn word_fast_path_matches_byte_steps() {
-    let (mut taken, mut words) = (0, 0);
+    let (mut taken, mut words, mut values) = (0, 0, 0);
     for data in WORD_CORPUS {
-        let (t, w) = word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
+        let (t, w, v) = word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
         taken += t;
         words += w;
+        values += v;
     }
     // The corpus must exercise the fast paths, or this proves little.
     assert!(taken > 400, "{taken}");
     assert!(words > 20, "{words}");
+    assert!(values > 40, "{values}");
     // Mutated copies, so that declines and odd states are covered too.
     let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..20_000 {

@@ -8,10 +8,11 @@
 
 use aya_ebpf::{bindings::__sk_buff, helpers::bpf_loop, programs::TcContext};
 use core::ffi::c_void;
+use core::ptr::{addr_of, read_volatile};
 use filter_common::{
     http::plain_path_word,
     stage,
-    stream::{flag, Ev},
+    stream::{flag, plain_value_word, Ev},
     swar, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
     STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
     STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
@@ -20,7 +21,7 @@ use filter_common::{
 use super::judge::judge;
 use super::{finish, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out, ScratchCtx};
 use crate::skb::load_into;
-use crate::util::word_at;
+use crate::util::{word_across, word_at};
 
 /// Rounds (a window of request line and headers, or a body run) per pass. A segment with
 /// more is cut after the last one processed, and the client sends the rest again.
@@ -202,33 +203,34 @@ const _: () = {
 /// one byte.
 const WORDS_PER_CALL: usize = 1;
 
-/// Whole path words a stream callback may take (`path_words`) before the runs and the byte
-/// below: a 1 KiB path is 128 words.
-const PATH_WORDS_PER_CALL: usize = 32;
+/// Whole words of a path or a header value a stream callback may take (`words`) before the
+/// runs and the byte below: a 1 KiB path is 128 words.
+const WORDS_PER_BATCH: usize = 32;
 
 /// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: whole
-/// words of a path (up to `PATH_WORDS_PER_CALL`, `path_words`), runs of ordinary bytes, up to
-/// `WORDS_PER_CALL` words of them (`Stream::step_run`), then one byte (`Stream::step`).
+/// words of a path or of the value of a header the filter does not act on (up to
+/// `WORDS_PER_BATCH`, `words`), runs of ordinary bytes, up to `WORDS_PER_CALL` words of them
+/// (`Stream::step_run`), then one byte (`Stream::step`).
 /// Returns 1 to stop (see `STOP_*`) or when the window is done; each call takes at least one
 /// byte, so `window_len` calls are enough.
 unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     let s = unsafe { from_ctx(ctx) };
     let w = s.window_len as usize;
     let mut i = s.consumed as usize;
-    // A path's long run first, a whole word at a time with the least work per word, once a
-    // call starts with eight or more path bytes behind it: in practice after the first ~65,
-    // which the calls before take through the runs below (a short path's words cost less
-    // there than a call into the loop).
-    if s.conn.stream.in_path() && s.conn.stream.line.path_len() >= 8 {
-        let j = path_words(s, i, w);
-        if j >= i + 8 * PATH_WORDS_PER_CALL {
-            // A whole batch: the path likely goes on, and the next call takes it the same way
-            // rather than through the slower runs below.
-            s.consumed = j as u32;
-            return 0;
-        }
-        i = j;
+    // A long run first, a whole word at a time with the least work per word: a path's, once
+    // a call starts with eight or more path bytes behind it (in practice after the first
+    // ~65, which the calls before take through the runs below: a short path's words cost less
+    // there than a call into the loop), or a header value's the filter only checks.
+    s.consumed = words(s, i, w) as u32;
+    // verifier: read back from map memory: the rest is walked once, not once per number of
+    // words taken (6.1 tracks the count precisely across the call).
+    let j = unsafe { read_volatile(addr_of!(s.consumed)) } as usize;
+    if j >= i + 8 * WORDS_PER_BATCH {
+        // A whole batch: the run likely goes on, and the next call takes it the same way
+        // rather than through the slower runs below.
+        return 0;
     }
+    i = j;
     let mut k = 0;
     while k < WORDS_PER_CALL {
         if i >= w {
@@ -272,36 +274,67 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// Take whole words of a request line's path from window offset `i` (up to
-/// `PATH_WORDS_PER_CALL`, while `http::plain_path_word` accepts them and the stream has room:
-/// `Stream::path_words_room`), writing each into the raw path as two aligned words
-/// (`swar::splice`). Returns the offset after them.
+/// Whole words from window offset `i` (of `w` loaded bytes) through `path_words` or
+/// `value_words`, whichever the stream is in (none elsewhere), as many as `batch` allows with
+/// the stream's room for them. Returns the offset after them.
+// verifier: one call site in the stream callback, so that what follows it is walked once.
 #[inline(never)]
-fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
-    let room = s.conn.stream.path_words_room();
-    if room == 0 || i + 8 > w {
+fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
+    let path = s.conn.stream.in_path() && s.conn.stream.line.path_len() >= 8;
+    let room = if path {
+        s.conn.stream.path_words_room()
+    } else {
+        s.conn.stream.value_words_room()
+    };
+    let limit = batch(i, w, room);
+    if limit == 0 {
         return i;
+    }
+    if path {
+        path_words(s, i, limit)
+    } else {
+        value_words(s, i, limit)
+    }
+}
+
+/// How many whole words from window offset `i` (of `w` loaded bytes) one batch may take with
+/// `room` for them: at most `WORDS_PER_BATCH`.
+#[inline(always)]
+fn batch(i: usize, w: usize, room: usize) -> usize {
+    if i + 8 > w {
+        return 0;
     }
     let mut limit = (w - i) / 8;
     if limit > room {
         limit = room;
     }
-    if limit > PATH_WORDS_PER_CALL {
-        limit = PATH_WORDS_PER_CALL;
+    if limit > WORDS_PER_BATCH {
+        limit = WORDS_PER_BATCH;
     }
+    limit
+}
+
+/// Take up to `limit` whole words of a request line's path from window offset `i` (`batch`
+/// with `Stream::path_words_room`), while `http::plain_path_word` accepts them, writing each
+/// into the raw path as two aligned words (`swar::splice`). Returns the offset after them.
+#[inline(always)]
+fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
     let n = s.conn.stream.line.path_len();
     let mut prev = s.conn.stream.line.path_last(&s.raw);
-    let (mut at, mut a) = (i, n);
+    // The words sit at one offset within the aligned words of the window (`word_across`).
+    let r = ((i & 7) * 8) as u32;
+    let line = s.line.as_ptr();
+    let (mut at, mut a) = (i & !7, n);
     let mut taken = 0;
     while taken < limit {
-        // verifier: the window's word, and the aligned word the path's end is in and the
-        // next, inside their buffers (`limit` keeps them there already).
-        let at_m = at & (LINE_WINDOW - 1);
+        // verifier: the window's two aligned words, and the aligned word the path's end is in
+        // and the next, inside their buffers (`limit` keeps them there already).
+        let at_m = at & (LINE_WINDOW - 8);
         let a_m = a & (PATH_MAX - 8);
-        if at_m > LINE_WINDOW - 8 || a_m > PATH_MAX - 16 {
+        if at_m > LINE_WINDOW - 16 || a_m > PATH_MAX - 16 {
             break;
         }
-        let word = word_at(s.line.as_ptr(), at_m);
+        let word = word_across(line, at_m, r);
         if !plain_path_word(word, prev) {
             break;
         }
@@ -320,5 +353,32 @@ fn path_words(s: &mut Scratch, i: usize, w: usize) -> usize {
         taken += 1;
     }
     s.conn.stream.take_path_words(taken);
-    at
+    i + 8 * taken
+}
+
+/// Take up to `limit` whole words of the value of a header the filter does not act on from
+/// window offset `i` (`batch` with `Stream::value_words_room`), while
+/// `stream::plain_value_word` accepts them: no control byte but HTAB, no DEL. Returns the
+/// offset after them; the byte that ends the value goes through the runs and `step`.
+#[inline(always)]
+fn value_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
+    // The words sit at one offset within the aligned words of the window (`word_across`).
+    let r = ((i & 7) * 8) as u32;
+    let base = s.line.as_ptr();
+    let mut a = i & !7;
+    let mut taken = 0;
+    while taken < limit {
+        // verifier: both aligned words inside the window (`limit` keeps them there already).
+        let a_m = a & (LINE_WINDOW - 8);
+        if a_m > LINE_WINDOW - 16 {
+            break;
+        }
+        if !plain_value_word(word_across(base, a_m, r)) {
+            break;
+        }
+        a = a_m + 8;
+        taken += 1;
+    }
+    s.conn.stream.take_value_words(taken);
+    i + 8 * taken
 }
