@@ -348,6 +348,27 @@ fn limits() {
         run(&headers, &[]).last(),
         Some(&Seen::Fail(Reason::HeadersTooLarge))
     );
+    // Around the header block's limit, a value taken a word at a time (a header the filter
+    // does not act on) fails at the same byte as one taken byte by byte, or passes with it.
+    let prefix = b"GET / HTTP/1.1\r\nX-Filler: ";
+    let head = HEADER_LIMIT as usize - (prefix.len() - b"GET / HTTP/1.1\r\n".len());
+    let mut outcomes = std::collections::BTreeSet::new();
+    for len in head - 28..=head + 2 {
+        let mut request = Vec::from(&prefix[..]);
+        request.extend(core::iter::repeat_n(b'v', len));
+        request.extend_from_slice(b"\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        let bytes = run(&request, &[]);
+        assert!(
+            bytes.last() == Some(&Seen::Fail(Reason::HeadersTooLarge))
+                || bytes.last() == Some(&req(Method::Get, "/next")),
+            "{len}: {bytes:?}"
+        );
+        assert_eq!(run_with(&request, &[], true), bytes, "{len}");
+        assert_eq!(run_with(&request, &[9, 4000, 9001], true), bytes, "{len}");
+        outcomes.insert(format!("{:?}", bytes.last()));
+    }
+    // Both sides of the limit were crossed.
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
 }
 
 #[test]
