@@ -16,6 +16,8 @@ use crate::util::port_inspected;
 pub struct Skb<'a>(pub &'a TcContext);
 
 impl Frame for Skb<'_> {
+    // verifier: a read of its own, not `view` with a copying closure: written that way, 6.1
+    // refused `http_egress` (the helper's length no longer proven non-negative).
     #[inline(always)]
     fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         let (start, end) = (self.0.data(), self.0.data_end());
