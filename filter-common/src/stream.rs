@@ -759,13 +759,25 @@ impl Stream {
 
     /// At the start of a field line (`HEADER_START`, `count` at most `HEADER_LIMIT - 8` minus
     /// the bytes of this word already taken): a first byte that is a letter starts the name
-    /// (as `step_header` does), and the letters and `-` after it are taken too. Returns how
-    /// many of the first `avail` bytes of `w` it took (0 when the line starts otherwise: an
-    /// empty line, another token character or a byte that fails go to `step`).
+    /// (as `step_header` does), and the letters and `-` after it are taken too; the CR of the
+    /// empty line that ends the block is taken alone. Returns how many of the first `avail`
+    /// bytes of `w` it took (0 when the line starts otherwise: a bare LF, another token
+    /// character or a byte that fails go to `step`).
     #[inline(always)]
     fn name_start(&mut self, w: u64, avail: usize) -> usize {
         let b = w as u8;
-        if avail == 0 || !b.is_ascii_alphabetic() {
+        if avail == 0 {
+            return 0;
+        }
+        if b == b'\r' {
+            // The empty line's CR, as `step_header` takes it: the step on the LF after it then
+            // ends the header block in the same stream callback.
+            self.phase = phase::HEADERS_END_LF;
+            self.pos = self.pos.wrapping_add(1);
+            self.count += 1;
+            return 1;
+        }
+        if !b.is_ascii_alphabetic() {
             return 0;
         }
         self.clear_name();
