@@ -593,6 +593,16 @@ impl Stream {
         self.phase == phase::LINE && self.line.in_path()
     }
 
+    /// Whether whole words may be taken next: in a path with eight bytes or more behind
+    /// ([`Stream::path_words_room`]), or in the value of a header the filter does not act on
+    /// ([`Stream::value_words_room`]). A cheap test, so that the kernel calls its word loops
+    /// only there.
+    #[inline(always)]
+    pub fn words_may_follow(&self) -> bool {
+        (self.in_path() && self.line.path_len() >= 8)
+            || (self.phase == phase::HEADER_VALUE && self.header == header::OTHER)
+    }
+
     /// How many whole words of a request line's path [`Stream::take_path_words`] may take now
     /// (see [`LineParser::path_words_room`]): 0 outside a path, before the request's first
     /// byte, or where eight more bytes might reach the line's limit.

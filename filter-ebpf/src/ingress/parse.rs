@@ -220,8 +220,11 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     // A long run first, a whole word at a time with the least work per word: a path's, once
     // a call starts with eight or more path bytes behind it (in practice after the first
     // ~65, which the calls before take through the runs below: a short path's words cost less
-    // there than a call into the loop), or a header value's the filter only checks.
-    s.consumed = words(s, i, w) as u32;
+    // there than a call into the loop), or a header value's the filter only checks. Most
+    // calls are elsewhere (a method, the rest of a line, a field name) and skip the call.
+    if s.conn.stream.words_may_follow() {
+        s.consumed = words(s, i, w) as u32;
+    }
     // verifier: read back from map memory: the rest is walked once, not once per number of
     // words taken (6.1 tracks the count precisely across the call).
     let j = unsafe { read_volatile(addr_of!(s.consumed)) } as usize;
