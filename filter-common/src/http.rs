@@ -76,8 +76,10 @@ pub fn plain_path_word(w: u64, prev: u8) -> bool {
 fn dot_or_slash_after_slash(w: u64, prev: u8) -> u64 {
     // Each byte's predecessor.
     let before = (w << 8) | prev as u64;
-    // `.` and `/` differ in bit 0 only.
-    swar::eq_from_low(before, b'/') & swar::eq_from_low(w | swar::ONES, b'/')
+    let slash = swar::ONES.wrapping_mul(b'/' as u64);
+    // Zero exactly where the byte before is `/` and the byte is `/` or `.` (the two differ
+    // in bit 0 only): one zero test for both conditions.
+    swar::zero_from_low((before ^ slash) | ((w | swar::ONES) ^ slash))
 }
 
 /// [`LineParser::finish`] outcome codes besides a [`Reason`]: still reading, or decided.
@@ -458,6 +460,35 @@ mod tests {
     use super::*;
     use std::string::String;
     use std::vec::Vec;
+
+    #[test]
+    fn dot_or_slash_after_slash_is_exact_for_leading_runs() {
+        // Words built from the bytes that matter (`/`, `.`, their neighbours `-` and `0`,
+        // a letter), every predecessor among them: each leading run holds a flagged byte
+        // exactly when a `/` (or `prev`) comes right before a `/` or `.` inside it.
+        let alphabet = [b'/', b'.', b'-', b'0', b'a'];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes: [u8; 8] =
+                core::array::from_fn(|i| alphabet[((state >> (5 * i)) % 5) as usize]);
+            let prev = alphabet[((state >> 50) % 5) as usize];
+            let got = dot_or_slash_after_slash(u64::from_le_bytes(bytes), prev);
+            for k in 0..=8 {
+                let want = (0..k).any(|i| {
+                    let before = if i == 0 { prev } else { bytes[i - 1] };
+                    before == b'/' && (bytes[i] == b'/' || bytes[i] == b'.')
+                });
+                assert_eq!(
+                    got & swar::first(k) != 0,
+                    want,
+                    "{bytes:?} after {prev}, {k}"
+                );
+            }
+        }
+    }
 
     fn parse(input: &[u8]) -> Result<(Method, String), Reason> {
         let mut buf = [0u8; LINE_WINDOW];
