@@ -242,15 +242,14 @@ impl LineParser {
     }
 
     /// How many whole words [`LineParser::add_path_words`] may add now: 0 outside a path;
-    /// else as many as fit with eight bytes to spare after the last (so that a word can be
-    /// written as two aligned words, the second partly scratch).
+    /// else as many as fit in the path buffer.
     #[inline(always)]
     pub fn path_words_room(&self) -> usize {
         let n = self.path_len as usize;
-        if self.phase != phase::PATH || n > PATH_MAX - 16 {
+        if self.phase != phase::PATH || n > PATH_MAX - 8 {
             0
         } else {
-            (PATH_MAX - 16 - n) / 8 + 1
+            (PATH_MAX - 8 - n) / 8 + 1
         }
     }
 

@@ -154,39 +154,9 @@ pub fn word(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// The eight bytes of `w` written at byte `r` (`r < 8`) of the aligned word `lo` and on into
-/// the next: the new `lo` (its first `r` bytes kept) and the next word (its first `r` bytes
-/// from `w`, the rest zero). For a buffer that is written a word at a time at an unaligned
-/// offset, as two aligned stores (an unaligned one is eight byte stores in BPF).
-#[inline(always)]
-pub const fn splice(lo: u64, w: u64, r: usize) -> (u64, u64) {
-    let sh = 8 * (r & 7);
-    // `(w >> 1) >> (63 - sh)`: `w >> (64 - sh)`, and 0 (not a shift by 64) when `sh` is 0.
-    ((lo & bytes(r & 7)) | (w << sh), (w >> 1) >> (63 - sh))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splice_writes_a_word_at_any_offset() {
-        let mut next = crate::xorshift(0x5eed);
-        for _ in 0..2000 {
-            let (a, b, w) = (next(), next(), next());
-            for r in 0..8 {
-                let mut buf = [0u8; 16];
-                buf[..8].copy_from_slice(&a.to_le_bytes());
-                buf[8..].copy_from_slice(&b.to_le_bytes());
-                buf[r..r + 8].copy_from_slice(&w.to_le_bytes());
-                let (lo, hi) = splice(a, w, r);
-                assert_eq!(lo, word(&buf, 0), "{r}");
-                // The next word past the written bytes is scratch (zero here).
-                assert_eq!(hi & bytes(r), word(&buf, 8) & bytes(r), "{r}");
-                assert_eq!(hi & !bytes(r), 0, "{r}");
-            }
-        }
-    }
 
     fn bytes_of(mask: u64) -> [bool; 8] {
         let mut r = [false; 8];

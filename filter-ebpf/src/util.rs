@@ -116,37 +116,53 @@ const _: () = {
     assert!(core::mem::align_of::<ConnKey>() >= 8);
 };
 
-/// The eight bytes from `base + at` as a little-endian word, from aligned loads (an unaligned
-/// load is eight byte loads in BPF). `base` must be 8-aligned, and the aligned word after the
-/// one holding `at` readable when `at` is not a multiple of 8.
+/// The eight bytes at `base + at` as a little-endian word, in one load ([`load_any`]). The
+/// caller bounds `at` so that all eight are inside `base`'s buffer (a map value).
 #[inline(always)]
 pub fn word_at(base: *const u8, at: usize) -> u64 {
-    let a = at & !7;
-    let r = (at & 7) * 8;
-    let lo = u64::from_le(unsafe { base.add(a).cast::<u64>().read() });
-    if r == 0 {
-        return lo;
-    }
-    let hi = u64::from_le(unsafe { base.add(a + 8).cast::<u64>().read() });
-    (lo >> r) | (hi << (64 - r))
+    // SAFETY: the caller's bounds.
+    unsafe { load_any(base.add(at)) }
 }
 
-/// The eight bytes at `a + r / 8` (little-endian), `a` an 8-aligned offset of `base` (itself
-/// 8-aligned) with two aligned words readable there, `r` in `0, 8, .., 56`: the end of one
-/// aligned word and the start of the next, shifted together without a branch, for a loop over
-/// consecutive words at one misalignment (`word_at` branches on it). A shift by 64 is not
-/// defined: `hi << 1 << (63 - r)` is 0 for `r == 0`.
+/// The eight bytes at `p` (little-endian), at any alignment, in one load. The kernels this
+/// runs on have efficient unaligned access (x86-64, arm64), where the verifier checks a map
+/// value access's bounds, not its alignment; but LLVM does not know the kernel and splits an
+/// unaligned `read_unaligned` into eight byte loads, so the one load is spelled out. Only for
+/// map values (the scratch): the verifier wants stack accesses aligned everywhere.
+///
+/// # Safety
+/// `p..p + 8` inside one map value, bounded so the verifier sees it.
 #[inline(always)]
-pub fn word_across(base: *const u8, a: usize, r: u32) -> u64 {
-    // SAFETY: `a` and `a + 8` are 8-aligned offsets of `base` with eight bytes each inside
-    // its buffer, as the caller bounds them.
-    let (lo, hi) = unsafe {
-        (
-            u64::from_le(base.add(a).cast::<u64>().read()),
-            u64::from_le(base.add(a + 8).cast::<u64>().read()),
+pub unsafe fn load_any(p: *const u8) -> u64 {
+    let v: u64;
+    // SAFETY: the caller's bounds; a load, no other effect.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u64 *)({p} + 0)",
+            p = in(reg) p,
+            v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags)
         )
     };
-    (lo >> r) | ((hi << 1) << (63 - r))
+    v
+}
+
+/// Store the eight bytes of `v` (little-endian) at `p`, at any alignment, in one store (see
+/// [`load_any`]).
+///
+/// # Safety
+/// `p..p + 8` inside one map value, bounded so the verifier sees it.
+#[inline(always)]
+pub unsafe fn store_any(p: *mut u8, v: u64) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        core::arch::asm!(
+            "*(u64 *)({p} + 0) = {v}",
+            p = in(reg) p,
+            v = in(reg) v,
+            options(nostack, preserves_flags)
+        )
+    };
 }
 
 /// Copy a map-resident struct word by word (a plain assignment becomes a byte-wise memcpy

@@ -113,12 +113,6 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
     0
 }
 
-// `word_at` reads the window through an 8-aligned base.
-const _: () = {
-    assert!(core::mem::offset_of!(ReplyScratch, window).is_multiple_of(8));
-    assert!(core::mem::align_of::<ReplyScratch>() >= 8);
-};
-
 /// Steps (a word, a byte or a body run) one `frame` call takes.
 const STEPS_PER_CALL: usize = 1;
 
@@ -167,8 +161,8 @@ unsafe extern "C" fn frame(_i: u64, rc: *mut c_void) -> i64 {
             }
         }
         if at <= LINE_WINDOW - 8 {
-            // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
-            // bytes before the window's end are read.
+            // `at <= LINE_WINDOW - 8`: the eight bytes at `at` are inside the buffer;
+            // `step_run` reads only those before the window's end.
             let word = word_at(s.window.as_ptr(), at);
             let avail = if len - at < 8 { len - at } else { 8 };
             let n = s.replies.step_run(word, avail);

@@ -108,8 +108,8 @@ unsafe extern "C" fn canon_byte(_i: u64, ctx: *mut c_void) -> i64 {
     // verifier: mask the index into the raw path (`i < n` already: no wrap).
     let at = i & (PATH_MAX - 1);
     if at <= PATH_MAX - 8 {
-        // The next aligned word is inside the raw path. Its bytes past the path's end read as
-        // LF, where every run stops.
+        // The eight bytes at `at` are inside the buffer. Those past the path's end read as LF,
+        // where every run stops.
         let w = filter_common::swar::pad(word_at(s.raw.as_ptr(), at), n - at, b'\n');
         let taken = s.canon.push_run(w, &mut s.path, &mut s.canon_len);
         if taken > 0 {

@@ -13,15 +13,15 @@ use filter_common::{
     http::plain_path_word,
     stage,
     stream::{flag, plain_value_word, Ev},
-    swar, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
-    STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
-    STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
+    Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR, STOP_AWAIT,
+    STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED, STOP_MONITOR,
+    STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
 };
 
 use super::judge::judge;
 use super::{finish, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out, ScratchCtx};
 use crate::skb::load_into;
-use crate::util::{word_across, word_at};
+use crate::util::{store_any, word_at};
 
 /// Rounds (a window of request line and headers, or a body run) per pass. A segment with
 /// more is cut after the last one processed, and the client sends the rest again.
@@ -191,14 +191,6 @@ fn check_override(s: &mut Scratch) -> i64 {
     violation(s, allow, m, s.conn.stream.rule_flags & RULE_MONITOR != 0)
 }
 
-// `word_at` reads the window and the raw path through 8-aligned bases.
-const _: () = {
-    use core::mem::offset_of;
-    assert!(offset_of!(Scratch, line).is_multiple_of(8));
-    assert!(offset_of!(Scratch, raw).is_multiple_of(8));
-    assert!(core::mem::align_of::<Scratch>() >= 8);
-};
-
 /// Words (eight bytes each) a stream callback may take through the fast path before it steps
 /// one byte.
 const WORDS_PER_CALL: usize = 1;
@@ -244,8 +236,8 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         if at > LINE_WINDOW - 8 {
             break;
         }
-        // `at <= LINE_WINDOW - 8`: the next aligned word is inside the window; only its
-        // bytes before the window's end are read.
+        // `at <= LINE_WINDOW - 8`: the eight bytes at `at` are inside the buffer; `step_run`
+        // reads only those before the window's end.
         let word = word_at(s.line.as_ptr(), at);
         let n = s.conn.stream.step_run(word, w - at, &mut s.raw);
         i = at + n;
@@ -319,37 +311,29 @@ fn batch(i: usize, w: usize, room: usize) -> usize {
 
 /// Take up to `limit` whole words of a request line's path from window offset `i` (`batch`
 /// with `Stream::path_words_room`), while `http::plain_path_word` accepts them, writing each
-/// into the raw path as two aligned words (`swar::splice`). Returns the offset after them.
+/// into the raw path in one store (`util::store_any`). Returns the offset after them.
 #[inline(always)]
 fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
     let n = s.conn.stream.line.path_len();
     let mut prev = s.conn.stream.line.path_last(&s.raw);
-    // The words sit at one offset within the aligned words of the window (`word_across`).
-    let r = ((i & 7) * 8) as u32;
     let line = s.line.as_ptr();
-    let (mut at, mut a) = (i & !7, n);
+    let raw = s.raw.as_mut_ptr();
+    let (mut at, mut a) = (i, n);
     let mut taken = 0;
     while taken < limit {
-        // verifier: the window's two aligned words, and the aligned word the path's end is in
-        // and the next, inside their buffers (`limit` keeps them there already).
-        let at_m = at & (LINE_WINDOW - 8);
-        let a_m = a & (PATH_MAX - 8);
-        if at_m > LINE_WINDOW - 16 || a_m > PATH_MAX - 16 {
+        // verifier: the window's word and the path's next eight bytes inside their buffers
+        // (`limit` keeps them there already).
+        let at_m = at & (LINE_WINDOW - 1);
+        let a_m = a & (PATH_MAX - 1);
+        if at_m > LINE_WINDOW - 8 || a_m > PATH_MAX - 8 {
             break;
         }
-        let word = word_across(line, at_m, r);
+        let word = word_at(line, at_m);
         if !plain_path_word(word, prev) {
             break;
         }
-        let base = s.raw.as_mut_ptr();
-        // SAFETY: `a_m` and `a_m + 8` are 8-aligned offsets of `raw` (itself 8-aligned in the
-        // scratch, asserted above) with eight bytes each inside it.
-        unsafe {
-            let lo = base.add(a_m).cast::<u64>();
-            let (new_lo, hi) = swar::splice(lo.read(), word, n);
-            lo.write(new_lo);
-            base.add(a_m + 8).cast::<u64>().write(hi);
-        }
+        // SAFETY: eight bytes inside the raw path, bounded above.
+        unsafe { store_any(raw.add(a_m), word) };
         prev = (word >> 56) as u8;
         at = at_m + 8;
         a = a_m + 8;
@@ -365,18 +349,16 @@ fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
 /// offset after them; the byte that ends the value goes through the runs and `step`.
 #[inline(always)]
 fn value_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
-    // The words sit at one offset within the aligned words of the window (`word_across`).
-    let r = ((i & 7) * 8) as u32;
     let base = s.line.as_ptr();
-    let mut a = i & !7;
+    let mut a = i;
     let mut taken = 0;
     while taken < limit {
-        // verifier: both aligned words inside the window (`limit` keeps them there already).
-        let a_m = a & (LINE_WINDOW - 8);
-        if a_m > LINE_WINDOW - 16 {
+        // verifier: the word inside the window (`limit` keeps it there already).
+        let a_m = a & (LINE_WINDOW - 1);
+        if a_m > LINE_WINDOW - 8 {
             break;
         }
-        if !plain_value_word(word_across(base, a_m, r)) {
+        if !plain_value_word(word_at(base, a_m)) {
             break;
         }
         a = a_m + 8;
