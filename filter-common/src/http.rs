@@ -60,12 +60,7 @@ const _: () = assert!(core::mem::size_of::<LineParser>() == 24);
 /// [`LineParser::path_run`] and `step`, which decide exactly.
 #[inline(always)]
 pub fn plain_path_word(w: u64, prev: u8) -> bool {
-    // `-./0-9` are one run; `A`-`Z` and `a`-`z` differ in bit 5 only (see `swar::literal`).
-    let plain = swar::in_range(w, b'-', b'9')
-        | swar::in_range(w | swar::ONES.wrapping_mul(0x20), b'a', b'z')
-        | swar::eq(w, b'_')
-        | swar::eq(w, b'~');
-    let stop = (!plain & swar::HIGH) | dot_or_slash_after_slash(w, prev);
+    let stop = (!swar::path_plain(w) & swar::HIGH) | dot_or_slash_after_slash(w, prev);
     stop == 0
 }
 
