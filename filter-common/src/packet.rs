@@ -44,7 +44,7 @@ pub trait Frame {
     /// `f` of the `N` bytes at `off`, or `None` if the frame ends before them. For reading a
     /// few fields of a header: a frame that holds the bytes in place lends them to `f`, so
     /// only the bytes `f` reads are loaded (an `[u8; N]` returned by value is assembled
-    /// byte by byte in BPF, which has no unaligned loads).
+    /// byte by byte in BPF: LLVM emits no misaligned load there).
     #[inline(always)]
     fn view<const N: usize, R>(&self, off: usize, f: impl FnOnce(&[u8; N]) -> R) -> Option<R> {
         self.bytes::<N>(off).map(|b| f(&b))
