@@ -593,14 +593,28 @@ impl Stream {
         self.phase == phase::LINE && self.line.in_path()
     }
 
-    /// Whether whole words may be taken next: in a path with eight bytes or more behind
-    /// ([`Stream::path_words_room`]), or in the value of a header the filter does not act on
-    /// ([`Stream::value_words_room`]). A cheap test, so that the kernel calls its word loops
+    /// Whether whole words may be taken next: in a path's long run
+    /// ([`Stream::in_path_words`]), or in the value of a header the filter does not act on
+    /// ([`Stream::in_ignored_value`]). A cheap test, so that the kernel calls its word loops
     /// only there.
     #[inline(always)]
     pub fn words_may_follow(&self) -> bool {
-        (self.in_path() && self.line.path_len() >= 8)
-            || (self.phase == phase::HEADER_VALUE && self.header == header::OTHER)
+        self.in_path_words() || self.in_ignored_value()
+    }
+
+    /// In a path with eight bytes or more behind: where the path's word loop
+    /// ([`Stream::path_words_room`]) pays for its call; a shorter path's first words cost less
+    /// through [`Stream::step_run`].
+    #[inline(always)]
+    pub fn in_path_words(&self) -> bool {
+        self.in_path() && self.line.path_len() >= 8
+    }
+
+    /// In the value of a header the filter does not act on: checked for control bytes, not
+    /// kept ([`Stream::value_words_room`]).
+    #[inline(always)]
+    pub fn in_ignored_value(&self) -> bool {
+        self.phase == phase::HEADER_VALUE && self.header == header::OTHER
     }
 
     /// How many whole words of a request line's path [`Stream::take_path_words`] may take now
@@ -637,10 +651,7 @@ impl Stream {
     /// `HEADER_LIMIT`. Each word must pass [`plain_value_word`].
     #[inline(always)]
     pub fn value_words_room(&self) -> usize {
-        if self.phase != phase::HEADER_VALUE
-            || self.header != header::OTHER
-            || self.count > HEADER_LIMIT
-        {
+        if !self.in_ignored_value() || self.count > HEADER_LIMIT {
             return 0;
         }
         (HEADER_LIMIT - self.count) as usize / 8

@@ -27,7 +27,7 @@
 //! or hold policy of its own.
 #![no_std]
 #![no_main]
-// `util::load_any` / `store_any`: one BPF load or store at any alignment.
+// `util::word_at` / `store_any`: one BPF load or store at any alignment.
 #![feature(asm_experimental_arch)]
 // Map keys are passed by reference on purpose: by value, a 40-byte `ConnKey` is copied onto
 // the 512-byte stack first.

@@ -116,30 +116,20 @@ const _: () = {
     assert!(core::mem::align_of::<ConnKey>() >= 8);
 };
 
-/// The eight bytes at `base + at` as a little-endian word, in one load ([`load_any`]). The
-/// caller bounds `at` so that all eight are inside `base`'s buffer (a map value).
+/// The eight bytes at `base + at` (little-endian), at any alignment, in one load. The caller
+/// bounds `at` so that all eight are inside `base`'s buffer, a map value (the scratch): the
+/// verifier wants stack accesses aligned everywhere. The kernels this runs on have efficient
+/// unaligned access (x86-64, arm64), where the verifier checks a map value access's bounds,
+/// not its alignment; but LLVM does not know the kernel and splits a misaligned
+/// `read_unaligned` into eight byte loads, so the one load is spelled out.
 #[inline(always)]
 pub fn word_at(base: *const u8, at: usize) -> u64 {
-    // SAFETY: the caller's bounds.
-    unsafe { load_any(base.add(at)) }
-}
-
-/// The eight bytes at `p` (little-endian), at any alignment, in one load. The kernels this
-/// runs on have efficient unaligned access (x86-64, arm64), where the verifier checks a map
-/// value access's bounds, not its alignment; but LLVM does not know the kernel and splits an
-/// unaligned `read_unaligned` into eight byte loads, so the one load is spelled out. Only for
-/// map values (the scratch): the verifier wants stack accesses aligned everywhere.
-///
-/// # Safety
-/// `p..p + 8` inside one map value, bounded so the verifier sees it.
-#[inline(always)]
-pub unsafe fn load_any(p: *const u8) -> u64 {
     let v: u64;
-    // SAFETY: the caller's bounds; a load, no other effect.
+    // SAFETY: a load inside the map value, as the caller bounds `at`; no other effect.
     unsafe {
         core::arch::asm!(
             "{v} = *(u64 *)({p} + 0)",
-            p = in(reg) p,
+            p = in(reg) base.add(at),
             v = lateout(reg) v,
             options(readonly, nostack, preserves_flags)
         )
@@ -148,7 +138,7 @@ pub unsafe fn load_any(p: *const u8) -> u64 {
 }
 
 /// Store the eight bytes of `v` (little-endian) at `p`, at any alignment, in one store (see
-/// [`load_any`]).
+/// [`word_at`]).
 ///
 /// # Safety
 /// `p..p + 8` inside one map value, bounded so the verifier sees it.

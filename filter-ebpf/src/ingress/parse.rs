@@ -275,7 +275,7 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
 // verifier: one call site in the stream callback, so that what follows it is walked once.
 #[inline(never)]
 fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
-    let path = s.conn.stream.in_path() && s.conn.stream.line.path_len() >= 8;
+    let path = s.conn.stream.in_path_words();
     let room = if path {
         s.conn.stream.path_words_room()
     } else {
