@@ -461,11 +461,9 @@ mod tests {
         // a letter), every predecessor among them: each leading run holds a flagged byte
         // exactly when a `/` (or `prev`) comes right before a `/` or `.` inside it.
         let alphabet = [b'/', b'.', b'-', b'0', b'a'];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = next();
             let bytes: [u8; 8] =
                 core::array::from_fn(|i| alphabet[((state >> (5 * i)) % 5) as usize]);
             let prev = alphabet[((state >> 50) % 5) as usize];

@@ -39,19 +39,23 @@ pub const fn eq(x: u64, c: u8) -> u64 {
     zero(x ^ ONES.wrapping_mul(c as u64))
 }
 
-/// Bit 7 of each byte of `x` below `n` (`n <= 0x80`).
+/// For bytes below 0x80 (`t`) and `lo <= 0x80`: bit 7 of b + (0x80 - lo) is set exactly when
+/// b >= lo. No sum reaches 0x100: no carry into the next byte. The other bits are not masked.
+#[inline(always)]
+const fn at_least(t: u64, lo: u8) -> u64 {
+    t.wrapping_add(ONES.wrapping_mul((0x80 - lo) as u64))
+}
+
+/// Bit 7 of each byte of `x` below `n` (`n <= 0x80`): a byte with bit 7 set never is.
 #[inline(always)]
 pub const fn lt(x: u64, n: u8) -> u64 {
-    // For a byte b < 0x80: b + (0x80 - n) has bit 7 set exactly when b >= n; a byte with bit
-    // 7 set is never below n. The sum stays below 0x100: no carry into the next byte.
-    !(((x & LOW7).wrapping_add(ONES.wrapping_mul((0x80 - n) as u64))) | x) & HIGH
+    !(at_least(x & LOW7, n) | x) & HIGH
 }
 
 /// Bit 7 of each byte of `x` at or above `n` (`n <= 0x80`; every byte with bit 7 set is).
 #[inline(always)]
 pub const fn ge(x: u64, n: u8) -> u64 {
-    // As in `lt`: b + (0x80 - n) has bit 7 set exactly when b >= n, for b < 0x80.
-    (((x & LOW7).wrapping_add(ONES.wrapping_mul((0x80 - n) as u64))) | x) & HIGH
+    (at_least(x & LOW7, n) | x) & HIGH
 }
 
 /// Bit 7 of each byte of `x` in `lo..=hi` (`lo <= hi < 0x80`).
@@ -86,27 +90,14 @@ pub const fn literal(x: u64) -> u64 {
 #[inline(always)]
 pub const fn path_plain(x: u64) -> u64 {
     let t = x & LOW7;
-    let digits = at_least(t, b'-') & !above(t, b'9');
+    let digits = at_least(t, b'-') & !at_least(t, b'9' + 1);
     // `A`-`Z` and `a`-`z` differ in bit 5 only, and no other byte lands in `a`-`z` with it set.
     let f = t | ONES.wrapping_mul(0x20);
-    let letters = at_least(f, b'a') & !above(f, b'z');
+    let letters = at_least(f, b'a') & !at_least(f, b'z' + 1);
     // Bit 7 of (b ^ c) + 0x7f is set when b differs from c.
     let underscore = !(t ^ ONES.wrapping_mul(b'_' as u64)).wrapping_add(LOW7);
     let tilde = !(t ^ ONES.wrapping_mul(b'~' as u64)).wrapping_add(LOW7);
     (digits | letters | underscore | tilde) & !x & HIGH
-}
-
-/// For bytes below 0x80 (`t`): bit 7 of b + (0x80 - lo) is set when b >= lo. No sum reaches
-/// 0x100: no carry into the next byte.
-#[inline(always)]
-const fn at_least(t: u64, lo: u8) -> u64 {
-    t.wrapping_add(ONES.wrapping_mul((0x80 - lo) as u64))
-}
-
-/// For bytes below 0x80 (`t`): bit 7 of b + (0x7f - hi) is set when b > hi.
-#[inline(always)]
-const fn above(t: u64, hi: u8) -> u64 {
-    t.wrapping_add(ONES.wrapping_mul((0x7f - hi) as u64))
 }
 
 /// `x` with ASCII `A`-`Z` lowercased (what `u8::to_ascii_lowercase` does to each byte).
