@@ -677,6 +677,21 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                     .to_owned()
             }
         ));
+        if let Some(ns) = ns {
+            let test_run = med(get) + med(resp);
+            if let Some(last) = out.last_mut() {
+                let _ = write!(
+                    last,
+                    " Under wrk the same request and response took {:.0} ns, {:.2}× their {:.0} \
+                     ns in test runs, where the programs run back to back with their code and \
+                     data in the CPU's caches; in this load, nginx, wrk and the kernel's TCP run on \
+                     the same two CPUs between two packets of a connection.",
+                    ns.median,
+                    ns.median / test_run,
+                    test_run
+                );
+            }
+        }
     }
     if missed(3) {
         let get = spread(&steady(k, kind::GET, 10)).map_or(f64::NAN, |s| s.median);
