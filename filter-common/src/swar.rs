@@ -13,7 +13,15 @@ const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
 /// `0x80` in every byte.
 pub const HIGH: u64 = 0x8080_8080_8080_8080;
 
-/// Bit 7 of each zero byte of `x`.
+/// For bytes below 0x80 (`t`): bit 7 of !(b + 0x7f) is set exactly when b is zero. No sum
+/// reaches 0x100: no carry into the next byte. The other bits are not masked.
+#[inline(always)]
+const fn zero_low7(t: u64) -> u64 {
+    !t.wrapping_add(LOW7)
+}
+
+/// Bit 7 of each zero byte of `x`: [`zero_low7`] of its low seven bits, without the bytes
+/// with bit 7 set (spelled out whole: the composition compiles to longer BPF).
 #[inline(always)]
 pub const fn zero(x: u64) -> u64 {
     !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7)
@@ -94,9 +102,8 @@ pub const fn path_plain(x: u64) -> u64 {
     // `A`-`Z` and `a`-`z` differ in bit 5 only, and no other byte lands in `a`-`z` with it set.
     let f = t | ONES.wrapping_mul(0x20);
     let letters = at_least(f, b'a') & !at_least(f, b'z' + 1);
-    // Bit 7 of (b ^ c) + 0x7f is set when b differs from c.
-    let underscore = !(t ^ ONES.wrapping_mul(b'_' as u64)).wrapping_add(LOW7);
-    let tilde = !(t ^ ONES.wrapping_mul(b'~' as u64)).wrapping_add(LOW7);
+    let underscore = zero_low7(t ^ ONES.wrapping_mul(b'_' as u64));
+    let tilde = zero_low7(t ^ ONES.wrapping_mul(b'~' as u64));
     (digits | letters | underscore | tilde) & !x & HIGH
 }
 
