@@ -275,6 +275,9 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
 // verifier: one call site in the stream callback, so that what follows it is walked once.
 #[inline(never)]
 fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
+    // verifier: asked again rather than passed in by the caller (which asked already, two
+    // byte loads): an argument known at each call makes the verifier walk this function once
+    // per value (`ingress_parse` 60,611 -> 92,344 processed instructions on 6.18).
     let path = s.conn.stream.in_path_words();
     let room = if path {
         s.conn.stream.path_words_room()
