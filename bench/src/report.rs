@@ -656,7 +656,7 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
         let med = |s: Option<Spread>| s.map_or(f64::NAN, |s| s.median);
         let get100k = spread(&steady(k, kind::GET, 100_000));
         let (head_in, head_out) = (med(get) - med(up), med(resp) - med(down));
-        out.push(format!(
+        let mut text = format!(
             "**Kernel time per request.** In steady state wrk's GET costs {:.0} ns on ingress \
              (10 rules; {:.0} with 100k: the rule count barely matters) and nginx's response \
              {:.0} ns on egress. A body segment of the same connections, the per-packet part, is \
@@ -676,22 +676,21 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                  its head is not framed)."
                     .to_owned()
             }
-        ));
+        );
         if let Some(ns) = ns {
             let test_run = med(get) + med(resp);
-            if let Some(last) = out.last_mut() {
-                let _ = write!(
-                    last,
-                    " Under wrk the same request and response took {:.0} ns, {:.2}× their {:.0} \
-                     ns in test runs, where the programs run back to back with their code and \
-                     data in the CPU's caches; in this load, nginx, wrk and the kernel's TCP run on \
-                     the same two CPUs between two packets of a connection.",
-                    ns.median,
-                    ns.median / test_run,
-                    test_run
-                );
-            }
+            let _ = write!(
+                text,
+                " Under wrk the same request and response took {:.0} ns, {:.2}× their {:.0} ns \
+                 in test runs, where the programs run back to back with their code and data in \
+                 the CPU's caches; in this load, nginx, wrk and the kernel's TCP run on the same \
+                 two CPUs between two packets of a connection.",
+                ns.median,
+                ns.median / test_run,
+                test_run
+            );
         }
+        out.push(text);
     }
     if missed(3) {
         let get = spread(&steady(k, kind::GET, 10)).map_or(f64::NAN, |s| s.median);
