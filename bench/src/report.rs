@@ -256,7 +256,10 @@ pub fn markdown(r: &Results) -> String {
          (`r0 = -1; exit`, loaded by the bench), alternating, {} pairs per round. *Steady \
          state*: keep-alive connections opened with a real handshake, one packet per call, \
          sequence numbers, acknowledgements and timestamps moving on as a connection's do, {} \
-         packets of each kind per round, median per round. `bpf_stats`: run time of every \
+         packets of each kind per round, median per round; a test run's packet carries no \
+         checksum state (`CHECKSUM_NONE`), so these figures include the filter's own sum of \
+         each segment's TCP checksum, which a local sender's segments (veth, under wrk) and \
+         those a device verified skip. `bpf_stats`: run time of every \
          program of the running daemon (`ALL_PROGRAMS`; a tail-called stage's time counts in \
          its entry program's) over {}-s wrk runs of the section-1 load, per request{}.\n\
          - **Rejection** (section 3): wrk sending only `DELETE {PATH}`, {} of {} s: \
