@@ -99,6 +99,28 @@ fn cpu_per_405_us(x: &Run) -> Option<f64> {
     (rps > 0.0).then(|| x.cpu.filterd_cores / rps * 1e6)
 }
 
+/// What the load generator's own CPU allows in the rejection runs: wrk's CPU per 405 in the
+/// `filterd` arm, and the most 405s a second the machine's CPUs could then give it if nothing
+/// else ran, against nginx's rate.
+fn client_bound(r: &Results) -> Option<String> {
+    let wrk_us = spread(&values(r, "rejection", "filterd 405", |x| {
+        let w = x.wrk.as_ref()?;
+        (w.non2xx > 0).then(|| w.cpu_s / w.non2xx as f64 * 1e6)
+    }))?
+    .median;
+    let nginx = spread(&values(r, "rejection", "nginx 405 close", non2xx_rps))?.median;
+    let most = r.env.cpus as f64 / wrk_us * 1e6;
+    Some(format!(
+        "**The client's share.** In the `filterd` arm wrk's own process used {wrk_us:.1} µs of \
+         CPU per 405: its system calls, and the receive work they run on the same CPU over veth \
+         (the server's TCP and the filter's ingress programs among it). At that cost {} CPUs \
+         give wrk at most {most:.0} connections a second even if nothing else ran: {:.2}× \
+         nginx's {nginx:.0}. The 2× target needs a client on CPUs of its own.",
+        r.env.cpus,
+        most / nginx
+    ))
+}
+
 /// One row of the targets table.
 struct Target {
     name: &'static str,
@@ -759,6 +781,9 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                 }
             ));
         }
+        if let Some(bound) = client_bound(r) {
+            out.push(bound);
+        }
     }
     let flood_runs = runs(r, "flood", FLOODED);
     let undelivered: Vec<&&Run> = flood_runs.iter().filter(|x| !delivered(x)).collect();
@@ -1079,6 +1104,48 @@ mod tests {
             md.contains("not measurable: the flood was not delivered in any round"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_client_share_bounds_the_405_rate() {
+        // Round 0: wrk spent 25 µs per 405 beside filterd, 40 µs in round 1; nginx answered
+        // 40000 and 50000 a second.
+        let run = |round, arm: &str, non2xx, cpu_s| Run {
+            section: "rejection".into(),
+            arm: arm.into(),
+            round,
+            wrk: Some(WrkResult {
+                duration_us: 1_000_000,
+                requests: non2xx,
+                non2xx,
+                cpu_s,
+                ..WrkResult::default()
+            }),
+            ..Run::default()
+        };
+        let mut r = Results {
+            runs: vec![
+                run(0, "filterd 405", 60000, 1.5),
+                run(0, "nginx 405 close", 40000, 1.0),
+                run(1, "filterd 405", 40000, 1.6),
+                run(1, "nginx 405 close", 50000, 1.0),
+            ],
+            ..Results::default()
+        };
+        r.env.cpus = 2;
+        // The median of 25 and 40 µs: 32.5 µs, so 2 CPUs give at most 61538 a second, 1.37×
+        // nginx's median of 45000.
+        let text = client_bound(&r).expect("both arms ran");
+        assert!(text.contains("used 32.5 µs of CPU per 405"), "{text}");
+        assert!(
+            text.contains(
+                "at most 61538 connections a second even if nothing else ran: 1.37× nginx's 45000."
+            ),
+            "{text}"
+        );
+        // No nginx arm: nothing to compare with.
+        r.runs.retain(|x| x.arm == "filterd 405");
+        assert_eq!(client_bound(&r), None);
     }
 
     #[test]
