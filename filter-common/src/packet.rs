@@ -35,6 +35,8 @@ const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX + IPV6_HLEN + 2048 * V6_EXT_M
 /// Bound of the IP header's offset (Ethernet header and VLAN tags), also a mask.
 pub const L3_MAX: usize = 0xff;
 const _: () = assert!(ETH_HLEN + 4 * VLAN_TAGS_MAX <= L3_MAX);
+/// The longest IPv4 header: 15 words of 32 bits.
+const IPV4_HLEN_MAX: usize = 60;
 
 /// Read access to a frame.
 pub trait Frame {
@@ -48,6 +50,15 @@ pub trait Frame {
     #[inline(always)]
     fn view<const N: usize, R>(&self, off: usize, f: impl FnOnce(&[u8; N]) -> R) -> Option<R> {
         self.bytes::<N>(off).map(|b| f(&b))
+    }
+
+    /// The `N / 4` 32-bit words at `off`, each read little-endian, added up (`N` a multiple
+    /// of 4), or `None` if the frame ends before them: the IPv4 header's checksum is checked
+    /// on these sums ([`v4_header_ok`]). A frame that holds the bytes in place reads each word
+    /// in one load.
+    #[inline(always)]
+    fn word_sum<const N: usize>(&self, off: usize) -> Option<u64> {
+        self.bytes::<N>(off).map(|b| le_word_sum(&b))
     }
 
     /// The frame's length in bytes.
@@ -367,6 +378,11 @@ fn reason_for<F: Frame + ?Sized>(
 /// Whether the host's IP layer takes the IPv4 header at `l3` (`ihl` bytes, at least 20): its
 /// checksum sums to all ones, and the packet (ending at `ip_end`) holds the header and fits in
 /// the frame.
+///
+/// The sum is taken over 32-bit little-endian words ([`Frame::word_sum`]: the first 20 bytes
+/// in five loads, then the options a word at a time) and folded to 16 bits: the one's-complement
+/// sum of the header's 16-bit words with its two bytes swapped (RFC 1071 §2(B)), and all ones
+/// is the same swapped.
 #[inline(always)]
 fn v4_header_ok<F: Frame + ?Sized>(
     frame: &F,
@@ -378,21 +394,41 @@ fn v4_header_ok<F: Frame + ?Sized>(
     if ip_end > frame_len || ip_end < l3 + ihl {
         return false;
     }
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 15 {
+    let Some(mut sum) = frame.word_sum::<IPV4_HLEN_MIN>(l3) else {
+        return false;
+    };
+    let mut i = IPV4_HLEN_MIN / 4;
+    while i < IPV4_HLEN_MAX / 4 {
         if i * 4 >= ihl {
             break;
         }
-        let Some(w) = frame.bytes::<4>(l3 + i * 4) else {
+        let Some(w) = frame.word_sum::<4>(l3 + i * 4) else {
             return false;
         };
-        sum += be16([w[0], w[1]]) as u32 + be16([w[2], w[3]]) as u32;
+        sum += w;
         i += 1;
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    fold_ones(sum) == 0xffff
+}
+
+/// The 32-bit little-endian words of `b` added up (`b.len()` a multiple of 4).
+#[inline(always)]
+pub fn le_word_sum(b: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i + 4 <= b.len() {
+        sum += u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as u64;
+        i += 4;
+    }
+    sum
+}
+
+/// `sum` (below 2^36: at most 15 words of 32 bits) folded with end-around carries into 16 bits.
+#[inline(always)]
+const fn fold_ones(sum: u64) -> u64 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    (s & 0xffff) + (s >> 16)
 }
 
 #[inline(always)]

@@ -330,6 +330,40 @@ fn headers_the_host_discards() {
     );
 }
 
+/// The header checksum check sums 32-bit little-endian words: it must accept exactly the
+/// headers whose 16-bit big-endian words sum to all ones (what the host's IP layer takes),
+/// with and without options, and refuse every header with one bit flipped.
+#[test]
+fn the_header_checksum_check_is_the_ip_layers() {
+    let mut next = crate::xorshift(0x0123_4567_89ab_cdef);
+    for round in 0..20_000 {
+        let ihl = 20 + 4 * (round % 11);
+        let mut h: Vec<u8> = (0..ihl).map(|_| next() as u8).collect();
+        if round % 2 == 0 {
+            h[10] = 0;
+            h[11] = 0;
+            let c = crate::csum::finish(crate::csum::add(0, &h)).to_be_bytes();
+            h[10] = c[0];
+            h[11] = c[1];
+        }
+        let expected = crate::csum::finish(crate::csum::add(0, &h)) == 0;
+        if round % 2 == 0 {
+            assert!(expected);
+        }
+        let n = h.len();
+        assert_eq!(
+            v4_header_ok(h.as_slice(), 0, ihl, n, n),
+            expected,
+            "{h:02x?}"
+        );
+        if expected {
+            let bit = next() as usize % (8 * ihl);
+            h[bit / 8] ^= 1 << (bit % 8);
+            assert!(!v4_header_ok(h.as_slice(), 0, ihl, n, n), "{h:02x?}");
+        }
+    }
+}
+
 #[test]
 fn an_ip_length_of_zero_is_the_frames() {
     // BIG TCP super-packets: IPv4 total length 0, IPv6 payload length 0.
