@@ -8,7 +8,7 @@ use filter_common::{
     HdrSlots, Reason,
 };
 
-use crate::util::port_inspected;
+use crate::util::{port_inspected, u32_at};
 
 /// A frame read from the skb: in place where the bytes are in its linear data (a bounds check
 /// and plain loads), else copied out with `bpf_skb_load_bytes` (a helper call, several times
@@ -41,7 +41,7 @@ impl Frame for Skb<'_> {
         self.0.load::<[u8; N]>(off).ok().map(|b| f(&b))
     }
 
-    // A load per word (`load_u32`): the IPv4 header's checksum, on every segment of an
+    // A load per word (`util::u32_at`): the IPv4 header's checksum, on every segment of an
     // inspected port in both directions.
     #[inline(always)]
     fn word_sum<const N: usize>(&self, off: usize) -> Option<u64> {
@@ -50,7 +50,7 @@ impl Frame for Skb<'_> {
             let mut sum = 0u64;
             let mut i = 0;
             while i < N / 4 {
-                sum += load_u32(start + off + 4 * i) as u64;
+                sum += u32_at(start + off + 4 * i) as u64;
                 i += 1;
             }
             return Some(sum);
@@ -72,26 +72,6 @@ impl Frame for Skb<'_> {
         // SAFETY: `skb` is the program's context, valid for the whole run.
         unsafe { ((*skb).vlan_present != 0).then(|| (*skb).vlan_tci as u16) }
     }
-}
-
-/// The four bytes of the packet at `p` (little-endian), at any alignment, in one load (LLVM
-/// assembles a misaligned `u32` from four byte loads; see `util::word_at`). The caller has
-/// checked `p + 4` against the packet's end.
-#[inline(always)]
-fn load_u32(p: usize) -> u32 {
-    let v: u32;
-    // SAFETY: a load inside the packet, as the caller checked (the verifier checks it again);
-    // the kernels this runs on take packet loads at any alignment unless the program asks
-    // for strict alignment (x86-64, arm64); no other effect.
-    unsafe {
-        core::arch::asm!(
-            "{v} = *(u32 *)({p} + 0)",
-            p = in(reg) p,
-            v = lateout(reg) v,
-            options(readonly, nostack, preserves_flags)
-        )
-    };
-    v
 }
 
 /// Walk the frame to the TCP header of a segment for an inspected port (`dir` says which).

@@ -137,6 +137,25 @@ pub fn word_at(base: *const u8, at: usize) -> u64 {
     v
 }
 
+/// The four bytes at `p` (little-endian), at any alignment, in one load (see [`word_at`]):
+/// packet data, whose end the caller has checked `p + 4` against. The kernels this runs on
+/// check a packet load's alignment only when the program asks for strict alignment.
+#[inline(always)]
+pub fn u32_at(p: usize) -> u32 {
+    let v: u32;
+    // SAFETY: a load inside the packet, as the caller checked (the verifier checks it again);
+    // no other effect.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + 0)",
+            p = in(reg) p,
+            v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags)
+        )
+    };
+    v
+}
+
 /// Store the eight bytes of `v` (little-endian) at `p`, at any alignment, in one store (see
 /// [`word_at`]).
 ///
