@@ -12,6 +12,10 @@ pub const MAP_RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// the longest rule path that is a byte prefix of the request path wins. Prefix rule paths end
 /// in `/`, so a prefix rule covers exactly the subtree under it.
 pub const MAP_PREFIX: [&str; 2] = ["PREFIX_A", "PREFIX_B"];
+/// `Array<ExactLens>` of two entries, paired with [`MAP_RULES`] by index: the lengths of the
+/// set's exact rule paths. A path of a length no exact rule has cannot match one: it is not
+/// hashed.
+pub const MAP_EXACT_LENS: &str = "EXACT_LENS";
 /// `LruHashMap<ConnKey, Conn>`: each tracked connection's client stream (ingress) and server
 /// responses (egress).
 pub const MAP_CONNS: &str = "CONNS";
@@ -87,6 +91,19 @@ pub const PREFIX_RULES_MAX: u32 = 16_384;
 pub const PREFIX_MAX: usize = 256;
 /// Key data of a prefix-rule map; the LPM key is `{ prefixlen: u32 (bits), data }`.
 pub type PrefixData = [u8; PREFIX_MAX];
+
+/// Bitmap of the path lengths (in bytes) some exact rule of a rule set has: bit `len %
+/// PATH_MAX` ([`exact_len_bit`]; no path is empty, so bit 0 stands for `PATH_MAX`). A superset
+/// is safe (a path of that length is hashed and looked up for nothing); a missing length is
+/// not (its rules would never match).
+pub type ExactLens = [u64; crate::PATH_MAX / 64];
+
+/// Word and bit of a path length in [`ExactLens`].
+#[inline(always)]
+pub const fn exact_len_bit(len: usize) -> (usize, u64) {
+    let b = len % crate::PATH_MAX;
+    (b / 64, 1u64 << (b % 64))
+}
 
 /// [`RuleValue::flags`]: the rule is a prefix rule (informational; prefix rules live in
 /// their own maps).
@@ -325,6 +342,11 @@ pub struct Scratch {
     /// so that a policy switched meanwhile never mixes into one request.
     pub rules_active: u32,
     pub rules_default: u32,
+    /// The canonical path's exact rule, if `exact_found` is 1 (written by the exact lookup,
+    /// read back by the judgement).
+    pub exact: RuleValue,
+    pub exact_found: u32,
+    pub _pad6: u32,
 }
 const _: () = assert!(core::mem::size_of::<Scratch>().is_multiple_of(8));
 
@@ -485,6 +507,17 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_path_length_has_its_own_bit() {
+        let mut lens = ExactLens::default();
+        for len in 1..=crate::PATH_MAX {
+            let (w, bit) = exact_len_bit(len);
+            assert_eq!(lens[w] & bit, 0, "length {len} shares a bit");
+            lens[w] |= bit;
+        }
+        assert!(lens.iter().all(|&w| w == u64::MAX));
+    }
 
     #[test]
     fn port_bitmap() {

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use filter_common::{
-    tcp::Handshake, Conn, ConnKey, LoadConfig, PrefixData, ReplyScratch, RuleValue, Scratch,
-    Settings, CONNS_MAX, EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX,
+    tcp::Handshake, Conn, ConnKey, ExactLens, LoadConfig, PrefixData, ReplyScratch, RuleValue,
+    Scratch, Settings, CONNS_MAX, EVENTS_BYTES, PATH_MAX, PENDING_MAX, PREFIX_RULES_MAX, RULES_MAX,
     STATS_SLOTS, SYNS_MAX,
 };
 
@@ -41,6 +41,11 @@ pub static PREFIX_A: LpmTrie<PrefixData, RuleValue> =
 #[map]
 pub static PREFIX_B: LpmTrie<PrefixData, RuleValue> =
     LpmTrie::with_max_entries(PREFIX_RULES_MAX, 0);
+
+/// The lengths of each rule set's exact rule paths (`ExactLens`, entry `i` for `RULES_A|B[i]`),
+/// written by the daemon with the set: a path of another length is not hashed.
+#[map]
+pub static EXACT_LENS: Array<ExactLens> = Array::with_max_entries(2, 0);
 
 /// Connection table: key `ConnKey` (the client's side), value `Conn`: the client's byte
 /// stream (next sequence number, parse state, current request's verdict), written by the

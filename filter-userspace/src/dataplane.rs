@@ -56,11 +56,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    hash, Conn, ConnKey, LoadConfig, PrefixData, Reason, RuleValue, Settings, CONNS_MAX,
-    GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_PREFIX, MAP_RULES, MAP_SETTINGS, MAP_STAGES,
-    MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS, PROG_INGRESS, REASON_COUNT, RULES_MAX,
-    RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN, SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS,
-    SETTINGS_PATHS_NORMALIZE, STAGE_PROGS,
+    exact_len_bit, hash, Conn, ConnKey, ExactLens, LoadConfig, PrefixData, Reason, RuleValue,
+    Settings, CONNS_MAX, GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_EXACT_LENS, MAP_PREFIX,
+    MAP_RULES, MAP_SETTINGS, MAP_STAGES, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS,
+    PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN,
+    SETTINGS_OPTIONS_ANSWER, SETTINGS_OVERSIZE_PASS, SETTINGS_PATHS_NORMALIZE, STAGE_PROGS,
 };
 
 use crate::policy::{MatchKind, Mode, OptionsMode, Oversize, PathsMode, Policy, Rule, RuleKey};
@@ -394,6 +394,9 @@ pub struct Dataplane {
     /// `None` until the kernel object has prefix-rule maps.
     prefix: Option<[LpmTrie<MapData, PrefixData, RuleValue>; 2]>,
     settings: Array<MapData, Settings>,
+    /// The lengths of each rule set's exact rule paths (`EXACT_LENS`), and what was written.
+    exact_lens: Array<MapData, ExactLens>,
+    lens_now: [ExactLens; 2],
     stats: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     /// The classifiers' log records, with `LoadOptions::bpf_log` (for the daemon, once).
@@ -558,6 +561,7 @@ impl Dataplane {
             }
         };
         let settings = Array::try_from(take(MAP_SETTINGS)?).map_err(map_err(MAP_SETTINGS))?;
+        let exact_lens = Array::try_from(take(MAP_EXACT_LENS)?).map_err(map_err(MAP_EXACT_LENS))?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_err(MAP_STATS))?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         let conns = HashMap::try_from(take(MAP_CONNS)?).map_err(map_err(MAP_CONNS))?;
@@ -567,6 +571,8 @@ impl Dataplane {
             rules,
             prefix,
             settings,
+            exact_lens,
+            lens_now: [ExactLens::default(); 2],
             stats,
             events: Some(events),
             kernel_log,
@@ -1281,10 +1287,12 @@ impl Dataplane {
             self.clear_inactive(next)?;
         }
         self.inactive_dirty = true;
+        let mut lens = ExactLens::default();
         for rule in policy.rules.values() {
             let v = Self::value_of(rule);
             match rule.kind {
                 MatchKind::Exact => {
+                    add_len(&mut lens, &rule.path);
                     let k = self.key_of(&rule.path);
                     self.rules[next]
                         .insert(k, v, 0)
@@ -1298,6 +1306,15 @@ impl Dataplane {
                 }
             }
         }
+        self.write_lens(next, lens)
+    }
+
+    /// Write the lengths of rule set `set`'s exact rules.
+    fn write_lens(&mut self, set: usize, lens: ExactLens) -> Result<(), DataplaneError> {
+        self.exact_lens
+            .set(set as u32, lens, 0)
+            .map_err(map_err(MAP_EXACT_LENS))?;
+        self.lens_now[set] = lens;
         Ok(())
     }
 
@@ -1372,6 +1389,13 @@ impl Dataplane {
         let v = Self::value_of(rule);
         let r = match rule.kind {
             MatchKind::Exact => {
+                // The length first: a packet that finds the rule hashes its path.
+                let mut lens = self.lens_now[active];
+                add_len(&mut lens, &rule.path);
+                if lens != self.lens_now[active] {
+                    let r = self.write_lens(active, lens);
+                    self.counted(r)?;
+                }
                 let k = self.key_of(&rule.path);
                 self.rules[active]
                     .insert(k, v, 0)
@@ -1392,7 +1416,8 @@ impl Dataplane {
         self.remove_rule(&RuleKey::exact(path))
     }
 
-    /// Remove one rule from the policy in force.
+    /// Remove one rule from the policy in force. An exact rule's length stays in `EXACT_LENS`
+    /// until the next [`Dataplane::apply`]: a length no rule has any more only costs the hash.
     pub fn remove_rule(&mut self, key: &RuleKey) -> Result<(), DataplaneError> {
         let active = self.active as usize;
         let r = match key.kind {
@@ -1708,6 +1733,12 @@ fn remove_stale_map_dirs(root: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Note an exact rule path's length in `lens`.
+fn add_len(lens: &mut ExactLens, path: &str) {
+    let (w, bit) = exact_len_bit(path.len());
+    lens[w] |= bit;
 }
 
 /// Remove every key of a map (listed first, since the listing borrows the map); keys already

@@ -588,17 +588,29 @@ fn policy_switches_are_seen_by_the_next_packet() {
         return;
     }
     let mut dp = load(&Policy::default());
-    let reason = |dp: &mut Dataplane| {
+    let reason_for = |dp: &mut Dataplane, path: &str| {
         // A new connection each time: the classifier follows connections.
-        let delete = build(&tcp(Ip::V4, 80, b"DELETE /x HTTP/1.1\r\n\r\n"));
+        let line = format!("DELETE {path} HTTP/1.1\r\n\r\n");
+        let delete = build(&tcp(Ip::V4, 80, line.as_bytes()));
         let before = counters(dp);
         dp.test_run(&delete, 1).unwrap();
         delta(&before, &counters(dp))[0].0
     };
+    let reason = |dp: &mut Dataplane| reason_for(dp, "/x");
     assert_eq!(reason(&mut dp), Reason::AllowedByDefault);
     dp.apply(&parse_toml("[[rules]]\npath = \"/x\"\nmethods = [\"GET\"]\n").unwrap())
         .unwrap();
     assert_eq!(reason(&mut dp), Reason::Rejected);
+    // A rule added to the policy in force, on a path long enough that the kernel asks
+    // `EXACT_LENS` before hashing it, of a length no rule had: its requests now find it.
+    let long = long_path("/added/", 100);
+    let added = parse_toml(&format!(
+        "[[rules]]\npath = \"{long}\"\nmethods = [\"GET\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(reason_for(&mut dp, &long), Reason::AllowedByDefault);
+    dp.upsert(added.rules.values().next().unwrap()).unwrap();
+    assert_eq!(reason_for(&mut dp, &long), Reason::Rejected);
     dp.remove("/x").unwrap();
     assert_eq!(reason(&mut dp), Reason::AllowedByDefault);
     dp.apply(&parse_toml("default = [\"GET\"]\n").unwrap())

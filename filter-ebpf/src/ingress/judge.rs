@@ -1,6 +1,6 @@
 //! Judging a request whose path is known: hash it with the load-time key (keyed SipHash-1-3,
-//! a `bpf_loop`), look the rule up (exact, then longest prefix, else the default) and judge
-//! the method. A plain path (`LineParser::plain_mask`: already in normal form) is judged as it
+//! a `bpf_loop`; not for a long path of a length no exact rule has, `EXACT_LENS`), look the
+//! rule up (exact, then longest prefix, else the default) and judge the method. A plain path (`LineParser::plain_mask`: already in normal form) is judged as it
 //! was read; any other goes through stage `INGRESS_CANON` first, and comes back with the
 //! canonicalizer's report of where the path's other readings leave the canonical one
 //! (`filter_common::canon`: the path as sent, and `;` read as text), whose rules that stage
@@ -11,6 +11,7 @@ use aya_ebpf::{helpers::bpf_loop, maps::lpm_trie::Key};
 use core::ffi::c_void;
 use core::ptr::{addr_of, read_volatile};
 use filter_common::{
+    exact_len_bit,
     hash::{full_words, SipState},
     reply::{infer, Infer, OUTSTANDING_MAX},
     Method, MethodSet, PrefixData, Reason, RuleValue, Scratch, EVENT_LINE_MAX, PATH_MAX,
@@ -19,7 +20,7 @@ use filter_common::{
 };
 
 use super::{client_ack, from_ctx, refuse_stop, stop, violation, ScratchCtx};
-use crate::maps::{FILTER_CONFIG, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SETTINGS};
+use crate::maps::{EXACT_LENS, FILTER_CONFIG, PREFIX_A, PREFIX_B, RULES_A, RULES_B, SETTINGS};
 use crate::util::count;
 
 /// Apply the policy to the current request, whose path is complete (`canonical`: and
@@ -227,6 +228,69 @@ unsafe extern "C" fn hash_words(i: u64, ctx: *mut c_void) -> i64 {
     done
 }
 
+/// The canonical path's exact rule, into `Scratch::exact` (`exact_found` 1), else
+/// `exact_found` 0. A path of a length no exact rule of the set has (`EXACT_LENS`) is not
+/// hashed: only its first `PREFIX_MAX` bytes are copied into `path` (what the prefix lookup
+/// and the event read).
+#[inline(always)]
+fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
+    s.exact_found = 0;
+    let (w, bit) = exact_len_bit(path_len);
+    // A short path is hashed without asking: its hash costs less than the question. No entry
+    // (never: the array has both): hashed, as if a rule had the length.
+    let hashed = path_len < HASH_UNASKED
+        || match EXACT_LENS.get(active & 1) {
+            Some(lens) => lens[w & (PATH_MAX / 64 - 1)] & bit != 0,
+            None => true,
+        };
+    let mut sc = ScratchCtx::new(s);
+    if !hashed {
+        // verifier: a callback verified once, not a loop walked word by word.
+        // SAFETY: the callback takes the scratch context `sc` points to, alive for the call.
+        unsafe { bpf_loop(1, copy_words as *mut c_void, sc.ptr(), 0) };
+        return;
+    }
+    // SAFETY: a field of the loader's read-only global, read whole.
+    let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
+    s.sip = SipState::new(&key);
+    s.sip_words = full_words(path_len) as u32;
+    // verifier: the 128 words of a 1 KiB path through one callback verified once.
+    let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
+    // The word after the full ones (the hash's last bytes) is not absorbed by the callback.
+    plain_word(s, (path_len & !7) & (PATH_MAX - 8));
+    // SAFETY: as above.
+    unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
+    let hash = s.sip.finish(&s.path, path_len);
+    // One lookup per map: a map chosen at run time would make the verifier call the helper
+    // instead of inlining the lookup.
+    // SAFETY (both): the value is copied out at once; the daemon only replaces it whole.
+    let rule = if active == 1 {
+        unsafe { RULES_B.get(hash) }
+    } else {
+        unsafe { RULES_A.get(hash) }
+    };
+    if let Some(r) = rule {
+        s.exact = *r;
+        s.exact_found = 1;
+    }
+}
+
+/// Paths shorter than this are hashed whatever the lengths of the exact rules.
+const HASH_UNASKED: usize = 64;
+
+/// `bpf_loop` callback: copy what anything but the hash reads of a plain path (its first
+/// `PREFIX_MAX` bytes) from `raw` into `path`, as [`hash_words`] would have.
+unsafe extern "C" fn copy_words(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the scratch context `exact_rule` passed to `bpf_loop`.
+    let s = unsafe { from_ctx(ctx) };
+    let mut i = 0;
+    while i < PREFIX_MAX / 8 {
+        plain_word(s, i * 8);
+        i += 1;
+    }
+    1
+}
+
 /// The canonical path's word at `off` (`off <= PATH_MAX - 8`, a multiple of 8): the raw
 /// path's if it is plain (also copied into `path`), else `path`'s. Both buffers sit at
 /// 8-aligned offsets of the scratch, so these are aligned loads (little-endian, as
@@ -243,29 +307,21 @@ fn plain_word(s: &mut Scratch, off: usize) -> u64 {
 /// The rule for the canonical path: an exact rule, else the longest prefix rule.
 #[inline(always)]
 fn lookup(s: &mut Scratch, path_len: usize, active: u32) -> Option<RuleValue> {
-    let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
-    s.sip = SipState::new(&key);
-    s.sip_words = full_words(path_len) as u32;
-    // verifier: the 128 words of a 1 KiB path through one callback verified once.
-    let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
-    // The word after the full ones (the hash's last bytes) is not absorbed by the callback.
-    plain_word(s, (path_len & !7) & (PATH_MAX - 8));
-    let mut sc = ScratchCtx::new(s);
-    unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
-    let hash = s.sip.finish(&s.path, path_len);
-    let (rules, prefixes) = if active == 1 {
-        (&RULES_B, &PREFIX_B)
-    } else {
-        (&RULES_A, &PREFIX_A)
-    };
-    if let Some(r) = unsafe { rules.get(hash) } {
-        return Some(*r);
+    exact_rule(s, path_len, active);
+    // verifier: read back from map memory: what follows is walked once, whether the path was
+    // hashed or not.
+    // SAFETY: fields of the per-CPU scratch, read whole.
+    if unsafe { read_volatile(addr_of!(s.exact_found)) } != 0 {
+        // SAFETY: as above.
+        return Some(unsafe { read_volatile(addr_of!(s.exact)) });
     }
+    let prefixes = if active == 1 { &PREFIX_B } else { &PREFIX_A };
     let path = s.path.as_ptr();
     prefix_rule(s, path, path_len, prefixes)
 }
 
-const _: () = assert!(PATH_MAX >= EVENT_LINE_MAX && PATH_MAX >= PREFIX_MAX);
+// The words `lookup` copies when it does not hash cover what the event reads of the path.
+const _: () = assert!(PATH_MAX >= PREFIX_MAX && PREFIX_MAX >= EVENT_LINE_MAX);
 // `prefix_rule` reads the paths as aligned words and writes the key's data as aligned halves.
 const _: () = {
     use core::mem::offset_of;
