@@ -93,16 +93,32 @@ pub const PREFIX_MAX: usize = 256;
 pub type PrefixData = [u8; PREFIX_MAX];
 
 /// Bitmap of the path lengths (in bytes) some exact rule of a rule set has: bit `len %
-/// PATH_MAX` ([`exact_len_bit`]; no path is empty, so bit 0 stands for `PATH_MAX`). A superset
+/// PATH_MAX` ([`add_exact_len`], [`has_exact_len`]; no path is empty, so bit 0 stands for
+/// `PATH_MAX`). A superset
 /// is safe (a path of that length is hashed and looked up for nothing); a missing length is
 /// not (its rules would never match).
 pub type ExactLens = [u64; crate::PATH_MAX / 64];
 
 /// Word and bit of a path length in [`ExactLens`].
 #[inline(always)]
-pub const fn exact_len_bit(len: usize) -> (usize, u64) {
+const fn exact_len_bit(len: usize) -> (usize, u64) {
     let b = len % crate::PATH_MAX;
     (b / 64, 1u64 << (b % 64))
+}
+
+/// Note a path length in `lens` (the daemon, for each exact rule it writes).
+#[inline(always)]
+pub fn add_exact_len(lens: &mut ExactLens, len: usize) {
+    let (w, bit) = exact_len_bit(len);
+    lens[w] |= bit;
+}
+
+/// Whether some exact rule of the set whose lengths `lens` are has a path of `len` bytes (the
+/// classifier, before it hashes a long path).
+#[inline(always)]
+pub fn has_exact_len(lens: &ExactLens, len: usize) -> bool {
+    let (w, bit) = exact_len_bit(len);
+    lens[w] & bit != 0
 }
 
 /// [`RuleValue::flags`]: the rule is a prefix rule (informational; prefix rules live in
@@ -512,9 +528,9 @@ mod tests {
     fn every_path_length_has_its_own_bit() {
         let mut lens = ExactLens::default();
         for len in 1..=crate::PATH_MAX {
-            let (w, bit) = exact_len_bit(len);
-            assert_eq!(lens[w] & bit, 0, "length {len} shares a bit");
-            lens[w] |= bit;
+            assert!(!has_exact_len(&lens, len), "length {len} shares a bit");
+            add_exact_len(&mut lens, len);
+            assert!(has_exact_len(&lens, len));
         }
         assert!(lens.iter().all(|&w| w == u64::MAX));
     }

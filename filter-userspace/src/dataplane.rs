@@ -56,7 +56,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    exact_len_bit, hash, Conn, ConnKey, ExactLens, LoadConfig, PrefixData, Reason, RuleValue,
+    add_exact_len, hash, Conn, ConnKey, ExactLens, LoadConfig, PrefixData, Reason, RuleValue,
     Settings, CONNS_MAX, GLOBAL_CONFIG, MAP_CONNS, MAP_EVENTS, MAP_EXACT_LENS, MAP_PREFIX,
     MAP_RULES, MAP_SETTINGS, MAP_STAGES, MAP_STATS, PREFIX_MAX, PREFIX_RULES_MAX, PROG_EGRESS,
     PROG_INGRESS, REASON_COUNT, RULES_MAX, RULE_MONITOR, RULE_PREFIX, SETTINGS_DRY_RUN,
@@ -1292,7 +1292,7 @@ impl Dataplane {
             let v = Self::value_of(rule);
             match rule.kind {
                 MatchKind::Exact => {
-                    add_len(&mut lens, &rule.path);
+                    add_exact_len(&mut lens, rule.path.len());
                     let k = self.key_of(&rule.path);
                     self.rules[next]
                         .insert(k, v, 0)
@@ -1391,7 +1391,7 @@ impl Dataplane {
             MatchKind::Exact => {
                 // The length first: a packet that finds the rule hashes its path.
                 let mut lens = self.lens_now[active];
-                add_len(&mut lens, &rule.path);
+                add_exact_len(&mut lens, rule.path.len());
                 if lens != self.lens_now[active] {
                     let r = self.write_lens(active, lens);
                     self.counted(r)?;
@@ -1733,12 +1733,6 @@ fn remove_stale_map_dirs(root: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Note an exact rule path's length in `lens`.
-fn add_len(lens: &mut ExactLens, path: &str) {
-    let (w, bit) = exact_len_bit(path.len());
-    lens[w] |= bit;
 }
 
 /// Remove every key of a map (listed first, since the listing borrows the map); keys already

@@ -1,17 +1,18 @@
 //! Judging a request whose path is known: hash it with the load-time key (keyed SipHash-1-3,
 //! a `bpf_loop`; not for a long path of a length no exact rule has, `EXACT_LENS`), look the
-//! rule up (exact, then longest prefix, else the default) and judge the method. A plain path (`LineParser::plain_mask`: already in normal form) is judged as it
-//! was read; any other goes through stage `INGRESS_CANON` first, and comes back with the
-//! canonicalizer's report of where the path's other readings leave the canonical one
-//! (`filter_common::canon`: the path as sent, and `;` read as text), whose rules that stage
-//! looked up (each can only fall under a prefix rule above that point, or the default): the
-//! request is judged under the methods every reading allows. Runs in stage `INGRESS_PARSE`.
+//! rule up (exact, then longest prefix, else the default) and judge the method. A plain path
+//! (`LineParser::plain_mask`: already in normal form) is judged as it was read; any other
+//! goes through stage `INGRESS_CANON` first, and comes back with the canonicalizer's report of
+//! where the path's other readings leave the canonical one (`filter_common::canon`: the path
+//! as sent, and `;` read as text), whose rules that stage looked up (each can only fall under
+//! a prefix rule above that point, or the default): the request is judged under the methods
+//! every reading allows. Runs in stage `INGRESS_PARSE`.
 
 use aya_ebpf::{helpers::bpf_loop, maps::lpm_trie::Key};
 use core::ffi::c_void;
 use core::ptr::{addr_of, read_volatile};
 use filter_common::{
-    exact_len_bit,
+    has_exact_len,
     hash::{full_words, SipState},
     reply::{infer, Infer, OUTSTANDING_MAX},
     Method, MethodSet, PrefixData, Reason, RuleValue, Scratch, EVENT_LINE_MAX, PATH_MAX,
@@ -235,12 +236,11 @@ unsafe extern "C" fn hash_words(i: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
     s.exact_found = 0;
-    let (w, bit) = exact_len_bit(path_len);
     // A short path is hashed without asking: its hash costs less than the question. No entry
     // (never: the array has both): hashed, as if a rule had the length.
     let hashed = path_len < HASH_UNASKED
         || match EXACT_LENS.get(active & 1) {
-            Some(lens) => lens[w & (PATH_MAX / 64 - 1)] & bit != 0,
+            Some(lens) => has_exact_len(lens, path_len),
             None => true,
         };
     let mut sc = ScratchCtx::new(s);
