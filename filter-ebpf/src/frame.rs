@@ -61,6 +61,23 @@ impl Frame for Skb<'_> {
             .map(|b| packet::le_word_sum(&b))
     }
 
+    // One bounds check, then a load per word (`util::u32_at`): the quick port check on every
+    // packet of the interface.
+    #[inline(always)]
+    fn le_words<const N: usize>(&self, within: usize, offs: [usize; N]) -> Option<[u32; N]> {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        if start + within > end {
+            return None;
+        }
+        let mut out = [0u32; N];
+        let mut i = 0;
+        while i < N {
+            out[i] = u32_at(start + offs[i]);
+            i += 1;
+        }
+        Some(out)
+    }
+
     #[inline(always)]
     fn frame_len(&self) -> usize {
         self.0.len() as usize
@@ -78,6 +95,13 @@ impl Frame for Skb<'_> {
 #[inline(always)]
 pub fn headers(ctx: &TcContext, dir: Dir) -> Result<Segment, Reason> {
     packet::parse(&Skb(ctx), dir, port_inspected)
+}
+
+/// Whether the frame is, beyond doubt, TCP for a port that is not inspected (`dir` says
+/// which): the commonest frames, from four word loads before the walk (`packet::other_port`).
+#[inline(always)]
+pub fn other_port(ctx: &TcContext, dir: Dir) -> bool {
+    packet::other_port(&Skb(ctx), dir, port_inspected)
 }
 
 /// Park `seg`'s offsets in map memory and read them back, bounded: whatever layout the header

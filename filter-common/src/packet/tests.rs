@@ -387,3 +387,104 @@ fn an_ip_length_of_zero_is_the_frames() {
     let s = parse(f.as_slice(), Dir::ToServer, inspected).unwrap();
     assert_eq!(s.ip_end, f.len());
 }
+
+/// `other_port` says yes only where `parse` says `OtherPort`; and it says yes for the plain
+/// layouts it reads (so that the agreement is not the agreement of an answer that is always
+/// no).
+#[test]
+fn the_quick_port_check_agrees_with_the_walk() {
+    struct Tagged<'a>(&'a [u8], u16);
+    impl Frame for Tagged<'_> {
+        fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+            self.0.bytes(off)
+        }
+        fn frame_len(&self) -> usize {
+            self.0.len()
+        }
+        fn offloaded_vlan(&self) -> Option<u16> {
+            Some(self.1)
+        }
+    }
+    let mut frag = vec![0u8; 8];
+    frag[3] = 1;
+    // (frame, quick yes for a port that is not inspected)
+    let shapes = |t: &[u8]| -> Vec<(Vec<u8>, bool)> {
+        let mut bad_sum = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, t, 4);
+        bad_sum[14 + 10] ^= 1;
+        let mut long_total = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, t, 4);
+        long_total[14 + 2] = 0x7f;
+        let mut zero_total = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, t, 4);
+        zero_total[14 + 2] = 0;
+        zero_total[14 + 3] = 0;
+        let mut long_v6 = v6(eth(&[], ETH_P_IPV6), &[], 6, t, 4);
+        long_v6[14 + 4] = 0x7f;
+        let mut v5 = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, t, 4);
+        v5[14] = 0x55;
+        vec![
+            (v4(eth(&[], ETH_P_IPV4), 5, 0, 6, t, 100), true),
+            (v4(eth(&[], ETH_P_IPV4), 5, 0x4000, 6, t, 0), true),
+            (bad_sum, true),
+            (long_total, true),
+            (zero_total, true),
+            (v6(eth(&[], ETH_P_IPV6), &[], 6, t, 10), true),
+            (long_v6, true),
+            (v4(eth(&[], ETH_P_IPV4), 6, 0, 6, t, 4), false),
+            (v4(eth(&[], ETH_P_IPV4), 5, 0x2000, 6, t, 4), false),
+            (v4(eth(&[], ETH_P_IPV4), 5, 0x0010, 6, t, 4), false),
+            (v4(eth(&[], ETH_P_IPV4), 5, 0, 17, t, 4), false),
+            (v5, false),
+            (
+                v4(eth(&[(ETH_P_8021Q, 0)], ETH_P_IPV4), 5, 0, 6, t, 4),
+                false,
+            ),
+            (
+                v4(eth(&[(ETH_P_8021Q, 5)], ETH_P_IPV4), 5, 0, 6, t, 4),
+                false,
+            ),
+            (
+                v6(eth(&[], ETH_P_IPV6), &[(0, opts_ext(1))], 6, t, 4),
+                false,
+            ),
+            (
+                v6(eth(&[], ETH_P_IPV6), &[(44, frag.clone())], 6, t, 4),
+                false,
+            ),
+            (v6(eth(&[], ETH_P_IPV6), &[], 17, t, 4), false),
+            (eth(&[], 0x0806), false),
+        ]
+    };
+    let mut yes = 0;
+    for (server, client) in [(HTTP, 40000), (443, 40000), (443, HTTP)] {
+        for (dir, sport, dport) in [
+            (Dir::ToServer, client, server),
+            (Dir::FromServer, server, client),
+        ] {
+            let t = tcp_header(sport, dport, 12);
+            for (i, (f, plain)) in shapes(&t).into_iter().enumerate() {
+                let want = plain && server != HTTP;
+                let walk = parse(f.as_slice(), dir, inspected);
+                let quick = other_port(f.as_slice(), dir, inspected);
+                assert_eq!(quick, want, "shape {i}, {dir:?}, port {server}");
+                if quick {
+                    yes += 1;
+                    assert_eq!(walk, Err(Reason::OtherPort), "shape {i}, {dir:?}");
+                }
+                // Cut anywhere, or tagged by the driver: never a yes the walk contradicts.
+                for n in 0..f.len() {
+                    if other_port(&f[..n], dir, inspected) {
+                        assert_eq!(parse(&f[..n], dir, inspected), Err(Reason::OtherPort));
+                    }
+                }
+                for tci in [0x6000, 0x6007] {
+                    let tagged = Tagged(&f, tci);
+                    let quick = other_port(&tagged, dir, inspected);
+                    assert_eq!(quick, want && tci & 0x0fff == 0, "shape {i}, tag {tci:#x}");
+                    if quick {
+                        assert_eq!(parse(&tagged, dir, inspected), Err(Reason::OtherPort));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(yes, 7 * 2 * 2);
+}

@@ -23,7 +23,7 @@ use filter_common::{
     packet::Dir, reply::Replies, stage, tcp_flags, Reason, ReplyScratch, RESPONDER_MARK,
 };
 
-use crate::frame::{headers, park};
+use crate::frame::{headers, other_port, park};
 use crate::maps::{CONNS, REPLY_SCRATCH, STAGES, SYNS};
 use crate::tcp::options;
 use crate::util::{conn_key, copy_words, count, seq_after};
@@ -61,6 +61,9 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// `Some(true)` when the segment's new bytes need framing (the scratch is ready for it).
 #[inline(always)]
 fn try_run(ctx: &TcContext) -> Option<bool> {
+    if other_port(ctx, Dir::FromServer) {
+        return None;
+    }
     let seg = headers(ctx, Dir::FromServer).ok()?;
     // The responder's own answer: not the server's bytes.
     if unsafe { (*ctx.skb.skb).mark } == RESPONDER_MARK {

@@ -32,7 +32,7 @@ use filter_common::{
 };
 
 use self::conn::Begin;
-use crate::frame::{headers, park, parked, Skb};
+use crate::frame::{headers, other_port, park, parked, Skb};
 use crate::maps::{CONNS, EVENTS, PENDING, SCRATCH, STAGES};
 use crate::skb::{checksum_ok, clear_urgent, trim_payload, Layout};
 use crate::tcp::options;
@@ -147,6 +147,9 @@ fn read_segment(ctx: &TcContext) -> Result<(), Reason> {
 // phase (and what that phase calls), not all of them stacked.
 #[inline(always)]
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
+    if other_port(ctx, Dir::ToServer) {
+        return Err(Reason::OtherPort);
+    }
     read_segment(ctx)?;
     let s = scratch()?;
     let flags = s.seg_flags as u8;
