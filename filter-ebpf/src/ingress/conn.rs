@@ -157,7 +157,7 @@ pub fn begin(ctx: &TcContext) -> Begin {
             } else if adopting() {
                 s.conn.stream.reset(seq, 0);
             } else {
-                return evicted(ctx, s, seq);
+                return evicted(s, seq);
             }
         }
         Sock::Pending => return Begin::Done(Err(Reason::Unconfirmed)),
@@ -179,7 +179,7 @@ pub fn begin(ctx: &TcContext) -> Begin {
             } else if adopting() {
                 s.conn.stream.reset(seq, 0);
             } else {
-                return evicted(ctx, s, seq);
+                return evicted(s, seq);
             }
         }
     }
@@ -191,9 +191,8 @@ pub fn begin(ctx: &TcContext) -> Begin {
 /// A data segment of a connection whose state was evicted (the table is full): it may sit
 /// inside a request or a body, so it cannot be read as a request boundary. Refuse it.
 #[inline(always)]
-fn evicted(ctx: &TcContext, s: &mut Scratch, seq: u32) -> Begin {
+fn evicted(s: &mut Scratch, seq: u32) -> Begin {
     s.conn.stream.reset(seq, 0);
-    super::prepare_event(ctx, s);
     s.canon_len = 0;
     s.seg_pos = seq;
     Begin::Done(Ok(refuse_now(s, Reason::ConnTableFull)))

@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use filter_common::{
     reply::{infer, Infer},
     stream::{flag, Stream},
-    tcp_flags, Method, Reason, Scratch, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_HOLD, STOP_NONE,
+    tcp_flags, Reason, Scratch, SETTINGS_OVERSIZE_PASS, STOP_AWAIT, STOP_HOLD, STOP_NONE,
     STOP_REFUSE, STOP_TUNNEL,
 };
 
@@ -132,7 +132,6 @@ fn save(s: &mut Scratch, conn: Option<&mut Stream>, fin: bool) {
 #[inline(always)]
 fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Result<Out, Reason> {
     let (seq, pos) = (s.seg_seq, s.seg_pos);
-    let (allow, method) = (s.stop_allow, Method::from_u8(s.stop_method as u8));
     let entry = CONNS.get_ptr_mut(&s.key);
     let start = s.conn.stream.req_start;
     if seq_after(start, pos) {
@@ -148,6 +147,9 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
             return Ok(Out::Counted(PASS));
         }
     }
+    // Where the answer starts: the client's acknowledgement, or past the responses before
+    // the refused request.
+    let mut ack = client_ack(s);
     if let Some(e) = entry {
         // SAFETY: a valid map value for this run.
         let (rep, stored) = unsafe { (&(*e).replies, &mut (*e).stream) };
@@ -156,7 +158,6 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
             // backend finishes them, the client gets them intact, and the answer follows them
             // at the server's next sequence number.
             let before = s.conn.stream.reqs_before_current();
-            let ack = client_ack(s);
             let st = &mut s.conn.stream;
             if rep.is_idle() && st.arm == 0 && st.lock_done != before {
                 // In lockstep, and not judged yet (refused on its request line): infer now.
@@ -178,13 +179,13 @@ fn refuse(ctx: &TcContext, s: &mut Scratch, at: &Layout, reason: Reason) -> Resu
             stored.arm_done = st.arm_done;
             let done = st.responses_done(rep.is_idle(), rep.done);
             let pending = !rep.fin_seen() && (done.wrapping_sub(before) as i32) < 0;
-            if pending || seq_after(rep.snd_nxt, s.event.ack) {
+            if pending || seq_after(rep.snd_nxt, ack) {
                 return Err(Reason::Held);
             }
-            s.event.ack = rep.snd_nxt;
+            ack = rep.snd_nxt;
         }
     }
-    send_event(s, reason as u32, allow, method as u32);
+    send_event(ctx, s, reason as u32, ack);
     // The connection is over for the backend, but the client may send the refused request
     // again (if the answer was lost): keep following it from the refused request, so a resent
     // copy gets the same answer. Its FIN or the table's eviction releases the state.

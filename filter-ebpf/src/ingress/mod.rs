@@ -305,7 +305,6 @@ fn established(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
         return Err(Reason::MidStream);
     }
     copy_words(&mut s.conn.stream, conn);
-    prepare_event(ctx, s);
     s.seg_pos = pos;
     if s.conn.stream.path_in_progress() {
         match unsafe { PENDING.get(&s.key) } {
@@ -412,10 +411,10 @@ pub fn forget(s: &Scratch) {
     conn::forget(&s.key);
 }
 
-/// Fill the per-segment part of the event (where to answer) in the scratch buffer.
+/// Fill the per-segment part of the event (where to answer: `ack`, the acknowledgement
+/// number the answer starts at) in the scratch buffer.
 #[inline(always)]
-fn prepare_event(ctx: &TcContext, s: &mut Scratch) {
-    let ack = u32::from_be_bytes([s.tcp[8], s.tcp[9], s.tcp[10], s.tcp[11]]);
+fn prepare_event(ctx: &TcContext, s: &mut Scratch, ack: u32) {
     let ev: &mut RejectEvent = &mut s.event;
     // The Ethernet header was read before (it cannot fail now): its addresses copied byte by
     // byte, not assembled into words first.
@@ -457,11 +456,15 @@ const _: () = {
     // The key's addresses: its layout is asserted with `util::key_v4`.
 };
 
-/// Complete the prepared event with what to answer and the path, and hand it to the
-/// responder.
+/// Write the event and hand it to the responder: where to answer (the segment's frame and
+/// addresses; `ack`, the sequence number the answer starts at), what (`reason`, and the
+/// request's method and `Allow` in `s.stop_method` / `s.stop_allow`) and the path. Written
+/// only here: most segments never send one.
 // verifier/stack: a BPF-to-BPF call keeps its frame off the caller's stack.
 #[inline(never)]
-pub fn send_event(s: &mut Scratch, reason: u32, allow: u32, method: u32) {
+pub fn send_event(ctx: &TcContext, s: &mut Scratch, reason: u32, ack: u32) {
+    prepare_event(ctx, s, ack);
+    let (allow, method) = (s.stop_allow, s.stop_method);
     let path_len = s.canon_len as usize;
     let ev: &mut RejectEvent = &mut s.event;
     ev.reason = reason;

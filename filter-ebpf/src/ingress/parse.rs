@@ -19,7 +19,10 @@ use filter_common::{
 };
 
 use super::judge::judge;
-use super::{finish, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out, ScratchCtx};
+use super::{
+    client_ack, finish, from_ctx, refuse_stop, scratch, send_event, stop, violation, Out,
+    ScratchCtx,
+};
 use crate::skb::load_into;
 use crate::util::{store_any, word_at};
 
@@ -82,7 +85,8 @@ unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
         s.decided = 1;
         judge(s, canonical);
         if s.stop == STOP_MONITOR {
-            send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
+            let ctx = TcContext::new(unsafe { (*(rc as *const RoundCtx)).skb });
+            send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
             s.stop = STOP_NONE;
         }
         if s.stop != STOP_NONE {
@@ -169,7 +173,8 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         s.conn.stream.await_reply();
     }
     if s.stop == STOP_MONITOR {
-        send_event(s, Reason::Monitored as u32, s.stop_allow, s.stop_method);
+        let ctx = TcContext::new(rc.skb);
+        send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
         s.stop = STOP_NONE;
     }
     if s.stop == STOP_NONE {
