@@ -12,13 +12,16 @@
 //! and their costs add up instead of multiplying:
 //!
 //! * `http_ingress` (entry): headers, the connection's place in its stream, the cheap verdicts
-//!   (other ports, retransmissions, body bytes); → `ingress_parse`, or `ingress_finish` for a
-//!   segment refused outright;
+//!   (other ports, retransmissions, body bytes); then `ingress_parse`'s work, in this program
+//!   (`ingress::parse::in_entry`): a segment read to its end with nothing else to do is saved
+//!   and passed here, without a tail call; → `ingress_canon`, or `ingress_finish` for
+//!   anything to apply (and for a segment refused outright);
 //! * `ingress_parse`: the new bytes through the stream parser, and each request judged as its
-//!   path completes (hash, rule lookup, verdict); → `ingress_canon` for a path that is not
-//!   plain, → `ingress_finish` at the end;
+//!   path completes (hash, rule lookup, verdict), where the entry's reading left them for
+//!   `ingress_canon`; → `ingress_canon` for a path that is not plain, → `ingress_finish` at
+//!   the end;
 //! * `ingress_canon`: such a path canonicalized (and, in `paths = "normalize"`, its other
-//!   readings looked up); → back to `ingress_parse`, or `ingress_finish` to refuse one that
+//!   readings looked up); → `ingress_parse`, or `ingress_finish` to refuse one that
 //!   backends read differently, or (`paths = "strict"`) one not in normal form;
 //! * `ingress_finish`: the segment's verdict applied and the stream state saved;
 //! * `http_egress` (entry) → `egress_frame`: the server's responses framed.

@@ -92,6 +92,22 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
         fin = false;
     }
     save(s, conn, fin);
+    passed(s)
+}
+
+/// The segment read to its end with nothing to cut, hold or refuse (`s.stop` is `STOP_NONE`,
+/// every new byte taken): save the stream into the connection's entry `conn` (`None`: it was
+/// evicted meanwhile) and pass the segment. What this stage does in that case, for a caller
+/// that has the entry already (`parse::in_entry`).
+#[inline(always)]
+pub fn read_through(s: &mut Scratch, conn: Option<&mut Stream>) -> Result<Out, Reason> {
+    save(s, conn, s.seg_flags & tcp_flags::FIN as u32 != 0);
+    passed(s)
+}
+
+/// How a segment passed whole (or its part before a cut) is counted.
+#[inline(always)]
+fn passed(s: &Scratch) -> Result<Out, Reason> {
     if s.decided != 0 {
         // The requests this segment started were counted one by one.
         Ok(Out::Counted(PASS))

@@ -5,8 +5,8 @@
 //! to an inspected port is placed in its connection's stream (`CONNS`): segments ahead of the
 //! next expected byte are dropped (the client sends them again in order), bytes already
 //! decided on pass untouched, body bytes are counted in place, and a segment with new bytes to
-//! read goes to [`parse`], with the connection's state copied into the per-CPU scratch where
-//! every later stage finds it.
+//! read goes through [`parse`] (in this program, `parse::in_entry`), with the connection's
+//! state copied into the per-CPU scratch where every later stage finds it.
 
 pub mod canon;
 mod conn;
@@ -165,6 +165,8 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     };
     match established(ctx, conn) {
         Ok(Out::Retransmit(end)) => Err(conn::retransmit(ctx, &s.key, end)),
+        // The parse stage's work, here: the entry is at hand.
+        Ok(Out::Stage(stage::INGRESS_PARSE)) => parse::in_entry(ctx, conn),
         out => out,
     }
 }

@@ -13,9 +13,9 @@ use filter_common::{
     http::plain_path_word,
     stage,
     stream::{flag, plain_value_word, Ev},
-    Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR, STOP_AWAIT,
-    STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED, STOP_MONITOR,
-    STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
+    Conn, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
+    STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
+    STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
 };
 
 use super::judge::judge;
@@ -37,6 +37,33 @@ pub fn run(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
+    read(ctx)
+}
+
+/// The entry stage's way into this one: the segment's new bytes read inside `http_ingress`
+/// itself, with the connection's entry `conn` it looked up. The commonest end, every new byte
+/// read with nothing to cut, hold or refuse, is saved and counted here: no tail call and no
+/// second lookup of the entry. Anything else goes on in the stage that acts on it, as after
+/// [`read`] in this stage.
+// verifier/stack: a frame of its own, called from the entry's main body (see `try_run`
+// there), so the parse's call chain starts from that body's small frame.
+#[inline(never)]
+pub fn in_entry(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
+    let out = read(ctx)?;
+    let s = scratch()?;
+    if s.stop == STOP_NONE && s.off >= s.payload_len {
+        // SAFETY: a valid map value; the LRU may evict it, the memory stays valid for this
+        // run.
+        let stream = unsafe { &mut (*conn).stream };
+        return super::finish::read_through(s, Some(stream));
+    }
+    Ok(out)
+}
+
+/// Every request of the segment's new bytes through the parser and the judgement (as many
+/// passes as `MAX_PASSES` allows); then the stage that acts on where they stopped.
+#[inline(always)]
+fn read(ctx: &TcContext) -> Result<Out, Reason> {
     let s = scratch()?;
     let mut rc = RoundCtx {
         skb: ctx.skb.skb,
