@@ -61,15 +61,14 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// `Some(true)` when the segment's new bytes need framing (the scratch is ready for it).
 #[inline(always)]
 fn try_run(ctx: &TcContext) -> Option<bool> {
-    // The responder's own answer: not the server's bytes (and not worth a header walk).
-    // SAFETY: the program's context, valid for the whole run.
-    if unsafe { (*ctx.skb.skb).mark } == RESPONDER_MARK {
-        return None;
-    }
     if other_port(ctx, Dir::FromServer) {
         return None;
     }
     let seg = headers(ctx, Dir::FromServer).ok()?;
+    // The responder's own answer: not the server's bytes.
+    if unsafe { (*ctx.skb.skb).mark } == RESPONDER_MARK {
+        return None;
+    }
     let s = scratch()?;
     let hdr = park(&mut s.hdr, &seg);
     let tcp = seg.tcp;
