@@ -150,23 +150,41 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
     if other_port(ctx, Dir::ToServer) {
         return Err(Reason::OtherPort);
     }
+    let mut conn: *mut Conn = core::ptr::null_mut();
+    match place(ctx, &mut conn) {
+        // The parse stage's work, here: the entry is at hand.
+        Ok(Out::Stage(stage::INGRESS_PARSE)) if !conn.is_null() => parse::in_entry(ctx, conn),
+        out => out,
+    }
+}
+
+/// The segment's place in its connection's stream: everything before its new bytes are read.
+/// For a segment to read (`Out::Stage(INGRESS_PARSE)`), `conn` is set to the connection's
+/// entry.
+// verifier: a frame of its own, so that the parse (`parse::in_entry`) starts from one state of
+// the main body, whichever way the segment came here (its phases' locals are gone by then):
+// called from here, 6.1 walked the parse about twice over.
+#[inline(never)]
+fn place(ctx: &TcContext, conn: &mut *mut Conn) -> Result<Out, Reason> {
     read_segment(ctx)?;
     let s = scratch()?;
     let flags = s.seg_flags as u8;
     if flags & (tcp_flags::URG | tcp_flags::SYN | tcp_flags::RST) != 0 {
         control(ctx)?;
     }
-    let conn = match CONNS.get_ptr_mut(&s.key) {
+    let entry = match CONNS.get_ptr_mut(&s.key) {
         Some(c) => c,
         None => match conn::begin(ctx) {
             Begin::Follow(c) => c,
             Begin::Done(out) => return out,
         },
     };
-    match established(ctx, conn) {
+    match established(ctx, entry) {
         Ok(Out::Retransmit(end)) => Err(conn::retransmit(ctx, &s.key, end)),
-        // The parse stage's work, here: the entry is at hand.
-        Ok(Out::Stage(stage::INGRESS_PARSE)) => parse::in_entry(ctx, conn),
+        Ok(Out::Stage(stage::INGRESS_PARSE)) => {
+            *conn = entry;
+            Ok(Out::Stage(stage::INGRESS_PARSE))
+        }
         out => out,
     }
 }
