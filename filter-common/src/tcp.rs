@@ -137,10 +137,12 @@ pub fn parse_options(opts: &[u8; OPTIONS_MAX], len: usize) -> Options {
 }
 
 /// The timestamp of the usual option layout of a data segment (`NOP NOP TS`, what Linux, the
-/// BSDs and Windows send), read without a walk: `Some(tsval)`, or `None` when the block has
-/// another layout (then walk it) — `Some` is exactly what [`parse_options`] would find.
+/// BSDs and Windows send), read without a walk from the option block's first `N` bytes (at
+/// least 8; the block is `len` bytes): `Some(tsval)`, or `None` when the block has another
+/// layout (then walk it) — `Some` is exactly what [`parse_options`] would find.
 #[inline(always)]
-pub fn fast_tsval(opts: &[u8; OPTIONS_MAX], len: usize) -> Option<u32> {
+pub fn fast_tsval<const N: usize>(opts: &[u8; N], len: usize) -> Option<u32> {
+    const { assert!(N >= 8) };
     if len >= 12
         && opts[0] == kind::NOP
         && opts[1] == kind::NOP
