@@ -745,9 +745,11 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
     }
     if missed(4) {
         out.push(
-            "**A packet to another port** leaves at the port check, before any map; what is above \
-             the empty classifier is the header walk to the TCP ports (Ethernet, IP, TCP with \
-             the checks that come first) and the verdict counter."
+            "**A packet to another port** leaves before any map: an untagged IPv4 frame with a \
+             20-byte header, or an IPv6 frame with TCP next, after four word loads \
+             (`packet::other_port`), any other after the header walk to the TCP ports; what is \
+             above the empty classifier is those loads and compares, the verdict counter and \
+             the program's own entry and exit."
                 .into(),
         );
     }
@@ -762,7 +764,11 @@ fn remains(r: &Results, k: &KernelResults, rows: &[Target], args: &crate::Args) 
                 "**405s.** Each refusal is a whole connection (handshake, the request turned into \
                  a reset, the answer and the close); `filterd`'s responder spent {:.1} µs of CPU \
                  on each, and the machine kept {:.2} of its {} CPUs busy. The daemon counted {} \
-                 in that arm{}{}",
+                 in that arm{}{} Over veth that CPU time includes the client's side of each \
+                 answer: the 405 and its FIN go through the client's TCP (and wake wrk) in the \
+                 softirq the responder's `sendmmsg` runs on its own CPU, which a kernel without \
+                 `CONFIG_IRQ_TIME_ACCOUNTING` counts to the task it interrupts (on a NIC it is \
+                 the client host's work).",
                 cpu.median,
                 busy.median,
                 r.env.cpus,
