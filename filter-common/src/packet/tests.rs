@@ -72,6 +72,21 @@ fn v6(mut f: Vec<u8>, exts: &[(u8, Vec<u8>)], last: u8, l4: &[u8], payload: usiz
     f
 }
 
+/// A frame whose VLAN tag the driver took out (`skb->vlan_tci`): the bytes, and the tag.
+struct Tagged<'a>(&'a [u8], u16);
+
+impl Frame for Tagged<'_> {
+    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.0.bytes(off)
+    }
+    fn frame_len(&self) -> usize {
+        self.0.len()
+    }
+    fn offloaded_vlan(&self) -> Option<u16> {
+        Some(self.1)
+    }
+}
+
 /// An extension header of `len8` eight-byte units (hop-by-hop, routing, destination options).
 fn opts_ext(len8: usize) -> Vec<u8> {
     let mut b = vec![0u8; len8 * 8];
@@ -237,18 +252,6 @@ fn vlan_tags() {
 
 #[test]
 fn offloaded_vlan_tag() {
-    struct Tagged<'a>(&'a [u8], u16);
-    impl Frame for Tagged<'_> {
-        fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-            self.0.bytes(off)
-        }
-        fn frame_len(&self) -> usize {
-            self.0.len()
-        }
-        fn offloaded_vlan(&self) -> Option<u16> {
-            Some(self.1)
-        }
-    }
     let t = tcp_header(40000, HTTP, 0);
     let f = v4(eth(&[], ETH_P_IPV4), 5, 0, 6, &t, 3);
     assert!(parse(&Tagged(&f, 0x6000), Dir::ToServer, inspected).is_ok());
@@ -393,18 +396,6 @@ fn an_ip_length_of_zero_is_the_frames() {
 /// no).
 #[test]
 fn the_quick_port_check_agrees_with_the_walk() {
-    struct Tagged<'a>(&'a [u8], u16);
-    impl Frame for Tagged<'_> {
-        fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-            self.0.bytes(off)
-        }
-        fn frame_len(&self) -> usize {
-            self.0.len()
-        }
-        fn offloaded_vlan(&self) -> Option<u16> {
-            Some(self.1)
-        }
-    }
     let mut frag = vec![0u8; 8];
     frag[3] = 1;
     // (frame, quick yes for a port that is not inspected)
