@@ -112,6 +112,7 @@ unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
         s.decided = 1;
         judge(s, canonical);
         if s.stop == STOP_MONITOR {
+            // SAFETY: `rc` is the `RoundCtx` `read` passed to `bpf_loop`, alive for the loop.
             let ctx = TcContext::new(unsafe { (*(rc as *const RoundCtx)).skb });
             send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
             s.stop = STOP_NONE;
