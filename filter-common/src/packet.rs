@@ -229,10 +229,8 @@ pub fn parse<F: Frame + ?Sized>(
     inspected: impl Fn(u16) -> bool,
 ) -> Result<Segment, Reason> {
     let ethertype = be16(frame.bytes::<2>(12).ok_or(Reason::NotIp)?);
-    if let Some(tci) = frame.offloaded_vlan() {
-        if tci & 0x0fff != 0 {
-            return Err(Reason::Unsupported);
-        }
+    if vlan_offloaded(frame) {
+        return Err(Reason::Unsupported);
     }
     // VLAN tags left in the frame: the inner tag of QinQ once the outer one is offloaded, or
     // any tag when offload is off. A priority tag (VID 0) is read through.
@@ -393,10 +391,8 @@ const QUICK_LEN: usize = ETH_HLEN + IPV6_HLEN + 4;
 /// only).
 #[inline(always)]
 fn quick_port<F: Frame + ?Sized>(frame: &F, dir: Dir) -> Option<u16> {
-    if let Some(tci) = frame.offloaded_vlan() {
-        if tci & 0x0fff != 0 {
-            return None;
-        }
+    if vlan_offloaded(frame) {
+        return None;
     }
     // Each word little-endian: byte `off` in its low bits.
     let [eth, mid, v4_ports, v6_ports] = frame.le_words(QUICK_LEN, [12, 20, 34, 54])?;
@@ -421,6 +417,13 @@ fn quick_port<F: Frame + ?Sized>(frame: &F, dir: Dir) -> Option<u16> {
         Dir::FromServer => ports,
     } as u16;
     Some(port.swap_bytes())
+}
+
+/// Whether the driver took a VLAN tag (VID ≠ 0; a priority tag does not count) out of the
+/// frame: it belongs to the VLAN's interface.
+#[inline(always)]
+fn vlan_offloaded<F: Frame + ?Sized>(frame: &F) -> bool {
+    matches!(frame.offloaded_vlan(), Some(tci) if tci & 0x0fff != 0)
 }
 
 #[inline(always)]

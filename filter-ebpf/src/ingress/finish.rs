@@ -96,12 +96,12 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
 }
 
 /// The segment read to its end with nothing to cut, hold or refuse (`s.stop` is `STOP_NONE`,
-/// every new byte taken): save the stream into the connection's entry `conn` (`None`: it was
-/// evicted meanwhile) and pass the segment. What this stage does in that case, for a caller
-/// that has the entry already (`parse::in_entry`).
+/// every new byte taken): save the stream into the connection's entry `conn` and pass the
+/// segment. What this stage does in that case, for a caller that has the entry already
+/// (`parse::in_entry`).
 #[inline(always)]
-pub fn read_through(s: &mut Scratch, conn: Option<&mut Stream>) -> Result<Out, Reason> {
-    save(s, conn, s.seg_flags & tcp_flags::FIN as u32 != 0);
+pub fn read_through(s: &mut Scratch, conn: &mut Stream) -> Result<Out, Reason> {
+    save(s, Some(conn), s.seg_flags & tcp_flags::FIN as u32 != 0);
     passed(s)
 }
 

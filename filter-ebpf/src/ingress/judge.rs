@@ -6,7 +6,7 @@
 //! where the path's other readings leave the canonical one (`filter_common::canon`: the path
 //! as sent, and `;` read as text), whose rules that stage looked up (each can only fall under
 //! a prefix rule above that point, or the default): the request is judged under the methods
-//! every reading allows. Runs in stage `INGRESS_PARSE`.
+//! every reading allows. Runs in the parse (`http_ingress`, and stage `INGRESS_PARSE`).
 
 use aya_ebpf::{helpers::bpf_loop, maps::lpm_trie::Key};
 use core::ffi::c_void;
@@ -247,7 +247,7 @@ fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
     if !hashed {
         // verifier: a callback verified once, not a loop walked word by word.
         // SAFETY: the callback takes the scratch context `sc` points to, alive for the call.
-        unsafe { bpf_loop(1, copy_words as *mut c_void, sc.ptr(), 0) };
+        unsafe { bpf_loop(1, copy_prefix as *mut c_void, sc.ptr(), 0) };
         return;
     }
     // SAFETY: a field of the loader's read-only global, read whole.
@@ -280,7 +280,7 @@ const HASH_UNASKED: usize = 64;
 
 /// `bpf_loop` callback: copy what anything but the hash reads of a plain path (its first
 /// `PREFIX_MAX` bytes) from `raw` into `path`, as [`hash_words`] would have.
-unsafe extern "C" fn copy_words(_i: u64, ctx: *mut c_void) -> i64 {
+unsafe extern "C" fn copy_prefix(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the scratch context `exact_rule` passed to `bpf_loop`.
     let s = unsafe { from_ctx(ctx) };
     let mut i = 0;

@@ -32,12 +32,7 @@ const MAX_ROUNDS: u32 = 32;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    finish(ctx, try_run(ctx))
-}
-
-#[inline(always)]
-fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
-    read(ctx)
+    finish(ctx, scratch().map(|s| read(ctx, s)))
 }
 
 /// The entry stage's way into this one: the segment's new bytes read inside `http_ingress`
@@ -49,13 +44,13 @@ fn try_run(ctx: &TcContext) -> Result<Out, Reason> {
 // there), so the parse's call chain starts from that body's small frame.
 #[inline(never)]
 pub fn in_entry(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
-    let out = read(ctx)?;
     let s = scratch()?;
+    let out = read(ctx, s);
     if s.stop == STOP_NONE && s.off >= s.payload_len {
         // SAFETY: a valid map value; the LRU may evict it, the memory stays valid for this
         // run.
         let stream = unsafe { &mut (*conn).stream };
-        return super::finish::read_through(s, Some(stream));
+        return super::finish::read_through(s, stream);
     }
     Ok(out)
 }
@@ -63,8 +58,7 @@ pub fn in_entry(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
 /// Every request of the segment's new bytes through the parser and the judgement (as many
 /// passes as `MAX_PASSES` allows); then the stage that acts on where they stopped.
 #[inline(always)]
-fn read(ctx: &TcContext) -> Result<Out, Reason> {
-    let s = scratch()?;
+fn read(ctx: &TcContext, s: &mut Scratch) -> Out {
     let mut rc = RoundCtx {
         skb: ctx.skb.skb,
         s: s as *mut Scratch,
@@ -84,15 +78,15 @@ fn read(ctx: &TcContext) -> Result<Out, Reason> {
         s.stop = STOP_HOLD;
     }
     if s.stop != STOP_CANON {
-        return Ok(Out::Stage(stage::INGRESS_FINISH));
+        return Out::Stage(stage::INGRESS_FINISH);
     }
     if s.canons >= CANONS_MAX {
         // No tail calls left for this request: hold it, as above.
         s.stop = STOP_HOLD;
-        return Ok(Out::Stage(stage::INGRESS_FINISH));
+        return Out::Stage(stage::INGRESS_FINISH);
     }
     s.canons += 1;
-    Ok(Out::Stage(stage::INGRESS_CANON))
+    Out::Stage(stage::INGRESS_CANON)
 }
 
 /// Passes (each: judge the request whose path just completed, then rounds until the next one)
@@ -104,7 +98,12 @@ const MAX_PASSES: u32 = 32;
 /// the segment's bytes until the next request's path completes (return 0: the next pass judges
 /// it) or anything else stops them (return 1).
 unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
-    let s = unsafe { &mut *(*(rc as *const RoundCtx)).s };
+    // SAFETY: `rc` is the `RoundCtx` `read` passed to `bpf_loop`, alive for the loop, and
+    // its scratch pointer a valid map value.
+    let (r, s) = unsafe {
+        let r = &*(rc as *const RoundCtx);
+        (r, &mut *r.s)
+    };
     if s.stop == STOP_DECIDE || s.stop == STOP_JUDGE {
         let canonical = s.stop == STOP_JUDGE;
         s.stop = STOP_NONE;
@@ -112,8 +111,7 @@ unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
         s.decided = 1;
         judge(s, canonical);
         if s.stop == STOP_MONITOR {
-            // SAFETY: `rc` is the `RoundCtx` `read` passed to `bpf_loop`, alive for the loop.
-            let ctx = TcContext::new(unsafe { (*(rc as *const RoundCtx)).skb });
+            let ctx = TcContext::new(r.skb);
             send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
             s.stop = STOP_NONE;
         }
