@@ -26,10 +26,6 @@ use super::{
 use crate::skb::load_into;
 use crate::util::{store_any, word_at};
 
-/// Rounds (a window of request line and headers, or a body run) per pass. A segment with
-/// more is cut after the last one processed, and the client sends the rest again.
-const MAX_ROUNDS: u32 = 32;
-
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     finish(ctx, scratch().map(|s| read(ctx, s)))
@@ -55,26 +51,26 @@ pub fn in_entry(ctx: &TcContext, conn: *mut Conn) -> Result<Out, Reason> {
     Ok(out)
 }
 
-/// Every request of the segment's new bytes through the parser and the judgement (as many
-/// passes as `MAX_PASSES` allows); then the stage that acts on where they stopped.
+/// Every request of the segment's new bytes through the parser and the judgement (as many as
+/// `MAX_JUDGED` allows); then the stage that acts on where they stopped.
 #[inline(always)]
 fn read(ctx: &TcContext, s: &mut Scratch) -> Out {
     let mut rc = RoundCtx {
         skb: ctx.skb.skb,
         s: s as *mut Scratch,
     };
-    // verifier: the pass body (the judgement, the round loop) verified once.
+    // verifier: the round body (the judgement, the window parse, the bulk body) verified once.
     unsafe {
         bpf_loop(
-            MAX_PASSES,
-            pass as *mut c_void,
+            MAX_ROUNDS,
+            round as *mut c_void,
             (&mut rc as *mut RoundCtx).cast(),
             0,
         )
     };
     if s.stop == STOP_DECIDE {
-        // Out of passes with a request still to judge: hold it (the segment is cut before
-        // it; the client sends it again).
+        // Out of judgements or rounds with a request still to judge: hold it (the segment is
+        // cut before it; the client sends it again).
         s.stop = STOP_HOLD;
     }
     if s.stop != STOP_CANON {
@@ -89,44 +85,13 @@ fn read(ctx: &TcContext, s: &mut Scratch) -> Out {
     Out::Stage(stage::INGRESS_CANON)
 }
 
-/// Passes (each: judge the request whose path just completed, then rounds until the next one)
-/// per entry into this stage.
-const MAX_PASSES: u32 = 32;
+/// Requests judged per segment.
+const MAX_JUDGED: u32 = 32;
 
-/// `bpf_loop` callback: one pass: judge the current request if its path is complete
-/// (`STOP_DECIDE` from the rounds, `STOP_JUDGE` back from `INGRESS_CANON`), then rounds over
-/// the segment's bytes until the next request's path completes (return 0: the next pass judges
-/// it) or anything else stops them (return 1).
-unsafe extern "C" fn pass(_i: u64, rc: *mut c_void) -> i64 {
-    // SAFETY: `rc` is the `RoundCtx` `read` passed to `bpf_loop`, alive for the loop, and
-    // its scratch pointer a valid map value.
-    let (r, s) = unsafe {
-        let r = &*(rc as *const RoundCtx);
-        (r, &mut *r.s)
-    };
-    if s.stop == STOP_DECIDE || s.stop == STOP_JUDGE {
-        let canonical = s.stop == STOP_JUDGE;
-        s.stop = STOP_NONE;
-        // The request is counted under its verdict (or refused, and counted then).
-        s.decided = 1;
-        judge(s, canonical);
-        if s.stop == STOP_MONITOR {
-            let ctx = TcContext::new(r.skb);
-            send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
-            s.stop = STOP_NONE;
-        }
-        if s.stop != STOP_NONE {
-            return 1;
-        }
-    }
-    // verifier: the round body (window parse, bulk body) verified once, not once per round.
-    unsafe { bpf_loop(MAX_ROUNDS, round as *mut c_void, rc, 0) };
-    if s.stop == STOP_DECIDE {
-        0
-    } else {
-        1
-    }
-}
+/// Rounds (a window of request line and headers, or a body run; the judgement of a request
+/// whose path completed starts the round after) per entry into this stage. A segment with more
+/// is cut after the last one processed, and the client sends the rest again.
+const MAX_ROUNDS: u32 = 1024;
 
 /// What the round callback needs: the skb and the scratch buffer (spilled pointers the
 /// verifier follows into the callback, so no callback looks the scratch up again).
@@ -136,12 +101,32 @@ struct RoundCtx {
     s: *mut Scratch,
 }
 
-/// `bpf_loop` callback: one round over the segment's new bytes: a body run consumed in bulk, or
-/// a window of request line / headers parsed. Returns 1 (stop) at the segment's end or when
-/// `s.stop` is set for the stage to act on.
+/// `bpf_loop` callback: one round. First the current request's judgement if its path is
+/// complete (`STOP_DECIDE` from the round before, `STOP_JUDGE` back from `INGRESS_CANON`); then
+/// the segment's new bytes: a body run consumed in bulk, or a window of request line / headers
+/// parsed up to the next request's completed path. Returns 1 (stop) at the segment's end or
+/// when `s.stop` is set for the stage to act on.
 unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
+    // SAFETY: `rc` is the `RoundCtx` `read` passed to `bpf_loop`, alive for the loop, and its
+    // scratch pointer a valid map value.
     let rc = unsafe { &*(rc as *const RoundCtx) };
     let s = unsafe { &mut *rc.s };
+    if s.stop == STOP_DECIDE || s.stop == STOP_JUDGE {
+        // verifier: the count lives in map memory, so the rounds are not walked once per value.
+        if s.decided >= MAX_JUDGED {
+            return 1;
+        }
+        // The request is counted under its verdict (or refused, and counted then).
+        s.decided += 1;
+        let canonical = s.stop == STOP_JUDGE;
+        s.stop = STOP_NONE;
+        judge(s, canonical);
+        if s.stop == STOP_MONITOR {
+            let ctx = TcContext::new(rc.skb);
+            send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
+            s.stop = STOP_NONE;
+        }
+    }
     let (off, len) = (s.off as usize, s.payload_len as usize);
     if off >= len || s.stop != STOP_NONE {
         return 1;
@@ -203,8 +188,9 @@ unsafe extern "C" fn round(_i: u64, rc: *mut c_void) -> i64 {
         send_event(&ctx, s, Reason::Monitored as u32, client_ack(s));
         s.stop = STOP_NONE;
     }
-    // The segment's end: stop here rather than in one more call that finds it.
-    if s.stop == STOP_NONE && s.off < s.payload_len {
+    // A completed path: the next round judges it. The segment's end: stop here rather than in
+    // one more call that finds it.
+    if s.stop == STOP_DECIDE || (s.stop == STOP_NONE && s.off < s.payload_len) {
         0
     } else {
         1
