@@ -253,13 +253,27 @@ fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
     // SAFETY: a field of the loader's read-only global, read whole.
     let key = unsafe { read_volatile(addr_of!((*addr_of!(FILTER_CONFIG)).hash_key)) };
     s.sip = SipState::new(&key);
-    s.sip_words = full_words(path_len) as u32;
-    // verifier: the 128 words of a 1 KiB path through one callback verified once.
-    let calls = (s.sip_words as usize).div_ceil(HASH_WORDS_PER_CALL) as u32;
+    let words = full_words(path_len);
     // The word after the full ones (the hash's last bytes) is not absorbed by the callback.
     plain_word(s, (path_len & !7) & (PATH_MAX - 8));
-    // SAFETY: as above.
-    unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
+    if words <= INLINE_WORDS {
+        // A short path's words here: a callback's call and return cost more than a round.
+        let mut i = 0;
+        while i < INLINE_WORDS {
+            if i >= words {
+                break;
+            }
+            let m = plain_word(s, i * 8);
+            s.sip.absorb(m);
+            i += 1;
+        }
+    } else {
+        s.sip_words = words as u32;
+        // verifier: the 128 words of a 1 KiB path through one callback verified once.
+        let calls = words.div_ceil(HASH_WORDS_PER_CALL) as u32;
+        // SAFETY: as above.
+        unsafe { bpf_loop(calls, hash_words as *mut c_void, sc.ptr(), 0) };
+    }
     let hash = s.sip.finish(&s.path, path_len);
     // One lookup per map: a map chosen at run time would make the verifier call the helper
     // instead of inlining the lookup.
@@ -274,6 +288,9 @@ fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
         s.exact_found = 1;
     }
 }
+
+/// Full words of a path hashed without the `hash_words` callback: paths under 24 bytes.
+const INLINE_WORDS: usize = 2;
 
 /// Paths shorter than this are hashed whatever the lengths of the exact rules.
 const HASH_UNASKED: usize = 64;
