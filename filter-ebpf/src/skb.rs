@@ -305,8 +305,9 @@ pub fn checksum_ok(
     let Ok(field) = ctx.load::<[u8; 2]>(at.l4 + 16) else {
         return false;
     };
+    let field = u16::from_be_bytes(field);
     // A checksum still to be completed holds the pseudo-header's sum.
-    if u16::from_be_bytes(field) == fold(pseudo) && is_partial(ctx, at.l4) {
+    if field == fold(pseudo) && is_partial(ctx, buf, at.l4, field) {
         return true;
     }
     let Some(sum) = sum_range(ctx, buf, job, at.l4 as u32, tcp_len as u32) else {
@@ -316,28 +317,40 @@ pub fn checksum_ok(
     fold(pseudo + seg as u32) == 0xffff
 }
 
-/// Whether the skb's checksum is `CHECKSUM_PARTIAL`: `bpf_l4_csum_replace` leaves the field of
-/// such an skb alone when not told the change is in the pseudo-header. So change it by one and
-/// see; change it back if it moved.
+/// Whether the skb's checksum is `CHECKSUM_PARTIAL` (`field`: the TCP checksum field as it is
+/// now): `bpf_l4_csum_replace` leaves the field of such an skb alone when not told the change
+/// is in the pseudo-header. So change it by one and see; change it back if it moved.
 #[inline(always)]
-fn is_partial(ctx: &TcContext, l4: usize) -> bool {
+fn is_partial(ctx: &TcContext, buf: &mut [u8; LINE_WINDOW], l4: usize, field: u16) -> bool {
     let skb = ctx.skb.skb;
     let off = (l4 + 16) as u32;
-    let Ok(before) = ctx.load::<[u8; 2]>(l4 + 16) else {
-        return false;
-    };
     // SAFETY: helper calls on this program's skb at an in-frame offset.
     if unsafe { bpf_l4_csum_replace(skb, off, 0, 1, 2) } < 0 {
         return false;
     }
-    match ctx.load::<[u8; 2]>(l4 + 16) {
-        Ok(after) if after == before => true,
+    match csum_field(ctx, buf, l4) {
+        Some(after) if after == field => true,
         _ => {
             // SAFETY: as above; undoes the change.
             unsafe { bpf_l4_csum_replace(skb, off, 1, 0, 2) };
             false
         }
     }
+}
+
+/// The TCP checksum field of the segment whose TCP header is at `l4`, read where the frame
+/// holds it; where the header is not in the frame's linear part, copied into `buf` (not onto
+/// the stack: the caller's frame is on the entry's deepest call chain).
+#[inline(always)]
+fn csum_field(ctx: &TcContext, buf: &mut [u8; LINE_WINDOW], l4: usize) -> Option<u16> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let at = start + l4 + 16;
+    if at + 2 <= end {
+        // SAFETY: two bytes inside the packet, as just checked (the verifier checks it
+        // again); `[u8; 2]` has alignment 1, and nothing writes the packet meanwhile.
+        return Some(u16::from_be_bytes(unsafe { *(at as *const [u8; 2]) }));
+    }
+    load_into(ctx, l4 + 16, buf, 2).then(|| u16::from_be_bytes([buf[0], buf[1]]))
 }
 
 /// Write the IP length (IP header at `l3`) for a TCP segment of `tcp_len` bytes at `l4`.
