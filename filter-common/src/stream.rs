@@ -728,16 +728,7 @@ impl Stream {
                 }
                 k
             }
-            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => {
-                let lf = swar::leading(swar::eq(w, b'\n'));
-                if lf < avail {
-                    // Through the LF: the header block starts.
-                    self.pos = self.pos.wrapping_add(lf as u32 + 1);
-                    self.start_headers();
-                    return lf + 1 + self.name_start(swar::skip(w, lf + 1), avail - lf - 1);
-                }
-                lf
-            }
+            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => return self.rest_run(w, avail),
             phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => skip_query_run(w),
             phase::QUERY_NAME
                 if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
@@ -776,6 +767,40 @@ impl Stream {
         self.pos = self.pos.wrapping_add(k as u32);
         self.count += k as u32;
         k
+    }
+
+    /// In the rest of a request line (after the path, through its LF).
+    #[inline(always)]
+    pub fn in_line_rest(&self) -> bool {
+        self.phase == phase::LINE_REST
+    }
+
+    /// [`Stream::step_run`] in the rest of a request line only (0 elsewhere): for the word
+    /// after one `step_run` took whole (a request line's `HTTP/1.1`), so that the line's CRLF
+    /// and the first field name are taken in the same call.
+    #[inline(always)]
+    pub fn line_rest_run(&mut self, w: u64, avail: usize) -> usize {
+        if self.phase != phase::LINE_REST || self.count > LINE_LIMIT - 8 {
+            return 0;
+        }
+        let avail = if avail < 8 { avail } else { 8 };
+        self.rest_run(swar::pad(w, avail, b'\n'), avail)
+    }
+
+    /// The rest of a request line (`LINE_REST`, `count` at most `LINE_LIMIT - 8`; `w` padded
+    /// with LF past `avail`): its bytes through the LF, then the first field name's start.
+    #[inline(always)]
+    fn rest_run(&mut self, w: u64, avail: usize) -> usize {
+        let lf = swar::leading(swar::eq(w, b'\n'));
+        if lf < avail {
+            // Through the LF: the header block starts.
+            self.pos = self.pos.wrapping_add(lf as u32 + 1);
+            self.start_headers();
+            return lf + 1 + self.name_start(swar::skip(w, lf + 1), avail - lf - 1);
+        }
+        self.pos = self.pos.wrapping_add(lf as u32);
+        self.count += lf as u32;
+        lf
     }
 
     /// At the start of a field line (`HEADER_START`, `count` at most `HEADER_LIMIT - 8` minus

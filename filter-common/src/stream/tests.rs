@@ -52,6 +52,11 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                     continue;
                 }
                 let k = s.step_run(word, avail, &mut path);
+                if k == 8 && off + 8 < seg.len() {
+                    // The kernel's run of a request line's rest in the next word.
+                    let next = crate::swar::word_padded(seg, off + 8, b'Z');
+                    off += s.line_rest_run(next, seg.len() - off - 8);
+                }
                 if k > 0 {
                     off += k;
                     continue;
@@ -524,6 +529,19 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) 
             let n = slow.line.path_len();
             assert!(fast_path[..n] == slow_path[..n], "{k} of {shown:?}");
             taken += k;
+            // The run of a request line's rest alone: the same bytes `step_run` takes there,
+            // none elsewhere.
+            let mut rest = s;
+            let r = rest.line_rest_run(word, data.len() - off);
+            if s.phase == phase::LINE_REST && s.count <= LINE_LIMIT - 8 {
+                assert_eq!(
+                    (r, format!("{rest:?}")),
+                    (k, format!("{fast:?}")),
+                    "{shown:?}"
+                );
+            } else {
+                assert_eq!((r, format!("{rest:?}")), (0, format!("{s:?}")), "{shown:?}");
+            }
         }
         if data.len() - off >= 8 {
             // The whole-word path: all eight bytes or none.
