@@ -769,22 +769,30 @@ impl Stream {
         k
     }
 
-    /// In the rest of a request line (after the path, through its LF).
+    /// Where a run that took a whole word is often continued by the next word: the rest of a
+    /// request line (after its path: `HTTP/1.1`, then the CRLF), a header name.
     #[inline(always)]
-    pub fn in_line_rest(&self) -> bool {
-        self.phase == phase::LINE_REST
+    pub fn runs_on(&self) -> bool {
+        self.phase == phase::LINE_REST || self.phase == phase::HEADER_NAME
     }
 
-    /// [`Stream::step_run`] in the rest of a request line only (0 elsewhere): for the word
-    /// after one `step_run` took whole (a request line's `HTTP/1.1`), so that the line's CRLF
-    /// and the first field name are taken in the same call.
+    /// [`Stream::step_run`] where [`Stream::runs_on`] (0 elsewhere): for the word after one
+    /// `step_run` took whole, so that a request line's CRLF and the first field name, or the
+    /// rest of a long header name, are taken in the same call.
     #[inline(always)]
-    pub fn line_rest_run(&mut self, w: u64, avail: usize) -> usize {
-        if self.phase != phase::LINE_REST || self.count > LINE_LIMIT - 8 {
-            return 0;
-        }
+    pub fn run_on(&mut self, w: u64, avail: usize) -> usize {
         let avail = if avail < 8 { avail } else { 8 };
-        self.rest_run(swar::pad(w, avail, b'\n'), avail)
+        let w = swar::pad(w, avail, b'\n');
+        if self.phase == phase::HEADER_NAME && self.count <= HEADER_LIMIT - 8 {
+            let k = self.name_run(w);
+            self.pos = self.pos.wrapping_add(k as u32);
+            self.count += k as u32;
+            return k;
+        }
+        if self.phase == phase::LINE_REST && self.count <= LINE_LIMIT - 8 {
+            return self.rest_run(w, avail);
+        }
+        0
     }
 
     /// The rest of a request line (`LINE_REST`, `count` at most `LINE_LIMIT - 8`; `w` padded

@@ -52,10 +52,10 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                     continue;
                 }
                 let k = s.step_run(word, avail, &mut path);
-                if k == 8 && off + 8 < seg.len() {
-                    // The kernel's run of a request line's rest in the next word.
+                if k == 8 && s.runs_on() && off + 8 < seg.len() {
+                    // The kernel's run after a whole word, in the next word.
                     let next = crate::swar::word_padded(seg, off + 8, b'Z');
-                    off += s.line_rest_run(next, seg.len() - off - 8);
+                    off += s.run_on(next, seg.len() - off - 8);
                 }
                 if k > 0 {
                     off += k;
@@ -529,11 +529,13 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) 
             let n = slow.line.path_len();
             assert!(fast_path[..n] == slow_path[..n], "{k} of {shown:?}");
             taken += k;
-            // The run of a request line's rest alone: the same bytes `step_run` takes there,
-            // none elsewhere.
+            // The run after a whole word alone: the same bytes `step_run` takes in the rest
+            // of a request line and in a header name, none elsewhere.
             let mut rest = s;
-            let r = rest.line_rest_run(word, data.len() - off);
-            if s.phase == phase::LINE_REST && s.count <= LINE_LIMIT - 8 {
+            let r = rest.run_on(word, data.len() - off);
+            if (s.phase == phase::LINE_REST && s.count <= LINE_LIMIT - 8)
+                || (s.phase == phase::HEADER_NAME && s.count <= HEADER_LIMIT - 8)
+            {
                 assert_eq!(
                     (r, format!("{rest:?}")),
                     (k, format!("{fast:?}")),

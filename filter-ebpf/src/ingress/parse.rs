@@ -265,14 +265,14 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         }
         k += 1;
     }
-    if k == WORDS_PER_CALL && s.conn.stream.in_line_rest() && i < w {
-        // A whole word taken: in the rest of a request line (its `HTTP/1.1`), the next word
-        // holds the line's CRLF and the first field name; one more run takes them here, not
-        // in another call.
+    if k == WORDS_PER_CALL && s.conn.stream.runs_on() && i < w {
+        // A whole word taken in the rest of a request line (its `HTTP/1.1`: the next word
+        // holds the line's CRLF and the first field name) or in a header name (which goes on
+        // in the next word): one more run takes them here, not in another call.
         let at = i & (LINE_WINDOW - 1);
         if at <= LINE_WINDOW - 8 {
             let word = word_at(s.line.as_ptr(), at);
-            i = at + s.conn.stream.line_rest_run(word, w - at);
+            i = at + s.conn.stream.run_on(word, w - at);
         }
     }
     if i >= w {
