@@ -762,6 +762,19 @@ impl Stream {
                 }
                 k
             }
+            phase::HEADER_LF
+                if self.header == header::OTHER
+                    && self.count <= HEADER_LIMIT - 8
+                    && avail > 0
+                    && w as u8 == b'\n' =>
+            {
+                // The LF after a CR `step` took (the value ended at a word's last byte): as
+                // above, through it and into the next line's name.
+                self.pos = self.pos.wrapping_add(1);
+                self.count += 1;
+                self.phase = phase::HEADER_START;
+                return 1 + self.name_start(swar::skip(w, 1), avail - 1);
+            }
             _ => 0,
         };
         self.pos = self.pos.wrapping_add(k as u32);
