@@ -52,13 +52,18 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                     continue;
                 }
                 let k = s.step_run(word, avail, &mut path);
-                if k == 8 && s.runs_on() && off + 8 < seg.len() {
-                    // The kernel's run after a whole word, in the next word.
-                    let next = crate::swar::word_padded(seg, off + 8, b'Z');
-                    off += s.run_on(next, seg.len() - off - 8);
-                }
                 if k > 0 {
                     off += k;
+                    // The kernel's runs after a whole word, in the next words.
+                    let mut more = k == 8;
+                    let mut r = 0;
+                    while more && r < 2 && s.runs_on() && off < seg.len() {
+                        let next = crate::swar::word_padded(seg, off, b'Z');
+                        let n = s.run_on(next, seg.len() - off);
+                        off += n;
+                        more = n == 8;
+                        r += 1;
+                    }
                     continue;
                 }
             }

@@ -213,6 +213,9 @@ fn check_override(s: &mut Scratch) -> i64 {
 /// one byte.
 const WORDS_PER_CALL: usize = 1;
 
+/// Runs after a run that took a whole word (`Stream::run_on`) a stream callback may take.
+const RUNS_ON: usize = 2;
+
 /// Whole words of a path or a header value a stream callback may take (`words`) before the
 /// runs and the byte below: a 1 KiB path is 128 words.
 const WORDS_PER_BATCH: usize = 32;
@@ -265,15 +268,24 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         }
         k += 1;
     }
-    if k == WORDS_PER_CALL && s.conn.stream.runs_on() && i < w {
-        // A whole word taken in the rest of a request line (its `HTTP/1.1`: the next word
-        // holds the line's CRLF and the first field name) or in a header name (which goes on
-        // in the next word): one more run takes them here, not in another call.
-        let at = i & (LINE_WINDOW - 1);
-        if at <= LINE_WINDOW - 8 {
-            let word = word_at(s.line.as_ptr(), at);
-            i = at + s.conn.stream.run_on(word, w - at);
+    // A whole word taken in the rest of a request line (its `HTTP/1.1`: the next word holds
+    // the line's CRLF and the first field name) or in a header name (which goes on in the
+    // next word): more runs take them here, not in another call.
+    let mut more = k == WORDS_PER_CALL;
+    let mut r = 0;
+    while r < RUNS_ON {
+        if !more || !s.conn.stream.runs_on() || i >= w {
+            break;
         }
+        let at = i & (LINE_WINDOW - 1);
+        if at > LINE_WINDOW - 8 {
+            break;
+        }
+        let word = word_at(s.line.as_ptr(), at);
+        let n = s.conn.stream.run_on(word, w - at);
+        i = at + n;
+        more = n == 8;
+        r += 1;
     }
     if i >= w {
         s.consumed = i as u32;
