@@ -783,15 +783,18 @@ impl Stream {
     }
 
     /// Where a run that took a whole word is often continued by the next word: the rest of a
-    /// request line (after its path: `HTTP/1.1`, then the CRLF), a header name.
+    /// request line (after its path: `HTTP/1.1`, then the CRLF), a header name, the start of
+    /// a field line (after a CRLF that ended the word).
     #[inline(always)]
     pub fn runs_on(&self) -> bool {
-        self.phase == phase::LINE_REST || self.phase == phase::HEADER_NAME
+        self.phase == phase::LINE_REST
+            || self.phase == phase::HEADER_NAME
+            || self.phase == phase::HEADER_START
     }
 
     /// [`Stream::step_run`] where [`Stream::runs_on`] (0 elsewhere): for the word after one
-    /// `step_run` took whole, so that a request line's CRLF and the first field name, or the
-    /// rest of a long header name, are taken in the same call.
+    /// `step_run` took whole, so that a request line's CRLF and the first field name, the rest
+    /// of a long header name, or a name whose line starts a word, are taken in the same call.
     #[inline(always)]
     pub fn run_on(&mut self, w: u64, avail: usize) -> usize {
         let avail = if avail < 8 { avail } else { 8 };
@@ -801,6 +804,9 @@ impl Stream {
             self.pos = self.pos.wrapping_add(k as u32);
             self.count += k as u32;
             return k;
+        }
+        if self.phase == phase::HEADER_START && self.count <= HEADER_LIMIT - 8 {
+            return self.name_start(w, avail);
         }
         if self.phase == phase::LINE_REST && self.count <= LINE_LIMIT - 8 {
             return self.rest_run(w, avail);

@@ -540,6 +540,7 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) 
             let r = rest.run_on(word, data.len() - off);
             if (s.phase == phase::LINE_REST && s.count <= LINE_LIMIT - 8)
                 || (s.phase == phase::HEADER_NAME && s.count <= HEADER_LIMIT - 8)
+                || (s.phase == phase::HEADER_START && s.count <= HEADER_LIMIT - 8)
             {
                 assert_eq!(
                     (r, format!("{rest:?}")),
