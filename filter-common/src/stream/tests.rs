@@ -535,7 +535,7 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) 
             assert!(fast_path[..n] == slow_path[..n], "{k} of {shown:?}");
             taken += k;
             // The run after a whole word alone: the same bytes `step_run` takes in the rest
-            // of a request line and in a header name, none elsewhere.
+            // of a request line, in a header name and at a field line's start, none elsewhere.
             let mut rest = s;
             let r = rest.run_on(word, data.len() - off);
             if (s.phase == phase::LINE_REST && s.count <= LINE_LIMIT - 8)

@@ -223,7 +223,8 @@ const WORDS_PER_BATCH: usize = 32;
 /// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: whole
 /// words of a path or of the value of a header the filter does not act on (up to
 /// `WORDS_PER_BATCH`, `words`), runs of ordinary bytes, up to `WORDS_PER_CALL` words of them
-/// (`Stream::step_run`), then one byte (`Stream::step`).
+/// (`Stream::step_run`) and, after a whole word, up to `RUNS_ON` more where the next word
+/// likely goes on (`Stream::run_on`), then one byte (`Stream::step`).
 /// Returns 1 to stop (see `STOP_*`) or when the window is done; each call takes at least one
 /// byte, so `window_len` calls are enough.
 unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
@@ -269,8 +270,9 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
         k += 1;
     }
     // A whole word taken in the rest of a request line (its `HTTP/1.1`: the next word holds
-    // the line's CRLF and the first field name) or in a header name (which goes on in the
-    // next word): more runs take them here, not in another call.
+    // the line's CRLF and the first field name), in a header name (which goes on in the next
+    // word), or through a field line's CRLF (the next line's name starts the next word): more
+    // runs take them here, not in another call.
     let mut more = k == WORDS_PER_CALL;
     let mut r = 0;
     while r < RUNS_ON {
