@@ -728,7 +728,9 @@ impl Stream {
                 }
                 k
             }
-            phase::LINE_REST if self.count <= LINE_LIMIT - 8 => return self.rest_run(w, avail),
+            phase::LINE_REST | phase::HEADER_START | phase::HEADER_NAME => {
+                return self.phase_run(w, avail)
+            }
             phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => skip_query_run(w),
             phase::QUERY_NAME
                 if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
@@ -743,22 +745,14 @@ impl Stream {
                 // Past `avail`, LF: the skip stops there.
                 1 + skip_query_run(w >> 8)
             }
-            phase::HEADER_START if self.count <= HEADER_LIMIT - 8 => {
-                return self.name_start(w, avail);
-            }
-            phase::HEADER_NAME if self.count <= HEADER_LIMIT - 8 => self.name_run(w),
             phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => {
                 let k = self.value_run(w);
                 if self.header == header::OTHER
                     && k + 2 <= avail
                     && (w >> (8 * k)) as u16 == u16::from_le_bytes(*b"\r\n")
                 {
-                    // Through the CRLF of a header the filter does not act on (`end_field`
-                    // changes nothing else for it).
-                    self.pos = self.pos.wrapping_add(k as u32 + 2);
-                    self.count += k as u32 + 2;
-                    self.phase = phase::HEADER_START;
-                    return k + 2 + self.name_start(swar::skip(w, k + 2), avail - k - 2);
+                    // Through the CRLF of a header the filter does not act on.
+                    return self.next_field(w, avail, k + 2);
                 }
                 k
             }
@@ -768,12 +762,8 @@ impl Stream {
                     && avail > 0
                     && w as u8 == b'\n' =>
             {
-                // The LF after a CR `step` took (the value ended at a word's last byte): as
-                // above, through it and into the next line's name.
-                self.pos = self.pos.wrapping_add(1);
-                self.count += 1;
-                self.phase = phase::HEADER_START;
-                return 1 + self.name_start(swar::skip(w, 1), avail - 1);
+                // The LF after a CR `step` took (the value ended at a word's last byte).
+                return self.next_field(w, avail, 1);
             }
             _ => 0,
         };
@@ -798,7 +788,14 @@ impl Stream {
     #[inline(always)]
     pub fn run_on(&mut self, w: u64, avail: usize) -> usize {
         let avail = if avail < 8 { avail } else { 8 };
-        let w = swar::pad(w, avail, b'\n');
+        self.phase_run(swar::pad(w, avail, b'\n'), avail)
+    }
+
+    /// The runs of the phases [`Stream::runs_on`] names, for [`Stream::step_run`] and
+    /// [`Stream::run_on`] (`w` padded with LF past `avail`; 0 in any other phase, or too close
+    /// to the line's or the header block's limit).
+    #[inline(always)]
+    fn phase_run(&mut self, w: u64, avail: usize) -> usize {
         if self.phase == phase::HEADER_NAME && self.count <= HEADER_LIMIT - 8 {
             let k = self.name_run(w);
             self.pos = self.pos.wrapping_add(k as u32);
@@ -812,6 +809,17 @@ impl Stream {
             return self.rest_run(w, avail);
         }
         0
+    }
+
+    /// Through the last `n` bytes of a field line of a header the filter does not act on (its
+    /// CRLF, or the LF after a CR taken before; `end_field` changes nothing else for it), then
+    /// the next line's start ([`Stream::name_start`]).
+    #[inline(always)]
+    fn next_field(&mut self, w: u64, avail: usize, n: usize) -> usize {
+        self.pos = self.pos.wrapping_add(n as u32);
+        self.count += n as u32;
+        self.phase = phase::HEADER_START;
+        n + self.name_start(swar::skip(w, n), avail - n)
     }
 
     /// The rest of a request line (`LINE_REST`, `count` at most `LINE_LIMIT - 8`; `w` padded

@@ -257,7 +257,8 @@ fn exact_rule(s: &mut Scratch, path_len: usize, active: u32) {
     // The word after the full ones (the hash's last bytes) is not absorbed by the callback.
     plain_word(s, (path_len & !7) & (PATH_MAX - 8));
     if words <= INLINE_WORDS {
-        // A short path's words here: a callback's call and return cost more than a round.
+        // A short path's words here: a callback's call and return cost more than a
+        // SipHash round.
         let mut i = 0;
         while i < INLINE_WORDS {
             if i >= words {
