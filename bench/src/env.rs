@@ -19,6 +19,7 @@ const TOOLS: &[(&str, &str, &[&str])] = &[
     ("ip", "iproute2", &["-V"]),
     ("ss", "iproute2", &["-V"]),
     ("sysctl", "procps", &["--version"]),
+    ("ethtool", "ethtool", &["--version"]),
 ];
 
 fn have(bin: &str) -> bool {

@@ -116,6 +116,61 @@ pub fn tune_namespaces(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// Gives the client's veth a receive thread of its own (GRO with fraglist, threaded NAPI;
+/// `on`) and returns its PID, or takes it away (`!on`: the veth's defaults, all three off).
+/// Over veth a frame's receive runs in the softirq of whoever sent it, and a kernel without
+/// `CONFIG_IRQ_TIME_ACCOUNTING` charges it to that task: without the thread the client's TCP
+/// taking each 405 and its FIN counts as `filterd`'s CPU. veth hands a frame to the receiver's
+/// NAPI thread only when GRO may take it: the responder's frames (an `AF_PACKET` socket's,
+/// `sock_wfree`) with `rx-gro-list` on; the server's TCP segments (segmentation offload on)
+/// still run in their sender's softirq.
+pub fn client_receive_thread(lab: &Lab, on: bool) -> Result<Option<u32>> {
+    let lim = Duration::from_secs(10);
+    let iface = lab.client_iface();
+    let onoff = if on { "on" } else { "off" };
+    let features = |lab: &Lab| {
+        output_bounded(
+            lab.client_cmd("ethtool")
+                .args(["-K", iface, "gro", onoff, "rx-gro-list", onoff]),
+            lim,
+        )
+    };
+    // `ip netns exec` mounts the namespace's own sysfs. The thread needs the veth's NAPI,
+    // which GRO brings: GRO first on the way on, last on the way off.
+    let threaded = |lab: &Lab| {
+        output_bounded(
+            lab.client_cmd("sh").args([
+                "-c",
+                &format!("echo {} > /sys/class/net/{iface}/threaded", on as u8),
+            ]),
+            lim,
+        )
+    };
+    if !on {
+        threaded(lab)?;
+        features(lab)?;
+        return Ok(None);
+    }
+    features(lab)?;
+    threaded(lab)?;
+    // The thread is `napi/<iface>-<id>` (a task name is cut at 15 bytes).
+    let name = format!("napi/{iface}-");
+    let name = &name[..name.len().min(15)];
+    let found = fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with(name))
+        })
+        .collect::<Vec<_>>();
+    match found[..] {
+        [pid] => Ok(Some(pid)),
+        _ => bail!(
+            "{} threads named {name}* after enabling threaded NAPI",
+            found.len()
+        ),
+    }
+}
+
 /// `curl -i` from the client namespace; the response head (status line and headers).
 pub fn curl_head(lab: &Lab, method: &str, url: &str) -> Result<String> {
     let out = output_bounded(
@@ -379,6 +434,9 @@ pub struct CpuSnapshot {
     pub backend_cores: f64,
     pub front_cores: f64,
     pub filterd_cores: f64,
+    /// The client veth's receive thread, where it has one ([`client_receive_thread`]).
+    #[serde(default)]
+    pub client_rx_cores: f64,
     /// Whole machine, all processes (ours and everyone else's), in cores.
     pub machine_busy_cores: f64,
     pub machine_steal_cores: f64,
@@ -390,15 +448,22 @@ pub struct CpuRaw {
     backend: f64,
     front: f64,
     filterd: f64,
+    client_rx: f64,
     machine: (u64, u64, u64),
 }
 
-pub fn cpu_now(backend: &Nginx, front: &Nginx, filterd: Option<u32>) -> CpuRaw {
+pub fn cpu_now(
+    backend: &Nginx,
+    front: &Nginx,
+    filterd: Option<u32>,
+    client_rx: Option<u32>,
+) -> CpuRaw {
     CpuRaw {
         at: Instant::now(),
         backend: backend.cpu_seconds(),
         front: front.cpu_seconds(),
         filterd: filterd.map(cpu_seconds).unwrap_or(0.0),
+        client_rx: client_rx.map(cpu_seconds).unwrap_or(0.0),
         machine: machine_jiffies(),
     }
 }
@@ -415,6 +480,7 @@ pub fn cpu_delta(a: &CpuRaw, b: &CpuRaw) -> CpuSnapshot {
         backend_cores: (b.backend - a.backend) / wall,
         front_cores: (b.front - a.front) / wall,
         filterd_cores: (b.filterd - a.filterd) / wall,
+        client_rx_cores: (b.client_rx - a.client_rx) / wall,
         machine_busy_cores: frac(b.machine.0.saturating_sub(a.machine.0)),
         machine_steal_cores: frac(b.machine.1.saturating_sub(a.machine.1)),
         loadavg_1m: fs::read_to_string("/proc/loadavg")
