@@ -599,7 +599,14 @@ impl Stream {
     /// only there.
     #[inline(always)]
     pub fn words_may_follow(&self) -> bool {
-        self.in_path_words() || self.in_ignored_value()
+        self.in_path_words() || self.in_ignored_value() || self.in_skipped_query()
+    }
+
+    /// In a query parameter that cannot be `_method` (`phase::QUERY_SKIP`): skipped up to its
+    /// `&` or `;`, not kept ([`Stream::query_words_room`]).
+    #[inline(always)]
+    pub fn in_skipped_query(&self) -> bool {
+        self.phase == phase::QUERY_SKIP
     }
 
     /// In a path with eight bytes or more behind: where the path's word loop
@@ -658,11 +665,36 @@ impl Stream {
     }
 
     /// Take `k` whole words of a header value (at most [`Stream::value_words_room`], each
-    /// passing [`plain_value_word`]): the state `8 * k` calls of `step` would leave.
+    /// passing [`plain_value_word`]) or of a skipped query parameter (at most
+    /// [`Stream::query_words_room`], each passing [`plain_query_word`]): the state `8 * k`
+    /// calls of `step` would leave.
     #[inline(always)]
     pub fn take_value_words(&mut self, k: usize) {
         self.pos = self.pos.wrapping_add(8 * k as u32);
         self.count += 8 * k as u32;
+    }
+
+    /// How many whole words of a skipped query parameter ([`Stream::in_skipped_query`])
+    /// [`Stream::take_value_words`] may take now: 0 elsewhere, else as many as start within
+    /// `LINE_LIMIT - 8` of the line. Each word must pass [`plain_query_word`].
+    #[inline(always)]
+    pub fn query_words_room(&self) -> usize {
+        if !self.in_skipped_query() || self.count > LINE_LIMIT - 8 {
+            return 0;
+        }
+        (LINE_LIMIT - 8 - self.count) as usize / 8 + 1
+    }
+
+    /// One word through [`Stream::take_value_words`] if there is room in a skipped query
+    /// parameter and it passes [`plain_query_word`] (returns `true`), else nothing (`false`):
+    /// the tests' reference for the kernel's loop over many words.
+    #[cfg(test)]
+    pub fn query_word(&mut self, w: u64) -> bool {
+        if self.query_words_room() == 0 || !plain_query_word(w) {
+            return false;
+        }
+        self.take_value_words(1);
+        true
     }
 
     /// One word through [`Stream::take_value_words`] if there is room and it passes
@@ -699,8 +731,8 @@ impl Stream {
     /// exceed 8; the first byte in the low bits), takes the leading ones that would each make
     /// `step` return [`Ev::More`] while changing only counters, the phase between lines, the
     /// path, the header name or the header value: path bytes, a query parameter that cannot
-    /// be `_method` (one whose name starts with a letter, digit or `-`, up to its `&` or `;`),
-    /// the rest of a request line through its LF, header names of letters and `-` (from a
+    /// be `_method` (one whose name starts with a letter, digit or `-`, up to its `&` or `;`,
+    /// and through it into the next such parameter), the rest of a request line through its LF, header names of letters and `-` (from a
     /// line's first byte), header value bytes other than control bytes, and the CRLF after
     /// the value of a header the filter does not act on. Returns how many it took, 0 to 8. The state is then exactly
     /// what that many `step` calls would have left; the caller steps the next byte with
@@ -731,7 +763,24 @@ impl Stream {
             phase::LINE_REST | phase::HEADER_START | phase::HEADER_NAME => {
                 return self.phase_run(w, avail)
             }
-            phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => skip_query_run(w),
+            phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => {
+                let k = skip_query_run(w);
+                // A `&` or `;`, then a name that cannot be `_method` (see below): the next
+                // parameter is skipped too, in this word (past `avail`, LF: no name there).
+                let (b, c) = ((w >> (8 * (k & 7))) as u8, (w >> (8 * ((k + 1) & 7))) as u8);
+                if k < 7 && (b == b'&' || b == b';') && (c.is_ascii_alphanumeric() || c == b'-') {
+                    self.qmatch = 0;
+                    self.qesc = 0;
+                    if k == 6 {
+                        8
+                    } else {
+                        // Zeros shifted in from the top end the run within the word.
+                        k + 2 + skip_query_run(w >> (8 * k + 16))
+                    }
+                } else {
+                    k
+                }
+            }
             phase::QUERY_NAME
                 if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
             {
@@ -1347,11 +1396,24 @@ impl Stream {
     }
 }
 
+/// Whether the eight bytes of `w` can all go on a skipped query parameter
+/// ([`Stream::query_words_room`]): none ends it ([`skip_query_run`] takes all eight).
+#[inline(always)]
+pub fn plain_query_word(w: u64) -> bool {
+    query_ends(w) == 0
+}
+
 /// How many leading bytes of `w` are the rest of a query parameter (up to a `&`, `;`, SP,
 /// HTAB, CR, LF or any other control byte, which `Stream::step` takes).
 #[inline(always)]
 fn skip_query_run(w: u64) -> usize {
-    swar::leading(swar::lt(w, 0x21) | swar::eq(w, b'&') | swar::eq(w, b';'))
+    swar::leading(query_ends(w))
+}
+
+/// The bytes of `w` that end a query parameter, as a mask ([`swar::leading`]).
+#[inline(always)]
+fn query_ends(w: u64) -> u64 {
+    swar::lt(w, 0x21) | swar::eq(w, b'&') | swar::eq(w, b';')
 }
 
 #[cfg(test)]

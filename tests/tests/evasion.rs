@@ -316,6 +316,9 @@ const GET_ITEMS: (&str, &str) = ("GET", "/api/items");
 const POST_ITEMS: (&str, &str) = ("POST", "/api/items");
 const ADMIN_405: Answer = NA(ADMIN_ALLOW);
 const ITEMS_405: Answer = NA(ITEMS_ALLOW);
+/// A POST whose query names DELETE in `_method` after skipped parameters of many words each
+/// (the kernel takes those a word at a time): a tracking tail and a token.
+const LONG_QUERY_OVERRIDE: &str = "/api/items?utm_source=newsletter-winter-2026&utm_medium=email&utm_campaign=spring_sale_2026_last_chance&token=eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c&_method=DELETE";
 
 #[rustfmt::skip]
 fn table() -> Vec<Case> {
@@ -470,6 +473,8 @@ fn table() -> Vec<Case> {
         plain("override: _method split across segments", cut(&req("GET", "/admin?_method=DELETE"), &[14, 19]), &[], &[("GET", "/admin?_method=DELETE")], &[ADMIN_405]),
         plain("override: _method naming an allowed method arrives", one(req_h("POST", "/api/items?_method=get", &["Content-Length: 0"])), &[("POST", "/api/items?_method=get")], &[], &[B(200)]),
         plain("override: other query parameters arrive", one(req("GET", "/admin?x_method=PUT&method=DELETE&q=_method")), &[("GET", "/admin?x_method=PUT&method=DELETE&q=_method")], &[], &[B(200)]),
+        plain("override: _method after long skipped parameters", one(req_h("POST", LONG_QUERY_OVERRIDE, &["Content-Length: 0"])), &[], &[("POST", LONG_QUERY_OVERRIDE)], &[ITEMS_405]),
+        plain("override: _method after parameters split by ; and -", one(req_h("POST", "/api/items?a=1;b-2=x&-c=3;d=eyJhbGciOiJIUzI1NiJ9.e30&_method=delete", &["Content-Length: 0"])), &[], &[("POST", "/api/items?a=1;b-2=x&-c=3;d=eyJhbGciOiJIUzI1NiJ9.e30&_method=delete")], &[ITEMS_405]),
 
         // --- past the inspection window
         plain("window: dot segments push /admin past the window (414)", one(req("DELETE", &long_admin)), &[], one_of("DELETE", &long_admin), &[F(414)]),

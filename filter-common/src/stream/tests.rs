@@ -47,7 +47,9 @@ fn run_with(data: &[u8], cuts: &[usize], words: bool) -> Vec<Seen> {
                 let avail = seg.len() - off;
                 let word = crate::swar::word_padded(seg, off, b'Z');
                 // The kernel tries a whole path or header-value word first.
-                if avail >= 8 && (s.path_word(word, &mut path) || s.value_word(word)) {
+                if avail >= 8
+                    && (s.path_word(word, &mut path) || s.value_word(word) || s.query_word(word))
+                {
                     off += 8;
                     continue;
                 }
@@ -504,10 +506,10 @@ fn an_upgrade_request_awaits_the_answer_after_its_body() {
 /// [`Stream::value_word`], where eight bytes are left, each take all eight the same way or
 /// leave the state alone. Returns how many bytes `step_run` took in all, and how many words
 /// `path_word` and `value_word` took.
-fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) {
+fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize, usize) {
     let mut s = start;
     let mut path = [0x5au8; PATH_MAX];
-    let (mut taken, mut words, mut values) = (0, 0, 0);
+    let (mut taken, mut words, mut values, mut queries) = (0, 0, 0, 0);
     let mut off = 0;
     while off < data.len() {
         if s.in_bulk() {
@@ -583,18 +585,31 @@ fn word_fast_path_is_exact(data: &[u8], start: Stream) -> (usize, usize, usize) 
             } else {
                 assert_eq!(format!("{fast:?}"), format!("{s:?}"), "{shown:?}");
             }
+            let mut fast = s;
+            if fast.query_word(word) {
+                let (mut slow, mut slow_path) = (s, path);
+                for &b in &data[off..off + 8] {
+                    assert_eq!(slow.step(b, &mut slow_path), Ev::More, "{shown:?} in {s:?}");
+                }
+                assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{shown:?}");
+                // The kernel reckons the room once for a run of words.
+                assert_eq!(fast.query_words_room(), s.query_words_room() - 1);
+                queries += 1;
+            } else {
+                assert_eq!(format!("{fast:?}"), format!("{s:?}"), "{shown:?}");
+            }
         }
         match s.step(data[off], &mut path) {
             Ev::Decide => {
                 s.take_method();
                 s.set_verdict(MethodSet::ANY.0, 0);
             }
-            Ev::Fail(_) | Ev::Tunnel => return (taken, words, values),
+            Ev::Fail(_) | Ev::Tunnel => return (taken, words, values, queries),
             _ => {}
         }
         off += 1;
     }
-    (taken, words, values)
+    (taken, words, values, queries)
 }
 
 use std::format;
@@ -605,28 +620,31 @@ const WORD_CORPUS: &[&[u8]] = &[
     b"PUT http://example.com/a/b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Long-Header-Name-Here: a  b\t c    d     e      f\r\n\r\n5\r\nhello\r\n0\r\nTrailer-Field: x\r\n\r\n",
     b"DELETE /a%2e%2E/b;x=1//c HTTP/1.1\r\nX-Method-Override:      PATCH     \r\nAccept-Language: en-US,en;q=0.9,de;q=0.8,fr;q=0.7\r\n\r\n",
     b"POST /search?utm_source=newsletter&utm_medium=email;q=a+b&_method=delete&%5Fmethod[]=PUT&.x=1&-y=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /api/items?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl%2Bx&utm_campaign=winter-sale-2026&ref=home;v=2 HTTP/1.1\r\nHost: x\r\n\r\n",
 ];
 
 #[test]
 fn word_fast_path_matches_byte_steps() {
-    let (mut taken, mut words, mut values) = (0, 0, 0);
+    let (mut taken, mut words, mut values, mut queries) = (0, 0, 0, 0);
     for data in WORD_CORPUS {
-        let (t, w, v) = word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
+        let (t, w, v, q) = word_fast_path_is_exact(data, Stream::new(1, flag::SYN));
         taken += t;
         words += w;
         values += v;
+        queries += q;
     }
     // The corpus must exercise the fast paths, or this proves little.
     assert!(taken > 400, "{taken}");
     assert!(words > 20, "{words}");
     assert!(values > 40, "{values}");
+    assert!(queries > 10, "{queries}");
     // Mutated copies, so that declines and odd states are covered too.
     let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..20_000 {
         let mut d = WORD_CORPUS[(next() % WORD_CORPUS.len() as u64) as usize].to_vec();
         for _ in 0..(next() % 4) {
             let i = (next() % d.len() as u64) as usize;
-            d[i] = b" \t\r\n:;/.%?#-aZ\x00\x7f\x80\\"[(next() % 18) as usize];
+            d[i] = b" \t\r\n:;/.%?#-aZ\x00\x7f\x80\\&="[(next() % 20) as usize];
         }
         word_fast_path_is_exact(&d, Stream::new(1, flag::SYN));
     }

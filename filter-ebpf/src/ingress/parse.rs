@@ -12,7 +12,7 @@ use core::ptr::{addr_of, read_volatile};
 use filter_common::{
     http::plain_path_word,
     stage,
-    stream::{flag, plain_value_word, Ev},
+    stream::{flag, plain_query_word, plain_value_word, Ev},
     Conn, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
     STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
     STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
@@ -216,12 +216,13 @@ const WORDS_PER_CALL: usize = 1;
 /// Runs after a run that took a whole word (`Stream::run_on`) a stream callback may take.
 const RUNS_ON: usize = 2;
 
-/// Whole words of a path or a header value a stream callback may take (`words`) before the
-/// runs and the byte below: a 1 KiB path is 128 words.
+/// Whole words of a path, a header value or a skipped query parameter a stream callback may
+/// take (`words`) before the runs and the byte below: a 1 KiB path is 128 words.
 const WORDS_PER_BATCH: usize = 32;
 
 /// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: whole
-/// words of a path or of the value of a header the filter does not act on (up to
+/// words of a path, of the value of a header the filter does not act on or of a query
+/// parameter that cannot be `_method` (up to
 /// `WORDS_PER_BATCH`, `words`), runs of ordinary bytes, up to `WORDS_PER_CALL` words of them
 /// (`Stream::step_run`) and, after a whole word, up to `RUNS_ON` more where the next word
 /// likely goes on (`Stream::run_on`), then one byte (`Stream::step`).
@@ -234,7 +235,8 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     // A long run first, a whole word at a time with the least work per word: a path's, once
     // a call starts with eight or more path bytes behind it (in practice after the first
     // ~65, which the calls before take through the runs below: a short path's words cost less
-    // there than a call into the loop), or a header value's the filter only checks. Most
+    // there than a call into the loop), a header value's the filter only checks, or a skipped
+    // query parameter's. Most
     // calls are elsewhere (a method, the rest of a line, a field name) and skip the call.
     if s.conn.stream.words_may_follow() {
         s.consumed = words(s, i, w) as u32;
@@ -311,8 +313,9 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// Whole words from window offset `i` (of `w` loaded bytes) through `path_words` or
-/// `value_words`, whichever the stream is in (none elsewhere), as many as `batch` allows with
+/// Whole words from window offset `i` (of `w` loaded bytes) through `path_words`,
+/// `value_words` or `query_words`, whichever the stream is in (none elsewhere), as many as
+/// `batch` allows with
 /// the stream's room for them. Returns the offset after them.
 // verifier: one call site in the stream callback, so that what follows it is walked once.
 #[inline(never)]
@@ -321,10 +324,14 @@ fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
     // byte loads): an argument known at each call makes the verifier walk this function once
     // per value (`ingress_parse` 60,611 -> 92,344 processed instructions on 6.18).
     let path = s.conn.stream.in_path_words();
+    let value = s.conn.stream.in_ignored_value();
+    // Each room is 0 outside its own phase.
     let room = if path {
         s.conn.stream.path_words_room()
-    } else {
+    } else if value {
         s.conn.stream.value_words_room()
+    } else {
+        s.conn.stream.query_words_room()
     };
     let limit = batch(i, w, room);
     if limit == 0 {
@@ -332,8 +339,10 @@ fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
     }
     if path {
         path_words(s, i, limit)
-    } else {
+    } else if value {
         value_words(s, i, limit)
+    } else {
+        query_words(s, i, limit)
     }
 }
 
@@ -385,6 +394,31 @@ fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
         taken += 1;
     }
     s.conn.stream.take_path_words(taken);
+    i + 8 * taken
+}
+
+/// Take up to `limit` whole words of a query parameter that cannot be `_method` from window
+/// offset `i` (`batch` with `Stream::query_words_room`), while `stream::plain_query_word`
+/// accepts them: none ends the parameter. Returns the offset after them; the byte that ends
+/// it goes through the runs and `step`.
+#[inline(always)]
+fn query_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
+    let base = s.line.as_ptr();
+    let mut a = i;
+    let mut taken = 0;
+    while taken < limit {
+        // verifier: the word inside the window (`limit` keeps it there already).
+        let a_m = a & (LINE_WINDOW - 1);
+        if a_m > LINE_WINDOW - 8 {
+            break;
+        }
+        if !plain_query_word(word_at(base, a_m)) {
+            break;
+        }
+        a = a_m + 8;
+        taken += 1;
+    }
+    s.conn.stream.take_value_words(taken);
     i + 8 * taken
 }
 
