@@ -690,19 +690,22 @@ impl Stream {
     /// the tests' reference for the kernel's loop over many words.
     #[cfg(test)]
     pub fn query_word(&mut self, w: u64) -> bool {
-        if self.query_words_room() == 0 || !plain_query_word(w) {
-            return false;
-        }
-        self.take_value_words(1);
-        true
+        self.skipped_word(self.query_words_room(), plain_query_word(w))
     }
 
     /// One word through [`Stream::take_value_words`] if there is room and it passes
     /// [`plain_value_word`] (returns `true`), else nothing (`false`): the tests' reference for
-    /// the kernel's loop over many words (`value_words` in the kernel).
+    /// the kernel's loop over many words (`skipped_words` in the kernel).
     #[cfg(test)]
     pub fn value_word(&mut self, w: u64) -> bool {
-        if self.value_words_room() == 0 || !plain_value_word(w) {
+        self.skipped_word(self.value_words_room(), plain_value_word(w))
+    }
+
+    /// One word through [`Stream::take_value_words`] if `room` allows it and the word is
+    /// `plain`.
+    #[cfg(test)]
+    fn skipped_word(&mut self, room: usize, plain: bool) -> bool {
+        if room == 0 || !plain {
             return false;
         }
         self.take_value_words(1);

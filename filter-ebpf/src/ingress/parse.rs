@@ -313,8 +313,8 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// Whole words from window offset `i` (of `w` loaded bytes) through `path_words`,
-/// `value_words` or `query_words`, whichever the stream is in (none elsewhere), as many as
+/// Whole words from window offset `i` (of `w` loaded bytes) through `path_words` or
+/// `skipped_words` (a header value's or a query parameter's), whichever the stream is in (none elsewhere), as many as
 /// `batch` allows with
 /// the stream's room for them. Returns the offset after them.
 // verifier: one call site in the stream callback, so that what follows it is walked once.
@@ -340,9 +340,9 @@ fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
     if path {
         path_words(s, i, limit)
     } else if value {
-        value_words(s, i, limit)
+        skipped_words(s, i, limit, plain_value_word)
     } else {
-        query_words(s, i, limit)
+        skipped_words(s, i, limit, plain_query_word)
     }
 }
 
@@ -397,12 +397,15 @@ fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
     i + 8 * taken
 }
 
-/// Take up to `limit` whole words of a query parameter that cannot be `_method` from window
-/// offset `i` (`batch` with `Stream::query_words_room`), while `stream::plain_query_word`
-/// accepts them: none ends the parameter. Returns the offset after them; the byte that ends
-/// it goes through the runs and `step`.
+/// Take up to `limit` whole words that the stream only counts, from window offset `i`, while
+/// `plain` accepts them: of a skipped query parameter (`batch` with
+/// `Stream::query_words_room`, `stream::plain_query_word`: nothing in the word ends the
+/// parameter) or of the value of a header the filter does not act on
+/// (`Stream::value_words_room`, `stream::plain_value_word`: no control byte but HTAB, no
+/// DEL). Returns the offset after them; the byte that ends the run goes through the runs and
+/// `step`.
 #[inline(always)]
-fn query_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
+fn skipped_words(s: &mut Scratch, i: usize, limit: usize, plain: impl Fn(u64) -> bool) -> usize {
     let base = s.line.as_ptr();
     let mut a = i;
     let mut taken = 0;
@@ -412,32 +415,7 @@ fn query_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
         if a_m > LINE_WINDOW - 8 {
             break;
         }
-        if !plain_query_word(word_at(base, a_m)) {
-            break;
-        }
-        a = a_m + 8;
-        taken += 1;
-    }
-    s.conn.stream.take_value_words(taken);
-    i + 8 * taken
-}
-
-/// Take up to `limit` whole words of the value of a header the filter does not act on from
-/// window offset `i` (`batch` with `Stream::value_words_room`), while
-/// `stream::plain_value_word` accepts them: no control byte but HTAB, no DEL. Returns the
-/// offset after them; the byte that ends the value goes through the runs and `step`.
-#[inline(always)]
-fn value_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
-    let base = s.line.as_ptr();
-    let mut a = i;
-    let mut taken = 0;
-    while taken < limit {
-        // verifier: the word inside the window (`limit` keeps it there already).
-        let a_m = a & (LINE_WINDOW - 1);
-        if a_m > LINE_WINDOW - 8 {
-            break;
-        }
-        if !plain_value_word(word_at(base, a_m)) {
+        if !plain(word_at(base, a_m)) {
             break;
         }
         a = a_m + 8;
