@@ -428,11 +428,13 @@ pub mod kind {
     pub const GET: &str = "keep-alive GET (wrk's request), ingress";
     pub const RESPONSE: &str = "its response (nginx's 200, 3 B body), egress";
     pub const LONG: &str = "keep-alive GET, 1 KiB request line, ingress";
+    pub const QUERY: &str =
+        "keep-alive GET, 1 KiB request line of ~20-byte query parameters, ingress";
     pub const BROWSER: &str = "keep-alive GET with a browser's headers (587 B), ingress";
     pub const UP: &str = "request body segment (512 B), ingress";
     pub const DOWN: &str = "response body segment (1436 B), egress";
     pub const EMPTY: &str = "empty classifier, one call (the GET's frame)";
-    pub const ALL: [&str; 7] = [GET, RESPONSE, LONG, BROWSER, UP, DOWN, EMPTY];
+    pub const ALL: [&str; 8] = [GET, RESPONSE, LONG, QUERY, BROWSER, UP, DOWN, EMPTY];
 }
 
 /// A GET as a browser sends it: long header lines the filter does not act on.
@@ -445,6 +447,19 @@ pub fn long_request(len: usize) -> Vec<u8> {
         path.push((b'a' + (path.len() % 26) as u8) as char);
     }
     format!("GET {path} HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n").into_bytes()
+}
+
+/// A GET of `/api/items` whose target is `len` bytes with its query of ~20-byte parameters
+/// (`p1=value-of-param-1&`, ...), with wrk's `Host` header.
+pub fn query_request(len: usize) -> Vec<u8> {
+    let mut target = String::from("/api/items?");
+    let mut i = 0;
+    while target.len() < len {
+        i += 1;
+        target.push_str(&format!("p{i}=value-of-param-{i}&"));
+    }
+    target.truncate(len);
+    format!("GET {target} HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n").into_bytes()
 }
 
 /// One connection as both programs see it, after a handshake through them: the client's and
@@ -530,20 +545,22 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
     let mut up = Conn::open(b, base + 2)?;
     let mut down = Conn::open(b, base + 3)?;
     let mut browser = Conn::open(b, base + 4)?;
+    let mut query = Conn::open(b, base + 5)?;
     let f = up.client_segment(UPLOAD);
     b.ingress("the upload's head", &f)?;
     let f = down.client_segment(REQUEST);
     b.ingress("the download's request", &f)?;
     let f = down.server_segment(DOWNLOAD);
     b.egress("the download's head", &f)?;
-    let (long_line, up_body, down_body) = (
+    let (long_line, query_line, up_body, down_body) = (
         long_request(LONG_PATH),
+        query_request(LONG_PATH),
         vec![b'u'; UP_SEGMENT],
         vec![b'd'; DOWN_SEGMENT],
     );
     let empty_frame = Segment::client(base, BACKEND_PORT, 1, 1, REQUEST).build();
     let mut ns: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    const GROUPS: usize = 6;
+    const GROUPS: usize = 7;
     for step in 0..PACKETS {
         for g in 0..GROUPS {
             match (g + step) % GROUPS {
@@ -569,6 +586,10 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
                     let (t, _) = browser.exchange(b, BROWSER_REQUEST, RESPONSE)?;
                     ns.entry(kind::BROWSER).or_default().push(t);
                 }
+                6 => {
+                    let (t, _) = query.exchange(b, &query_line, RESPONSE)?;
+                    ns.entry(kind::QUERY).or_default().push(t);
+                }
                 3 => {
                     let f = down.server_segment(&down_body);
                     let t = b.egress("a response body segment", &f)?;
@@ -581,7 +602,7 @@ fn steady_round(b: &mut Bench, rules: usize, round: usize, base: u16) -> Result<
             }
         }
     }
-    for c in [keep, long, up, down, browser] {
+    for c in [keep, long, up, down, browser, query] {
         c.close(b)?;
     }
     Ok(kind::ALL
@@ -633,7 +654,7 @@ pub fn test_runs(rounds: usize, repeat: u32, t0: std::time::Instant) -> Result<K
             if out.steady_error.is_some() {
                 continue;
             }
-            let base = 45_000 + 8 * round as u16 + if rules == 10 { 0 } else { 4 };
+            let base = 45_000 + 16 * round as u16 + if rules == 10 { 0 } else { 8 };
             match steady_round(&mut b, rules, round, base) {
                 Ok(runs) => {
                     for r in &runs {
