@@ -665,9 +665,7 @@ impl Stream {
     }
 
     /// Take `k` whole words of a header value (at most [`Stream::value_words_room`], each
-    /// passing [`plain_value_word`]) or of a skipped query parameter (at most
-    /// [`Stream::query_words_room`], each passing [`plain_query_word`]): the state `8 * k`
-    /// calls of `step` would leave.
+    /// passing [`plain_value_word`]): the state `8 * k` calls of `step` would leave.
     #[inline(always)]
     pub fn take_value_words(&mut self, k: usize) {
         self.pos = self.pos.wrapping_add(8 * k as u32);
@@ -676,7 +674,7 @@ impl Stream {
 
     /// How many whole words of a skipped query parameter ([`Stream::in_skipped_query`])
     /// [`Stream::take_value_words`] may take now: 0 elsewhere, else as many as start within
-    /// `LINE_LIMIT - 8` of the line. Each word must pass [`plain_query_word`].
+    /// `LINE_LIMIT - 8` of the line ([`Stream::take_query_words`]).
     #[inline(always)]
     pub fn query_words_room(&self) -> usize {
         if !self.in_skipped_query() || self.count > LINE_LIMIT - 8 {
@@ -685,12 +683,32 @@ impl Stream {
         (LINE_LIMIT - 8 - self.count) as usize / 8 + 1
     }
 
-    /// One word through [`Stream::take_value_words`] if there is room in a skipped query
-    /// parameter and it passes [`plain_query_word`] (returns `true`), else nothing (`false`):
+    /// One word through [`Stream::take_query_words`] if there is room in a skipped query
+    /// parameter and [`query_word`] finds nothing to stop at (returns `true`), else nothing (`false`):
     /// the tests' reference for the kernel's loop over many words.
     #[cfg(test)]
     pub fn query_word(&mut self, w: u64) -> bool {
-        self.skipped_word(self.query_words_room(), plain_query_word(w))
+        let (stop, next) = query_word(w);
+        if self.query_words_room() == 0 || stop != 0 {
+            return false;
+        }
+        self.take_query_words(1, next != 0);
+        true
+    }
+
+    /// Take `k` whole words of a skipped query parameter (at most
+    /// [`Stream::query_words_room`], [`query_word`] finding nothing to stop at in any; `next`:
+    /// one of them went on into a next parameter): the state `8 * k` calls of `step` would
+    /// leave.
+    #[inline(always)]
+    pub fn take_query_words(&mut self, k: usize, next: bool) {
+        self.take_value_words(k);
+        if next {
+            // What a new parameter (`start_query_param`) and a name that cannot be
+            // `_method` leave.
+            self.qmatch = 0;
+            self.qesc = 0;
+        }
     }
 
     /// One word through [`Stream::take_value_words`] if there is room and it passes
@@ -698,14 +716,7 @@ impl Stream {
     /// the kernel's loop over many words (`skipped_words` in the kernel).
     #[cfg(test)]
     pub fn value_word(&mut self, w: u64) -> bool {
-        self.skipped_word(self.value_words_room(), plain_value_word(w))
-    }
-
-    /// One word through [`Stream::take_value_words`] if `room` allows it and the word is
-    /// `plain`.
-    #[cfg(test)]
-    fn skipped_word(&mut self, room: usize, plain: bool) -> bool {
-        if room == 0 || !plain {
+        if self.value_words_room() == 0 || !plain_value_word(w) {
             return false;
         }
         self.take_value_words(1);
@@ -1399,11 +1410,21 @@ impl Stream {
     }
 }
 
-/// Whether the eight bytes of `w` can all go on a skipped query parameter
-/// ([`Stream::query_words_room`]): none ends it ([`skip_query_run`] takes all eight).
+/// A whole word of a skipped query parameter ([`Stream::query_words_room`]), as two masks
+/// (bit 7 of each byte): `stop`, the bytes that end the parameter where `step` must see
+/// them, and `next`, each `&` or `;` that ends it with the next parameter's name starting
+/// right after it, in the word, with a letter, digit or `-` (that one cannot be `_method`
+/// and is skipped too). The word can be taken whole ([`Stream::take_query_words`]) when
+/// `stop` is 0. Branch-free, for the kernel's loop.
 #[inline(always)]
-pub fn plain_query_word(w: u64) -> bool {
-    query_ends(w) == 0
+pub fn query_word(w: u64) -> (u64, u64) {
+    let seps = swar::eq(w, b'&') | swar::eq(w, b';');
+    let name = swar::in_range(w, b'0', b'9')
+        | swar::in_range(w, b'a', b'z')
+        | swar::in_range(w, b'A', b'Z')
+        | swar::eq(w, b'-');
+    let next = seps & (name >> 8);
+    (query_ends(w) & !next, next)
 }
 
 /// How many leading bytes of `w` are the rest of a query parameter (up to a `&`, `;`, SP,

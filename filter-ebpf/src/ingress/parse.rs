@@ -12,7 +12,7 @@ use core::ptr::{addr_of, read_volatile};
 use filter_common::{
     http::plain_path_word,
     stage,
-    stream::{flag, plain_query_word, plain_value_word, Ev},
+    stream::{flag, plain_value_word, query_word, Ev},
     Conn, Method, Reason, Scratch, CANONS_MAX, LINE_WINDOW, PATH_MAX, REP_IDLE, RULE_MONITOR,
     STOP_AWAIT, STOP_BULK, STOP_CANON, STOP_DECIDE, STOP_HOLD, STOP_JUDGE, STOP_LOAD_FAILED,
     STOP_MONITOR, STOP_NONE, STOP_OVERRIDE, STOP_TUNNEL,
@@ -338,12 +338,28 @@ fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
         return i;
     }
     if path {
-        path_words(s, i, limit)
-    } else if value {
-        skipped_words(s, i, limit, plain_value_word)
-    } else {
-        skipped_words(s, i, limit, plain_query_word)
+        return path_words(s, i, limit);
     }
+    let taken = if value {
+        let k = skipped_words(s, i, limit, plain_value_word);
+        s.conn.stream.take_value_words(k);
+        k
+    } else {
+        // Whether a word taken went on into a next parameter: its mask, accumulated
+        // (verifier: an unknown word's mask, not a flag, so the words' states stay alike).
+        let mut next = 0;
+        let k = skipped_words(s, i, limit, |w| {
+            let (stop, cross) = query_word(w);
+            if stop != 0 {
+                return false;
+            }
+            next |= cross;
+            true
+        });
+        s.conn.stream.take_query_words(k, next != 0);
+        k
+    };
+    i + 8 * taken
 }
 
 /// How many whole words from window offset `i` (of `w` loaded bytes) one batch may take with
@@ -397,15 +413,13 @@ fn path_words(s: &mut Scratch, i: usize, limit: usize) -> usize {
     i + 8 * taken
 }
 
-/// Take up to `limit` whole words that the stream only counts, from window offset `i`, while
-/// `plain` accepts them: of a skipped query parameter (`batch` with
-/// `Stream::query_words_room`, `stream::plain_query_word`: nothing in the word ends the
-/// parameter) or of the value of a header the filter does not act on
-/// (`Stream::value_words_room`, `stream::plain_value_word`: no control byte but HTAB, no
-/// DEL). Returns the offset after them; the byte that ends the run goes through the runs and
-/// `step`.
+/// How many of up to `limit` whole words from window offset `i` `plain` accepts, from the
+/// first: the words of a run the stream only counts, a header value's (`batch` with
+/// `Stream::value_words_room`, `stream::plain_value_word`: no control byte but HTAB, no DEL)
+/// or a skipped query parameter's (`Stream::query_words_room`, `stream::query_word`).
+/// The byte that ends the run goes through the runs and `step`.
 #[inline(always)]
-fn skipped_words(s: &mut Scratch, i: usize, limit: usize, plain: impl Fn(u64) -> bool) -> usize {
+fn skipped_words(s: &Scratch, i: usize, limit: usize, mut plain: impl FnMut(u64) -> bool) -> usize {
     let base = s.line.as_ptr();
     let mut a = i;
     let mut taken = 0;
@@ -421,6 +435,5 @@ fn skipped_words(s: &mut Scratch, i: usize, limit: usize, plain: impl Fn(u64) ->
         a = a_m + 8;
         taken += 1;
     }
-    s.conn.stream.take_value_words(taken);
-    i + 8 * taken
+    taken
 }
