@@ -684,8 +684,8 @@ impl Stream {
     }
 
     /// One word through [`Stream::take_query_words`] if there is room in a skipped query
-    /// parameter and [`query_word`] finds nothing to stop at (returns `true`), else nothing (`false`):
-    /// the tests' reference for the kernel's loop over many words.
+    /// parameter and [`query_word`] finds nothing to stop at (returns `true`), else nothing
+    /// (`false`): the tests' reference for the kernel's loop over many words.
     #[cfg(test)]
     pub fn query_word(&mut self, w: u64) -> bool {
         let (stop, next) = query_word(w);
@@ -741,16 +741,16 @@ impl Stream {
         true
     }
 
-    /// The fast path of [`Stream::step`]: of the first `avail` bytes of `w` (`avail` may
-    /// exceed 8; the first byte in the low bits), takes the leading ones that would each make
-    /// `step` return [`Ev::More`] while changing only counters, the phase between lines, the
-    /// path, the header name or the header value: path bytes, a query parameter that cannot
-    /// be `_method` (one whose name starts with a letter, digit or `-`, up to its `&` or `;`,
-    /// and through it into the next such parameter), the rest of a request line through its LF, header names of letters and `-` (from a
-    /// line's first byte), header value bytes other than control bytes, and the CRLF after
-    /// the value of a header the filter does not act on. Returns how many it took, 0 to 8. The state is then exactly
-    /// what that many `step` calls would have left; the caller steps the next byte with
-    /// `step`.
+    /// The fast path of [`Stream::step`]: of the first `avail` bytes of `w` (`avail` may exceed
+    /// 8; the first byte in the low bits), takes the leading ones that would each make `step`
+    /// return [`Ev::More`] while changing only counters, the phase between lines, the path, the
+    /// header name or the header value: path bytes, a query parameter that cannot be `_method`
+    /// (one whose name starts with a letter, digit or `-`, up to its `&` or `;`, and through it
+    /// into the next such parameter), the rest of a request line through its LF, header names
+    /// of letters and `-` (from a line's first byte), header value bytes other than control
+    /// bytes, and the CRLF after the value of a header the filter does not act on. Returns how
+    /// many it took, 0 to 8. The state is then exactly what that many `step` calls would have
+    /// left; the caller steps the next byte with `step`.
     #[inline(always)]
     pub fn step_run(&mut self, w: u64, avail: usize, path: &mut [u8; PATH_MAX]) -> usize {
         let avail = if avail < 8 { avail } else { 8 };

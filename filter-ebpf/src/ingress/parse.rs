@@ -222,10 +222,10 @@ const WORDS_PER_BATCH: usize = 32;
 
 /// `bpf_loop` callback: feed the window's next bytes to the connection's stream parser: whole
 /// words of a path, of the value of a header the filter does not act on or of a query
-/// parameter that cannot be `_method` (up to
-/// `WORDS_PER_BATCH`, `words`), runs of ordinary bytes, up to `WORDS_PER_CALL` words of them
-/// (`Stream::step_run`) and, after a whole word, up to `RUNS_ON` more where the next word
-/// likely goes on (`Stream::run_on`), then one byte (`Stream::step`).
+/// parameter that cannot be `_method` (up to `WORDS_PER_BATCH`, `words`), runs of ordinary
+/// bytes, up to `WORDS_PER_CALL` words of them (`Stream::step_run`) and, after a whole word,
+/// up to `RUNS_ON` more where the next word likely goes on (`Stream::run_on`), then one byte
+/// (`Stream::step`).
 /// Returns 1 to stop (see `STOP_*`) or when the window is done; each call takes at least one
 /// byte, so `window_len` calls are enough.
 unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
@@ -236,8 +236,8 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
     // a call starts with eight or more path bytes behind it (in practice after the first
     // ~65, which the calls before take through the runs below: a short path's words cost less
     // there than a call into the loop), a header value's the filter only checks, or a skipped
-    // query parameter's. Most
-    // calls are elsewhere (a method, the rest of a line, a field name) and skip the call.
+    // query parameter's. Most calls are elsewhere (a method, the rest of a line, a field name)
+    // and skip the call.
     if s.conn.stream.words_may_follow() {
         s.consumed = words(s, i, w) as u32;
     }
@@ -314,9 +314,9 @@ unsafe extern "C" fn stream_byte(_i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// Whole words from window offset `i` (of `w` loaded bytes) through `path_words` or
-/// `skipped_words` (a header value's or a query parameter's), whichever the stream is in (none elsewhere), as many as
-/// `batch` allows with
-/// the stream's room for them. Returns the offset after them.
+/// `skipped_words` (a header value's or a query parameter's), whichever the stream is in
+/// (none elsewhere), as many as `batch` allows with the stream's room for them. Returns the
+/// offset after them.
 // verifier: one call site in the stream callback, so that what follows it is walked once.
 #[inline(never)]
 fn words(s: &mut Scratch, i: usize, w: usize) -> usize {
