@@ -704,11 +704,17 @@ impl Stream {
     pub fn take_query_words(&mut self, k: usize, next: bool) {
         self.take_value_words(k);
         if next {
-            // What a new parameter (`start_query_param`) and a name that cannot be
-            // `_method` leave.
-            self.qmatch = 0;
-            self.qesc = 0;
+            self.enter_next_param();
         }
+    }
+
+    /// What a `&` or `;` in a skipped query parameter (`start_query_param`), then a name that
+    /// cannot be `_method`, leave besides the counters: still `QUERY_SKIP`, the new name's
+    /// match and escape state clear.
+    #[inline(always)]
+    fn enter_next_param(&mut self) {
+        self.qmatch = 0;
+        self.qesc = 0;
     }
 
     /// One word through [`Stream::take_value_words`] if there is room and it passes
@@ -778,22 +784,15 @@ impl Stream {
                 return self.phase_run(w, avail)
             }
             phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => {
-                let k = skip_query_run(w);
-                // A `&` or `;`, then a name that cannot be `_method` (see below): the next
-                // parameter is skipped too, in this word (past `avail`, LF: no name there).
-                let (b, c) = ((w >> (8 * (k & 7))) as u8, (w >> (8 * ((k + 1) & 7))) as u8);
-                if k < 7 && (b == b'&' || b == b';') && (c.is_ascii_alphanumeric() || c == b'-') {
-                    self.qmatch = 0;
-                    self.qesc = 0;
-                    if k == 6 {
-                        8
-                    } else {
-                        // Zeros shifted in from the top end the run within the word.
-                        k + 2 + skip_query_run(w >> (8 * k + 16))
-                    }
-                } else {
-                    k
+                // Up to what ends the parameter where `step` must see it; through a `&` or `;`
+                // into a next parameter that cannot be `_method` (past `avail`, LF: no name
+                // there).
+                let (stop, next) = query_word(w);
+                let k = swar::leading(stop);
+                if next & swar::first(k) != 0 {
+                    self.enter_next_param();
                 }
+                k
             }
             phase::QUERY_NAME
                 if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
