@@ -731,11 +731,15 @@ fn stats_count_rejections() {
 /// answers 503 and resets the backend instead, and counts it. The kernel's LRU is
 /// approximate (entries in use get a second chance; free entries move between per-CPU lists
 /// in batches), so the victim may survive one round of filling: then the filter still follows
-/// its body and refuses the DELETE with 405. The client tries up to five times and reports
-/// what each victim read.
+/// its body and refuses the DELETE with 405. The client runs on one CPU (the veth pair makes
+/// every handshake on the sender's CPU, and a CPU evicts only its own new entries or shared
+/// ones), tries up to eight times and reports what each victim read.
 const EVICTION_CLIENT: &str = r#"
-import json, socket, sys, time
+import json, os, socket, sys, time
 host, fill = sys.argv[1], int(sys.argv[2])
+# One CPU for every handshake: a new entry waits on the list of the CPU that made it, which
+# only that CPU evicts from, so a victim made on the other CPU would outlive any filling.
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 def conn():
     s = socket.create_connection((host, 80), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -754,7 +758,7 @@ def read_all(s):
 smuggled = b"DELETE /admin HTTP/1.1\r\nHost: x\r\n\r\n"
 rest = b"b" * 50
 attempts = []
-for attempt in range(5):
+for attempt in range(8):
     victim = conn()
     victim.sendall(b"POST /api/items HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"a" * 10)
     time.sleep(0.2)
