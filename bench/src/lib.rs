@@ -59,7 +59,8 @@ pub struct Args {
     /// Seconds per wrk run in section 1.
     #[arg(long, default_value_t = 4)]
     pub allowed_duration: u64,
-    /// wrk threads for the measured client.
+    /// wrk threads for the rejection load (section 3); the allowed load runs one, on a CPU of
+    /// its own, on a machine with two CPUs or more.
     #[arg(long, default_value_t = 2)]
     pub threads: u32,
     /// wrk connections for the measured client.
@@ -119,6 +120,8 @@ pub struct Results {
     pub sanity: Vec<String>,
     pub runs: Vec<Run>,
     pub kernel: Option<kernel::KernelResults>,
+    /// Where the allowed load ran (`None`: placed by the scheduler).
+    pub pinning: Option<procs::Pinning>,
 }
 
 /// A progress line on stderr, with the seconds since `t0`.

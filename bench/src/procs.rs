@@ -188,13 +188,42 @@ pub fn curl_head(lab: &Lab, method: &str, url: &str) -> Result<String> {
 // ---------------------------------------------------------------------------
 // nginx.
 
-fn common_conf(dir: &std::path::Path, name: &str) -> String {
+/// Where the allowed load's two sides run: wrk on CPU `client`, the backend's one worker on
+/// CPU `backend`. Left to the scheduler, two wrk threads and two nginx workers land on the two
+/// CPUs differently from run to run, and the same arm's throughput moved by 2x between runs
+/// (the ratio of a round with it); pinned, an arm moves by a few percent.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Pinning {
+    pub client: usize,
+    pub backend: usize,
+}
+
+impl Pinning {
+    /// The first CPU for the client, the last for the backend; `None` on one CPU.
+    pub fn of(cpus: usize) -> Option<Pinning> {
+        (cpus >= 2).then(|| Pinning {
+            client: 0,
+            backend: cpus - 1,
+        })
+    }
+}
+
+/// One worker on CPU `cpu`, else two placed by the scheduler.
+fn common_conf(dir: &std::path::Path, name: &str, cpu: Option<usize>) -> String {
     let d = dir.display();
+    let workers = match cpu {
+        // `worker_cpu_affinity` takes a bit mask written as binary digits.
+        Some(c) => format!(
+            "worker_processes 1;\nworker_cpu_affinity 1{};\n",
+            "0".repeat(c)
+        ),
+        None => "worker_processes 2;\n".to_string(),
+    };
     format!(
         "# Written by filter-bench; nothing here refers to the system nginx.\n\
          daemon off;\n\
          master_process on;\n\
-         worker_processes 2;\n\
+         {workers}\
          pid {d}/{name}.pid;\n\
          error_log {d}/{name}-error.log warn;\n\
          events {{ worker_connections 4096; }}\n"
@@ -219,12 +248,13 @@ fn http_common(dir: &std::path::Path, name: &str) -> String {
 /// The backend: answers every request with 200 and a 3-byte body. It listens with
 /// `deferred` (TCP_DEFER_ACCEPT), as README advises for a backend behind the filter: nginx
 /// accepts a connection when its first data arrives, so a connection whose first request the
-/// filter refuses (turned into a reset) never reaches nginx at all.
-pub fn backend_conf(port: u16) -> impl Fn(&std::path::Path, &str) -> String {
+/// filter refuses (turned into a reset) never reaches nginx at all. One worker on CPU `cpu`,
+/// if given ([`Pinning`]).
+pub fn backend_conf(port: u16, cpu: Option<usize>) -> impl Fn(&std::path::Path, &str) -> String {
     move |dir, name| {
         format!(
             "{}http {{\n{}    server {{\n        listen {port} deferred backlog=4096;\n        location / {{ return 200 \"ok\\n\"; }}\n    }}\n}}\n",
-            common_conf(dir, name),
+            common_conf(dir, name, cpu),
             http_common(dir, name)
         )
     }
@@ -239,7 +269,7 @@ pub fn front_conf(port: u16) -> impl Fn(&std::path::Path, &str) -> String {
         let loc = "        location / {\n            if ($request_method !~ ^(GET|HEAD|POST)$) {\n                add_header Allow \"GET, HEAD, POST\" always;\n                return 405;\n            }\n            return 200 \"ok\\n\";\n        }\n";
         format!(
             "{}http {{\n{}    server {{\n        listen {port} backlog=4096;\n        keepalive_timeout 0;\n{loc}    }}\n}}\n",
-            common_conf(dir, name),
+            common_conf(dir, name, None),
             http_common(dir, name)
         )
     }
@@ -302,6 +332,11 @@ impl Nginx {
                     .ok()
             })
             .collect();
+        let workers = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("worker_processes "))
+            .and_then(|n| n.trim_end_matches(';').parse::<usize>().ok())
+            .unwrap_or(1);
         let deadline = Instant::now() + Duration::from_secs(10);
         'wait: loop {
             if let Some(s) = n.child.try_wait()? {
@@ -310,7 +345,7 @@ impl Nginx {
                     fs::read_to_string(&errlog).unwrap_or_default()
                 );
             }
-            let mut all = n.workers().len() >= 2;
+            let mut all = n.workers().len() >= workers;
             for p in &ports {
                 let out = output_bounded(
                     lab.server_cmd("ss")
@@ -500,6 +535,8 @@ pub struct WrkSpec {
     pub threads: u32,
     pub connections: u32,
     pub seconds: u64,
+    /// The CPU wrk runs on (`None`: any).
+    pub cpu: Option<usize>,
 }
 
 /// What one wrk run reported (its Lua `done()` prints this as one JSON line).
@@ -570,8 +607,15 @@ fn spawn_wrk(lab: &Lab, spec: &WrkSpec, tag: &str) -> Result<Child> {
             spec.method
         ),
     )?;
-    lab.client_cmd("wrk")
-        .arg(format!("-t{}", spec.threads))
+    let mut cmd = match spec.cpu {
+        Some(cpu) => {
+            let mut c = lab.client_cmd("taskset");
+            c.args(["-c", &cpu.to_string(), "wrk"]);
+            c
+        }
+        None => lab.client_cmd("wrk"),
+    };
+    cmd.arg(format!("-t{}", spec.threads))
         .arg(format!("-c{}", spec.connections))
         .arg(format!("-d{}s", spec.seconds))
         .args(["--latency", "--timeout", "2s", "-s"])

@@ -258,9 +258,9 @@ pub fn markdown(r: &Results) -> String {
         m,
         "- **Lab.** Two network namespaces joined by a veth pair (`filter_tests::lab`): the \
          clients in one; nginx and `filterd` in the other, `filterd` on the server veth's ingress \
-         and egress (TCX). Backend: nginx, 2 workers, answering `200 ok` (a 3-byte body: the \
-         worst case for a filter's share) on :{}, listening `deferred`; a second nginx on :{} \
-         answers `405` with `Allow` itself and closes each connection.\n\
+         and egress (TCX). Backend: nginx answering `200 ok` (a 3-byte body: the worst case \
+         for a filter's share) on :{}, listening `deferred`, {}; a second nginx on :{} \
+         (2 workers) answers `405` with `Allow` itself and closes each connection.\n\
          - **Policy.** `{PATH}` allows GET and POST; 10 rules = that and 9 others, 100k rules = \
          that and 99,999 others (`PUT /v1/rules`).\n\
          - **Rounds.** The arms of a section are interleaved in every round, their order rotated \
@@ -268,7 +268,7 @@ pub fn markdown(r: &Results) -> String {
          round. A figure is the median of its rounds `[min..max]`; a verdict is **established** \
          when the median's distribution-free confidence interval (95 % from six rounds on, else \
          the whole range at its own coverage) lies wholly on one side of the target.\n\
-         - **Allowed throughput** (section 1): wrk, keep-alive GETs, `-t{} -c{}`, {} of \
+         - **Allowed throughput** (section 1): wrk, keep-alive GETs, `-t{} -c{}`{}, {} of \
          {} s per arm: no filter, 10 rules, 100k rules.\n\
          - **Kernel cost** (section 2). Test runs (`BPF_PROG_TEST_RUN`) through a `Dataplane` \
          the bench loads itself from the same object as `filterd` (not attached), the policy \
@@ -284,7 +284,8 @@ pub fn markdown(r: &Results) -> String {
          those a device verified skip. `bpf_stats`: run time of every \
          program of the running daemon (`ALL_PROGRAMS`; a tail-called stage's time counts in \
          its entry program's) over {}-s wrk runs of the section-1 load, per request{}.\n\
-         - **Rejection** (section 3): wrk sending only `DELETE {PATH}`, {} of {} s: \
+         - **Rejection** (section 3): wrk sending only `DELETE {PATH}` (`-t{} -c{}`, placed \
+         by the scheduler), {} of {} s: \
          `filterd` answering 405 and closing, against the closing nginx, and a third arm for \
          `filterd`'s CPU: over veth a frame is received in the softirq of the task that sent \
          it, which a kernel without `CONFIG_IRQ_TIME_ACCOUNTING` charges to that task, so in \
@@ -298,9 +299,22 @@ pub fn markdown(r: &Results) -> String {
          `flood` client, paced per millisecond, so its own CPU is small and the same in every \
          arm), sent to `filterd` or to the closing nginx; {} of {} s.\n",
         crate::BACKEND_PORT,
+        match r.pinning {
+            Some(p) => format!("one worker on CPU {}", p.backend),
+            None => "2 workers".to_string(),
+        },
         crate::FRONT_PORT,
-        args.threads,
+        if r.pinning.is_some() { 1 } else { args.threads },
         args.connections,
+        match r.pinning {
+            Some(p) => format!(
+                " on CPU {} (each side on a CPU of its own: left to the scheduler, two wrk \
+                 threads and two nginx workers share the CPUs differently from run to run, \
+                 and one arm's throughput moved by up to 2x between runs)",
+                p.client
+            ),
+            None => String::new(),
+        },
         rounds(args.allowed_rounds),
         args.allowed_duration,
         args.repeat,
@@ -318,6 +332,8 @@ pub fn markdown(r: &Results) -> String {
         } else {
             " (this run did not measure `bpf_stats`' own cost per run: the figures include it)"
         },
+        args.threads,
+        args.connections,
         rounds(args.rounds),
         args.duration,
         args.flood_rate,

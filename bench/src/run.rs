@@ -193,6 +193,7 @@ impl Drop for Filter<'_> {
 struct Ctx<'a> {
     args: &'a Args,
     lab: &'a Lab,
+    pinning: Option<procs::Pinning>,
     backend: &'a Nginx,
     front: &'a Nginx,
     /// PID of the client veth's receive thread, while it has one.
@@ -212,6 +213,21 @@ impl Ctx<'_> {
             threads: self.args.threads,
             connections: self.args.connections,
             seconds,
+            cpu: None,
+        }
+    }
+
+    /// The allowed load: keep-alive GETs to the backend, from one wrk thread on the client's
+    /// CPU when the sides are pinned.
+    fn allowed(&self, seconds: u64) -> WrkSpec {
+        let spec = self.wrk("GET", BACKEND_PORT, seconds);
+        match self.pinning {
+            Some(p) => WrkSpec {
+                threads: 1,
+                cpu: Some(p.client),
+                ..spec
+            },
+            None => spec,
         }
     }
 
@@ -324,7 +340,13 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
         ),
     );
     procs::tune_namespaces(&lab)?;
-    let backend = Nginx::start(&lab, "backend", &procs::backend_conf(BACKEND_PORT))?;
+    let pinning = procs::Pinning::of(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    results.pinning = pinning;
+    let backend = Nginx::start(
+        &lab,
+        "backend",
+        &procs::backend_conf(BACKEND_PORT, pinning.map(|p| p.backend)),
+    )?;
     let front = Nginx::start(&lab, "front", &procs::front_conf(FRONT_PORT))?;
     progress(
         t0,
@@ -333,6 +355,7 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
     let ctx = Ctx {
         args,
         lab: &lab,
+        pinning,
         backend: &backend,
         front: &front,
         client_rx: Default::default(),
@@ -356,7 +379,7 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
     };
     // Warm-up, unmeasured.
     filter.ensure(FilterState::Off)?;
-    let _ = procs::run_load(&lab, &ctx.wrk("GET", BACKEND_PORT, 3), None);
+    let _ = procs::run_load(&lab, &ctx.allowed(3), None);
 
     if s.contains(&1) {
         let mut arms = vec![("no filter", FilterState::Off)];
@@ -365,7 +388,7 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
                 arms.push((arm_name(n), FilterState::Rules(n)));
             }
         }
-        let spec = ctx.wrk("GET", BACKEND_PORT, args.allowed_duration);
+        let spec = ctx.allowed(args.allowed_duration);
         let rounds = args.allowed_rounds;
         for round in 0..rounds {
             progress(
@@ -387,7 +410,7 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
     if s.contains(&2) && filter_ok {
         filter.ensure(FilterState::Rules(START_RULES))?;
         let pid = filter.pid().context("filterd is not running")?;
-        let spec = ctx.wrk("GET", BACKEND_PORT, args.duration.min(8));
+        let spec = ctx.allowed(args.duration.min(8));
         progress(t0, "section 2 (kernel cost): bpf_stats under wrk's GETs");
         let stats = kernel::bpf_stats(&lab, pid, &spec, args.rounds.clamp(1, 3), t0);
         if let Some(k) = results.kernel.as_mut() {
@@ -461,7 +484,7 @@ fn bench(args: &Args, filterd: &Path, results: &mut Results, t0: Instant) -> Res
             ("+ flood to filterd", Some(ctx.flood(BACKEND_PORT))),
             ("+ flood to nginx 405", Some(ctx.flood(FRONT_PORT))),
         ];
-        let spec = ctx.wrk("GET", BACKEND_PORT, args.duration);
+        let spec = ctx.allowed(args.duration);
         for round in 0..args.rounds {
             progress(
                 t0,
