@@ -189,9 +189,10 @@ pub fn curl_head(lab: &Lab, method: &str, url: &str) -> Result<String> {
 // nginx.
 
 /// Where the allowed load's two sides run: wrk on CPU `client`, the backend's one worker on
-/// CPU `backend`. Left to the scheduler, two wrk threads and two nginx workers land on the two
-/// CPUs differently from run to run, and the same arm's throughput moved by 2x between runs
-/// (the ratio of a round with it); pinned, an arm moves by a few percent.
+/// CPU `backend` (CPUs numbered from 0). Left to the scheduler, two wrk threads and two nginx
+/// workers shared the two CPUs differently from run to run, and one arm's throughput, and a
+/// round's ratio with it, moved by up to 2x within a run; pinned, an arm moves by a few
+/// percent.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Pinning {
     pub client: usize,
