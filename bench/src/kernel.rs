@@ -446,7 +446,12 @@ pub fn long_request(len: usize) -> Vec<u8> {
     while path.len() < len {
         path.push((b'a' + (path.len() % 26) as u8) as char);
     }
-    format!("GET {path} HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n").into_bytes()
+    get(&path)
+}
+
+/// A GET of `target` with wrk's `Host` header.
+fn get(target: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n").into_bytes()
 }
 
 /// A GET of `/api/items` whose target is `len` bytes with its query of ~20-byte parameters
@@ -459,7 +464,7 @@ pub fn query_request(len: usize) -> Vec<u8> {
         target.push_str(&format!("p{i}=value-of-param-{i}&"));
     }
     target.truncate(len);
-    format!("GET {target} HTTP/1.1\r\nHost: 10.77.0.2\r\n\r\n").into_bytes()
+    get(&target)
 }
 
 /// One connection as both programs see it, after a handshake through them: the client's and

@@ -717,6 +717,19 @@ impl Stream {
         self.qesc = 0;
     }
 
+    /// [`Stream::step_run`] in a skipped query parameter: the leading bytes of `w` up to what
+    /// ends the parameter where `step` must see it, through each `&` or `;` into a next
+    /// parameter that cannot be `_method` (past `avail`, LF or 0: no name there).
+    #[inline(always)]
+    fn query_skip_run(&mut self, w: u64) -> usize {
+        let (stop, next) = query_word(w);
+        let k = swar::leading(stop);
+        if next & swar::first(k) != 0 {
+            self.enter_next_param();
+        }
+        k
+    }
+
     /// One word through [`Stream::take_value_words`] if there is room and it passes
     /// [`plain_value_word`] (returns `true`), else nothing (`false`): the tests' reference for
     /// the kernel's loop over many words (`skipped_words` in the kernel).
@@ -783,17 +796,7 @@ impl Stream {
             phase::LINE_REST | phase::HEADER_START | phase::HEADER_NAME => {
                 return self.phase_run(w, avail)
             }
-            phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => {
-                // Up to what ends the parameter where `step` must see it; through a `&` or `;`
-                // into a next parameter that cannot be `_method` (past `avail`, LF: no name
-                // there).
-                let (stop, next) = query_word(w);
-                let k = swar::leading(stop);
-                if next & swar::first(k) != 0 {
-                    self.enter_next_param();
-                }
-                k
-            }
+            phase::QUERY_SKIP if self.count <= LINE_LIMIT - 8 => self.query_skip_run(w),
             phase::QUERY_NAME
                 if self.count <= LINE_LIMIT - 8 && self.qmatch == 0 && self.qesc == 0 =>
             {
@@ -804,8 +807,7 @@ impl Stream {
                     return 0;
                 }
                 self.phase = phase::QUERY_SKIP;
-                // Past `avail`, LF: the skip stops there.
-                1 + skip_query_run(w >> 8)
+                1 + self.query_skip_run(w >> 8)
             }
             phase::HEADER_VALUE if self.count <= HEADER_LIMIT - 8 => {
                 let k = self.value_run(w);
@@ -1423,20 +1425,9 @@ pub fn query_word(w: u64) -> (u64, u64) {
         | swar::in_range(w, b'A', b'Z')
         | swar::eq(w, b'-');
     let next = seps & (name >> 8);
-    (query_ends(w) & !next, next)
-}
-
-/// How many leading bytes of `w` are the rest of a query parameter (up to a `&`, `;`, SP,
-/// HTAB, CR, LF or any other control byte, which `Stream::step` takes).
-#[inline(always)]
-fn skip_query_run(w: u64) -> usize {
-    swar::leading(query_ends(w))
-}
-
-/// The bytes of `w` that end a query parameter, as a mask ([`swar::leading`]).
-#[inline(always)]
-fn query_ends(w: u64) -> u64 {
-    swar::lt(w, 0x21) | swar::eq(w, b'&') | swar::eq(w, b';')
+    // What ends a parameter: `&`, `;`, SP, HTAB, CR, LF or any other control byte.
+    let ends = swar::lt(w, 0x21) | seps;
+    (ends & !next, next)
 }
 
 #[cfg(test)]
