@@ -302,10 +302,9 @@ pub fn checksum_ok(
     } else {
         csum::pseudo_v6(&key.client_addr_be, &key.server_addr_be, tcp_len as u32)
     };
-    let Ok(field) = ctx.load::<[u8; 2]>(at.l4 + 16) else {
+    let Some(field) = csum_field(ctx, buf, at.l4) else {
         return false;
     };
-    let field = u16::from_be_bytes(field);
     // A checksum still to be completed holds the pseudo-header's sum.
     if field == fold(pseudo) && is_partial(ctx, buf, at.l4, field) {
         return true;
