@@ -156,6 +156,12 @@ impl Outcome {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Whether the guest's kernel stopped before it started the command, by itself (not
+    /// killed at the deadline): a boot that failed before anything of the caller's ran.
+    pub fn stopped_before_start(&self) -> bool {
+        self.boot.is_none() && !self.timed_out
+    }
+
     /// Why the guest did not run every step to its end, if it did not.
     pub fn failure(&self) -> Option<String> {
         let unfinished = self.steps.iter().find(|s| s.status.is_none())?;
