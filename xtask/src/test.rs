@@ -308,45 +308,26 @@ fn guest(
         "FILTER_VERIFIER_REPORT".into(),
         report.display().to_string(),
     ));
-    let steps = || {
-        MATRIX_TESTS
-            .iter()
-            .map(|t| vm::Step {
-                name: (*t).into(),
-                command: format!(
-                    "{} --test-threads=1",
-                    vm::shell_quote(&bins[*t].display().to_string())
-                ),
-                merge_stderr: true,
-            })
-            .collect()
-    };
-    let boot = || {
-        vm::run(&vm::Run {
-            kernel,
-            tools,
-            cwd: &b.root.join("tests"),
-            env: env.clone(),
-            steps: steps(),
-            timeout,
-            stream: true,
+    let steps = MATRIX_TESTS
+        .iter()
+        .map(|t| vm::Step {
+            name: (*t).into(),
+            command: format!(
+                "{} --test-threads=1",
+                vm::shell_quote(&bins[*t].display().to_string())
+            ),
+            merge_stderr: true,
         })
-    };
-    let mut outcome = boot()?;
-    if outcome.stopped_before_start() {
-        // The guest's kernel died before it started anything of ours. Under TCG it sometimes
-        // does: 6.12 enabling a static key while its other CPU runs the patched code
-        // (`Oops: int3` in `sched_clock_cpu`), seen once in ten boots on an AMD EPYC host.
-        // Once more; a second failure is reported as it is.
-        eprintln!(
-            "xtask: {}: the guest's kernel died while booting, before the tests started; \
-             booting it once more. Its console's end:\n{}",
-            kernel.label,
-            outcome.console_tail(12)
-        );
-        let _ = std::fs::remove_dir_all(&outcome.dir);
-        outcome = boot()?;
-    }
+        .collect();
+    let outcome = vm::run(&vm::Run {
+        kernel,
+        tools,
+        cwd: &b.root.join("tests"),
+        env,
+        steps,
+        timeout,
+        stream: true,
+    })?;
     let release = outcome.release.clone();
     if let Some(r) = &release {
         keep_records(&report, r, records)?;
